@@ -1,0 +1,296 @@
+"""Audio input: open any file, decode it in blocks, mix down to mono and resample to 16 kHz with soxr.
+
+soundfile (libsndfile) is tried first; PyAV (FFmpeg) reads what libsndfile cannot (m4a/AAC, MP4 video, Opus, ...).
+Decoders under-read without raising, so the decoded length is compared with what the header declares.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000  # Hz, what Whisper and Silero VAD take
+BLOCK_S = 20.0  # seconds of source audio decoded per block
+SHORT_TOLERANCE_S = 0.1  # decoded audio may fall short of the header by this much without a warning
+MIN_TRUNCATED_S = 1.0  # a truncated file with less than this left is an error, not a warning
+
+
+class AudioError(Exception):
+    """A file that cannot be turned into audio. ``kind`` is a short machine-readable cause."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class DecodeReport:
+    """What decoding found beyond the samples: filled in while the stream is consumed."""
+
+    backend: str = ""
+    source_rate: int = 0
+    channels: int = 0
+    declared_s: float | None = None
+    decoded_s: float = 0.0
+    nonfinite_samples: int = 0
+    gap_s: float = 0.0  # corrupt stretches replaced by silence
+
+    def warnings(self) -> list[str]:
+        w = []
+        if self.declared_s is not None and self.decoded_s < self.declared_s - max(SHORT_TOLERANCE_S, 0.01 * self.declared_s):
+            w.append(f"truncated: decoded {self.decoded_s:.2f} s of the {self.declared_s:.2f} s the header declares")
+        if self.nonfinite_samples:
+            w.append(f"{self.nonfinite_samples} NaN/inf samples replaced by silence")
+        if self.gap_s > 0:
+            w.append(f"corrupt stream: {self.gap_s:.2f} s of undecodable audio replaced by silence")
+        return w
+
+
+def check_path(path: str, input_root: str | None = None) -> None:
+    """Raise AudioError for a local path that cannot be read as a file (before any decoder sees it)."""
+    if "://" in path:
+        if input_root is not None and not path.startswith(input_root.rstrip("/") + "/"):
+            raise AudioError("outside_input_root", f"{path} is outside --input-root {input_root}")
+        return
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AudioError("symlink_loop", f"symbolic link loop: {path}") from e
+        if e.errno == errno.ENOENT:
+            raise AudioError("not_found", f"no such file: {path}") from e
+        raise AudioError("unreadable", f"cannot resolve {path}: {e.strerror}") from e
+    if input_root is not None:
+        root = os.path.realpath(input_root)
+        if os.path.commonpath([root, real]) != root:
+            raise AudioError("outside_input_root", f"{path} resolves to {real}, outside --input-root {root}")
+    if os.path.isdir(real):
+        raise AudioError("not_a_file", f"a directory, not an audio file: {path}")
+    if not os.path.isfile(real):
+        raise AudioError("not_a_file", f"not a regular file: {path}")
+    if not os.access(real, os.R_OK):
+        raise AudioError("permission_denied", f"permission denied: {path}")
+    if os.path.getsize(real) == 0:
+        raise AudioError("empty_file", f"zero-byte file: {path}")
+
+
+def _open_binary(path: str):
+    if "://" in path:
+        from krasr_batch.storage import open_input_file
+
+        return open_input_file(path)
+    try:
+        return open(path, "rb")
+    except PermissionError as e:
+        raise AudioError("permission_denied", f"permission denied: {path}") from e
+    except OSError as e:
+        raise AudioError("unreadable", f"cannot open {path}: {e.strerror}") from e
+
+
+def wav_declared_frames(head: bytes) -> int | None:
+    """Frames a RIFF/WAVE header says its data chunk holds (libsndfile reports what the file holds instead)."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, None
+    while pos + 8 <= len(head):
+        cid, size = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
+        if cid == b"fmt " and pos + 22 <= len(head):
+            block_align = struct.unpack_from("<H", head, pos + 20)[0]
+        elif cid == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _mono(block: np.ndarray) -> np.ndarray:
+    """(frames, channels) or (frames,) float -> (frames,) float32, the plain channel average."""
+    if block.ndim == 2:
+        block = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+    return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def _soundfile_blocks(path: str, report: DecodeReport, block_s: float) -> Iterator[np.ndarray]:
+    import soundfile as sf
+
+    fh = _open_binary(path)
+    try:
+        head = fh.read(1 << 16)
+        fh.seek(0)
+        try:
+            f = sf.SoundFile(fh)
+        except Exception as e:  # libsndfile: format not recognised, malformed header, ...
+            raise _NotForSoundfile(str(e)) from e
+        with f:
+            report.backend, report.source_rate, report.channels = "soundfile", f.samplerate, f.channels
+            declared = wav_declared_frames(head) if f.format in ("WAV", "WAVEX", "RF64") else (f.frames if f.frames > 0 else None)
+            if declared is not None:
+                report.declared_s = declared / f.samplerate
+            blocksize = max(1, int(block_s * f.samplerate))
+            while True:
+                block = f.read(blocksize, dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                yield _mono(block)
+    finally:
+        fh.close()
+
+
+class _NotForSoundfile(Exception):
+    pass
+
+
+def _pyav_blocks(path: str, report: DecodeReport, block_s: float) -> Iterator[np.ndarray]:
+    import av
+
+    fh = _open_binary(path)
+    try:
+        try:
+            container = av.open(fh, mode="r")
+        except av.error.FFmpegError as e:
+            raise AudioError("undecodable", f"not a readable audio file ({e.strerror or type(e).__name__}): {path}") from e
+        with container:
+            if not container.streams.audio:
+                raise AudioError("no_audio_stream", f"no audio stream in {path}")
+            stream = container.streams.audio[0]
+            rate = stream.rate or stream.codec_context.sample_rate
+            if not rate:
+                raise AudioError("undecodable", f"audio stream without a sample rate: {path}")
+            report.backend, report.source_rate = "pyav", rate
+            report.channels = stream.channels if hasattr(stream, "channels") else stream.codec_context.channels
+            if stream.duration is not None and stream.time_base is not None:
+                report.declared_s = float(stream.duration * stream.time_base)
+            elif container.duration:
+                report.declared_s = container.duration / 1e6
+            pending: list[np.ndarray] = []
+            pending_n, position = 0, 0  # position: samples emitted, at the source rate
+            start_pts = None
+            block = int(block_s * rate)
+            try:
+                for frame in container.decode(stream):
+                    arr = frame.to_ndarray()
+                    if arr.dtype.kind == "i":
+                        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+                    fmt = frame.format
+                    n_ch = len(frame.layout.channels)
+                    if fmt.is_planar:
+                        arr = arr.T  # (channels, n) -> (n, channels)
+                    else:
+                        arr = arr.reshape(-1, n_ch)
+                    mono = _mono(arr)
+                    if frame.pts is not None and frame.time_base is not None:
+                        at = int(round(float(frame.pts * frame.time_base) * rate))
+                        if start_pts is None:
+                            start_pts = at
+                        gap = at - start_pts - position
+                        if gap > int(0.05 * rate):  # frames were skipped: keep the timeline with silence
+                            report.gap_s += gap / rate
+                            pending.append(np.zeros(gap, np.float32))
+                            pending_n += gap
+                            position += gap
+                    pending.append(mono)
+                    pending_n += len(mono)
+                    position += len(mono)
+                    if pending_n >= block:
+                        yield np.concatenate(pending)
+                        pending, pending_n = [], 0
+            except av.error.FFmpegError as e:
+                if position == 0:
+                    raise AudioError("undecodable", f"cannot decode {path}: {e.strerror or type(e).__name__}") from e
+                log.warning("%s: decoding stopped early: %s", path, e)
+            if pending:
+                yield np.concatenate(pending)
+    finally:
+        fh.close()
+
+
+def iter_audio(path: str, report: DecodeReport | None = None, block_s: float = BLOCK_S,
+               backend: str | None = None) -> Iterator[np.ndarray]:
+    """Yield the file as 16 kHz mono float32 blocks (about ``block_s`` seconds each).
+
+    Raises AudioError when nothing can be decoded. NaN/inf samples become 0. ``report`` (optional) collects
+    what was declared and what was decoded, for the caller's warnings.
+    """
+    report = report if report is not None else DecodeReport()
+    if backend in (None, "soundfile"):
+        try:
+            gen = _soundfile_blocks(path, report, block_s)
+            first = next(gen, None)
+            if first is not None:
+                yield from _resampled(_chain(first, gen), report)
+                return _finish(path, report)
+            if backend == "soundfile":
+                raise AudioError("no_audio", f"no audio frames decoded from {path}")
+        except _NotForSoundfile:
+            if backend == "soundfile":
+                raise AudioError("undecodable", f"libsndfile cannot read {path}") from None
+        except AudioError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a decoder failure mid-file; PyAV gets a try from the start
+            raise SoundfileFailed(str(e)) from e
+    report.__init__()
+    yield from _resampled(_pyav_blocks(path, report, block_s), report)
+    _finish(path, report)
+
+
+class SoundfileFailed(Exception):
+    """libsndfile failed part-way through a file: decode it again from the start with ``backend="pyav"``."""
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _resampled(blocks: Iterator[np.ndarray], report: DecodeReport) -> Iterator[np.ndarray]:
+    stream = None
+    n_in = 0
+    for block in blocks:
+        bad = ~np.isfinite(block)
+        if bad.any():
+            report.nonfinite_samples += int(bad.sum())
+            block = np.where(bad, 0.0, block).astype(np.float32)
+        n_in += len(block)
+        if report.source_rate == SAMPLE_RATE:
+            out = block
+        else:
+            if stream is None:
+                stream = soxr.ResampleStream(report.source_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            out = stream.resample_chunk(block, last=False)
+        if len(out):
+            yield out
+    report.decoded_s = n_in / report.source_rate if report.source_rate else 0.0
+    if stream is not None:
+        tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        if len(tail):
+            yield tail
+
+
+def _finish(path: str, report: DecodeReport) -> None:
+    if report.decoded_s <= 0:
+        raise AudioError("no_audio", f"no audio decoded from {path}")
+    if (report.declared_s is not None and report.decoded_s < MIN_TRUNCATED_S
+            and report.decoded_s < report.declared_s - max(SHORT_TOLERANCE_S, 0.01 * report.declared_s)):
+        raise AudioError("truncated", f"truncated: the header declares {report.declared_s:.2f} s but only "
+                                      f"{report.decoded_s:.3f} s could be decoded from {path}")
+
+
+def load_audio(path: str, report: DecodeReport | None = None) -> np.ndarray:
+    """The whole file as one 16 kHz mono float32 array (for short files and tests)."""
+    report = report if report is not None else DecodeReport()
+    try:
+        blocks = list(iter_audio(path, report))
+    except SoundfileFailed:
+        report.__init__()
+        blocks = list(iter_audio(path, report, backend="pyav"))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)

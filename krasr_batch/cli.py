@@ -1,0 +1,118 @@
+"""The ``krasr-batch`` command line. Thin: read options, call the library, report.
+
+Exit statuses of ``run``: 0 every file ok; 3 the run completed but some files failed (listed by cause);
+2 bad usage or a bad manifest (nothing was started); 1 a run that could not complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from krasr_batch import __version__
+from krasr_batch.settings import DEFAULT_MODEL, build_settings, load_preset
+
+EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KRASR_BATCH"})
+@click.version_option(__version__, prog_name="krasr-batch")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Transcribe Kazakh / Russian audio archives with KRASR Whisper on Ray, into Parquet."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "ray", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("manifest", required=False)
+@click.option("-o", "--out", help="Output folder (local path or s3:// / gs:// URI).")
+@click.option("--job", "job", type=click.Path(exists=True, dir_okay=False), help="A jobs/NAME.yaml preset; flags win over it.")
+@click.option("--model", help=f"Hub id or local folder (transformers format, safetensors). [default: {DEFAULT_MODEL}]")
+@click.option("--language", help="Language to force (default: kazakh); 'auto' lets Whisper detect it. A manifest line's own 'language' wins.")
+@click.option("--beams", type=click.IntRange(min=1), help="Beam size. [default: 3]")
+@click.option("--no-token-limit", "no_token_limit", is_flag=True, default=None,
+              help="Let generation run to the model's own limit instead of the card's duration-based max_new_tokens.")
+@click.option("--max-segment-s", type=click.FloatRange(1.0, 30.0), help="Longest model window in seconds (never above 30). [default: 30]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU, 4 on a CPU]")
+@click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
+@click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU, or one on a CPU-only cluster]")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
+@click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
+@click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
+              help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")
+@click.option("--overwrite", is_flag=True, help="Replace what --out holds instead of resuming it.")
+@click.option("--progress/--no-progress", default=True, help="Show the progress line on stderr.")
+def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool, **flags: Any) -> None:
+    """Transcribe every file of MANIFEST (JSON Lines) into Parquet under --out.
+
+    Rerunning the same command with the same --out continues where the last run stopped.
+    """
+    from krasr_batch.manifest import ManifestError
+    from krasr_batch.pipeline import RunAborted, SettingsMismatch
+    from krasr_batch.pipeline import run as run_pipeline
+
+    options: dict[str, Any] = {}
+    if job:
+        try:
+            options.update(load_preset(job))
+        except ValueError as e:
+            _fail(str(e), EXIT_USAGE)
+    if flags.pop("no_token_limit"):
+        flags["token_limit"] = False
+    options.update({k: v for k, v in flags.items() if v is not None})
+    manifest = manifest or options.pop("manifest", None)
+    out = out or options.pop("out", None)
+    options.pop("manifest", None)
+    options.pop("out", None)
+    if not manifest:
+        raise click.UsageError("give a MANIFEST (or a --job preset that names one)")
+    if not out:
+        raise click.UsageError("give --out DIR (or a --job preset that names one)")
+    try:
+        settings = build_settings(options)
+    except (TypeError, ValueError) as e:
+        _fail(str(e), EXIT_USAGE)
+    try:
+        stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress)
+    except ManifestError as e:
+        _fail(str(e), EXIT_USAGE)
+    except SettingsMismatch as e:
+        _fail(str(e), EXIT_USAGE)
+    except RunAborted as e:
+        _fail(str(e), EXIT_FAILED_RUN)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished files are kept, rerun the same command to continue", 130)
+    _summary(stats, out)
+    sys.exit(EXIT_FILES_FAILED if stats.output_failed else EXIT_OK)
+
+
+def _summary(stats, out: str) -> None:
+    echo = click.echo
+    echo("")
+    echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
+         + (f", {stats.skipped_files} already done by an earlier run" if stats.skipped_files else ""))
+    echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments "
+         f"({stats.truncated_segments} stopped at the token limit)")
+    echo(f"  output: ok {stats.output_ok}, failed {stats.output_failed}")
+    echo(f"  audio {stats.audio_s / 3600:.3f} h (speech {stats.speech_s / 3600:.3f} h) in {stats.wall_s:.1f} s: "
+         f"RTFx {stats.rtfx:.1f}")
+    for kind, ids in sorted(stats.output_failures_by_kind.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(ids[:5]) + (f", … ({len(ids) - 5} more)" if len(ids) > 5 else "")
+        echo(f"  failed ({kind}): {len(ids)}: {shown}")
+    echo(f"  written: {out}/segments/, {out}/files/, {out}/run.json")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,162 @@
+"""Whisper decoding with the KRASR model card's settings: token limits, batching, model.generate.
+
+The card's usage is the transformers ASR pipeline; this module makes the same model call on batches of
+segments from many files: the same log-mel features (WhisperFeatureExtractor, 30 s windows), the same
+generate() settings, and the card's duration-based ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from krasr_batch.settings import DecodeOptions
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+# (longest segment in seconds, max_new_tokens), from the model card; longer segments get 128.
+TOKEN_LIMITS: tuple[tuple[float, int], ...] = ((5.0, 40), (10.0, 64), (15.0, 80), (20.0, 96), (25.0, 112))
+TOKEN_LIMIT_LONGEST = 128
+TOKEN_LIMIT_UNKNOWN = 96
+MODEL_MAX_NEW_TOKENS = 444  # Whisper's 448 target positions less the 4-token prompt
+
+
+def max_new_tokens_for(duration_s: float | None) -> int:
+    """The card's token limit for a clip of ``duration_s`` seconds (96 when unknown)."""
+    if duration_s is None or not np.isfinite(duration_s):
+        return TOKEN_LIMIT_UNKNOWN
+    for longest, limit in TOKEN_LIMITS:
+        if duration_s <= longest:
+            return limit
+    return TOKEN_LIMIT_LONGEST
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    """One segment to decode: 16 kHz mono float32 samples and the language to force (None: detect)."""
+
+    audio: np.ndarray
+    language: str | None
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class SegmentOutput:
+    text: str
+    language: str
+    num_tokens: int
+    truncated: bool
+    decode_s: float
+    batch_size: int
+
+
+def language_code(language: str | None) -> str:
+    """Whisper's code for a language name or code ("kazakh" -> "kk"); "" when unknown."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    if not language:
+        return ""
+    lang = language.lower().strip("<|>")
+    return lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang, lang)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+class WhisperDecoder:
+    """One model replica. Load once, then ``decode(inputs)`` any number of segments."""
+
+    def __init__(self, options: DecodeOptions, device: str = "auto"):
+        import torch
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.options = options
+        self.device = resolve_device(device)
+        if options.dtype == "auto":
+            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        else:
+            self.dtype = getattr(torch, options.dtype)
+        t0 = time.perf_counter()
+        try:
+            self.processor = WhisperProcessor.from_pretrained(options.model)
+            self.model = WhisperForConditionalGeneration.from_pretrained(
+                options.model, dtype=self.dtype, attn_implementation="sdpa", use_safetensors=True,
+                trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot load the model {options.model!r}: {e}. Give --model a local folder "
+                               "(transformers format, safetensors) or a hub id reachable from here.") from e
+        self.model.to(self.device).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.feature_extractor = self.processor.feature_extractor
+        self.eos = self.model.generation_config.eos_token_id
+        self.lang_by_token = {v: k[2:-2] for k, v in (getattr(self.model.generation_config, "lang_to_id", None) or {}).items()}
+        gc = self.model.generation_config
+        self.prompt_ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None),
+                           *self.lang_by_token, *(getattr(gc, "task_to_id", None) or {}).values()} - {None}
+        self.batch_size = options.batch_size or (16 if self.device == "cuda" else 4)
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
+
+    def limit_for(self, duration_s: float) -> int:
+        return max_new_tokens_for(duration_s) if self.options.token_limit else MODEL_MAX_NEW_TOKENS
+
+    def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
+        """Decode segments in batches that share one token limit and one language; results in input order."""
+        groups: dict[tuple[str | None, int], list[int]] = defaultdict(list)
+        for i, x in enumerate(inputs):
+            groups[(x.language, x.max_new_tokens)].append(i)
+        out: list[SegmentOutput | None] = [None] * len(inputs)
+        for (language, limit), idx in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k:k + self.batch_size]
+                for i, r in zip(chunk, self._generate([inputs[i].audio for i in chunk], language, limit)):
+                    out[i] = r
+        return out  # type: ignore[return-value]
+
+    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+        import torch
+
+        t0 = time.perf_counter()
+        feats = self.feature_extractor(
+            [a if len(a) else np.zeros(1, np.float32) for a in audios], sampling_rate=SAMPLE_RATE,
+            return_tensors="pt", return_attention_mask=True)
+        kwargs = dict(task=self.options.task, num_beams=self.options.beams,
+                      no_repeat_ngram_size=self.options.no_repeat_ngram_size,
+                      repetition_penalty=self.options.repetition_penalty, max_new_tokens=limit)
+        if language is not None:
+            kwargs["language"] = language
+        with torch.inference_mode():
+            seqs = self.model.generate(
+                feats["input_features"].to(self.device, self.dtype),
+                attention_mask=feats["attention_mask"].to(self.device), return_dict_in_generate=True, **kwargs)
+        if not isinstance(seqs, torch.Tensor):
+            seqs = seqs["sequences"]
+        seqs = seqs.cpu()
+        decode_s = time.perf_counter() - t0
+        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        results = []
+        for row, text in zip(seqs.tolist(), texts):
+            k, lang = 0, ""
+            while k < len(row) and row[k] in self.prompt_ids:  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
+                lang = self.lang_by_token.get(row[k], lang)
+                k += 1
+            gen = row[k:]
+            ended = self.eos in gen
+            if ended:
+                gen = gen[: gen.index(self.eos)]
+            lang = lang or language_code(language)
+            results.append(SegmentOutput(text.strip(), lang, len(gen), not ended, decode_s, len(audios)))
+        return results

@@ -1,0 +1,503 @@
+"""The Ray Data graph: manifest → decode-and-segment tasks (CPU) → model actors (GPU or CPU) → Parquet parts.
+
+    read_parquet(normalized manifest)          one row per file
+      .repartition(target_num_rows_per_block)  small blocks, so many files are segmented at once
+      .flat_map(segment_file)                  CPU tasks: decode, VAD, cut; one row per segment + one per file
+      .map_batches(ModelStage, concurrency=N)  actor pool, one model replica per actor (num_gpus=1 on GPUs)
+      .iter_batches() on the driver            assemble finished files, commit them as Parquet parts
+
+The driver commits a file only when all of its segments are back (see sink.py for the protocol), which
+is what lets a rerun skip finished files and never double a row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from krasr_batch import __version__
+from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
+from krasr_batch.decode import SegmentInput, WhisperDecoder, max_new_tokens_for
+from krasr_batch.manifest import ManifestSummary, convert_extra, normalize_manifest
+from krasr_batch.segment import analyse, segment_audio
+from krasr_batch.settings import DecodeOptions, RunSettings, SegmentOptions
+from krasr_batch.sink import (
+    OutputLayout,
+    PartWriter,
+    clear_output,
+    files_schema,
+    mark_success,
+    read_text,
+    recover,
+    write_bytes_atomic,
+    write_run_json,
+)
+from krasr_batch.storage import join
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_SEGMENT_TASK = 4  # files per decode-and-segment block
+
+
+class SettingsMismatch(RuntimeError):
+    pass
+
+
+class RunAborted(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- stage 1: decode and segment (CPU tasks)
+
+def _file_fields(row: dict, language: str | None) -> dict[str, Any]:
+    return {
+        "file_id": row["file_id"], "path": row["path"], "line": int(row["line"]), "req_language": language or "auto",
+        "reference_text": row["reference_text"], "extra_json": row["extra_json"],
+    }
+
+
+def segment_file(row: dict, segment_options: SegmentOptions, default_language: str,
+                 input_root: str | None, token_limit: bool) -> Iterator[dict]:
+    """One manifest row in; its segments (with audio) out, then one file row (segment_index -1).
+
+    Never raises for a bad file: the file row carries status "error" and the cause.
+    """
+    t0 = time.perf_counter()
+    language = row["language"] or default_language
+    language = None if language == "auto" else language
+    base = _file_fields(row, language)
+    info = {"status": "ok", "error": None, "error_kind": None, "warning": None, "duration_s": None,
+            "speech_s": None, "num_segments": 0}
+    n = 0
+    try:
+        check_path(row["path"], input_root)
+        plan = analyse(row["path"], segment_options)
+        info.update(duration_s=plan.duration_s, speech_s=plan.speech_s, num_segments=len(plan.segments),
+                    warning="; ".join(plan.warnings) or None)
+        for (s, e), audio in zip(plan.segments, segment_audio(plan)):
+            dur = (e - s) / SAMPLE_RATE
+            yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
+                   "max_new_tokens": max_new_tokens_for(dur) if token_limit else 0,
+                   "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
+            n += 1
+        if n != len(plan.segments):
+            raise AudioError("decode_mismatch", f"second decoding pass of {row['path']} gave {n} of "
+                                                f"{len(plan.segments)} segments")
+    except AudioError as e:
+        info.update(status="error", error=str(e), error_kind=e.kind, num_segments=n)
+    except Exception as e:  # noqa: BLE001 - one file must never stop the job
+        log.exception("unexpected failure on %s", row["path"])
+        info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
+    yield {**base, **info, "segment_index": -1, "start_s": 0.0, "end_s": 0.0, "max_new_tokens": 0,
+           "audio": b"", "segment_wall_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- stage 2: the model (actor pool)
+
+class ModelStage:
+    """Ray Data callable class: one model replica per actor; decodes the segment rows of each batch."""
+
+    def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.decoder = WhisperDecoder(options, device)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{self.decoder.device}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "audio"}
+        n = batch.num_rows
+        seg_index = cols["segment_index"]
+        idx = [i for i in range(n) if seg_index[i] >= 0]
+        text: list[str | None] = [None] * n
+        out_lang: list[str | None] = [None] * n
+        num_tokens, truncated, decode_s, batch_size = [0] * n, [False] * n, [0.0] * n, [0] * n
+        limits = list(cols["max_new_tokens"])
+        if idx:
+            audio = batch.column("audio")
+            inputs = []
+            for i in idx:
+                lang = cols["req_language"][i]
+                limit = limits[i] or self.decoder.limit_for(cols["end_s"][i] - cols["start_s"][i])
+                limits[i] = limit
+                inputs.append(SegmentInput(np.frombuffer(audio[i].as_py(), np.float32),
+                                           None if lang == "auto" else lang, limit))
+            for i, r in zip(idx, self.decoder.decode(inputs)):
+                text[i], out_lang[i], num_tokens[i], truncated[i] = r.text, r.language, r.num_tokens, r.truncated
+                decode_s[i], batch_size[i] = r.decode_s, r.batch_size
+        cols.update(text=text, out_language=out_lang, num_tokens=num_tokens, truncated=truncated,
+                    decode_s=decode_s, batch_size=batch_size, max_new_tokens=limits, worker=[self.worker] * n)
+        return pa.table({f.name: pa.array(cols[f.name], f.type) for f in STAGE_OUTPUT_SCHEMA}, schema=STAGE_OUTPUT_SCHEMA)
+
+
+def model_stage_class(options: DecodeOptions, device: str, threads: int | None) -> type:
+    """ModelStage with its settings bound into the class itself.
+
+    The settings travel with the class definition rather than as constructor arguments in the object
+    store, so Ray can always restart a killed actor (ray-project/ray#53727).
+    """
+
+    class BoundModelStage(ModelStage):
+        def __init__(self) -> None:
+            super().__init__(options, device, threads)
+
+    BoundModelStage.__name__ = BoundModelStage.__qualname__ = "ModelStage"
+    return BoundModelStage
+
+
+STAGE_OUTPUT_SCHEMA = pa.schema([
+    ("file_id", pa.string()), ("path", pa.string()), ("line", pa.int64()), ("req_language", pa.string()),
+    ("reference_text", pa.string()), ("extra_json", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("error_kind", pa.string()), ("warning", pa.string()), ("duration_s", pa.float64()), ("speech_s", pa.float64()),
+    ("num_segments", pa.int64()), ("segment_index", pa.int64()), ("start_s", pa.float64()), ("end_s", pa.float64()),
+    ("max_new_tokens", pa.int64()), ("segment_wall_s", pa.float64()), ("text", pa.string()),
+    ("out_language", pa.string()), ("num_tokens", pa.int64()), ("truncated", pa.bool_()), ("decode_s", pa.float64()),
+    ("batch_size", pa.int64()), ("worker", pa.string()),
+])
+
+
+# ---------------------------------------------------------------- driver: assembly, progress, commit
+
+@dataclass
+class RunStats:
+    total_files: int = 0
+    skipped_files: int = 0  # done by an earlier run
+    files_done: int = 0
+    files_ok: int = 0
+    files_failed: int = 0
+    failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
+    audio_s: float = 0.0
+    speech_s: float = 0.0
+    segments: int = 0
+    truncated_segments: int = 0
+    decode_s: float = 0.0
+    wall_s: float = 0.0
+    # the whole output, earlier runs included (what the exit status and the summary's failures describe)
+    output_ok: int = 0
+    output_failed: int = 0
+    output_failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def rtfx(self) -> float:
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class Progress:
+    """One status line: files, audio hours, RTFx (audio seconds per wall second) and an ETA."""
+
+    def __init__(self, stats: RunStats, enabled: bool, stream=None, every_s: float = 2.0):
+        self.stats, self.enabled, self.stream = stats, enabled, stream or sys.stderr
+        self.every_s = every_s
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def line(self) -> str:
+        s = self.stats
+        wall = time.perf_counter() - self.t0
+        todo = s.total_files - s.skipped_files
+        rate = s.files_done / wall if wall > 0 else 0.0
+        eta = (todo - s.files_done) / rate if rate > 0 else float("nan")
+        eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "--:--:--"
+        return (f"files {s.files_done + s.skipped_files}/{s.total_files} ({s.files_failed} failed)  "
+                f"audio {s.audio_s / 3600:.2f} h  segments {s.segments}  "
+                f"RTFx {s.audio_s / wall if wall > 0 else 0:.1f}  elapsed {time.strftime('%H:%M:%S', time.gmtime(wall))}  ETA {eta_txt}")
+
+    def update(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            if self.tty:
+                self.stream.write("\r\033[K" + self.line())
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.update(force=True)
+            if self.tty:
+                self.stream.write("\n")
+
+
+class Assembler:
+    """Collects segment and file rows as they stream back; hands over files whose segments are all in."""
+
+    def __init__(self, summary: ManifestSummary, stats: RunStats):
+        self.summary = summary
+        self.stats = stats
+        self.segments: dict[str, list[dict]] = {}
+        self.file_rows: dict[str, dict] = {}
+        self.ready_segments: list[dict] = []
+        self.ready_files: list[dict] = []
+
+    def add(self, batch: pa.Table) -> None:
+        n = batch.num_rows
+        cols = {name: batch.column(name).to_pylist() for name in batch.column_names}
+        for i in range(n):
+            fid = cols["file_id"][i]
+            if cols["segment_index"][i] >= 0:
+                self.segments.setdefault(fid, []).append({
+                    "file_id": fid, "path": cols["path"][i], "segment_index": cols["segment_index"][i],
+                    "start_s": cols["start_s"][i], "end_s": cols["end_s"][i], "text": cols["text"][i],
+                    "language": cols["out_language"][i], "max_new_tokens": cols["max_new_tokens"][i],
+                    "num_tokens": cols["num_tokens"][i], "truncated": cols["truncated"][i],
+                    "decode_s": cols["decode_s"][i], "batch_size": cols["batch_size"][i], "worker": cols["worker"][i],
+                })
+            else:
+                self.file_rows[fid] = {k: cols[k][i] for k in cols}
+            self._maybe_complete(fid)
+
+    def _maybe_complete(self, fid: str) -> None:
+        row = self.file_rows.get(fid)
+        if row is None:
+            return
+        segs = self.segments.get(fid, [])
+        if len(segs) < row["num_segments"]:
+            return
+        self.file_rows.pop(fid)
+        self.segments.pop(fid, None)
+        segs.sort(key=lambda r: r["segment_index"])
+        extra = json.loads(row["extra_json"]) if row["extra_json"] else {}
+        file_row = {
+            "file_id": fid, "path": row["path"], "status": row["status"], "error": row["error"],
+            "error_kind": row["error_kind"], "warning": row["warning"], "duration_s": row["duration_s"],
+            "speech_s": row["speech_s"], "num_segments": len(segs),
+            "text": " ".join(s["text"] for s in segs if s["text"]) if row["status"] == "ok" else None,
+            "reference_text": row["reference_text"], "language": row["req_language"],
+            "segment_wall_s": row["segment_wall_s"],
+        }
+        for k, t in self.summary.extra_types.items():
+            file_row[k] = convert_extra(extra.get(k), t)
+        self.ready_segments.extend(segs)
+        self.ready_files.append(file_row)
+        st = self.stats
+        st.files_done += 1
+        if row["status"] == "ok":
+            st.files_ok += 1
+            st.audio_s += row["duration_s"] or 0.0
+            st.speech_s += row["speech_s"] or 0.0
+        else:
+            st.files_failed += 1
+            st.failures_by_kind.setdefault(row["error_kind"] or "error", []).append(fid)
+        st.segments += len(segs)
+        st.truncated_segments += sum(1 for s in segs if s["truncated"])
+        st.decode_s += sum(s["decode_s"] for s in segs)
+
+    def take(self) -> tuple[list[dict], list[dict]]:
+        segs, files = self.ready_segments, self.ready_files
+        self.ready_segments, self.ready_files = [], []
+        return segs, files
+
+    @property
+    def pending(self) -> int:
+        return len(self.file_rows) + len(self.segments)
+
+
+# ---------------------------------------------------------------- the run
+
+def _init_ray(settings: RunSettings):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    res = settings.resources
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if res.address:
+        ray.init(address=res.address, **kwargs)
+    else:
+        ray.init(num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+    return True
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"krasr-batch": __version__, "python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "ray", "silero-vad", "onnxruntime", "soundfile", "soxr", "av", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, overwrite: bool) -> None:
+    fingerprint = settings.output_fingerprint()
+    stamp_path = join(layout.work, "settings.json")
+    if overwrite:
+        clear_output(layout)
+    previous = read_text(stamp_path)
+    if previous:
+        prev = json.loads(previous)
+        if prev.get("fingerprint") != fingerprint:
+            raise SettingsMismatch(
+                f"{layout.out} holds output of a run with other model or decoding settings "
+                f"(model {prev.get('settings', {}).get('decode', {}).get('model')!r}). "
+                "Use another --out, or --overwrite to replace it.")
+        return
+    from krasr_batch.sink import filesystem
+
+    fs, p = filesystem(layout.work)
+    fs.create_dir(p, recursive=True)
+    write_bytes_atomic(json.dumps({"fingerprint": fingerprint, "manifest": manifest,
+                                   "settings": settings.to_dict()}, indent=2).encode(), stamp_path)
+
+
+def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
+        progress_stream=None) -> RunStats:
+    """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
+
+    Raises ManifestError before any work for a bad manifest, SettingsMismatch for an ``out`` made with
+    other settings, RunAborted when too many files fail.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    layout = OutputLayout(out)
+    _check_settings(layout, settings, manifest, overwrite)
+    done = recover(layout)
+    from krasr_batch.sink import filesystem
+
+    work_fs, work_p = filesystem(layout.work)
+    normalized = join(layout.work, "manifest.parquet")
+    local_norm = normalized if "://" not in normalized else None
+    if local_norm is None:
+        import tempfile
+
+        local_norm = os.path.join(tempfile.mkdtemp(prefix="krasr-"), "manifest.parquet")
+    summary = normalize_manifest(manifest, local_norm, skip_ids=done)
+    if local_norm != normalized:
+        with open(local_norm, "rb") as f:
+            write_bytes_atomic(f.read(), normalized)
+    stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
+    writer = PartWriter(layout, files_schema(summary.extra_schema()))
+    todo = summary.num_files - stats.skipped_files
+    log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
+
+    started_ray = _init_ray(settings) if todo else False
+    prog = Progress(stats, progress, progress_stream)
+    try:
+        if todo:
+            _execute(normalized, settings, summary, stats, writer, prog)
+    finally:
+        prog.close()
+        if started_ray:
+            ray.shutdown()
+    stats.wall_s = time.perf_counter() - t0
+    final_ids = recover(layout)
+    if len(final_ids) != summary.num_files:
+        raise RunAborted(f"the run ended with {len(final_ids)} of {summary.num_files} files committed")
+    _tally_output(layout, stats)
+    write_run_json(layout, {
+        "manifest": manifest, "out": out, "model": settings.decode.model, "settings": settings.to_dict(),
+        "token_limit_table": "<=5 s: 40, <=10 s: 64, <=15 s: 80, <=20 s: 96, <=25 s: 112, longer: 128",
+        "versions": _versions(),
+        "counts": {"files": stats.total_files, "files_this_run": stats.files_done, "skipped_done": stats.skipped_files,
+                   "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
+                   "truncated_segments": stats.truncated_segments},
+        "output": {"ok": stats.output_ok, "failed": stats.output_failed,
+                   "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
+        "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    mark_success(layout)
+    return stats
+
+
+def _tally_output(layout: OutputLayout, stats: RunStats) -> None:
+    """Count ok and failed files over the whole ``files/`` table, earlier runs included."""
+    import pyarrow.dataset as pads
+
+    from krasr_batch.sink import filesystem
+
+    fs, p = filesystem(layout.files)
+    t = pads.dataset(p, filesystem=fs, format="parquet").to_table(columns=["file_id", "status", "error_kind"])
+    for fid, status, kind in zip(*(t.column(c).to_pylist() for c in ("file_id", "status", "error_kind"))):
+        if status == "ok":
+            stats.output_ok += 1
+        else:
+            stats.output_failed += 1
+            stats.output_failures_by_kind.setdefault(kind or "error", []).append(fid)
+
+
+def _cluster_resources() -> tuple[int, int]:
+    import ray
+
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 0)), int(res.get("GPU", 0))
+
+
+def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
+             writer: PartWriter, prog: Progress) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    cpus, gpus = _cluster_resources()
+    res = settings.resources
+    use_gpu = gpus > 0 and res.device != "cpu"
+    actors = res.actors or (gpus if use_gpu else 1)
+    dec = settings.decode
+    if use_gpu:
+        stage_res: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+        threads = None
+        batch = (dec.batch_size or 16) * 4
+    else:
+        per_actor = max(1, (cpus - 1) // actors) if cpus > actors else 1
+        stage_res = {"num_cpus": per_actor}
+        threads = per_actor
+        batch = (dec.batch_size or 4) * 2
+    log.info("cluster: %d CPUs, %d GPUs; %d model actor(s) on %s", cpus, gpus, actors, "GPU" if use_gpu else "CPU")
+
+    ds = ray.data.read_parquet(normalized)
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK)
+    ds = ds.flat_map(segment_file, fn_kwargs=dict(
+        segment_options=settings.segment, default_language=dec.language,
+        input_root=res.input_root, token_limit=dec.token_limit), num_cpus=1)
+    stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
+    ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors), **stage_res)
+    asm = Assembler(summary, stats)
+    last_flush = time.perf_counter()
+    try:
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            asm.add(b)
+            now = time.perf_counter()
+            if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
+                writer.write(*asm.take())
+                last_flush = now
+            prog.update()
+            _check_failures(stats, res.max_failed_fraction, res.min_files_for_failure_check)
+    finally:
+        writer.write(*asm.take())  # whatever finished is kept, also when the run stops early
+    if asm.pending:
+        raise RunAborted(f"{asm.pending} file(s) did not come back complete from the pipeline")
+
+
+def _check_failures(stats: RunStats, max_fraction: float, min_files: int) -> None:
+    if stats.files_done >= min_files and stats.files_failed > max_fraction * stats.files_done:
+        kinds = ", ".join(f"{k}: {len(v)}" for k, v in sorted(stats.failures_by_kind.items(), key=lambda kv: -len(kv[1])))
+        raise RunAborted(
+            f"{stats.files_failed} of the first {stats.files_done} files failed "
+            f"(more than --max-failed-fraction {max_fraction:g}); causes: {kinds}. Is a mount or bucket missing? "
+            "Finished files are kept; rerun the same command to continue.")
+
+
+def format_traceback(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()

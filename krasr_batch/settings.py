@@ -1,0 +1,176 @@
+"""Typed run settings: built once from CLI flags and ``jobs/*.yaml`` presets, handed down to every stage.
+
+Stages never read the CLI or the environment themselves; they take the frozen option objects below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
+MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding settings. Defaults are the KRASR model card's."""
+
+    model: str = DEFAULT_MODEL
+    language: str = "kazakh"  # "auto": Whisper detects the language of each segment
+    task: str = "transcribe"
+    beams: int = 3
+    no_repeat_ngram_size: int = 4
+    repetition_penalty: float = 1.12
+    token_limit: bool = True  # the card's duration-based max_new_tokens; False: the model's own limit
+    batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 4 on a CPU
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.beams < 1:
+            raise ValueError(f"beams must be at least 1, got {self.beams}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {self.batch_size}")
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be transcribe or translate, got {self.task!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if not self.language:
+            raise ValueError("language must not be empty (use 'auto' to let Whisper detect it)")
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Speech detection (Silero VAD) and how speech is grouped into model windows."""
+
+    max_segment_s: float = MAX_WINDOW_S
+    vad_threshold: float = 0.5
+    min_speech_duration_ms: int = 250
+    min_silence_duration_ms: int = 100
+    speech_pad_ms: int = 400  # silence kept around each window, taken from the pauses beside it
+    whole_file_max_s: float = MAX_WINDOW_S  # a file with speech no longer than this is one segment, as the card decodes it
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.max_segment_s <= MAX_WINDOW_S:
+            raise ValueError(f"max_segment_s must be between 1 and {MAX_WINDOW_S:g}, got {self.max_segment_s:g}")
+        if not 0.0 < self.vad_threshold < 1.0:
+            raise ValueError(f"vad_threshold must be between 0 and 1, got {self.vad_threshold}")
+        if self.whole_file_max_s > self.max_segment_s:
+            object.__setattr__(self, "whole_file_max_s", self.max_segment_s)
+
+
+@dataclass(frozen=True)
+class ResourceOptions:
+    """Where and how wide the pipeline runs. None of these change the output."""
+
+    address: str | None = None  # None: an embedded local Ray
+    actors: int = 0  # model replicas; 0: one per GPU, or one on a CPU-only cluster
+    num_cpus: int | None = None  # CPUs for the embedded local Ray (default: all)
+    device: str = "auto"  # auto, cpu or cuda
+    flush_s: float = 20.0  # how often finished files are committed to Parquet
+    flush_files: int = 2000
+    max_failed_fraction: float = 0.1
+    min_files_for_failure_check: int = 100
+    input_root: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    segment: SegmentOptions = field(default_factory=SegmentOptions)
+    resources: ResourceOptions = field(default_factory=ResourceOptions)
+
+    def output_fingerprint(self) -> str:
+        """Hash of every setting that changes the output; a resumed run must match it."""
+        d = dataclasses.asdict(self.decode)
+        d.pop("batch_size")  # batching does not change what is decoded
+        d.pop("dtype")
+        payload = json.dumps({"decode": d, "segment": dataclasses.asdict(self.segment)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Preset keys (the CLI flag names with dashes or underscores) mapped to the option they set.
+PRESET_KEYS: dict[str, tuple[str, str]] = {
+    "model": ("decode", "model"),
+    "language": ("decode", "language"),
+    "task": ("decode", "task"),
+    "beams": ("decode", "beams"),
+    "no_repeat_ngram_size": ("decode", "no_repeat_ngram_size"),
+    "repetition_penalty": ("decode", "repetition_penalty"),
+    "token_limit": ("decode", "token_limit"),
+    "batch_size": ("decode", "batch_size"),
+    "dtype": ("decode", "dtype"),
+    "max_segment_s": ("segment", "max_segment_s"),
+    "vad_threshold": ("segment", "vad_threshold"),
+    "speech_pad_ms": ("segment", "speech_pad_ms"),
+    "min_silence_duration_ms": ("segment", "min_silence_duration_ms"),
+    "min_speech_duration_ms": ("segment", "min_speech_duration_ms"),
+    "address": ("resources", "address"),
+    "actors": ("resources", "actors"),
+    "num_cpus": ("resources", "num_cpus"),
+    "device": ("resources", "device"),
+    "max_failed_fraction": ("resources", "max_failed_fraction"),
+    "input_root": ("resources", "input_root"),
+}
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a ``jobs/NAME.yaml`` preset into ``{option: value}``; unknown keys are an error.
+
+    Besides options, a preset may hold ``manifest`` and ``out`` (paths relative to the preset file).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read job preset {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"job preset {path} must be a mapping of option: value")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k in ("manifest", "out"):
+            out[k] = str((path.parent / str(value)).resolve()) if "://" not in str(value) else str(value)
+        elif k == "no_token_limit":
+            out["token_limit"] = not bool(value)
+        elif k in PRESET_KEYS:
+            out[k] = value
+        else:
+            raise ValueError(f"job preset {path}: unknown option {key!r} (known: {', '.join(sorted(PRESET_KEYS))})")
+    if "model" in out and not _looks_like_hub_id(str(out["model"])):
+        candidate = (path.parent / str(out["model"])).resolve()
+        if candidate.exists():
+            out["model"] = str(candidate)
+    return out
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).exists()
+
+
+def build_settings(options: dict[str, Any]) -> RunSettings:
+    """Build RunSettings from a flat ``{option: value}`` mapping (None values are ignored)."""
+    groups: dict[str, dict[str, Any]] = {"decode": {}, "segment": {}, "resources": {}}
+    for k, v in options.items():
+        if v is None or k not in PRESET_KEYS:
+            continue
+        group, name = PRESET_KEYS[k]
+        groups[group][name] = v
+    return RunSettings(
+        decode=DecodeOptions(**groups["decode"]),
+        segment=SegmentOptions(**groups["segment"]),
+        resources=ResourceOptions(**groups["resources"]),
+    )

@@ -1,0 +1,205 @@
+"""Output: the Parquet schemas of ``segments/`` and ``files/``, atomic part files, ``run.json`` and ``_SUCCESS``.
+
+Commit protocol (what makes reruns exact and readers safe):
+- A file's rows are written only once all its segments are decoded; each flush writes
+  ``segments/part-<run>-<seq>.parquet`` and then ``files/part-<run>-<seq>.parquet``, each first to a hidden
+  temporary name (``.tmp-…``, skipped by pyarrow, DuckDB, pandas and Spark) and then renamed into place.
+- A file counts as done when its row is in ``files/``. A rerun reads the done ids and skips them; a
+  ``segments/`` part without its ``files/`` twin (a crash between the two renames) is removed first.
+- ``run.json`` and ``_SUCCESS`` are written last, when every manifest line has its row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from krasr_batch.storage import filesystem, is_uri, join
+
+log = logging.getLogger(__name__)
+
+SEGMENTS_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("path", pa.string()),
+    ("segment_index", pa.int32()),
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("text", pa.string()),
+    ("language", pa.string()),
+    ("max_new_tokens", pa.int32()),
+    ("num_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("decode_s", pa.float64()),
+    ("batch_size", pa.int32()),
+    ("worker", pa.string()),
+])
+
+FILES_BASE_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("path", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("error_kind", pa.string()),
+    ("warning", pa.string()),
+    ("duration_s", pa.float64()),
+    ("speech_s", pa.float64()),
+    ("num_segments", pa.int32()),
+    ("text", pa.string()),
+    ("reference_text", pa.string()),
+    ("language", pa.string()),
+    ("segment_wall_s", pa.float64()),
+])
+
+
+def files_schema(extra_fields: Iterable[pa.Field]) -> pa.Schema:
+    schema = FILES_BASE_SCHEMA
+    for f in extra_fields:
+        schema = schema.append(f)
+    return schema
+
+
+@dataclass
+class OutputLayout:
+    out: str
+
+    @property
+    def segments(self) -> str:
+        return join(self.out, "segments")
+
+    @property
+    def files(self) -> str:
+        return join(self.out, "files")
+
+    @property
+    def work(self) -> str:
+        return join(self.out, "_work")
+
+    @property
+    def run_json(self) -> str:
+        return join(self.out, "run.json")
+
+    @property
+    def success(self) -> str:
+        return join(self.out, "_SUCCESS")
+
+
+def _write_atomic_table(table: pa.Table, dest: str) -> None:
+    fs, p = filesystem(dest)
+    head, name = p.rsplit("/", 1)
+    tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    fs.move(tmp, p)  # a rename on local disks; on object storage the object appears whole on upload
+
+
+def write_bytes_atomic(data: bytes, dest: str) -> None:
+    fs, p = filesystem(dest)
+    head, name = p.rsplit("/", 1)
+    tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, p)
+
+
+def read_text(path: str) -> str | None:
+    fs, p = filesystem(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read().decode("utf-8")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _list_parts(directory: str) -> list[str]:
+    fs, p = filesystem(directory)
+    from pyarrow.fs import FileSelector, FileType
+
+    try:
+        infos = fs.get_file_info(FileSelector(p, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(i.path for i in infos if i.type == FileType.File and i.base_name.startswith("part-"))
+
+
+def _list_tmp(directory: str) -> list[str]:
+    fs, p = filesystem(directory)
+    from pyarrow.fs import FileSelector, FileType
+
+    infos = fs.get_file_info(FileSelector(p, allow_not_found=True))
+    return [i.path for i in infos if i.type == FileType.File and i.base_name.startswith(".tmp-")]
+
+
+class PartWriter:
+    """Writes finished files' rows as matching ``segments/`` and ``files/`` part files."""
+
+    def __init__(self, layout: OutputLayout, files_schema: pa.Schema):
+        self.layout = layout
+        self.files_schema = files_schema
+        self.run_tag = uuid.uuid4().hex[:8]
+        self.seq = 0
+        for d in (layout.segments, layout.files, layout.work):
+            fs, p = filesystem(d)
+            fs.create_dir(p, recursive=True)
+
+    def write(self, segment_rows: list[dict], file_rows: list[dict]) -> None:
+        if not file_rows:
+            return
+        name = f"part-{self.run_tag}-{self.seq:06d}.parquet"
+        self.seq += 1
+        _write_atomic_table(pa.Table.from_pylist(segment_rows, schema=SEGMENTS_SCHEMA), join(self.layout.segments, name))
+        _write_atomic_table(pa.Table.from_pylist(file_rows, schema=self.files_schema), join(self.layout.files, name))
+
+
+def recover(layout: OutputLayout) -> set[str]:
+    """Make ``out`` consistent after an interrupted run; return the ids of files already done."""
+    fs, _ = filesystem(layout.out)
+    for d in (layout.segments, layout.files):
+        for tmp in _list_tmp(d):
+            fs.delete_file(tmp)
+    files_parts = {p.rsplit("/", 1)[1] for p in _list_parts(layout.files)}
+    for seg in _list_parts(layout.segments):
+        if seg.rsplit("/", 1)[1] not in files_parts:
+            log.warning("removing %s: written by a run that stopped before committing its files", seg)
+            fs.delete_file(seg)
+    if not files_parts:
+        return set()
+    fs_files, p = filesystem(layout.files)
+    ds = pads.dataset(p, filesystem=fs_files, format="parquet")
+    ids = ds.to_table(columns=["file_id"]).column("file_id").to_pylist()
+    return set(ids)
+
+
+def write_run_json(layout: OutputLayout, info: dict) -> None:
+    write_bytes_atomic((json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n").encode(), layout.run_json)
+
+
+def mark_success(layout: OutputLayout) -> None:
+    write_bytes_atomic(b"", layout.success)
+
+
+def clear_output(layout: OutputLayout) -> None:
+    """Remove what krasr-batch wrote in ``out`` (for --overwrite)."""
+    fs, p = filesystem(layout.out)
+    for d in (layout.segments, layout.files, layout.work):
+        _, dp = filesystem(d)
+        try:
+            fs.delete_dir(dp)
+        except (FileNotFoundError, OSError):
+            pass
+    for f in (layout.run_json, layout.success):
+        _, fp = filesystem(f)
+        try:
+            fs.delete_file(fp)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def local_path_or_uri(path: str) -> str:
+    return path if is_uri(path) else os.path.abspath(path)

@@ -1,0 +1,140 @@
+import os
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from krasr_batch.audio import SAMPLE_RATE, AudioError, DecodeReport, check_path, load_audio, wav_declared_frames
+
+from .conftest import read_jsonl
+
+
+def test_every_corpus_format_decodes_to_16k_mono(corpus):
+    clips = read_jsonl(corpus / "clips.jsonl")
+    seen = set()
+    for c in clips:
+        ext = os.path.splitext(c["path"])[1]
+        if ext in seen:
+            continue
+        seen.add(ext)
+        report = DecodeReport()
+        audio = load_audio(str(corpus / c["path"]), report)
+        assert audio.dtype == np.float32 and audio.ndim == 1
+        assert report.source_rate in (8000, 16000, 22050, 44100, 48000)
+        assert abs(len(audio) / SAMPLE_RATE - report.decoded_s) < 0.06, c["path"]
+        assert np.abs(audio).max() > 0.01
+        assert report.warnings() == [], (c["path"], report.warnings())
+    assert {".wav", ".flac", ".ogg", ".mp3"} <= seen
+
+
+def test_resampling_keeps_a_tone(tmp_path):
+    t = np.arange(44100 * 2) / 44100
+    x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    sf.write(tmp_path / "tone.flac", np.stack([x, x], 1), 44100)
+    y = load_audio(str(tmp_path / "tone.flac"))
+    assert abs(len(y) - 32000) <= 2
+    spec = np.abs(np.fft.rfft(y[1000:-1000]))
+    assert abs(np.argmax(spec) * SAMPLE_RATE / len(y[1000:-1000]) - 440) < 2
+
+
+def test_pyav_reads_what_libsndfile_cannot(tmp_path, corpus):
+    import av
+
+    src = load_audio(str(corpus / "clips" / sorted(os.listdir(corpus / "clips"))[0]))
+    path = tmp_path / "x.m4a"
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("aac", rate=SAMPLE_RATE)
+        st.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(src[None, :], format="flt", layout="mono")
+        frame.rate = SAMPLE_RATE
+        for p in st.encode(frame):
+            out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    report = DecodeReport()
+    y = load_audio(str(path), report)
+    assert report.backend == "pyav"
+    assert abs(len(y) - len(src)) < 0.1 * SAMPLE_RATE
+
+
+def test_wav_header_declared_length(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000, subtype="PCM_16")
+    head = (tmp_path / "a.wav").read_bytes()
+    assert wav_declared_frames(head) == 16000
+    assert wav_declared_frames(b"not a wav") is None
+
+
+def test_file_cut_short_is_flagged_not_passed_off(tmp_path):
+    x = (0.1 * np.random.default_rng(0).normal(size=16000 * 4)).astype(np.float32)
+    sf.write(tmp_path / "a.wav", x, 16000, subtype="PCM_16")
+    data = (tmp_path / "a.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    report = DecodeReport()
+    y = load_audio(str(tmp_path / "cut.wav"), report)
+    assert abs(len(y) / 16000 - 2.0) < 0.01
+    assert report.declared_s == pytest.approx(4.0)
+    assert any(w.startswith("truncated") for w in report.warnings())
+
+
+def test_header_that_lies_about_its_length(tmp_path):
+    x = np.zeros(16000 * 3, np.float32)
+    sf.write(tmp_path / "a.wav", x, 16000, subtype="PCM_16")
+    data = bytearray((tmp_path / "a.wav").read_bytes())
+    pos = data.index(b"data")
+    struct.pack_into("<I", data, pos + 4, 16000 * 2 * 60)  # claims a minute
+    (tmp_path / "lie.wav").write_bytes(bytes(data))
+    report = DecodeReport()
+    load_audio(str(tmp_path / "lie.wav"), report)
+    assert report.declared_s == pytest.approx(60.0)
+    assert any("60.00 s the header declares" in w for w in report.warnings())
+
+
+def test_nan_samples_become_silence_with_a_warning(corpus):
+    report = DecodeReport()
+    y = load_audio(str(corpus / "bad" / "nan_samples.wav"), report)
+    assert np.isfinite(y).all()
+    assert report.nonfinite_samples == 100
+    assert "NaN" in report.warnings()[0]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("empty.wav", "empty_file"), ("a dir.wav", "not_a_file"), ("does_not_exist.wav", "not_found"),
+])
+def test_check_path_causes(corpus, name, kind):
+    with pytest.raises(AudioError) as e:
+        check_path(str(corpus / "bad" / name))
+    assert e.value.kind == kind
+
+
+def test_symlink_loop_and_permissions_and_root(tmp_path, corpus):
+    os.symlink(tmp_path / "b.wav", tmp_path / "a.wav")
+    os.symlink(tmp_path / "a.wav", tmp_path / "b.wav")
+    with pytest.raises(AudioError) as e:
+        check_path(str(tmp_path / "a.wav"))
+    assert e.value.kind == "symlink_loop"
+    clip = corpus / "clips" / sorted(os.listdir(corpus / "clips"))[0]
+    with pytest.raises(AudioError) as e:
+        check_path(str(clip), input_root=str(tmp_path))
+    assert e.value.kind == "outside_input_root"
+    os.symlink(clip, tmp_path / "link.wav")  # a link inside the root that points outside it
+    with pytest.raises(AudioError) as e:
+        check_path(str(tmp_path / "link.wav"), input_root=str(tmp_path))
+    assert e.value.kind == "outside_input_root"
+    check_path(str(clip), input_root=str(corpus))
+    if os.geteuid() != 0:  # root reads everything
+        p = tmp_path / "secret.wav"
+        p.write_bytes(clip.read_bytes())
+        p.chmod(0)
+        with pytest.raises(AudioError) as e:
+            check_path(str(p))
+        assert e.value.kind == "permission_denied"
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("truncated.wav", "truncated"), ("noise_bytes.wav", "undecodable"), ("text.mp3", "undecodable"),
+])
+def test_undecodable_inputs(corpus, name, kind):
+    with pytest.raises(AudioError) as e:
+        load_audio(str(corpus / "bad" / name))
+    assert e.value.kind == kind

@@ -1,0 +1,104 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from krasr_batch.manifest import ManifestError, iter_manifest, normalize_manifest
+
+from .conftest import run_cli
+
+
+def write(tmp_path: Path, lines: list[str]) -> Path:
+    p = tmp_path / "m.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    m = write(tmp_path, [
+        json.dumps({"path": "a/x.wav"}),
+        "",
+        json.dumps({"path": "/abs/y.flac", "id": "y", "language": "russian", "text": "Привет", "speaker": 7}),
+        json.dumps({"path": "s3://bucket/z.mp3", "id": 12}),
+    ])
+    jobs = list(iter_manifest(str(m)))
+    assert [j.file_id for j in jobs] == ["a/x.wav", "y", "12"]
+    assert jobs[0].path == str(tmp_path / "a" / "x.wav")
+    assert jobs[0].language is None and jobs[0].reference_text is None
+    assert jobs[1].path == "/abs/y.flac" and jobs[1].language == "russian" and jobs[1].reference_text == "Привет"
+    assert jobs[1].extra == {"speaker": 7}
+    assert jobs[2].path == "s3://bucket/z.mp3"
+    assert [j.line for j in jobs] == [1, 3, 4]
+
+
+@pytest.mark.parametrize("lines, line, words", [
+    (['{"path": "a.wav"}', '{"path": "b.wav"'], 2, "not valid JSON"),
+    (['{"path": "a.wav"}', '["a.wav"]'], 2, "expected a JSON object"),
+    (['{"id": "x"}'], 1, "missing required field 'path'"),
+    (['{"path": ""}'], 1, "'path' must be a non-empty string"),
+    (['{"path": 3}'], 1, "'path' must be a non-empty string"),
+    (['{"path": "a.wav", "id": "k"}', '{"path": "b.wav"}', '{"path": "c.wav", "id": "k"}'], 3, "duplicate id 'k' (first on line 1)"),
+    (['{"path": "a.wav"}', '{"path": "a.wav"}'], 2, "duplicate id 'a.wav'"),
+    (['{"path": "a.wav", "text": 5}'], 1, "'text' must be a string"),
+])
+def test_bad_lines_name_the_line(tmp_path, lines, line, words):
+    m = write(tmp_path, lines)
+    with pytest.raises(ManifestError) as e:
+        list(iter_manifest(str(m)))
+    assert e.value.line == line
+    assert f"line {line}" in str(e.value) and words in str(e.value)
+    assert str(m) in str(e.value)
+
+
+def test_fields_named_like_our_columns_are_prefixed(tmp_path):
+    m = write(tmp_path, [json.dumps({"path": "a.wav", "duration_s": 3.5, "status": "new"})])
+    (job,) = iter_manifest(str(m))
+    assert job.extra == {"manifest_duration_s": 3.5, "manifest_status": "new"}
+
+
+def test_normalize_types_extra_fields(tmp_path):
+    m = write(tmp_path, [
+        json.dumps({"path": "a.wav", "n": 1, "f": 1, "b": True, "s": "x", "mix": 1, "obj": {"k": 1}}),
+        json.dumps({"path": "b.wav", "n": 2, "f": 2.5, "b": False, "s": None, "mix": "two"}),
+    ])
+    summary = normalize_manifest(str(m), str(tmp_path / "n.parquet"))
+    assert summary.num_files == 2
+    assert summary.extra_types == {"b": pa.bool_(), "f": pa.float64(), "mix": pa.string(), "n": pa.int64(),
+                                   "obj": pa.string(), "s": pa.string()}
+    t = pq.read_table(tmp_path / "n.parquet")
+    assert t.column("file_id").to_pylist() == ["a.wav", "b.wav"]
+
+
+def test_normalize_skips_done_ids_but_counts_them(tmp_path):
+    m = write(tmp_path, [json.dumps({"path": f"{i}.wav"}) for i in range(5)])
+    summary = normalize_manifest(str(m), str(tmp_path / "n.parquet"), skip_ids={"1.wav", "3.wav"})
+    assert summary.num_files == 5
+    assert pq.read_table(tmp_path / "n.parquet").column("file_id").to_pylist() == ["0.wav", "2.wav", "4.wav"]
+
+
+def test_empty_manifest_is_an_error(tmp_path):
+    m = write(tmp_path, [""])
+    with pytest.raises(ManifestError, match="no entries"):
+        normalize_manifest(str(m), str(tmp_path / "n.parquet"))
+
+
+def test_large_manifest_streams(tmp_path):
+    n = 200_000
+    p = tmp_path / "big.jsonl"
+    with open(p, "w") as f:
+        for i in range(n):
+            f.write(f'{{"path": "audio/{i:07d}.flac", "speaker": {i % 97}}}\n')
+    summary = normalize_manifest(str(p), str(tmp_path / "n.parquet"))
+    assert summary.num_files == n
+    assert pq.ParquetFile(tmp_path / "n.parquet").metadata.num_rows == n
+
+
+def test_cli_reports_bad_manifest_without_traceback(tmp_path):
+    m = write(tmp_path, ['{"path": "a.wav"}', '{"path": "a.wav"}'])
+    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", "/nonexistent"])
+    assert r.returncode == 2
+    assert f"{m}, line 2: duplicate id 'a.wav' (first on line 1)" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "files").exists()

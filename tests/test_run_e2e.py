@@ -1,0 +1,101 @@
+"""The whole command, manifest to Parquet, over the corpus's clips, long recordings and bad inputs."""
+
+import json
+
+import duckdb
+import pyarrow.dataset as pads
+import pytest
+
+from .conftest import read_jsonl, run_cli, write_manifest
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, corpus, tiny_model):
+    tmp = tmp_path_factory.mktemp("e2e")
+    rows = read_jsonl(corpus / "clips.jsonl") + read_jsonl(corpus / "long.jsonl") + read_jsonl(corpus / "bad.jsonl")
+    manifest = write_manifest(tmp / "all.jsonl", rows, base=corpus)
+    out = tmp / "out"
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--num-cpus", "2"])
+    return manifest, out, rows, r
+
+
+def test_exit_status_and_summary(corpus_run):
+    _, out, rows, r = corpus_run
+    assert r.returncode == 3, r.stderr[-3000:]  # completed, with failed files
+    assert "Traceback" not in r.stdout
+    assert f"krasr-batch: {len(rows)} files in the manifest" in r.stdout
+    assert "failed (undecodable): 2" in r.stdout
+    assert (out / "_SUCCESS").exists()
+    info = json.loads((out / "run.json").read_text())
+    assert info["counts"]["files"] == len(rows)
+    assert info["settings"]["decode"]["beams"] == 3 and info["settings"]["decode"]["language"] == "kazakh"
+    assert info["settings"]["decode"]["repetition_penalty"] == 1.12
+    assert info["audio_s"] > 400 and info["rtfx"] > 0
+    assert "transformers" in info["versions"] and "ray" in info["versions"]
+
+
+def test_every_manifest_line_exactly_once(corpus_run):
+    _, out, rows, _ = corpus_run
+    files = pads.dataset(out / "files", format="parquet").to_table().to_pylist()
+    assert sorted(f["file_id"] for f in files) == sorted(r["id"] for r in rows)
+    n = duckdb.connect().execute(f"select count(*), count(distinct file_id) from '{out}/files/*.parquet'").fetchone()
+    assert n == (len(rows), len(rows))
+
+
+def test_bad_inputs_get_their_expected_status(corpus_run, corpus):
+    _, out, _, _ = corpus_run
+    files = {f["file_id"]: f for f in pads.dataset(out / "files", format="parquet").to_table().to_pylist()}
+    for b in read_jsonl(corpus / "bad.jsonl"):
+        f = files[b["id"]]
+        assert f["expect"] == b["expect"]  # manifest fields are carried into the files table
+        if b["expect"] == "error":
+            assert f["status"] == "error" and f["error"] and f["error_kind"], b
+            assert f["text"] is None
+        elif b["expect"] == "ok-empty":
+            assert f["status"] == "ok" and f["num_segments"] == 0 and f["text"] == "", b
+        elif b["expect"] == "ok":
+            assert f["status"] == "ok", (b, f["error"])
+        else:
+            assert f["status"] in ("ok", "error")
+    assert files["nan_samples.wav"]["warning"] and "NaN" in files["nan_samples.wav"]["warning"]
+
+
+def test_segment_rows(corpus_run, corpus):
+    _, out, rows, _ = corpus_run
+    con = duckdb.connect()
+    cur = con.execute(f"select * from '{out}/segments/*.parquet' order by file_id, segment_index")
+    cols = [c[0] for c in cur.description]
+    segs = cur.fetchall()
+    assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "text", "language", "max_new_tokens",
+                    "num_tokens", "truncated", "decode_s", "batch_size", "worker"]
+    files = {f["file_id"]: f for f in pads.dataset(out / "files", format="parquet").to_table().to_pylist()}
+    by_file: dict[str, list[dict]] = {}
+    for s in segs:
+        d = dict(zip(cols, s))
+        by_file.setdefault(d["file_id"], []).append(d)
+    for fid, f in files.items():
+        mine = by_file.get(fid, [])
+        assert len(mine) == f["num_segments"], fid
+        assert [s["segment_index"] for s in mine] == list(range(len(mine)))
+        for s in mine:
+            assert 0 <= s["start_s"] < s["end_s"] <= f["duration_s"] + 1e-6
+            assert s["end_s"] - s["start_s"] <= 30.0 + 1e-6
+            assert s["max_new_tokens"] in (40, 64, 80, 96, 112, 128)
+            assert s["decode_s"] > 0 and s["batch_size"] >= 1 and s["worker"]
+        if f["status"] == "ok":
+            assert f["text"] == " ".join(s["text"] for s in mine if s["text"])
+    longs = [r["id"] for r in read_jsonl(corpus / "long.jsonl")]
+    assert all(files[i]["num_segments"] >= 6 for i in longs)
+    langs = {r["id"]: r.get("language") for r in rows}
+    assert {s["language"] for s in by_file["ru_000"]} == {"ru"} and langs["ru_000"] == "russian"
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(corpus_run, tiny_model):
+    manifest, out, rows, _ = corpus_run
+    before = sorted(p.name for p in (out / "files").iterdir())
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model)])
+    assert r.returncode == 3
+    assert f"{len(rows)} already done by an earlier run" in r.stdout
+    assert sorted(p.name for p in (out / "files").iterdir()) == before
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--beams", "1"])
+    assert r.returncode == 2 and "other model or decoding settings" in r.stderr and "--overwrite" in r.stderr
