@@ -3,14 +3,45 @@
 card_usage: the KRASR model card's usage: the transformers ASR pipeline called one file at a time with
 task=transcribe, the forced language, num_beams=3, no_repeat_ngram_size=4, repetition_penalty=1.12 and
 the duration-based max_new_tokens; chunk_length_s=30 for files over 30 s (the pipeline's own workaround).
+
+chunked_pipeline: the insanely-fast-whisper recipe: one pipeline call over the list of files with
+chunk_length_s=30 and batch_size=16 (chunks of many files batched together), the card's generate settings
+and max_new_tokens=128; one call per language, since a call takes one set of generate_kwargs.
+
+faster_whisper_usage: faster-whisper's BatchedInferencePipeline (Silero VAD chunks of at most 30 s, batched)
+on the same weights converted to CTranslate2 (convert_to_ct2), with the card's decoding settings.
+
+Each peer also runs as a whole command, which is how benchmarks.compare times it:
+
+    python -m benchmarks.baselines {card,chunked,faster-whisper} MANIFEST --model DIR [--device cpu|cuda]
+        [--result OUT.json]
+
+MANIFEST is JSON Lines ({id, path, language?}); for faster-whisper, --model is the CTranslate2 folder.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
-from krasr_batch.decode import max_new_tokens_for
+from krasr_batch.decode import TOKEN_LIMIT_LONGEST, max_new_tokens_for
+
+log = logging.getLogger(__name__)
+
+CARD_DECODING = dict(num_beams=3, no_repeat_ngram_size=4, repetition_penalty=1.12)
+CHUNK_LENGTH_S = 30
+PEER_BATCH_SIZE = 16
 
 
 @dataclass
@@ -18,23 +49,30 @@ class Transcript:
     file_id: str
     text: str
     duration_s: float
+    path_rate: int = 0  # the file's own sample rate
 
 
-def audio_duration_s(path: str) -> float:
-    """Duration from the file header (soundfile, else PyAV), as a user of the card would get it."""
+def audio_info(path: str) -> tuple[float, int]:
+    """(duration in seconds, sample rate) from the file header (soundfile, else PyAV), as a card user gets it."""
     import soundfile as sf
 
     try:
         info = sf.info(path)
-        return info.frames / info.samplerate
+        return info.frames / info.samplerate, info.samplerate
     except Exception:  # noqa: BLE001 - formats libsndfile cannot read
         import av
 
         with av.open(path) as c:
-            return c.duration / 1e6
+            return c.duration / 1e6, c.streams.audio[0].rate
+
+
+def audio_duration_s(path: str) -> float:
+    """Duration in seconds from the file header."""
+    return audio_info(path)[0]
 
 
 def card_pipeline(model: str, device: str = "cpu"):
+    """The card's transformers ASR pipeline: fp16 on CUDA, fp32 on the CPU."""
     import torch
     from transformers import pipeline
 
@@ -49,12 +87,198 @@ def card_usage(items: list[dict], model: str, device: str = "cpu", beams: int = 
     asr = asr or card_pipeline(model, device)
     out = []
     for it in items:
-        dur = audio_duration_s(it["path"])
-        kwargs = dict(generate_kwargs=dict(task="transcribe", language=it.get("language") or default_language,
-                                           num_beams=beams, no_repeat_ngram_size=4, repetition_penalty=1.12,
-                                           max_new_tokens=max_new_tokens_for(dur)))
-        if dur > 30.0:
-            kwargs.update(chunk_length_s=30, batch_size=1)
+        dur, rate = audio_info(it["path"])
+        kwargs = dict(generate_kwargs=card_generate_kwargs(it.get("language") or default_language,
+                                                           max_new_tokens_for(dur), beams))
+        if dur > CHUNK_LENGTH_S:
+            kwargs.update(chunk_length_s=CHUNK_LENGTH_S, batch_size=1)
         r = asr(it["path"], **kwargs)
-        out.append(Transcript(it["id"], r["text"].strip(), dur))
+        out.append(Transcript(it["id"], r["text"].strip(), dur, rate))
     return out, time.perf_counter() - t0
+
+
+def card_generate_kwargs(language: str, max_new_tokens: int, beams: int = 3) -> dict:
+    """The card's generate() settings for one language and token limit."""
+    return dict(task="transcribe", language=language, **dict(CARD_DECODING, num_beams=beams),
+                max_new_tokens=max_new_tokens)
+
+
+def chunked_pipeline(items: list[dict], model: str, device: str = "cpu", beams: int = 3,
+                     default_language: str = "kazakh", batch_size: int = PEER_BATCH_SIZE,
+                     asr=None) -> tuple[list[Transcript], float]:
+    """Transcribe ``items`` the insanely-fast-whisper way; returns (transcripts in input order, wall s incl. load).
+
+    One pipeline call per language over that language's files, chunk_length_s=30, ``batch_size`` chunks a
+    model call, the card's generate settings with max_new_tokens=128 (the card's limit for a full window).
+    """
+    t0 = time.perf_counter()
+    asr = asr or card_pipeline(model, device)
+    by_language: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_language[it.get("language") or default_language].append(i)
+    texts: dict[int, str] = {}
+    for language, idx in by_language.items():
+        results = asr([items[i]["path"] for i in idx], chunk_length_s=CHUNK_LENGTH_S, batch_size=batch_size,
+                      generate_kwargs=card_generate_kwargs(language, TOKEN_LIMIT_LONGEST, beams))
+        texts.update({i: r["text"].strip() for i, r in zip(idx, results)})
+    out = []
+    for i, it in enumerate(items):
+        dur, rate = audio_info(it["path"])
+        out.append(Transcript(it["id"], texts[i], dur, rate))
+    return out, time.perf_counter() - t0
+
+
+def ct2_quantization(device: str) -> str:
+    """The CTranslate2 weight type the comparison uses: float16 on a GPU (as krasr-batch), float32 on a CPU."""
+    return "float16" if device == "cuda" else "float32"
+
+
+def ct2_converter() -> list[str]:
+    """The command that converts a transformers checkpoint to CTranslate2 (ships with the ctranslate2 package)."""
+    beside = Path(sys.executable).parent / "ct2-transformers-converter"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("ct2-transformers-converter")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from ctranslate2.converters.transformers import main; main()"]
+
+
+def _feature_extractor_config(model: Path) -> dict | None:
+    """The feature extractor's settings (faster-whisper reads n_mels from them), from either config file."""
+    pre = model / "preprocessor_config.json"
+    if pre.exists():
+        return json.loads(pre.read_text())
+    proc = model / "processor_config.json"
+    if proc.exists():
+        return json.loads(proc.read_text()).get("feature_extractor")
+    return None
+
+
+def _ct2_cache_key(model: Path, quantization: str) -> str:
+    """A folder name that changes when the checkpoint's weights or config change."""
+    h = hashlib.sha1(str(model.resolve()).encode())
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        f = model / name
+        if f.exists():
+            st = f.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{model.name}-{h.hexdigest()[:12]}-{quantization}"
+
+
+def convert_to_ct2(model: str, work: str, quantization: str = "float32") -> Path:
+    """Convert a local transformers Whisper folder to CTranslate2 under ``work`` (cached); returns the folder.
+
+    Runs ``ct2-transformers-converter --model MODEL --output_dir OUT --quantization Q --copy_files
+    tokenizer.json``; the model folder must hold the tokenizer files (tokenizer.json at least: the converter
+    loads the vocabulary from them and faster-whisper reads tokenizer.json beside model.bin).
+    """
+    src = Path(model)
+    if not (src / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{src} has no tokenizer.json: the CTranslate2 converter and faster-whisper need it")
+    dest = Path(work) / "ct2" / _ct2_cache_key(src, quantization)
+    if (dest / "model.bin").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    cmd = [*ct2_converter(), "--model", str(src), "--output_dir", str(tmp / "out"), "--quantization", quantization,
+           "--copy_files", "tokenizer.json"]
+    log.info("converting to CTranslate2: %s", " ".join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"ct2-transformers-converter failed: {_last_line(r.stderr)}")
+    fe = _feature_extractor_config(src)
+    if fe is not None:
+        (tmp / "out" / "preprocessor_config.json").write_text(json.dumps(fe, indent=1))
+    (tmp / "out").rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in (text or "").splitlines() if x.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def whisper_language(item: dict, default_language: str = "kazakh") -> str:
+    """The Whisper code ('kk', 'ru') to force for a manifest item: its ``whisper_language``, else from ``language``.
+
+    benchmarks.compare writes ``whisper_language`` into the manifest, so the faster-whisper command does not
+    import transformers (about a second) just to map names to codes.
+    """
+    if item.get("whisper_language"):
+        return item["whisper_language"]
+    from krasr_batch.decode import language_code
+
+    return language_code(item.get("language") or default_language)
+
+
+def cpu_threads() -> int:
+    """CTranslate2's CPU threads: OMP_NUM_THREADS when set, else every core (as torch uses them)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
+
+
+def faster_whisper_usage(items: list[dict], ct2_model: str, device: str = "cpu", beams: int = 3,
+                         default_language: str = "kazakh",
+                         batch_size: int = PEER_BATCH_SIZE) -> tuple[list[Transcript], float]:
+    """Transcribe ``items`` with faster-whisper's BatchedInferencePipeline; returns (transcripts, wall s incl. load).
+
+    The card's decoding settings (beam 3, no_repeat_ngram_size=4, repetition_penalty=1.12, the language
+    forced per file, task transcribe, no timestamps, no conditioning on previous text) and the card's token
+    limit for the file's duration (128 past 30 s); VAD chunking as the batched pipeline's default.
+    """
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    t0 = time.perf_counter()
+    model = WhisperModel(ct2_model, device=device, compute_type=ct2_quantization(device), cpu_threads=cpu_threads())
+    pipe = BatchedInferencePipeline(model)
+    out = []
+    for it in items:
+        dur, rate = audio_info(it["path"])
+        segments, _ = pipe.transcribe(
+            it["path"], language=whisper_language(it, default_language), task="transcribe",
+            beam_size=beams, no_repeat_ngram_size=CARD_DECODING["no_repeat_ngram_size"],
+            repetition_penalty=CARD_DECODING["repetition_penalty"], without_timestamps=True,
+            condition_on_previous_text=False, max_new_tokens=max_new_tokens_for(dur), batch_size=batch_size)
+        out.append(Transcript(it["id"], " ".join(s.text.strip() for s in segments).strip(), dur, rate))
+    return out, time.perf_counter() - t0
+
+
+PEERS = {"card": card_usage, "chunked": chunked_pipeline, "faster-whisper": faster_whisper_usage}
+
+
+def read_manifest(path: str) -> list[dict]:
+    """Manifest lines as dicts; relative paths made absolute against the manifest's folder."""
+    base = Path(path).resolve().parent
+    items = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    for it in items:
+        it.setdefault("id", it["path"])
+        if not os.path.isabs(it["path"]):
+            it["path"] = str(base / it["path"])
+    return items
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one peer over a manifest as a whole command; print (or write) its texts and in-process wall."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("system", choices=sorted(PEERS))
+    ap.add_argument("manifest")
+    ap.add_argument("--model", required=True, help="transformers folder (CTranslate2 folder for faster-whisper)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--result", help="write {texts, wall_s} here as JSON instead of stdout")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fn = PEERS[a.system]
+    transcripts, wall_s = fn(read_manifest(a.manifest), a.model, device=a.device)
+    result = {"system": a.system, "wall_s": wall_s, "texts": {t.file_id: t.text for t in transcripts}}
+    text = json.dumps(result, ensure_ascii=False)
+    if a.result:
+        Path(a.result).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="parity-"))
     manifest = tmp / "clips.jsonl"
     manifest.write_text("".join(json.dumps({**c, "path": str(corpus / c["path"])}, ensure_ascii=False) + "\n" for c in clips))
-    subprocess.run([sys.executable, "-m", "krasr_batch.cli", "run", str(manifest), "--out", str(tmp / "out"),
+    subprocess.run([sys.executable, "-m", "krasr_batch", "run", str(manifest), "--out", str(tmp / "out"),
                     "--model", a.model, "--no-progress"], check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     ours = {f["file_id"]: f["text"] for f in pads.dataset(tmp / "out" / "files").to_table().to_pylist()}
     asr = card_pipeline(a.model)

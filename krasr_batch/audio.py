@@ -60,6 +60,7 @@ def check_path(path: str, input_root: str | None = None) -> None:
     if "://" in path:
         if input_root is not None and not path.startswith(input_root.rstrip("/") + "/"):
             raise AudioError("outside_input_root", f"{path} is outside --input-root {input_root}")
+        _check_object(path)
         return
     try:
         real = os.path.realpath(path, strict=True)
@@ -81,6 +82,25 @@ def check_path(path: str, input_root: str | None = None) -> None:
         raise AudioError("permission_denied", f"permission denied: {path}")
     if os.path.getsize(real) == 0:
         raise AudioError("empty_file", f"zero-byte file: {path}")
+
+
+def _check_object(uri: str) -> None:
+    """The object-storage twin of the local checks: missing, a prefix rather than an object, empty."""
+    from pyarrow.fs import FileType
+
+    from krasr_batch.storage import filesystem
+
+    try:
+        fs, p = filesystem(uri)
+        info = fs.get_file_info(p)
+    except OSError as e:
+        raise AudioError("unreadable", f"cannot reach {uri}: {e}") from e
+    if info.type == FileType.NotFound:
+        raise AudioError("not_found", f"no such object: {uri}")
+    if info.type != FileType.File:
+        raise AudioError("not_a_file", f"not an object (a prefix or directory): {uri}")
+    if info.size == 0:
+        raise AudioError("empty_file", f"zero-byte object: {uri}")
 
 
 def _open_binary(path: str):

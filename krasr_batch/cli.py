@@ -53,6 +53,8 @@ def _fail(message: str, code: int) -> None:
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
               help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds instead of resuming it.")
+@click.option("--flush-s", type=click.FloatRange(min=0.0), hidden=True, help="Commit finished files at least this often.")
+@click.option("--flush-files", type=click.IntRange(min=1), hidden=True, help="Commit once this many files are finished.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress line on stderr.")
 def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool, **flags: Any) -> None:
     """Transcribe every file of MANIFEST (JSON Lines) into Parquet under --out.
@@ -104,7 +106,7 @@ def _summary(stats, out: str) -> None:
     echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
          + (f", {stats.skipped_files} already done by an earlier run" if stats.skipped_files else ""))
     echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments "
-         f"({stats.truncated_segments} stopped at the token limit)")
+         f"({stats.truncated_segments} stopped at the token limit, {stats.suspect_segments} suspect)")
     echo(f"  output: ok {stats.output_ok}, failed {stats.output_failed}")
     echo(f"  audio {stats.audio_s / 3600:.3f} h (speech {stats.speech_s / 3600:.3f} h) in {stats.wall_s:.1f} s: "
          f"RTFx {stats.rtfx:.1f}")
@@ -114,5 +116,10 @@ def _summary(stats, out: str) -> None:
     echo(f"  written: {out}/segments/, {out}/files/, {out}/run.json")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+# Commands that live in their own modules register themselves on `main` when imported.
+from krasr_batch import cli_cluster, cli_eval  # noqa: E402,F401
+
+if __name__ == "__main__":  # pragma: no cover - run the package's own copy, where every command is registered
+    from krasr_batch.cli import main as _main
+
+    _main(prog_name="krasr-batch")

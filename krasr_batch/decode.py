@@ -52,8 +52,10 @@ class SegmentOutput:
     language: str
     num_tokens: int
     truncated: bool
-    decode_s: float
+    decode_s: float  # wall seconds of the model call (features, encoder, generate, rescoring) for the batch
     batch_size: int
+    avg_logprob: float | None = None  # mean log-probability of the text tokens and end-of-text, as Whisper reports it
+    no_speech_prob: float | None = None  # probability of <|nospeech|> right after <|startoftranscript|>
 
 
 def language_code(language: str | None) -> str:
@@ -106,6 +108,10 @@ class WhisperDecoder:
         gc = self.model.generation_config
         self.prompt_ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None),
                            *self.lang_by_token, *(getattr(gc, "task_to_id", None) or {}).values()} - {None}
+        self._encoded = None
+        self.model.model.encoder.register_forward_hook(self._keep_encoder_output)
+        no_speech = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
+        self.no_speech_id = next((t for t in no_speech if t is not None and t != self.tokenizer.unk_token_id), None)
         self.batch_size = options.batch_size or (16 if self.device == "cuda" else 4)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
@@ -139,24 +145,62 @@ class WhisperDecoder:
         if language is not None:
             kwargs["language"] = language
         with torch.inference_mode():
+            features = feats["input_features"].to(self.device, self.dtype)
+            self._encoded = None
             seqs = self.model.generate(
-                feats["input_features"].to(self.device, self.dtype),
-                attention_mask=feats["attention_mask"].to(self.device), return_dict_in_generate=True, **kwargs)
-        if not isinstance(seqs, torch.Tensor):
-            seqs = seqs["sequences"]
-        seqs = seqs.cpu()
+                features, attention_mask=feats["attention_mask"].to(self.device), return_dict_in_generate=True,
+                **kwargs)
+            encoded, self._encoded = self._encoded, None  # kept by the hook: the rescoring pass reuses it
+            if not isinstance(seqs, torch.Tensor):
+                seqs = seqs["sequences"]
+            if seqs.shape[0] != len(audios) and len(audios) > 1:  # seen with random weights: decode one by one
+                log.warning("generate() returned %d rows for %d inputs; decoding them one at a time",
+                            seqs.shape[0], len(audios))
+                return [r for a in audios for r in self._generate([a], language, limit)]
+            rows = seqs.tolist()
+            spans = [self._split(row) for row in rows]
+            signals = self._rescore(encoded, seqs, spans)
         decode_s = time.perf_counter() - t0
-        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(seqs.cpu(), skip_special_tokens=True)
         results = []
-        for row, text in zip(seqs.tolist(), texts):
-            k, lang = 0, ""
-            while k < len(row) and row[k] in self.prompt_ids:  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
-                lang = self.lang_by_token.get(row[k], lang)
-                k += 1
-            gen = row[k:]
-            ended = self.eos in gen
-            if ended:
-                gen = gen[: gen.index(self.eos)]
-            lang = lang or language_code(language)
-            results.append(SegmentOutput(text.strip(), lang, len(gen), not ended, decode_s, len(audios)))
+        for text, (start, end, ended, lang), (avg_lp, nsp) in zip(texts, spans, signals):
+            results.append(SegmentOutput(text.strip(), lang or language_code(language), end - start, not ended,
+                                         decode_s, len(audios), avg_lp, nsp))
         return results
+
+    def _keep_encoder_output(self, module, args, output) -> None:
+        """Forward hook: keep the encoder's output of the generate() call for the rescoring pass."""
+        self._encoded = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _split(self, row: list[int]) -> tuple[int, int, bool, str]:
+        """(first text token, end of text, ended with end-of-text, language code) of one output row."""
+        k, lang = 0, ""
+        while k < len(row) and row[k] in self.prompt_ids:  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
+            lang = self.lang_by_token.get(row[k], lang)
+            k += 1
+        end = row.index(self.eos, k) if self.eos in row[k:] else len(row)
+        return k, end, end < len(row), lang
+
+    def _rescore(self, encoded, seqs, spans) -> list[tuple[float | None, float | None]]:
+        """One teacher-forced decoder pass over the chosen sequences: Whisper's avg_logprob and no_speech_prob.
+
+        Costs one parallel decoder pass per batch: the encoder output of generate() is reused (kept by a
+        forward hook, so generate() runs exactly as the card's pipeline runs it).
+        """
+        import torch
+
+        if encoded is None or encoded.shape[0] != seqs.shape[0] or seqs.shape[1] < 2 or spans[0][0] == 0:
+            return [(None, None)] * len(spans)  # no prompt in the output, or no encoder output: nothing to anchor on
+        hidden = self.model.model.decoder(input_ids=seqs, encoder_hidden_states=encoded,
+                                          use_cache=False).last_hidden_state
+        out = []
+        for i, (start, end, ended, _) in enumerate(spans):
+            stop = min(end + 1, seqs.shape[1]) if ended else end  # the end-of-text token counts, as in Whisper
+            logits = self.model.proj_out(hidden[i, : stop - 1]).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            targets = seqs[i, start:stop]
+            avg = float(logp[start - 1:stop - 1].gather(1, targets[:, None]).sum() / max(1, len(targets))) \
+                if len(targets) else None
+            nsp = float(logp[0, self.no_speech_id].exp()) if self.no_speech_id is not None else None
+            out.append((avg, nsp))
+        return out

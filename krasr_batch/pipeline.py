@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -30,6 +31,8 @@ from krasr_batch import __version__
 from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
 from krasr_batch.decode import SegmentInput, WhisperDecoder, max_new_tokens_for
 from krasr_batch.manifest import ManifestSummary, convert_extra, normalize_manifest
+from krasr_batch.quality import compression_ratio
+from krasr_batch.quality import suspect as is_suspect
 from krasr_batch.segment import analyse, segment_audio
 from krasr_batch.settings import DecodeOptions, RunSettings, SegmentOptions
 from krasr_batch.sink import (
@@ -124,6 +127,10 @@ class ModelStage:
         text: list[str | None] = [None] * n
         out_lang: list[str | None] = [None] * n
         num_tokens, truncated, decode_s, batch_size = [0] * n, [False] * n, [0.0] * n, [0] * n
+        avg_logprob: list[float | None] = [None] * n
+        no_speech_prob: list[float | None] = [None] * n
+        ratio: list[float | None] = [None] * n
+        suspect: list[bool | None] = [None] * n
         limits = list(cols["max_new_tokens"])
         if idx:
             audio = batch.column("audio")
@@ -137,8 +144,12 @@ class ModelStage:
             for i, r in zip(idx, self.decoder.decode(inputs)):
                 text[i], out_lang[i], num_tokens[i], truncated[i] = r.text, r.language, r.num_tokens, r.truncated
                 decode_s[i], batch_size[i] = r.decode_s, r.batch_size
+                avg_logprob[i], no_speech_prob[i] = r.avg_logprob, r.no_speech_prob
+                ratio[i] = compression_ratio(r.text) if r.text else 0.0
+                suspect[i] = is_suspect(r.text, cols["end_s"][i] - cols["start_s"][i], r.avg_logprob, r.no_speech_prob)
         cols.update(text=text, out_language=out_lang, num_tokens=num_tokens, truncated=truncated,
-                    decode_s=decode_s, batch_size=batch_size, max_new_tokens=limits, worker=[self.worker] * n)
+                    decode_s=decode_s, batch_size=batch_size, max_new_tokens=limits, worker=[self.worker] * n,
+                    avg_logprob=avg_logprob, compression_ratio=ratio, no_speech_prob=no_speech_prob, suspect=suspect)
         return pa.table({f.name: pa.array(cols[f.name], f.type) for f in STAGE_OUTPUT_SCHEMA}, schema=STAGE_OUTPUT_SCHEMA)
 
 
@@ -164,7 +175,8 @@ STAGE_OUTPUT_SCHEMA = pa.schema([
     ("num_segments", pa.int64()), ("segment_index", pa.int64()), ("start_s", pa.float64()), ("end_s", pa.float64()),
     ("max_new_tokens", pa.int64()), ("segment_wall_s", pa.float64()), ("text", pa.string()),
     ("out_language", pa.string()), ("num_tokens", pa.int64()), ("truncated", pa.bool_()), ("decode_s", pa.float64()),
-    ("batch_size", pa.int64()), ("worker", pa.string()),
+    ("batch_size", pa.int64()), ("worker", pa.string()), ("avg_logprob", pa.float64()),
+    ("compression_ratio", pa.float64()), ("no_speech_prob", pa.float64()), ("suspect", pa.bool_()),
 ])
 
 
@@ -174,7 +186,8 @@ STAGE_OUTPUT_SCHEMA = pa.schema([
 class RunStats:
     total_files: int = 0
     skipped_files: int = 0  # done by an earlier run
-    files_done: int = 0
+    files_done: int = 0  # decoded and assembled in this run
+    files_committed: int = 0  # of those, written to files/
     files_ok: int = 0
     files_failed: int = 0
     failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
@@ -182,6 +195,7 @@ class RunStats:
     speech_s: float = 0.0
     segments: int = 0
     truncated_segments: int = 0
+    suspect_segments: int = 0
     decode_s: float = 0.0
     wall_s: float = 0.0
     # the whole output, earlier runs included (what the exit status and the summary's failures describe)
@@ -211,7 +225,8 @@ class Progress:
         rate = s.files_done / wall if wall > 0 else 0.0
         eta = (todo - s.files_done) / rate if rate > 0 else float("nan")
         eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "--:--:--"
-        return (f"files {s.files_done + s.skipped_files}/{s.total_files} ({s.files_failed} failed)  "
+        return (f"files {s.files_done + s.skipped_files}/{s.total_files} ({s.files_failed} failed, "
+                f"{s.files_committed + s.skipped_files} committed)  "
                 f"audio {s.audio_s / 3600:.2f} h  segments {s.segments}  "
                 f"RTFx {s.audio_s / wall if wall > 0 else 0:.1f}  elapsed {time.strftime('%H:%M:%S', time.gmtime(wall))}  ETA {eta_txt}")
 
@@ -257,6 +272,8 @@ class Assembler:
                     "language": cols["out_language"][i], "max_new_tokens": cols["max_new_tokens"][i],
                     "num_tokens": cols["num_tokens"][i], "truncated": cols["truncated"][i],
                     "decode_s": cols["decode_s"][i], "batch_size": cols["batch_size"][i], "worker": cols["worker"][i],
+                    "avg_logprob": cols["avg_logprob"][i], "compression_ratio": cols["compression_ratio"][i],
+                    "no_speech_prob": cols["no_speech_prob"][i], "suspect": cols["suspect"][i],
                 })
             else:
                 self.file_rows[fid] = {k: cols[k][i] for k in cols}
@@ -296,6 +313,7 @@ class Assembler:
             st.failures_by_kind.setdefault(row["error_kind"] or "error", []).append(fid)
         st.segments += len(segs)
         st.truncated_segments += sum(1 for s in segs if s["truncated"])
+        st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] for s in segs)
 
     def take(self) -> tuple[list[dict], list[dict]]:
@@ -318,7 +336,10 @@ def _init_ray(settings: RunSettings):
     res = settings.resources
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if res.address:
-        ray.init(address=res.address, **kwargs)
+        from krasr_batch.cluster import driver_runtime_env
+
+        # workers import krasr_batch: ship this process's copy (and the storage endpoint) to the cluster
+        ray.init(address=res.address, runtime_env=driver_runtime_env(res.ship_code), **kwargs)
     else:
         ray.init(num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
     return True
@@ -382,8 +403,10 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
         local_norm = os.path.join(tempfile.mkdtemp(prefix="krasr-"), "manifest.parquet")
     summary = normalize_manifest(manifest, local_norm, skip_ids=done)
     if local_norm != normalized:
-        with open(local_norm, "rb") as f:
-            write_bytes_atomic(f.read(), normalized)
+        from krasr_batch.storage import upload_file
+
+        upload_file(local_norm, normalized)  # streamed; the object appears whole or not at all
+        shutil.rmtree(os.path.dirname(local_norm), ignore_errors=True)
     stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
     writer = PartWriter(layout, files_schema(summary.extra_schema()))
     todo = summary.num_files - stats.skipped_files
@@ -409,7 +432,7 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
         "versions": _versions(),
         "counts": {"files": stats.total_files, "files_this_run": stats.files_done, "skipped_done": stats.skipped_files,
                    "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
-                   "truncated_segments": stats.truncated_segments},
+                   "truncated_segments": stats.truncated_segments, "suspect_segments": stats.suspect_segments},
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
@@ -435,11 +458,23 @@ def _tally_output(layout: OutputLayout, stats: RunStats) -> None:
             stats.output_failures_by_kind.setdefault(kind or "error", []).append(fid)
 
 
-def _cluster_resources() -> tuple[int, int]:
+def _read_manifest(normalized: str, settings: RunSettings):
+    """The normalized manifest as a Ray Dataset, readable wherever the read tasks run.
+
+    A URI is read by the cluster's tasks (with krasr-batch's filesystem: endpoint, region). A local file
+    connected to a cluster (``--address``) may exist on the driver's machine only, so the driver reads its
+    row groups and puts them in the object store.
+    """
+    import pyarrow.parquet as pq
     import ray
 
-    res = ray.cluster_resources()
-    return int(res.get("CPU", 0)), int(res.get("GPU", 0))
+    from krasr_batch.storage import filesystem, is_uri
+
+    if is_uri(normalized) or not settings.resources.address:
+        fs, p = filesystem(normalized)
+        return ray.data.read_parquet(p, filesystem=fs)
+    pf = pq.ParquetFile(normalized)
+    return ray.data.from_arrow_refs([ray.put(pf.read_row_group(i)) for i in range(pf.num_row_groups)])
 
 
 def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
@@ -449,23 +484,21 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    cpus, gpus = _cluster_resources()
-    res = settings.resources
-    use_gpu = gpus > 0 and res.device != "cpu"
-    actors = res.actors or (gpus if use_gpu else 1)
-    dec = settings.decode
-    if use_gpu:
-        stage_res: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-        threads = None
-        batch = (dec.batch_size or 16) * 4
-    else:
-        per_actor = max(1, (cpus - 1) // actors) if cpus > actors else 1
-        stage_res = {"num_cpus": per_actor}
-        threads = per_actor
-        batch = (dec.batch_size or 4) * 2
-    log.info("cluster: %d CPUs, %d GPUs; %d model actor(s) on %s", cpus, gpus, actors, "GPU" if use_gpu else "CPU")
+    from krasr_batch.cluster import plan_placement
 
-    ds = ray.data.read_parquet(normalized)
+    res = settings.resources
+    cluster = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    place = plan_placement(cluster, nodes, res.device, res.actors, res.actor_resource)
+    use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
+    if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
+        raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
+    dec = settings.decode
+    batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 4) * 2
+    log.info("cluster: %d CPUs, %d GPUs; %d model actor(s) on %s with %s", cluster.get("CPU", 0),
+             cluster.get("GPU", 0), actors, "GPU" if use_gpu else "CPU", stage_res)
+
+    ds = _read_manifest(normalized, settings)
     ds = ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK)
     ds = ds.flat_map(segment_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=dec.language,
@@ -480,12 +513,12 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
             asm.add(b)
             now = time.perf_counter()
             if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
-                writer.write(*asm.take())
+                stats.files_committed += writer.write(*asm.take())
                 last_flush = now
             prog.update()
             _check_failures(stats, res.max_failed_fraction, res.min_files_for_failure_check)
     finally:
-        writer.write(*asm.take())  # whatever finished is kept, also when the run stops early
+        stats.files_committed += writer.write(*asm.take())  # what finished is kept, also when the run stops early
     if asm.pending:
         raise RunAborted(f"{asm.pending} file(s) did not come back complete from the pipeline")
 

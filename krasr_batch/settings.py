@@ -82,6 +82,8 @@ class ResourceOptions:
     max_failed_fraction: float = 0.1
     min_files_for_failure_check: int = 100
     input_root: str | None = None
+    actor_resource: str | None = None  # a custom Ray resource each model actor needs one unit of (placement)
+    ship_code: bool = True  # with address: ship this krasr_batch package to the workers (runtime_env py_modules)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "device": ("resources", "device"),
     "max_failed_fraction": ("resources", "max_failed_fraction"),
     "input_root": ("resources", "input_root"),
+    "actor_resource": ("resources", "actor_resource"),
+    "ship_code": ("resources", "ship_code"),
+    "flush_s": ("resources", "flush_s"),
+    "flush_files": ("resources", "flush_files"),
 }
 
 

@@ -3,7 +3,8 @@
 Commit protocol (what makes reruns exact and readers safe):
 - A file's rows are written only once all its segments are decoded; each flush writes
   ``segments/part-<run>-<seq>.parquet`` and then ``files/part-<run>-<seq>.parquet``, each first to a hidden
-  temporary name (``.tmp-…``, skipped by pyarrow, DuckDB, pandas and Spark) and then renamed into place.
+  temporary name (``.tmp-part-….parquet.<random>``, skipped by pyarrow, DuckDB globs, pandas and Spark)
+  and then renamed into place.
 - A file counts as done when its row is in ``files/``. A rerun reads the done ids and skips them; a
   ``segments/`` part without its ``files/`` twin (a crash between the two renames) is removed first.
 - ``run.json`` and ``_SUCCESS`` are written last, when every manifest line has its row.
@@ -40,6 +41,10 @@ SEGMENTS_SCHEMA = pa.schema([
     ("decode_s", pa.float64()),
     ("batch_size", pa.int32()),
     ("worker", pa.string()),
+    ("avg_logprob", pa.float64()),
+    ("compression_ratio", pa.float64()),
+    ("no_speech_prob", pa.float64()),
+    ("suspect", pa.bool_()),
 ])
 
 FILES_BASE_SCHEMA = pa.schema([
@@ -91,18 +96,24 @@ class OutputLayout:
         return join(self.out, "_SUCCESS")
 
 
+TMP_PREFIX = ".tmp-"  # hidden (skipped by pyarrow, pandas, Spark) and not ending in .parquet (skipped by globs)
+
+
+def _tmp_name(p: str) -> str:
+    head, name = p.rsplit("/", 1)
+    return f"{head}/{TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
+
+
 def _write_atomic_table(table: pa.Table, dest: str) -> None:
     fs, p = filesystem(dest)
-    head, name = p.rsplit("/", 1)
-    tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+    tmp = _tmp_name(p)
     pq.write_table(table, tmp, filesystem=fs, compression="zstd")
     fs.move(tmp, p)  # a rename on local disks; on object storage the object appears whole on upload
 
 
 def write_bytes_atomic(data: bytes, dest: str) -> None:
     fs, p = filesystem(dest)
-    head, name = p.rsplit("/", 1)
-    tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+    tmp = _tmp_name(p)
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, p)
@@ -133,7 +144,7 @@ def _list_tmp(directory: str) -> list[str]:
     from pyarrow.fs import FileSelector, FileType
 
     infos = fs.get_file_info(FileSelector(p, allow_not_found=True))
-    return [i.path for i in infos if i.type == FileType.File and i.base_name.startswith(".tmp-")]
+    return [i.path for i in infos if i.type == FileType.File and i.base_name.startswith(TMP_PREFIX)]
 
 
 class PartWriter:
@@ -148,19 +159,21 @@ class PartWriter:
             fs, p = filesystem(d)
             fs.create_dir(p, recursive=True)
 
-    def write(self, segment_rows: list[dict], file_rows: list[dict]) -> None:
+    def write(self, segment_rows: list[dict], file_rows: list[dict]) -> int:
+        """Commit finished files; returns how many."""
         if not file_rows:
-            return
+            return 0
         name = f"part-{self.run_tag}-{self.seq:06d}.parquet"
         self.seq += 1
         _write_atomic_table(pa.Table.from_pylist(segment_rows, schema=SEGMENTS_SCHEMA), join(self.layout.segments, name))
         _write_atomic_table(pa.Table.from_pylist(file_rows, schema=self.files_schema), join(self.layout.files, name))
+        return len(file_rows)
 
 
 def recover(layout: OutputLayout) -> set[str]:
     """Make ``out`` consistent after an interrupted run; return the ids of files already done."""
     fs, _ = filesystem(layout.out)
-    for d in (layout.segments, layout.files):
+    for d in (layout.segments, layout.files, layout.out):
         for tmp in _list_tmp(d):
             fs.delete_file(tmp)
     files_parts = {p.rsplit("/", 1)[1] for p in _list_parts(layout.files)}

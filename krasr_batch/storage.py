@@ -1,58 +1,108 @@
 """Local paths and object-storage URIs (``s3://``, ``gs://``) behind one small surface, via pyarrow.fs.
 
-Credentials come from the usual environment (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...);
-``AWS_ENDPOINT_URL`` points S3 at a compatible server (MinIO, moto, ...).
+Credentials come from the usual environment of each process that touches storage (the driver and every Ray
+worker): ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
+``~/.aws``, an EC2 instance profile; ``GOOGLE_APPLICATION_CREDENTIALS`` or the VM's service account for GCS.
+``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) points ``s3://`` at a compatible server (MinIO, moto, ...);
+``AWS_REGION``/``AWS_DEFAULT_REGION`` name the region, else the bucket's own region is looked up once.
+
+Reads are streamed: :func:`open_input_file` gives a seekable file that fetches byte ranges on demand
+(through a read-ahead buffer), so decoders never need a whole copy of a recording.
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import logging
 import os
 
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
+
+READ_BUFFER_BYTES = 1 << 20  # read-ahead per open remote file: one ranged GET per MiB, not one per decoder read
+COPY_CHUNK_BYTES = 8 << 20
+
+# Environment variables that say *where* object storage is (never credentials). They are forwarded to the
+# Ray workers of a cluster run so that the workers resolve s3:// URIs exactly as the driver did.
+LOCATION_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
 
 def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` (object storage), False for a local path."""
     return "://" in path
 
 
+def _s3_options(bucket: str) -> dict:
+    # allow_delayed_open: an object smaller than one upload part (every Parquet part, run.json) is written
+    # with a single PUT when closed, instead of a multipart upload opened up front: fewer round trips
+    kwargs: dict = {"allow_delayed_open": True}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs.update(endpoint_override=(rest or scheme).rstrip("/"), scheme=scheme if rest else "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    elif not endpoint and bucket:
+        # pyarrow does not follow S3's redirects to a bucket's region; ask for it once (cached below)
+        try:
+            kwargs["region"] = pafs.resolve_s3_region(bucket)
+        except OSError as e:  # no network to AWS, no permission: let the first real request report it
+            log.debug("cannot resolve the region of s3://%s: %s", bucket, e)
+    return kwargs
+
+
 @functools.lru_cache(maxsize=16)
-def _filesystem(scheme_and_host: str) -> pafs.FileSystem:
-    if scheme_and_host.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            scheme, _, rest = endpoint.partition("://")
-            kwargs = {"endpoint_override": rest or scheme, "scheme": scheme if rest else "https"}
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs)
-    fs, _ = pafs.FileSystem.from_uri(scheme_and_host)
+def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    if scheme in ("s3", "s3a"):
+        return pafs.S3FileSystem(**_s3_options(bucket))
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem()
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI."""
+    """(filesystem, path inside it) for a local path or a URI; ``s3://bucket/key`` gives ``bucket/key``."""
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
     scheme, _, rest = path.partition("://")
     bucket = rest.split("/", 1)[0]
-    return _filesystem(f"{scheme}://{bucket}"), rest
+    return _filesystem(scheme.lower(), bucket), rest
 
 
-def open_input_file(path: str):
-    """A seekable binary file (read in ranges from object storage, not copied whole)."""
+def open_input_file(path: str) -> io.BufferedReader:
+    """A seekable binary file, read in ranges from object storage (buffered, never copied whole)."""
     fs, p = filesystem(path)
-    return fs.open_input_file(p)
+    return io.BufferedReader(fs.open_input_file(p), buffer_size=READ_BUFFER_BYTES)
 
 
 def open_input_stream(path: str):
+    """A sequential binary stream (for text such as a manifest)."""
     fs, p = filesystem(path)
-    return fs.open_input_stream(p)
+    return fs.open_input_stream(p, buffer_size=READ_BUFFER_BYTES)
+
+
+def upload_file(local_path: str, dest: str) -> None:
+    """Stream a local file to ``dest`` (a path or URI) without reading it into memory.
+
+    On object storage the object appears whole when the upload completes, or not at all.
+    """
+    fs, p = filesystem(dest)
+    with open(local_path, "rb") as src, fs.open_output_stream(p) as out:
+        while chunk := src.read(COPY_CHUNK_BYTES):
+            out.write(chunk)
 
 
 def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local folder or a URI prefix."""
     if is_uri(base):
         return "/".join([base.rstrip("/"), *parts])
     return os.path.join(base, *parts)
+
+
+def location_env() -> dict[str, str]:
+    """The object-storage location variables (``LOCATION_ENV_VARS``) set in this process."""
+    return {k: os.environ[k] for k in LOCATION_ENV_VARS if os.environ.get(k)}

@@ -79,5 +79,5 @@ def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> s
     """Run the real ``krasr-batch`` command in its own process."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "krasr_batch.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "krasr_batch", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=REPO)

@@ -67,7 +67,8 @@ def test_segment_rows(corpus_run, corpus):
     cols = [c[0] for c in cur.description]
     segs = cur.fetchall()
     assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "text", "language", "max_new_tokens",
-                    "num_tokens", "truncated", "decode_s", "batch_size", "worker"]
+                    "num_tokens", "truncated", "decode_s", "batch_size", "worker", "avg_logprob",
+                    "compression_ratio", "no_speech_prob", "suspect"]
     files = {f["file_id"]: f for f in pads.dataset(out / "files", format="parquet").to_table().to_pylist()}
     by_file: dict[str, list[dict]] = {}
     for s in segs:
@@ -82,6 +83,8 @@ def test_segment_rows(corpus_run, corpus):
             assert s["end_s"] - s["start_s"] <= 30.0 + 1e-6
             assert s["max_new_tokens"] in (40, 64, 80, 96, 112, 128)
             assert s["decode_s"] > 0 and s["batch_size"] >= 1 and s["worker"]
+            assert s["avg_logprob"] is None or s["avg_logprob"] <= 0
+            assert 0 <= s["no_speech_prob"] <= 1 and s["compression_ratio"] >= 0 and s["suspect"] in (True, False)
         if f["status"] == "ok":
             assert f["text"] == " ".join(s["text"] for s in mine if s["text"])
     longs = [r["id"] for r in read_jsonl(corpus / "long.jsonl")]

@@ -1,0 +1,5 @@
+"""``python -m krasr_batch``: the same as the ``krasr-batch`` command."""
+
+from krasr_batch.cli import main
+
+main(prog_name="krasr-batch")

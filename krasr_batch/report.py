@@ -1,0 +1,374 @@
+"""Reading a run's output folder, and ``krasr-batch inspect``: what a run produced.
+
+:func:`open_output` checks that a folder (local path or ``s3://``/``gs://`` URI) holds krasr-batch output
+and returns a :class:`RunOutput` that reads ``files/``, ``segments/`` and ``run.json``. Only committed
+``part-*.parquet`` files are read (never the hidden ``.tmp-…`` files of a run in progress), and their
+schemas are unified, so parts written with and without newer columns (``suspect``, ``avg_logprob``, …)
+read together, the missing values as nulls.
+
+:func:`inspect_run` summarises a run: files ok and failed (failures by ``error_kind`` with examples),
+audio and speech hours, segments (truncated, suspect), RTFx and settings from ``run.json``, and
+per-worker throughput from ``segments/`` (``worker``, ``decode_s``, ``end_s - start_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from krasr_batch.quality import suspect
+from krasr_batch.storage import filesystem, join
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_PER_KIND = 3
+SUSPECT_INPUTS = ("suspect", "avg_logprob", "no_speech_prob")
+
+
+class OutputError(Exception):
+    """OUT_DIR is missing, not a folder, or holds no committed krasr-batch output."""
+
+
+# ---------------------------------------------------------------- reading
+
+def _parts(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """The committed part files of one table folder, sorted; [] when the folder is missing."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(i.path for i in infos
+                  if i.type == pafs.FileType.File and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+
+
+def _unified_schema(fs: pafs.FileSystem, parts: list[str]) -> pa.Schema:
+    schemas = [pq.read_schema(p, filesystem=fs) for p in parts]
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (TypeError, pa.ArrowInvalid):  # older pyarrow, or types that cannot be promoted
+        return pa.unify_schemas(schemas)
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """A run's output folder, opened for reading (see :func:`open_output`)."""
+
+    out: str
+    fs: pafs.FileSystem
+    files_parts: tuple[str, ...]
+    segments_parts: tuple[str, ...]
+
+    @cached_property
+    def files_schema(self) -> pa.Schema:
+        """The files/ schema, unified over all parts."""
+        return _unified_schema(self.fs, list(self.files_parts))
+
+    @cached_property
+    def segments_schema(self) -> pa.Schema:
+        """The segments/ schema, unified over all parts (empty when there are none)."""
+        return _unified_schema(self.fs, list(self.segments_parts)) if self.segments_parts else pa.schema([])
+
+    @property
+    def files_columns(self) -> list[str]:
+        return self.files_schema.names
+
+    @property
+    def segments_columns(self) -> list[str]:
+        return self.segments_schema.names
+
+    def files_table(self, columns: Iterable[str]) -> pa.Table:
+        """The files/ rows with those of ``columns`` that exist."""
+        ds = pads.dataset(list(self.files_parts), schema=self.files_schema, filesystem=self.fs, format="parquet")
+        return ds.to_table(columns=[c for c in columns if c in self.files_schema.names])
+
+    def segment_batches(self, columns: Iterable[str]) -> Iterator[pa.RecordBatch]:
+        """segments/ rows in record batches (streamed, part by part), with the ``columns`` that exist."""
+        if not self.segments_parts:
+            return
+        ds = pads.dataset(list(self.segments_parts), schema=self.segments_schema, filesystem=self.fs,
+                          format="parquet")
+        yield from ds.to_batches(columns=[c for c in columns if c in self.segments_schema.names])
+
+    def run_info(self) -> dict[str, Any] | None:
+        """run.json, or None when the run has not finished (or the file is unreadable)."""
+        _, p = filesystem(join(self.out, "run.json"))
+        try:
+            with self.fs.open_input_stream(p) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            log.debug("no usable run.json in %s: %s", self.out, e)
+            return None
+
+    @property
+    def complete(self) -> bool:
+        """True when the run wrote ``_SUCCESS`` (every manifest line has its row)."""
+        _, p = filesystem(join(self.out, "_SUCCESS"))
+        return self.fs.get_file_info(p).type == pafs.FileType.File
+
+
+def open_output(out: str) -> RunOutput:
+    """Open a run's output folder; raise :class:`OutputError` when there is nothing to read."""
+    fs, p = filesystem(out)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise OutputError(f"{out} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise OutputError(f"{out} is not a folder")
+    _, files_dir = filesystem(join(out, "files"))
+    _, segments_dir = filesystem(join(out, "segments"))
+    files_parts = _parts(fs, files_dir)
+    if not files_parts:
+        raise OutputError(f"{out} holds no files/part-*.parquet: not a krasr-batch output folder, "
+                          "or no file has been committed yet")
+    return RunOutput(out, fs, tuple(files_parts), tuple(_parts(fs, segments_dir)))
+
+
+# ---------------------------------------------------------------- suspect segments
+
+def _column(batch: pa.RecordBatch, name: str) -> list | None:
+    idx = batch.schema.get_field_index(name)
+    return batch.column(idx).to_pylist() if idx >= 0 else None
+
+
+def suspect_flags(batch: pa.RecordBatch) -> list[bool]:
+    """Per segment: the ``suspect`` column where it holds a value, else :func:`krasr_batch.quality.suspect`
+    of the text and duration (with ``avg_logprob`` / ``no_speech_prob`` when those columns exist)."""
+    n = batch.num_rows
+    given = _column(batch, "suspect") or [None] * n
+    texts = _column(batch, "text") or [None] * n
+    starts = _column(batch, "start_s") or [None] * n
+    ends = _column(batch, "end_s") or [None] * n
+    logprobs = _column(batch, "avg_logprob") or [None] * n
+    no_speech = _column(batch, "no_speech_prob") or [None] * n
+    out = []
+    for i in range(n):
+        if given[i] is not None:
+            out.append(bool(given[i]))
+            continue
+        dur = ends[i] - starts[i] if starts[i] is not None and ends[i] is not None else None
+        out.append(suspect(texts[i], dur, logprobs[i], no_speech[i]))
+    return out
+
+
+def suspect_file_ids(output: RunOutput) -> set[str]:
+    """The ids of files holding at least one suspect segment."""
+    ids: set[str] = set()
+    for batch in output.segment_batches(["file_id", "text", "start_s", "end_s", *SUSPECT_INPUTS]):
+        fids = batch.column(batch.schema.get_field_index("file_id")).to_pylist()
+        ids.update(fid for fid, bad in zip(fids, suspect_flags(batch)) if bad)
+    return ids
+
+
+# ---------------------------------------------------------------- inspect
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Failed files of one ``error_kind``: how many, and a few examples (file id, error message)."""
+
+    kind: str
+    count: int
+    examples: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What one model replica decoded: segments, their audio seconds, and its model-call time.
+
+    ``decode_s`` is each model call's wall time counted once (each segment carries its call's time and
+    the call's batch size, so the sum of ``decode_s / batch_size`` over the segments).
+    """
+
+    worker: str
+    segments: int
+    audio_s: float
+    decode_s: float
+
+    @property
+    def audio_per_decode_s(self) -> float | None:
+        return self.audio_s / self.decode_s if self.decode_s > 0 else None
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What a run produced (see :func:`inspect_run`)."""
+
+    out: str
+    complete: bool
+    files: int
+    files_ok: int
+    files_failed: int
+    files_with_warning: int
+    failures: tuple[FailureGroup, ...]
+    audio_s: float
+    speech_s: float
+    segments: int
+    truncated_segments: int
+    suspect_segments: int
+    suspect_files: int
+    suspect_source: str  # "column", "computed" or "column+computed"
+    workers: tuple[WorkerStats, ...]
+    run: dict[str, Any] = field(default_factory=dict)  # run.json ({} when missing)
+
+    @property
+    def rtfx(self) -> float | None:
+        return self.run.get("rtfx")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the shape of ``inspect --format json``)."""
+        d = asdict(self)
+        d["audio_h"] = self.audio_s / 3600
+        d["speech_h"] = self.speech_s / 3600
+        d["rtfx"] = self.rtfx
+        d["failures"] = [{"kind": f.kind, "count": f.count,
+                          "examples": [{"file_id": fid, "error": err} for fid, err in f.examples]}
+                         for f in self.failures]
+        d["workers"] = [{**asdict(w), "audio_per_decode_s": w.audio_per_decode_s} for w in self.workers]
+        d["settings"] = self.run.get("settings")
+        d["model"] = self.run.get("model")
+        d["wall_s"] = self.run.get("wall_s")
+        d["run_json"] = bool(self.run)
+        del d["run"]
+        return d
+
+
+def _failure_groups(rows: list[dict]) -> tuple[FailureGroup, ...]:
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r.get("error_kind") or "error", []).append(r)
+    groups = [FailureGroup(kind, len(rs), tuple((r["file_id"], r.get("error")) for r in rs[:EXAMPLES_PER_KIND]))
+              for kind, rs in by_kind.items()]
+    return tuple(sorted(groups, key=lambda g: (-g.count, g.kind)))
+
+
+@dataclass
+class _SegmentTally:
+    segments: int = 0
+    truncated: int = 0
+    suspect: int = 0
+    suspect_files: set = field(default_factory=set)
+    sources: set = field(default_factory=set)
+    workers: dict = field(default_factory=dict)  # worker -> [segments, audio_s, decode_s]
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        n = batch.num_rows
+        self.segments += n
+        fids = _column(batch, "file_id") or [None] * n
+        truncated = _column(batch, "truncated") or [False] * n
+        self.truncated += sum(1 for t in truncated if t)
+        given = _column(batch, "suspect")
+        if given is None or None in given:
+            self.sources.add("computed")
+        if given is not None and any(g is not None for g in given):
+            self.sources.add("column")
+        for fid, bad in zip(fids, suspect_flags(batch)):
+            if bad:
+                self.suspect += 1
+                self.suspect_files.add(fid)
+        self._add_workers(batch, n)
+
+    def _add_workers(self, batch: pa.RecordBatch, n: int) -> None:
+        workers = _column(batch, "worker") or [None] * n
+        starts = _column(batch, "start_s") or [0.0] * n
+        ends = _column(batch, "end_s") or [0.0] * n
+        decode = _column(batch, "decode_s") or [0.0] * n
+        sizes = _column(batch, "batch_size") or [1] * n
+        for i in range(n):
+            w = self.workers.setdefault(workers[i] or "(unknown)", [0, 0.0, 0.0])
+            w[0] += 1
+            w[1] += max((ends[i] or 0.0) - (starts[i] or 0.0), 0.0)
+            w[2] += (decode[i] or 0.0) / max(sizes[i] or 1, 1)
+
+
+def _tally_segments(output: RunOutput) -> _SegmentTally:
+    tally = _SegmentTally()
+    cols = ["file_id", "text", "start_s", "end_s", "truncated", "decode_s", "batch_size", "worker", *SUSPECT_INPUTS]
+    for batch in output.segment_batches(cols):
+        tally.add(batch)
+    return tally
+
+
+def inspect_run(output: RunOutput) -> InspectReport:
+    """Summarise a run's output folder."""
+    files = output.files_table(["file_id", "status", "error", "error_kind", "warning", "duration_s", "speech_s"])
+    rows = files.to_pylist()
+    ok = [r for r in rows if r.get("status") == "ok"]
+    failed = [r for r in rows if r.get("status") != "ok"]
+    tally = _tally_segments(output)
+    workers = tuple(sorted((WorkerStats(w, v[0], v[1], v[2]) for w, v in tally.workers.items()),
+                           key=lambda w: w.worker))
+    return InspectReport(
+        out=output.out, complete=output.complete, files=len(rows), files_ok=len(ok), files_failed=len(failed),
+        files_with_warning=sum(1 for r in rows if r.get("warning")), failures=_failure_groups(failed),
+        audio_s=sum(r.get("duration_s") or 0.0 for r in ok), speech_s=sum(r.get("speech_s") or 0.0 for r in ok),
+        segments=tally.segments, truncated_segments=tally.truncated, suspect_segments=tally.suspect,
+        suspect_files=len(tally.suspect_files), suspect_source="+".join(sorted(tally.sources)) or "computed",
+        workers=workers, run=output.run_info() or {},
+    )
+
+
+# ---------------------------------------------------------------- text rendering
+
+def _settings_lines(settings: dict[str, Any], indent: str = "    ") -> list[str]:
+    lines = []
+    for section, values in settings.items():
+        if isinstance(values, dict):
+            inner = ", ".join(f"{k}={v}" for k, v in values.items())
+            lines.append(f"{indent}{section}: {inner}")
+        else:
+            lines.append(f"{indent}{section}: {values}")
+    return lines
+
+
+def _worker_lines(workers: tuple[WorkerStats, ...]) -> list[str]:
+    if not workers:
+        return ["  per worker: no segments"]
+    lines = ["  per worker:"]
+    width = max(len(w.worker) for w in workers)
+    for w in workers:
+        speed = f"{w.audio_per_decode_s:.1f}x" if w.audio_per_decode_s is not None else "-"
+        lines.append(f"    {w.worker:<{width}}  {w.segments:>7} segments  {w.audio_s:>10.1f} s audio  "
+                     f"{w.decode_s:>8.1f} s decoding  {speed} audio s per decode s")
+    return lines
+
+
+def format_inspect(report: InspectReport) -> str:
+    """The human-readable ``inspect`` text."""
+    r = report
+    state = "complete (_SUCCESS)" if r.complete else "not complete (no _SUCCESS: running, interrupted or failed)"
+    lines = [f"{r.out}: {state}",
+             f"  files: {r.files} ({r.files_ok} ok, {r.files_failed} failed, {r.files_with_warning} with a warning)"]
+    manifest_files = (r.run.get("counts") or {}).get("files")
+    if manifest_files is not None and manifest_files != r.files:
+        lines.append(f"  manifest files: {manifest_files} (run.json)")
+    for g in r.failures:
+        lines.append(f"  failed ({g.kind}): {g.count}")
+        lines.extend(f"    {fid}: {err or '(no message)'}" for fid, err in g.examples)
+        if g.count > len(g.examples):
+            lines.append(f"    … {g.count - len(g.examples)} more")
+    lines.append(f"  audio {r.audio_s / 3600:.3f} h, speech {r.speech_s / 3600:.3f} h (ok files)")
+    lines.append(f"  segments: {r.segments} ({r.truncated_segments} truncated at the token limit, "
+                 f"{r.suspect_segments} suspect in {r.suspect_files} files [{r.suspect_source}])")
+    if r.run:
+        wall = r.run.get("wall_s")
+        rtfx = f"{r.rtfx:.1f}" if isinstance(r.rtfx, (int, float)) else "?"
+        wall_text = f", {wall:.1f} s wall" if isinstance(wall, (int, float)) else ""
+        lines.append(f"  RTFx {rtfx} (audio seconds per wall second{wall_text}; run.json)")
+    else:
+        lines.append("  RTFx: unknown (no run.json: the run has not finished)")
+    lines.extend(_worker_lines(r.workers))
+    if r.run:
+        lines.append(f"  model: {r.run.get('model')}")
+        settings = r.run.get("settings")
+        if isinstance(settings, dict):
+            lines.append("  settings:")
+            lines.extend(_settings_lines(settings))
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Smoke test of the benchmark harness (benchmarks.compare): three clips, the tiny model, a temp BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare
+
+KRASR, CARD, FW = compare.LABELS["krasr"], compare.LABELS["card"], compare.LABELS["faster-whisper"]
+
+
+def parse_table(text: str) -> dict[str, dict[str, str]]:
+    """Rows of the first Markdown table in ``text``, keyed by system label, each {column: cell}."""
+    lines = [x for x in text.splitlines() if x.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(head, cells))
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One OpenMP thread in every benchmarked command: on a shared 2-core machine two spinning threads make the
+    tiny model's many small ops crawl (seconds a clip) whenever another process holds a core."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def harness_args(corpus: Path, model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--corpus", str(corpus), "--model", str(model), "--device", "cpu", "--work", str(tmp_path / "work"),
+            *extra]
+
+
+def test_compare_krasr_and_card_and_refresh_block(corpus, tiny_model, tmp_path, capsys):
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text("# Benchmarks\n\nIntro kept as it is.\n", encoding="utf-8")
+    write = ["--write", str(bench), "--section", "smoke"]
+
+    assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "3", "--systems", "krasr,card",
+                                     *write)) == 0
+    rows = parse_table(capsys.readouterr().out)
+    assert set(rows) == {KRASR, CARD}
+    for row in rows.values():
+        assert row["files"] == "3"
+        assert float(row["RTFx"]) > 0 and float(row["wall s"]) > 0
+        assert float(row["WER %"]) >= 0 and float(row["CER %"]) >= 0
+    assert rows[KRASR]["vs krasr-batch"] == "1.00×"
+    first = bench.read_text(encoding="utf-8")
+    assert first.startswith("# Benchmarks\n\nIntro kept as it is.\n")
+    assert first.count("<!-- bench:smoke -->") == 1 and first.count("<!-- /bench:smoke -->") == 1
+    assert set(parse_table(first.split("<!-- bench:smoke -->")[1])) == {KRASR, CARD}
+    assert "- command: `python -m benchmarks.compare " in first
+
+    assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "1", "--systems", "card",
+                                     *write)) == 0
+    second = bench.read_text(encoding="utf-8")
+    assert second.count("<!-- bench:smoke -->") == 1 and second.count("<!-- /bench:smoke -->") == 1
+    assert second.startswith("# Benchmarks\n\nIntro kept as it is.\n")
+    refreshed = parse_table(second.split("<!-- bench:smoke -->")[1])
+    assert set(refreshed) == {CARD} and refreshed[CARD]["files"] == "1"
+
+
+def test_write_section_replaces_only_its_block(tmp_path):
+    bench = tmp_path / "B.md"
+    compare.write_section(bench, "a", "first a")
+    compare.write_section(bench, "b", "only b")
+    compare.write_section(bench, "a", "second a with \\1 and $1")
+    text = bench.read_text(encoding="utf-8")
+    assert text == ("<!-- bench:a -->\nsecond a with \\1 and $1\n<!-- /bench:a -->\n\n"
+                    "<!-- bench:b -->\nonly b\n<!-- /bench:b -->\n")
+
+
+def test_steady_mean_drops_start_and_end():
+    assert compare.steady_mean([]) is None
+    assert compare.steady_mean([0.0] + [50.0] * 8 + [100.0]) == 50.0
+    assert compare.steady_mean([10.0, 20.0]) == 15.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faster_whisper") is None, reason="faster-whisper not installed")
+def test_compare_faster_whisper_row(corpus, tiny_model, tmp_path, capsys):
+    assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "2", "--systems",
+                                     "faster-whisper")) == 0
+    row = parse_table(capsys.readouterr().out)[FW]
+    assert float(row["RTFx"]) > 0 and float(row["WER %"]) >= 0, row
+    assert any((tmp_path / "work" / "ct2").glob("*/model.bin"))

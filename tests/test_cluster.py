@@ -1,0 +1,333 @@
+"""krasr-batch on a real Ray cluster: cluster.yaml, `run --address`, `submit` / `status` / `logs`.
+
+The cluster is two `ray start` nodes on 127.0.0.1: a head (1 CPU, dashboard and Jobs API) and a worker
+(1 CPU and the custom resource ``asr``). Each node has its own temp dir, and each `ray start` runs in its own
+session, so teardown kills exactly this cluster's processes (by session id, and anything naming the test's
+folder) and never other Ray instances on the machine, as `ray stop --force` would.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from .conftest import REPO, read_jsonl, run_cli, write_manifest
+
+CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003"]
+MODEL_STAGE = "ModelStage"
+
+
+# ---------------------------------------------------------------- cluster.yaml
+
+def test_cluster_yaml_is_a_valid_launcher_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))  # Ray's own defaults filled in, as `ray up` does
+    validate_config(config)  # ray/autoscaler/ray-schema.json, plus Ray's own checks
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and head["max_workers"] == 0  # nothing runs on the head
+    gpu_types = [t for name, t in types.items() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu_types, "an autoscaling GPU worker type"
+    for t in gpu_types:
+        assert t["min_workers"] == 0 and 1 <= t["max_workers"] <= config["max_workers"]
+        assert t["resources"]["GPU"] == 1 and t["resources"]["CPU"] >= 2  # one model actor per worker, CPUs to spare
+    for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
+        torch_at = next(i for i, c in enumerate(commands) if "install" in c and " torch" in c)
+        krasr_at = next(i for i, c in enumerate(commands) if "krasr-batch" in c)
+        assert torch_at < krasr_at  # torch's build chosen before krasr-batch pulls a default one
+    assert "download.pytorch.org/whl/cpu" in " ".join(config["head_setup_commands"])
+    mounted = {remote: local for remote, local in config["file_mounts"].items()}
+    assert any(remote in " ".join(config["worker_setup_commands"]) for remote in mounted)
+
+
+# ---------------------------------------------------------------- placement (no cluster needed)
+
+def test_placement_follows_gpus_resources_and_flags():
+    from krasr_batch.cluster import plan_placement
+
+    gpu_nodes = [{"CPU": 4, "GPU": 1}] * 3
+    p = plan_placement({"CPU": 12, "GPU": 3}, gpu_nodes, "auto", 0, None)
+    assert p.use_gpu and p.actors == 3 and p.ray_args == {"num_gpus": 1, "num_cpus": 1}
+    assert plan_placement({"CPU": 12, "GPU": 3}, gpu_nodes, "auto", 2, None).actors == 2  # --actors wins
+    assert not plan_placement({"CPU": 12, "GPU": 3}, gpu_nodes, "cpu", 0, None).use_gpu
+    # an autoscaling GPU group still at zero: --device cuda asks for GPU actors, the autoscaler adds nodes
+    p = plan_placement({"CPU": 0}, [{"CPU": 0}], "cuda", 4, None)
+    assert p.use_gpu and p.actors == 4 and p.ray_args["num_gpus"] == 1
+    # CPU only: one actor with the CPUs but one; with a custom resource, one per unit, sized to its nodes
+    p = plan_placement({"CPU": 8}, [{"CPU": 8}], "auto", 0, None)
+    assert (p.use_gpu, p.actors, p.ray_args, p.threads) == (False, 1, {"num_cpus": 7}, 7)
+    nodes = [{"CPU": 16}, {"CPU": 4, "asr": 2}, {"CPU": 8, "asr": 1}]
+    p = plan_placement({"CPU": 28, "asr": 3}, nodes, "auto", 0, "asr")
+    assert p.actors == 3 and p.ray_args == {"num_cpus": 2, "resources": {"asr": 1}}
+    p = plan_placement({"CPU": 12, "GPU": 3, "asr": 2}, gpu_nodes, "auto", 0, "asr")
+    assert p.actors == 2 and p.ray_args == {"num_gpus": 1, "num_cpus": 1, "resources": {"asr": 1}}
+
+
+# ---------------------------------------------------------------- a two-node local cluster
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[3])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cluster_pids(sessions: set[int], marker: str) -> list[int]:
+    """Processes of this cluster: in a `ray start` session, or naming the test's folder (a job's driver)."""
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        if _session_of(pid) in sessions or marker in _cmdline(pid):
+            pids.append(pid)
+    return pids
+
+
+def _kill_cluster(sessions: set[int], marker: str) -> None:
+    for _ in range(5):
+        pids = _cluster_pids(sessions, marker)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(1.0)
+    left = _cluster_pids(sessions, marker)
+    assert not left, f"cluster processes survived teardown: {left}"
+
+
+@dataclass
+class Cluster:
+    address: str  # GCS, for `run --address`
+    dashboard: str  # Jobs API, for `submit --address`
+    base: Path  # everything of this test lives under it
+    asr_node: str  # node id of the worker with the custom resource
+
+
+def _ray_start(args: list[str], sessions: set[int], env: dict) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--disable-usage-stats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    sessions.add(proc.pid)  # the session leader: everything this node starts stays in its session
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"ray start {' '.join(args)} failed:\n{out[-3000:]}")
+
+
+def _nodes(dashboard: str) -> list:
+    from ray.util.state import list_nodes
+
+    return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if importlib.util.find_spec("aiohttp") is None:
+        pytest.skip("the dashboard and Jobs API need ray[default]")
+    base = Path(tempfile.mkdtemp(prefix="krc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    sessions: set[int] = set()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    port, dash_port = _free_port(), _free_port()
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=200000000"]
+    try:
+        _ray_start(["--head", f"--port={port}", *common, "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash_port}", f"--ray-client-server-port={_free_port()}",
+                    f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={base}/head"], sessions, env)
+        _ray_start([f"--address=127.0.0.1:{port}", *common, '--resources={"asr": 1}',
+                    f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={base}/worker"], sessions, env)
+        dashboard = f"http://127.0.0.1:{dash_port}"
+        deadline = time.time() + 60
+        while len(nodes := _nodes(dashboard)) < 2:
+            assert time.time() < deadline, "the worker node did not join"
+            time.sleep(1)
+        asr = [n.node_id for n in nodes if n.resources_total.get("asr")]
+        yield Cluster(f"127.0.0.1:{port}", dashboard, base, asr[0])
+    finally:
+        _kill_cluster(sessions, str(base))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _manifest(corpus: Path, dest: Path, relative: bool = False) -> tuple[Path, list[str]]:
+    """A few clips; with ``relative``, paths relative to ``dest``'s folder and one line without an id."""
+    by_id = {r["id"]: r for r in read_jsonl(corpus / "clips.jsonl")}
+    rows = [dict(by_id[i]) for i in CLIPS]
+    if not relative:
+        return write_manifest(dest, rows, base=corpus), [r["id"] for r in rows]
+    for r in rows:
+        r["path"] = os.path.relpath(corpus / r["path"], dest.parent)
+    del rows[-1]["id"]  # its id defaults to the path as written here, also once submitted
+    return write_manifest(dest, rows), [r.get("id", r["path"]) for r in rows]
+
+
+def _assert_complete(out: Path, ids: list[str]) -> None:
+    assert (out / "_SUCCESS").exists()
+    files = pads.dataset(out / "files", format="parquet").to_table(columns=["file_id", "status"]).to_pylist()
+    assert sorted(f["file_id"] for f in files) == sorted(ids)
+    assert all(f["status"] == "ok" for f in files), files
+    con = duckdb.connect()
+    assert con.execute(f"select count(*), count(distinct file_id) from '{out}/files/*.parquet'").fetchall() == [
+        (len(ids), len(ids))]
+    assert con.execute(f"select count(distinct file_id) from '{out}/segments/*.parquet'").fetchall() == [(len(ids),)]
+
+
+def _model_actor_nodes(dashboard: str, job_id: str | None = None) -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=dashboard, detail=True, limit=1000, raise_on_missing_output=False)
+    return {a.node_id for a in actors if MODEL_STAGE in a.class_name and (job_id is None or a.job_id == job_id)}
+
+
+def test_run_with_address_places_model_actors_by_resource(cluster, corpus, tiny_model):
+    manifest, ids = _manifest(corpus, cluster.base / "run.jsonl")
+    out = cluster.base / "out-run"
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--address", cluster.address,
+                 "--actor-resource", "asr", "--no-progress"], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _assert_complete(out, ids)
+    assert _model_actor_nodes(cluster.dashboard) == {cluster.asr_node}  # only where the resource is
+
+
+SHIPPED_PROBE = """
+import json, os, sys, ray
+from krasr_batch.pipeline import _init_ray
+from krasr_batch.settings import build_settings
+_init_ray(build_settings({"address": sys.argv[1], "ship_code": sys.argv[2] == "1"}))
+
+@ray.remote(num_cpus=0, resources={"asr": 0.01})
+def probe():
+    import krasr_batch
+    return [krasr_batch.__file__, os.environ.get("AWS_ENDPOINT_URL")]
+
+print(json.dumps(ray.get(probe.remote())))
+"""
+
+
+@pytest.mark.parametrize("ship", [True, False])
+def test_run_with_address_ships_its_own_code(cluster, ship):
+    env = dict(os.environ, AWS_ENDPOINT_URL="http://storage.example:9000")
+    r = subprocess.run([sys.executable, "-c", SHIPPED_PROBE, cluster.address, "1" if ship else "0"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=cluster.base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    where, endpoint = json.loads(r.stdout.strip().splitlines()[-1])
+    installed = str(REPO / "krasr_batch" / "__init__.py")
+    if ship:  # the workers import the copy Ray unpacked from py_modules, not the one installed on the node
+        assert "runtime_resources" in where and where != installed
+    else:
+        assert where == installed
+    assert endpoint == "http://storage.example:9000"  # object-storage location travels with the run
+
+
+def test_submit_status_logs(cluster, corpus, tiny_model):
+    (cluster.base / "submit").mkdir()
+    manifest, ids = _manifest(corpus, cluster.base / "submit" / "m.jsonl", relative=True)
+    out = cluster.base / "out-submit"
+    r = run_cli(["submit", str(manifest), "--out", str(out), "--model", str(tiny_model), "--actor-resource", "asr",
+                 "--address", cluster.dashboard], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raysubmit_")
+    assert "local path" in r.stderr  # --out and the audio are local: the user is told they must be shared
+
+    deadline, state = time.time() + 180, ""
+    while time.time() < deadline:
+        s = run_cli(["status", job_id, "--address", cluster.dashboard], timeout=60)
+        assert s.returncode == 0, s.stderr[-2000:]
+        state = s.stdout.split("\t")[1].split()[0]
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = run_cli(["logs", job_id, "--address", cluster.dashboard], timeout=60)
+    assert state == "SUCCEEDED", logs.stdout[-4000:]
+    assert "--address auto" in s.stdout and "--actor-resource asr" in s.stdout  # the entrypoint it ran
+    assert "\texit 0" in s.stdout  # the run's own exit status, as Ray recorded it
+    assert f"krasr-batch: {len(ids)} files in the manifest" in logs.stdout
+    assert run_cli(["status", job_id, "--wait", "--address", cluster.dashboard], timeout=60).returncode == 0
+    follow = run_cli(["logs", job_id, "--follow", "--address", cluster.dashboard], timeout=60)
+    assert follow.returncode == 0 and "ok 4, failed 0" in follow.stdout
+    _assert_complete(out, ids)  # ids as in the local manifest, also the one that defaulted to its path
+    assert _model_actor_nodes(cluster.dashboard) == {cluster.asr_node}
+
+
+def test_submit_checks_the_manifest_before_submitting(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "a.wav"}\n{"id": 3\n')
+    r = run_cli(["submit", str(bad), "--out", "s3://bucket/out", "--address", "http://127.0.0.1:9"], timeout=60)
+    assert r.returncode == 2 and "line 2" in r.stderr
+
+
+
+def test_submit_rebuilds_the_run_command_and_ships_what_is_local(monkeypatch):
+    """The entrypoint carries exactly the run options given; a --job preset and a local manifest travel along."""
+    from click.testing import CliRunner
+
+    from krasr_batch import cli_cluster
+    from krasr_batch.cli import main
+
+    sent: dict = {}
+
+    class FakeClient:
+        def submit_job(self, **kwargs):  # the working dir still exists while submitting
+            workdir = Path(kwargs["runtime_env"]["working_dir"])
+            sent.update(kwargs, files=sorted(os.listdir(workdir)),
+                        preset=yaml.safe_load((workdir / "job.yaml").read_text()),
+                        manifest=read_jsonl(workdir / "manifest.jsonl"))
+            return "raysubmit_test"
+
+    monkeypatch.setattr(cli_cluster, "_client", lambda address: FakeClient())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.local:9000")
+    r = CliRunner().invoke(main, [
+        "submit", "--job", str(REPO / "jobs" / "demo.yaml"), "--out", "s3://b/out", "--beams", "2",
+        "--no-token-limit", "--max-segment-s", "20.5", "--no-progress", "--actor-resource", "asr",
+        "--address", "http://head:8265"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1] == "raysubmit_test"
+    assert sent["entrypoint"].split() == [
+        "python", "-m", "krasr_batch.cli", "run", "manifest.jsonl", "--out", "s3://b/out", "--address", "auto",
+        "--job", "job.yaml", "--beams", "2", "--no-token-limit", "--max-segment-s", "20.5", "--no-progress",
+        "--actor-resource", "asr"]
+    assert sent["files"] == ["job.yaml", "manifest.jsonl"]
+    assert sent["preset"] == {"beams": 3, "language": "kazakh", "model": "KRASR/kazakh-russian-asr-whisper-small-full-ft"}
+    env = sent["runtime_env"]
+    assert env["py_modules"] == [str(REPO / "krasr_batch")]
+    assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio.local:9000"}
+    original = read_jsonl(REPO / "jobs" / "demo" / "manifest.jsonl")
+    assert [m["id"] for m in sent["manifest"]] == [o.get("id", o["path"]) for o in original]
+    assert [m["path"] for m in sent["manifest"]] == [str(REPO / "jobs" / "demo" / o["path"]) for o in original]

@@ -1,0 +1,198 @@
+"""Nothing lost, nothing doubled: SIGKILLed runs resume to exactly an uninterrupted run's output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import REPO, read_jsonl
+
+TIMING = {"decode_s", "batch_size", "worker", "segment_wall_s"}  # how long, not what
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "krasr_batch", *args], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split()
+    return [int(p) for p, s in zip(out[::2], out[1::2]) if int(s) == sid]
+
+
+def kill_run(p: subprocess.Popen) -> None:
+    """SIGKILL the whole process group, then anything else of its session (Ray workers), as a preemption would."""
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 30
+    while (left := session_pids(p.pid)) and time.time() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    assert not session_pids(p.pid)
+
+
+def committed(out: Path) -> int:
+    d = out / "files"
+    if not d.exists():
+        return 0
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in d.glob("*.parquet"))
+
+
+def wait_until(cond, p: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert p.poll() is None, f"the run ended before the kill point:\n{p.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "kill point not reached"
+        time.sleep(0.1)
+
+
+def table(out: Path, name: str, keys: list[str]) -> list[dict]:
+    rows = pads.dataset(out / name, format="parquet").to_table().to_pylist()
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return sorted(rows, key=lambda r: tuple(r[k] for k in keys))
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, corpus, tiny_model):
+    """240 files (the corpus clips four times over, plus bad inputs) and an uninterrupted reference run."""
+    tmp = tmp_path_factory.mktemp("resume")
+    rows = []
+    for k in range(4):
+        for c in read_jsonl(corpus / "clips.jsonl"):
+            rows.append({"id": f"{c['id']}#{k}", "path": str(corpus / c["path"]), "language": c["language"]})
+    for b in read_jsonl(corpus / "bad.jsonl")[:10]:
+        rows.append({"id": b["id"], "path": str(corpus / b["path"]), "expect": b["expect"]})
+    rows.append({"id": "long", "path": str(corpus / read_jsonl(corpus / "long.jsonl")[0]["path"])})
+    manifest = tmp / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    args = ["--model", str(tiny_model), "--batch-size", "1", "--flush-s", "0.3", "--no-progress",
+            "--max-failed-fraction", "0.5"]
+    ref = tmp / "reference"
+    p = start(["run", str(manifest), "--out", str(ref), *args])
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 3, out[-3000:]
+    return manifest, args, ref, len(rows)
+
+
+def test_sigkill_at_three_points_then_rerun_equals_uninterrupted(job, tmp_path):
+    manifest, args, ref, n = job
+    out = tmp_path / "out"
+    cmd = ["run", str(manifest), "--out", str(out), *args]
+    points = [
+        lambda: (out / "_work" / "manifest.parquet").exists(),  # started, nothing committed yet
+        lambda: committed(out) >= 40,  # a few parts in
+        lambda: committed(out) >= int(0.75 * n),  # most of the way
+    ]
+    seen = []
+    for point in points:
+        p = start(cmd)
+        wait_until(point, p)
+        kill_run(p)
+        seen.append(committed(out))
+        # what a reader sees after the kill is whole: every visible part reads, no file is doubled
+        ids = duckdb.connect().execute(f"select count(*), count(distinct file_id) from '{out}/files/*.parquet'").fetchone() \
+            if seen[-1] else (0, 0)
+        assert ids[0] == ids[1] == seen[-1]
+    assert seen[0] < seen[1] < seen[2] < n, seen
+    p = start(cmd)
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 3, log[-3000:]
+    assert f"{seen[2]} already done by an earlier run" in log
+    assert table(out, "files", ["file_id"]) == table(ref, "files", ["file_id"])
+    assert table(out, "segments", ["file_id", "segment_index"]) == table(ref, "segments", ["file_id", "segment_index"])
+    assert not list((out / "files").glob(".tmp-*")) and not list((out / "segments").glob(".tmp-*"))
+    assert (out / "_SUCCESS").exists()
+
+
+def test_killed_model_actor_is_replaced_and_readers_never_see_partial_files(job, tmp_path):
+    manifest, args, ref, n = job
+    out = tmp_path / "out"
+    errors: list[str] = []
+    reads = [0]
+    stop = threading.Event()
+
+    def reader() -> None:  # polls the output as an analyst would, reading every visible file
+        while not stop.is_set():
+            for sub in ("segments", "files"):
+                d = out / sub
+                for f in sorted(d.glob("*.parquet")) if d.exists() else []:
+                    try:
+                        pq.read_table(f)
+                        reads[0] += 1
+                    except FileNotFoundError:
+                        pass
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(f"{f.name}: {e}")
+            time.sleep(0.02)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    p = start(["run", str(manifest), "--out", str(out), *args])
+    try:
+        wait_until(lambda: committed(out) >= 20, p)
+        actors = [pid for pid in session_pids(p.pid)
+                  if "ModelStage" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        assert actors, "no model actor found"
+        for pid in actors:
+            os.kill(pid, signal.SIGKILL)
+        log, _ = p.communicate(timeout=900)
+    finally:
+        stop.set()
+        t.join()
+        if p.poll() is None:
+            kill_run(p)
+    assert p.returncode == 3, log[-3000:]
+    assert errors == []
+    assert reads[0] > 0
+    assert table(out, "files", ["file_id"]) == table(ref, "files", ["file_id"])
+    assert table(out, "segments", ["file_id", "segment_index"]) == table(ref, "segments", ["file_id", "segment_index"])
+
+
+def test_mostly_broken_inputs_stop_the_run(tmp_path, tiny_model, corpus):
+    clip = corpus / read_jsonl(corpus / "clips.jsonl")[0]["path"]
+    rows = [{"id": f"ok{i}", "path": str(clip)} for i in range(10)]
+    rows += [{"id": f"gone{i}", "path": f"/mnt/unmounted/{i}.wav"} for i in range(150)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = start(["run", str(manifest), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--no-progress"])
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 1, log[-3000:]
+    assert "--max-failed-fraction 0.1" in log and "not_found" in log
+    assert "Traceback" not in log
+    assert committed(tmp_path / "out") >= 100  # what finished is kept
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_input_root_confines_paths(tmp_path, tiny_model, corpus):
+    clip = corpus / read_jsonl(corpus / "clips.jsonl")[0]["path"]
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "in.wav").write_bytes(clip.read_bytes())
+    os.symlink(clip, root / "escape.wav")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "in", "path": str(root / "in.wav")}, {"id": "escape", "path": str(root / "escape.wav")},
+        {"id": "outside", "path": str(clip)}]))
+    p = start(["run", str(manifest), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--no-progress",
+               "--input-root", str(root)])
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 3, log
+    files = {r["file_id"]: r for r in pads.dataset(tmp_path / "out" / "files").to_table().to_pylist()}
+    assert files["in"]["status"] == "ok"
+    assert files["escape"]["error_kind"] == files["outside"]["error_kind"] == "outside_input_root"
