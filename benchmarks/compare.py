@@ -2,7 +2,8 @@
 
     python -m benchmarks.compare --corpus DIR --model DIR [--set clips|long|all] [--device cpu|cuda]
         [--limit N] [--systems krasr,card,chunked,faster-whisper] [--krasr-args "..."] [--repeat K]
-        [--gpu-util] [--write BENCHMARKS.md --section NAME] [--json OUT.json]
+        [--env KEY=VALUE ...] [--gpu-util] [--write BENCHMARKS.md --section NAME] [--json OUT.json]
+        [--work DIR]
 
 Systems, each run as a whole command in its own process (wall time = the whole command: interpreter start,
 imports, model load and transcription; for krasr-batch also the embedded Ray's start):
@@ -21,6 +22,11 @@ For each system: audio seconds (file headers), wall seconds (median of --repeat 
 A B C D A B C D ...), RTFx (audio s / wall s), its RTFx over krasr-batch's, and corpus-level WER/CER
 against the corpus references after krasr_batch.textnorm.normalize. ``--write FILE --section NAME``
 replaces the ``<!-- bench:NAME -->`` block of FILE (or appends one), so reruns refresh figures in place.
+
+On a CPU shared with other work, OpenMP's spinning threads (torch, CTranslate2) can slow a system many
+times over whenever another process holds a core; ``--env OMP_WAIT_POLICY=PASSIVE`` (set for every system,
+and shown in the report) or a quiet machine keeps the comparison about the systems. krasr-batch sizes its
+own model actor's torch threads (one core left to the segment tasks); the peers use every core.
 """
 
 from __future__ import annotations
@@ -282,6 +288,7 @@ class Context:
     work: Path
     krasr_args: list[str]
     gpu_util: bool
+    env: dict[str, str] = field(default_factory=dict)  # --env: set for every system's command
     ct2_model: str | None = None
     runs: int = 0
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
@@ -295,9 +302,13 @@ def prepare(system: str, ctx: Context) -> None:
     if missing:
         raise Skip(f"not installed ({', '.join(missing)}): pip install -e '.[bench]'")
     if ctx.device == "cuda":
-        import ctranslate2
+        try:
+            import ctranslate2
 
-        if ctranslate2.get_cuda_device_count() == 0:
+            gpus = ctranslate2.get_cuda_device_count()
+        except Exception as e:  # noqa: BLE001 - a broken CUDA setup is a reason to skip, not to stop
+            raise Skip(f"ctranslate2 cannot query CUDA: {e}") from e
+        if gpus == 0:
             raise Skip("ctranslate2 sees no CUDA device (CPU-only build, or CUDA 12 / cuDNN 9 libraries missing)")
     try:
         ctx.ct2_model = str(convert_to_ct2(ctx.model, str(ctx.work), ct2_quantization(ctx.device)))
@@ -343,6 +354,26 @@ def last_error_line(log_path: Path) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
+def nvidia_library_path() -> str:
+    """Folders of the CUDA libraries pip installed with torch (nvidia-cublas-cu12, nvidia-cudnn-cu12, ...).
+
+    CTranslate2's wheel loads cuBLAS and cuDNN from the library path, where pip's copies are not by default.
+    """
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    dirs = sorted(str(d) for root in roots for d in Path(root).glob("*/lib") if d.is_dir())
+    return os.pathsep.join(dirs)
+
+
+def command_env(system: str, ctx: Context) -> dict[str, str]:
+    """The environment of a system's command: ours, offline hub, --env, this repository importable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **ctx.env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if system == "faster-whisper" and ctx.device == "cuda":
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), nvidia_library_path()]))
+    return env
+
+
 def run_once(system: str, ctx: Context) -> RunResult:
     """Run ``system`` once as a whole command and time it; failures become a RunResult with ``error``."""
     ctx.runs += 1
@@ -350,8 +381,7 @@ def run_once(system: str, ctx: Context) -> RunResult:
     out.mkdir(parents=True)
     cmd = command(system, ctx, out / "out" if system == "krasr" else out)
     log.info("run %d: %s", ctx.runs, shlex.join(cmd))
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = command_env(system, ctx)
     sampler = GpuSampler() if ctx.gpu_util and ctx.device == "cuda" else None
     with open(out / "stderr.log", "w") as err, sampler or contextlib.nullcontext():
         t0 = time.perf_counter()
@@ -479,7 +509,7 @@ def metadata(a: argparse.Namespace, argv: list[str], items: list[dict], systems:
             text += f" (`{shlex.join(ctx.krasr_args)}`)"
         meta[f"settings {LABELS[s]}"] = text
     meta["versions"] = versions()
-    env = {k: os.environ[k] for k in ENV_SHOWN if os.environ.get(k)}
+    env = {**{k: os.environ[k] for k in ENV_SHOWN if os.environ.get(k)}, **ctx.env}
     if env:
         meta["environment"] = " ".join(f"{k}={v}" for k, v in env.items())
     meta["command"] = f"`python -m benchmarks.compare {shlex.join(argv)}`"
@@ -515,6 +545,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ",".join(SYSTEMS))
     ap.add_argument("--krasr-args", default="", help="extra arguments for `krasr-batch run`, one string")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each system, interleaved; the median wall counts")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set for every system's command (e.g. OMP_WAIT_POLICY=PASSIVE on a shared CPU); repeatable")
     ap.add_argument("--gpu-util", action="store_true", help="sample GPU utilization during each run (CUDA)")
     ap.add_argument("--write", help="Markdown file whose bench block to replace or append (e.g. BENCHMARKS.md)")
     ap.add_argument("--section", help="name of the bench block (with --write)")
@@ -530,7 +562,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--write and --section go together")
     if a.repeat < 1 or a.limit < 0:
         ap.error("--repeat must be at least 1 and --limit not negative")
+    bad_env = [e for e in a.env if "=" not in e or not e.split("=", 1)[0]]
+    if bad_env:
+        ap.error(f"--env wants KEY=VALUE, got {bad_env}")
     a.systems = systems
+    a.env = dict(e.split("=", 1) for e in a.env)
     return a
 
 
@@ -555,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="krasr-compare-"))
     try:
         ctx = Context(write_manifest(items, scratch / "manifest.jsonl"), str(Path(a.model).resolve()),
-                      resolve_device(a.device), scratch, Path(a.work), shlex.split(a.krasr_args), a.gpu_util)
+                      resolve_device(a.device), scratch, Path(a.work), shlex.split(a.krasr_args), a.gpu_util,
+                      a.env)
         results, skipped = run_all(a.systems, ctx, a.repeat)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -44,7 +44,7 @@ def _fail(message: str, code: int) -> None:
 @click.option("--no-token-limit", "no_token_limit", is_flag=True, default=None,
               help="Let generation run to the model's own limit instead of the card's duration-based max_new_tokens.")
 @click.option("--max-segment-s", type=click.FloatRange(1.0, 30.0), help="Longest model window in seconds (never above 30). [default: 30]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU, 4 on a CPU]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU, 1 on a CPU]")
 @click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
 @click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU, or one on a CPU-only cluster]")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")

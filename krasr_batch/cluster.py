@@ -65,6 +65,11 @@ class Placement:
     actors: int
     ray_args: dict[str, Any]  # num_gpus / num_cpus / resources for map_batches
     threads: int | None  # torch threads per CPU actor
+    segment_cpus: float = 1.0  # Ray CPUs each decode-and-segment task asks for
+
+
+MAX_CPU_ACTORS = 32
+SEGMENT_CPUS_ON_CPU_CLUSTER = 0.5  # decode + VAD is a small fraction of CPU decoding work
 
 
 def plan_placement(cluster: dict[str, float], nodes: list[dict[str, float]], device: str, actors: int,
@@ -73,8 +78,11 @@ def plan_placement(cluster: dict[str, float], nodes: list[dict[str, float]], dev
 
     - GPUs present (or ``device="cuda"``, e.g. an autoscaling GPU group still at zero): one actor per GPU,
       each with ``num_gpus=1``, so actors only land on GPU nodes; ``actors`` (>0) overrides the count.
-    - no GPUs: CPU actors; by default one, or one per unit of ``actor_resource``; each gets the CPUs of its
-      node shared out (minus one for the decode-and-segment tasks where the node has more than one).
+    - no GPUs: CPU actors; by default one single-threaded replica per CPU (up to 32), which measured
+      2.7x the throughput of one replica with two threads on a 2-core machine (beam search's small
+      matrices do not scale over threads; see BENCHMARKS.md). The actors' Ray CPUs are fractional so that
+      the manifest read and the decode-and-segment tasks (0.5 CPU each) always find room. With ``actor_resource``: one per unit,
+      each with the CPUs of its node shared out.
     - ``actor_resource``: each actor also needs one unit of that custom Ray resource, so actors land only on
       nodes started with it (``ray start --resources='{"asr": 1}'``).
     """
@@ -87,14 +95,16 @@ def plan_placement(cluster: dict[str, float], nodes: list[dict[str, float]], dev
         default = gpus if gpus > 0 else 1
         if actor_resource and units:
             default = min(default, units)
-        return Placement(True, actors or default, {"num_gpus": 1, "num_cpus": 1, **extra}, None)
+        return Placement(True, actors or default, {"num_gpus": 1, "num_cpus": 1, **extra}, None, 1.0)
     if actor_resource:
         n = actors or max(units, 1)
         hosts = [nd for nd in nodes if nd.get(actor_resource, 0) >= 1]
         # the smallest host decides: every actor must fit on any node that has the resource
         per_node = [max(1, int(nd.get("CPU", 1)) // max(1, min(int(nd[actor_resource]), n))) for nd in hosts]
         per_actor = min(per_node) if per_node else 1
-    else:
-        n = actors or 1
-        per_actor = max(1, (cpus - 1) // n) if cpus > n else 1
-    return Placement(False, n, {"num_cpus": per_actor, **extra}, per_actor)
+        return Placement(False, n, {"num_cpus": per_actor, **extra}, per_actor, SEGMENT_CPUS_ON_CPU_CLUSTER)
+    n = actors or max(1, min(cpus, MAX_CPU_ACTORS))
+    reserve = 1.0 if cpus <= 8 else cpus / 8  # room for the manifest read and the segment tasks
+    share = max(0.1, (cpus - reserve) / n)
+    return Placement(False, n, {"num_cpus": round(share, 3), **extra}, max(1, round(share)),
+                     SEGMENT_CPUS_ON_CPU_CLUSTER)

@@ -472,7 +472,7 @@ def _read_manifest(normalized: str, settings: RunSettings):
 
     if is_uri(normalized) or not settings.resources.address:
         fs, p = filesystem(normalized)
-        return ray.data.read_parquet(p, filesystem=fs)
+        return ray.data.read_parquet(p, filesystem=fs, num_cpus=0.25)  # a small file: never block the actors
     pf = pq.ParquetFile(normalized)
     return ray.data.from_arrow_refs([ray.put(pf.read_row_group(i)) for i in range(pf.num_row_groups)])
 
@@ -494,7 +494,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
-    batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 4) * 2
+    batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 1) * 2
     log.info("cluster: %d CPUs, %d GPUs; %d model actor(s) on %s with %s", cluster.get("CPU", 0),
              cluster.get("GPU", 0), actors, "GPU" if use_gpu else "CPU", stage_res)
 
@@ -502,7 +502,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     ds = ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK)
     ds = ds.flat_map(segment_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=dec.language,
-        input_root=res.input_root, token_limit=dec.token_limit), num_cpus=1)
+        input_root=res.input_root, token_limit=dec.token_limit), num_cpus=place.segment_cpus)
     stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
     ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors), **stage_res)

@@ -29,7 +29,7 @@ class DecodeOptions:
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.12
     token_limit: bool = True  # the card's duration-based max_new_tokens; False: the model's own limit
-    batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 4 on a CPU
+    batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 1 on a CPU
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
 
     def __post_init__(self) -> None:

@@ -80,6 +80,19 @@ def test_steady_mean_drops_start_and_end():
     assert compare.steady_mean([10.0, 20.0]) == 15.0
 
 
+def test_faster_whisper_without_tokenizer_is_skipped_with_reason(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    ctx = compare.Context(tmp_path / "m.jsonl", str(model), "cpu", tmp_path, tmp_path / "work", [], False)
+    with pytest.raises(compare.Skip, match="tokenizer.json|not installed"):
+        compare.prepare("faster-whisper", ctx)
+    rows = compare.build_rows(["faster-whisper"], {}, {"faster-whisper": "no tokenizer.json"},
+                              [{"id": "a", "duration_s": 2.0}])
+    assert rows[0].rtfx is None and rows[0].note == "skipped: no tokenizer.json"
+    assert "skipped: no tokenizer.json" in compare.render_table(rows)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("faster_whisper") is None, reason="faster-whisper not installed")
 def test_compare_faster_whisper_row(corpus, tiny_model, tmp_path, capsys):
     assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "2", "--systems",

@@ -72,9 +72,16 @@ def test_placement_follows_gpus_resources_and_flags():
     # an autoscaling GPU group still at zero: --device cuda asks for GPU actors, the autoscaler adds nodes
     p = plan_placement({"CPU": 0}, [{"CPU": 0}], "cuda", 4, None)
     assert p.use_gpu and p.actors == 4 and p.ray_args["num_gpus"] == 1
-    # CPU only: one actor with the CPUs but one; with a custom resource, one per unit, sized to its nodes
+    # CPU only: a single-threaded replica per CPU, leaving room for the segment tasks; --actors wins
     p = plan_placement({"CPU": 8}, [{"CPU": 8}], "auto", 0, None)
-    assert (p.use_gpu, p.actors, p.ray_args, p.threads) == (False, 1, {"num_cpus": 7}, 7)
+    assert (p.use_gpu, p.actors, p.ray_args, p.threads, p.segment_cpus) == (False, 8, {"num_cpus": 0.875}, 1, 0.5)
+    p = plan_placement({"CPU": 2}, [{"CPU": 2}], "auto", 0, None)
+    assert (p.actors, p.ray_args, p.threads) == (2, {"num_cpus": 0.5}, 1)
+    p = plan_placement({"CPU": 2}, [{"CPU": 2}], "auto", 1, None)
+    assert (p.actors, p.ray_args, p.threads) == (1, {"num_cpus": 1.0}, 1)
+    p = plan_placement({"CPU": 4}, [{"CPU": 4}], "auto", 1, None)
+    assert (p.actors, p.ray_args, p.threads) == (1, {"num_cpus": 3.0}, 3)
+    # with a custom resource, one per unit, sized to its nodes
     nodes = [{"CPU": 16}, {"CPU": 4, "asr": 2}, {"CPU": 8, "asr": 1}]
     p = plan_placement({"CPU": 28, "asr": 3}, nodes, "auto", 0, "asr")
     assert p.actors == 3 and p.ray_args == {"num_cpus": 2, "resources": {"asr": 1}}
