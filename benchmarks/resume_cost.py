@@ -76,9 +76,11 @@ def main() -> None:
     killed_s, _, decoded = run(cmd, kill_at=int(a.kill_at * n))
     done = committed(out)
     rerun_s, log, _ = run(cmd)
-    redone = (decoded - done) if decoded is not None else None
+    # the progress line is up to 2 s old at the kill, so it can trail the commits: clamp at zero
+    redone = max(0, decoded - done) if decoded is not None else None
+    m = re.search(r"(\d+) processed in this run", log)
     fig = {"files": n, "killed_after_s": round(killed_s, 1), "committed_at_kill": done, "decoded_at_kill": decoded,
-           "redone_files": redone, "redone_fraction": None if redone is None else round(redone / n, 3),
+           "redone_files": redone, "rerun_processed_files": int(m.group(1)) if m else None, "redone_fraction": None if redone is None else round(redone / n, 3),
            "uninterrupted_s": round(full_s, 1), "rerun_s": round(rerun_s, 1),
            "killed_plus_rerun_over_uninterrupted": round((killed_s + rerun_s) / full_s, 2)}
     print(json.dumps(fig, indent=2))

@@ -44,9 +44,15 @@ class DecodeReport:
     nonfinite_samples: int = 0
     gap_s: float = 0.0  # corrupt stretches replaced by silence
 
+    @property
+    def short(self) -> bool:
+        """Decoded noticeably less audio than the header declares."""
+        return self.declared_s is not None and \
+            self.decoded_s < self.declared_s - max(SHORT_TOLERANCE_S, 0.01 * self.declared_s)
+
     def warnings(self) -> list[str]:
         w = []
-        if self.declared_s is not None and self.decoded_s < self.declared_s - max(SHORT_TOLERANCE_S, 0.01 * self.declared_s):
+        if self.short:
             w.append(f"truncated: decoded {self.decoded_s:.2f} s of the {self.declared_s:.2f} s the header declares")
         if self.nonfinite_samples:
             w.append(f"{self.nonfinite_samples} NaN/inf samples replaced by silence")
@@ -88,15 +94,19 @@ def _check_object(uri: str) -> None:
     """The object-storage twin of the local checks: missing, a prefix rather than an object, empty."""
     from pyarrow.fs import FileType
 
-    from krasr_batch.storage import filesystem
+    from krasr_batch.storage import UnsupportedURI, filesystem
 
     try:
         fs, p = filesystem(uri)
         info = fs.get_file_info(p)
-    except OSError as e:
-        raise AudioError("unreadable", f"cannot reach {uri}: {e}") from e
+    except UnsupportedURI as e:
+        raise AudioError("unsupported_uri", f"{e}: {uri}") from e
+    except FileNotFoundError as e:
+        raise AudioError("not_found", f"no such object (or nothing serves it): {uri}") from e
+    except Exception as e:  # noqa: BLE001 - network errors come as OSError, aiohttp and fsspec errors
+        raise AudioError("unreachable", f"cannot reach {uri}: {e}") from e
     if info.type == FileType.NotFound:
-        raise AudioError("not_found", f"no such object: {uri}")
+        raise AudioError("not_found", f"no such object (or nothing serves it): {uri}")
     if info.type != FileType.File:
         raise AudioError("not_a_file", f"not an object (a prefix or directory): {uri}")
     if info.size == 0:
@@ -196,42 +206,62 @@ def _pyav_blocks(path: str, report: DecodeReport, block_s: float) -> Iterator[np
             pending_n, position = 0, 0  # position: samples emitted, at the source rate
             start_pts = None
             block = int(block_s * rate)
-            try:
-                for frame in container.decode(stream):
-                    arr = frame.to_ndarray()
-                    if arr.dtype.kind == "i":
-                        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-                    fmt = frame.format
-                    n_ch = len(frame.layout.channels)
-                    if fmt.is_planar:
-                        arr = arr.T  # (channels, n) -> (n, channels)
-                    else:
-                        arr = arr.reshape(-1, n_ch)
-                    mono = _mono(arr)
-                    if frame.pts is not None and frame.time_base is not None:
-                        at = int(round(float(frame.pts * frame.time_base) * rate))
-                        if start_pts is None:
-                            start_pts = at
-                        gap = at - start_pts - position
-                        if gap > int(0.05 * rate):  # frames were skipped: keep the timeline with silence
-                            report.gap_s += gap / rate
-                            pending.append(np.zeros(gap, np.float32))
-                            pending_n += gap
-                            position += gap
-                    pending.append(mono)
-                    pending_n += len(mono)
-                    position += len(mono)
-                    if pending_n >= block:
-                        yield np.concatenate(pending)
-                        pending, pending_n = [], 0
-            except av.error.FFmpegError as e:
-                if position == 0:
-                    raise AudioError("undecodable", f"cannot decode {path}: {e.strerror or type(e).__name__}") from e
-                log.warning("%s: decoding stopped early: %s", path, e)
+            bad_packets = 0
+            for frame in _frames(container, stream, path):
+                if frame is None:  # a packet the decoder rejected: skip it, the timeline is kept below
+                    bad_packets += 1
+                    if bad_packets > MAX_BAD_PACKETS and position == 0:
+                        raise AudioError("undecodable", f"cannot decode {path}: no valid audio packets")
+                    continue
+                arr = frame.to_ndarray()
+                if arr.dtype.kind == "i":
+                    arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+                n_ch = len(frame.layout.channels)
+                arr = arr.T if frame.format.is_planar else arr.reshape(-1, n_ch)  # -> (n, channels)
+                mono = _mono(arr)
+                if frame.pts is not None and frame.time_base is not None:
+                    at = int(round(float(frame.pts * frame.time_base) * rate))
+                    if start_pts is None:
+                        start_pts = at
+                    gap = at - start_pts - position
+                    if gap > int(0.05 * rate):  # frames were skipped: keep the timeline with silence
+                        report.gap_s += gap / rate
+                        pending.append(np.zeros(gap, np.float32))
+                        pending_n += gap
+                        position += gap
+                pending.append(mono)
+                pending_n += len(mono)
+                position += len(mono)
+                if pending_n >= block:
+                    yield np.concatenate(pending)
+                    pending, pending_n = [], 0
+            if position == 0 and bad_packets:
+                raise AudioError("undecodable", f"cannot decode {path}: every audio packet was rejected")
             if pending:
                 yield np.concatenate(pending)
     finally:
         fh.close()
+
+
+MAX_BAD_PACKETS = 50  # rejected packets before any audio: not an audio file after all
+
+
+def _frames(container, stream, path: str):
+    """Decoded frames of one stream, packet by packet; None for a packet the decoder rejects."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as e:
+            log.debug("%s: skipping a corrupt packet at %s: %s", path, packet.pts, e)
+            yield None
+            continue
+        yield from frames
+    try:  # flush the decoder
+        yield from stream.codec_context.decode(None)
+    except av.error.FFmpegError:
+        pass
 
 
 def iter_audio(path: str, report: DecodeReport | None = None, block_s: float = BLOCK_S,

@@ -49,6 +49,9 @@ def _fail(message: str, code: int) -> None:
 @click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU, or one on a CPU-only cluster]")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),
+              help="Model precision: auto is float16 on CUDA, float32 on CPU; int8 quantizes the linear layers "
+                   "(CPU only: faster, text may differ from the card's). [default: auto]")
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
               help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")

@@ -87,8 +87,12 @@ class WhisperDecoder:
 
         self.options = options
         self.device = resolve_device(device)
+        if options.dtype == "int8" and self.device != "cpu":
+            raise RuntimeError("--dtype int8 (dynamic quantization) runs on the CPU only; use float16 on a GPU")
         if options.dtype == "auto":
             self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        elif options.dtype == "int8":
+            self.dtype = torch.float32  # activations stay float32; the linear layers' weights become int8
         else:
             self.dtype = getattr(torch, options.dtype)
         t0 = time.perf_counter()
@@ -101,6 +105,10 @@ class WhisperDecoder:
             raise RuntimeError(f"cannot load the model {options.model!r}: {e}. Give --model a local folder "
                                "(transformers format, safetensors) or a hub id reachable from here.") from e
         self.model.to(self.device).eval()
+        if options.dtype == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.tokenizer = self.processor.tokenizer
         self.feature_extractor = self.processor.feature_extractor
         self.eos = self.model.generation_config.eos_token_id
@@ -147,21 +155,23 @@ class WhisperDecoder:
         if language is not None:
             kwargs["language"] = language
         with torch.inference_mode():
+            from transformers import LogitsProcessorList
+
             features = feats["input_features"].to(self.device, self.dtype)
             self._encoded = None
-            seqs = self.model.generate(
+            recorder = _StepRecorder(max(2, 2 * self.options.beams))
+            out = self.model.generate(
                 features, attention_mask=feats["attention_mask"].to(self.device), return_dict_in_generate=True,
-                **kwargs)
-            encoded, self._encoded = self._encoded, None  # kept by the hook: the rescoring pass reuses it
-            if not isinstance(seqs, torch.Tensor):
-                seqs = seqs["sequences"]
+                logits_processor=LogitsProcessorList([recorder]), **kwargs)
+            encoded, self._encoded = self._encoded, None  # kept by the hook for the no-speech step
+            seqs = out if isinstance(out, torch.Tensor) else out["sequences"]
             if seqs.shape[0] != len(audios) and len(audios) > 1:  # seen with random weights: decode one by one
                 log.warning("generate() returned %d rows for %d inputs; decoding them one at a time",
                             seqs.shape[0], len(audios))
                 return [r for a in audios for r in self._generate([a], language, limit)]
             rows = seqs.tolist()
             spans = [self._split(row) for row in rows]
-            signals = self._rescore(encoded, seqs, spans)
+            signals = self._signals(out, encoded, seqs, spans, recorder)
         decode_s = time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(seqs.cpu(), skip_special_tokens=True)
         results = []
@@ -171,7 +181,7 @@ class WhisperDecoder:
         return results
 
     def _keep_encoder_output(self, module, args, output) -> None:
-        """Forward hook: keep the encoder's output of the generate() call for the rescoring pass."""
+        """Forward hook: keep the encoder's output of the generate() call for the no-speech step."""
         self._encoded = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def _split(self, row: list[int]) -> tuple[int, int, bool, str]:
@@ -183,26 +193,57 @@ class WhisperDecoder:
         end = row.index(self.eos, k) if self.eos in row[k:] else len(row)
         return k, end, end < len(row), lang
 
-    def _rescore(self, encoded, seqs, spans) -> list[tuple[float | None, float | None]]:
-        """One teacher-forced decoder pass over the chosen sequences: Whisper's avg_logprob and no_speech_prob.
+    def _signals(self, out, encoded, seqs, spans, recorder: _StepRecorder) -> list[tuple[float | None, float | None]]:
+        """Whisper's avg_logprob and no_speech_prob for each output row, at almost no cost.
 
-        Costs one parallel decoder pass per batch: the encoder output of generate() is reused (kept by a
-        forward hook, so generate() runs exactly as the card's pipeline runs it).
+        avg_logprob: the mean log-probability of the text tokens and end-of-text as the decoder scored them
+        when it chose them (Whisper's own definition; the scores are after the card's logits processors, so a
+        repeated token carries the repetition penalty), looked up in what ``recorder`` kept of every step and
+        followed through beam search's ``beam_indices``. no_speech_prob: one decoder step at
+        <|startoftranscript|> over generate()'s own encoder output (kept by a forward hook).
         """
         import torch
 
-        if encoded is None or encoded.shape[0] != seqs.shape[0] or seqs.shape[1] < 2 or spans[0][0] == 0:
-            return [(None, None)] * len(spans)  # no prompt in the output, or no encoder output: nothing to anchor on
-        hidden = self.model.model.decoder(input_ids=seqs, encoder_hidden_states=encoded,
-                                          use_cache=False).last_hidden_state
-        out = []
-        for i, (start, end, ended, _) in enumerate(spans):
-            stop = min(end + 1, seqs.shape[1]) if ended else end  # the end-of-text token counts, as in Whisper
-            logits = self.model.proj_out(hidden[i, : stop - 1]).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            targets = seqs[i, start:stop]
-            avg = float(logp[start - 1:stop - 1].gather(1, targets[:, None]).sum() / max(1, len(targets))) \
-                if len(targets) else None
-            nsp = float(logp[0, self.no_speech_id].exp()) if self.no_speech_id is not None else None
-            out.append((avg, nsp))
-        return out
+        n = len(spans)
+        avg: list[float | None] = [None] * n
+        nsp: list[float | None] = [None] * n
+        prompt = spans[0][0]
+        if recorder.ids and prompt and all(sp[0] == prompt for sp in spans):
+            ids = torch.stack(recorder.ids)  # (steps, rows, k)
+            vals = torch.stack(recorder.values)
+            steps = ids.shape[0]
+            beams = getattr(out, "beam_indices", None) if not isinstance(out, torch.Tensor) else None
+            for b, (start, end, ended, _) in enumerate(spans):
+                m = min(end - start + (1 if ended else 0), steps)  # text tokens, and end-of-text when there
+                if m <= 0:
+                    continue
+                t = torch.arange(m, device=ids.device)
+                rows = beams[b, :m].to(ids.device) if beams is not None else torch.full_like(t, b)
+                if (rows < 0).any():
+                    continue
+                tokens = seqs[b, start:start + m].to(ids.device)
+                hit = ids[t, rows] == tokens[:, None]  # (m, k): the chosen token among the row's best k
+                if hit.any(dim=1).all():
+                    avg[b] = float((vals[t, rows] * hit).sum() / m)
+        if encoded is not None and self.no_speech_id is not None and encoded.shape[0] == seqs.shape[0]:
+            hidden = self.model.model.decoder(input_ids=seqs[:, :1], encoder_hidden_states=encoded,
+                                              use_cache=False).last_hidden_state
+            probs = torch.softmax(self.model.proj_out(hidden[:, 0]).float(), dim=-1)[:, self.no_speech_id]
+            nsp = [float(x) for x in probs.cpu()]
+        return list(zip(avg, nsp))
+
+
+class _StepRecorder:
+    """A logits processor (placed after the card's) that keeps, per decoding step and hypothesis, the k best
+    tokens and their processed log-probabilities; beam search only ever chooses among a row's 2*beams best."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.ids: list = []
+        self.values: list = []
+
+    def __call__(self, input_ids, scores):
+        v, i = scores.topk(self.k, dim=-1)
+        self.ids.append(i)
+        self.values.append(v)
+        return scores

@@ -503,9 +503,14 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     ds = ds.flat_map(segment_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=dec.language,
         input_root=res.input_root, token_limit=dec.token_limit), num_cpus=place.segment_cpus)
+    # blocks of one model batch, and at most two in flight per actor: a long recording's segments, or the
+    # first blocks that arrive while other replicas still load, spread over every actor instead of
+    # queueing behind one
+    ds = ds.repartition(target_num_rows_per_block=batch)
     stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
     ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=actors), **stage_res)
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+                        **stage_res)
     asm = Assembler(summary, stats)
     last_flush = time.perf_counter()
     try:

@@ -30,7 +30,7 @@ class DecodeOptions:
     repetition_penalty: float = 1.12
     token_limit: bool = True  # the card's duration-based max_new_tokens; False: the model's own limit
     batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 1 on a CPU
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; int8: dynamic int8 linear layers (CPU only)
 
     def __post_init__(self) -> None:
         if self.beams < 1:
@@ -43,8 +43,8 @@ class DecodeOptions:
             raise ValueError(f"batch_size must be >= 0, got {self.batch_size}")
         if self.task not in ("transcribe", "translate"):
             raise ValueError(f"task must be transcribe or translate, got {self.task!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
+            raise ValueError(f"dtype must be auto, float32, float16, bfloat16 or int8, got {self.dtype!r}")
         if not self.language:
             raise ValueError("language must not be empty (use 'auto' to let Whisper detect it)")
 
@@ -96,7 +96,6 @@ class RunSettings:
         """Hash of every setting that changes the output; a resumed run must match it."""
         d = dataclasses.asdict(self.decode)
         d.pop("batch_size")  # batching does not change what is decoded
-        d.pop("dtype")
         payload = json.dumps({"decode": d, "segment": dataclasses.asdict(self.segment)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -54,13 +54,24 @@ def _s3_options(bucket: str) -> dict:
     return kwargs
 
 
+class UnsupportedURI(ValueError):
+    """A URI scheme krasr-batch cannot read."""
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
     if scheme in ("s3", "s3a"):
         return pafs.S3FileSystem(**_s3_options(bucket))
     if scheme in ("gs", "gcs"):
         return pafs.GcsFileSystem()
-    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    if scheme in ("http", "https"):  # read-only audio on a web server, through fsspec's HTTP filesystem
+        import fsspec
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    except ValueError as e:  # pyarrow's ArrowInvalid: no filesystem for that scheme
+        raise UnsupportedURI(f"unsupported URI scheme {scheme}:// (use s3://, gs://, http(s):// or a path)") from e
     return fs
 
 
@@ -70,6 +81,8 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(path)
     scheme, _, rest = path.partition("://")
     bucket = rest.split("/", 1)[0]
+    if scheme.lower() in ("http", "https"):
+        return _filesystem(scheme.lower(), ""), path  # fsspec's HTTP filesystem takes whole URLs
     return _filesystem(scheme.lower(), bucket), rest
 
 

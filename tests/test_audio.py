@@ -138,3 +138,69 @@ def test_undecodable_inputs(corpus, name, kind):
     with pytest.raises(AudioError) as e:
         load_audio(str(corpus / "bad" / name))
     assert e.value.kind == kind
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_garbage_in_the_middle_of_a_compressed_stream(tmp_path, corpus, which):
+    """libsndfile gives up at the first corrupt MPEG frame; PyAV resyncs and keeps the timeline, flagged."""
+    import json
+    import random
+
+    from krasr_batch.segment import analyse
+    from krasr_batch.settings import SegmentOptions
+
+    rec = [json.loads(x) for x in (corpus / "long.jsonl").read_text().splitlines()][which]
+    data = bytearray((corpus / rec["path"]).read_bytes())
+    rng = random.Random(0)
+    mid = len(data) // 2
+    data[mid:mid + 20000] = bytes(rng.getrandbits(8) for _ in range(20000))
+    path = tmp_path / ("damaged" + os.path.splitext(rec["path"])[1])
+    path.write_bytes(bytes(data))
+    plan = analyse(str(path), SegmentOptions())
+    assert plan.duration_s > 0.95 * rec["duration_s"]  # the second half is not lost
+    assert plan.warnings and any("corrupt" in w or "truncated" in w for w in plan.warnings)
+    assert len(plan.segments) >= 5
+
+
+@pytest.mark.parametrize("uri, kind", [
+    ("http://127.0.0.1:9/nobody/serves/this.wav", "not_found"),
+    ("ftp://example.invalid/a.wav", "unsupported_uri"),
+])
+def test_urls_that_cannot_be_read(uri, kind):
+    with pytest.raises(AudioError) as e:
+        check_path(uri)
+    assert e.value.kind == kind and uri in str(e.value)
+
+
+def test_unreadable_permissions_as_an_ordinary_user(corpus):
+    """Root reads everything, so the check runs in a forked child that has become the 'nobody' user."""
+    import multiprocessing
+    import shutil
+    import tempfile
+
+    clip = corpus / "clips" / sorted(os.listdir(corpus / "clips"))[0]
+    folder = tempfile.mkdtemp(prefix="krasr-perm-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        secret = os.path.join(folder, "secret.wav")
+        shutil.copy(clip, secret)
+        os.chmod(secret, 0o200)  # write-only: nobody may read it
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+
+        def child() -> None:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                check_path(secret)
+                q.put("readable")
+            except AudioError as e:
+                q.put(e.kind)
+
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(30)
+        assert q.get(timeout=5) == "permission_denied"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

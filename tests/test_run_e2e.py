@@ -102,3 +102,18 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(corpus_run, tiny_model)
     assert sorted(p.name for p in (out / "files").iterdir()) == before
     r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--beams", "1"])
     assert r.returncode == 2 and "other model or decoding settings" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_eval_and_inspect_on_the_corpus_run(corpus_run):
+    _, out, rows, _ = corpus_run
+    r = run_cli(["eval", str(out), "--format", "json"])
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report["groups"]) >= {"kk", "ru", "mixed"}
+    with_ref = [x for x in rows if x.get("text")]
+    assert report["overall"]["files"] == len(with_ref)
+    assert sum(g["files"] for g in report["groups"].values()) == report["overall"]["files"]
+    table = run_cli(["eval", str(out)])
+    assert table.returncode == 0 and all(k in table.stdout for k in ("kk", "ru", "mixed", "WER"))
+    inspect = run_cli(["inspect", str(out)])
+    assert inspect.returncode == 0 and "undecodable" in inspect.stdout
