@@ -19,7 +19,6 @@ import shutil
 import socket
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -535,7 +534,3 @@ def _check_failures(stats: RunStats, max_fraction: float, min_files: int) -> Non
             f"{stats.files_failed} of the first {stats.files_done} files failed "
             f"(more than --max-failed-fraction {max_fraction:g}); causes: {kinds}. Is a mount or bucket missing? "
             "Finished files are kept; rerun the same command to continue.")
-
-
-def format_traceback(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from krasr_batch.storage import filesystem, is_uri, join
+from krasr_batch.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +211,3 @@ def clear_output(layout: OutputLayout) -> None:
             fs.delete_file(fp)
         except (FileNotFoundError, OSError):
             pass
-
-
-def local_path_or_uri(path: str) -> str:
-    return path if is_uri(path) else os.path.abspath(path)
