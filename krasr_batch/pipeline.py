@@ -45,7 +45,7 @@ from krasr_batch.sink import (
     write_bytes_atomic,
     write_run_json,
 )
-from krasr_batch.storage import join
+from krasr_batch.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +370,6 @@ def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, 
                 f"(model {prev.get('settings', {}).get('decode', {}).get('model')!r}). "
                 "Use another --out, or --overwrite to replace it.")
         return
-    from krasr_batch.sink import filesystem
-
     fs, p = filesystem(layout.work)
     fs.create_dir(p, recursive=True)
     write_bytes_atomic(json.dumps({"fingerprint": fingerprint, "manifest": manifest,
@@ -391,9 +389,6 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     layout = OutputLayout(out)
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
-    from krasr_batch.sink import filesystem
-
-    work_fs, work_p = filesystem(layout.work)
     normalized = join(layout.work, "manifest.parquet")
     local_norm = normalized if "://" not in normalized else None
     if local_norm is None:
@@ -445,8 +440,6 @@ def _tally_output(layout: OutputLayout, stats: RunStats) -> None:
     """Count ok and failed files over the whole ``files/`` table, earlier runs included."""
     import pyarrow.dataset as pads
 
-    from krasr_batch.sink import filesystem
-
     fs, p = filesystem(layout.files)
     t = pads.dataset(p, filesystem=fs, format="parquet").to_table(columns=["file_id", "status", "error_kind"])
     for fid, status, kind in zip(*(t.column(c).to_pylist() for c in ("file_id", "status", "error_kind"))):
@@ -467,7 +460,7 @@ def _read_manifest(normalized: str, settings: RunSettings):
     import pyarrow.parquet as pq
     import ray
 
-    from krasr_batch.storage import filesystem, is_uri
+    from krasr_batch.storage import is_uri
 
     if is_uri(normalized) or not settings.resources.address:
         fs, p = filesystem(normalized)
