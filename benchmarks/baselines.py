@@ -9,7 +9,7 @@ chunk_length_s=30 and batch_size=16 (chunks of many files batched together), the
 and max_new_tokens=128; one call per language, since a call takes one set of generate_kwargs.
 
 faster_whisper_usage: faster-whisper's BatchedInferencePipeline (Silero VAD chunks of at most 30 s, batched)
-on the same weights converted to CTranslate2 (convert_to_ct2), with the card's decoding settings.
+on the same weights converted to CTranslate2 (krasr_batch.engine_ct2.converted_model), with the card's decoding settings.
 
 Each peer also runs as a whole command, which is how benchmarks.compare times it:
 
@@ -22,14 +22,10 @@ MANIFEST is JSON Lines ({id, path, language?}); for faster-whisper, --model is t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -131,74 +127,6 @@ def chunked_pipeline(items: list[dict], model: str, device: str = "cpu", beams: 
 def ct2_quantization(device: str) -> str:
     """The CTranslate2 weight type the comparison uses: float16 on a GPU (as krasr-batch), float32 on a CPU."""
     return "float16" if device == "cuda" else "float32"
-
-
-def ct2_converter() -> list[str]:
-    """The command that converts a transformers checkpoint to CTranslate2 (ships with the ctranslate2 package)."""
-    beside = Path(sys.executable).parent / "ct2-transformers-converter"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("ct2-transformers-converter")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from ctranslate2.converters.transformers import main; main()"]
-
-
-def _feature_extractor_config(model: Path) -> dict | None:
-    """The feature extractor's settings (faster-whisper reads n_mels from them), from either config file."""
-    pre = model / "preprocessor_config.json"
-    if pre.exists():
-        return json.loads(pre.read_text())
-    proc = model / "processor_config.json"
-    if proc.exists():
-        return json.loads(proc.read_text()).get("feature_extractor")
-    return None
-
-
-def _ct2_cache_key(model: Path, quantization: str) -> str:
-    """A folder name that changes when the checkpoint's weights or config change."""
-    h = hashlib.sha1(str(model.resolve()).encode())
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        f = model / name
-        if f.exists():
-            st = f.stat()
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return f"{model.name}-{h.hexdigest()[:12]}-{quantization}"
-
-
-def convert_to_ct2(model: str, work: str, quantization: str = "float32") -> Path:
-    """Convert a local transformers Whisper folder to CTranslate2 under ``work`` (cached); returns the folder.
-
-    Runs ``ct2-transformers-converter --model MODEL --output_dir OUT --quantization Q --copy_files
-    tokenizer.json``; the model folder must hold the tokenizer files (tokenizer.json at least: the converter
-    loads the vocabulary from them and faster-whisper reads tokenizer.json beside model.bin).
-    """
-    src = Path(model)
-    if not (src / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{src} has no tokenizer.json: the CTranslate2 converter and faster-whisper need it")
-    dest = Path(work) / "ct2" / _ct2_cache_key(src, quantization)
-    if (dest / "model.bin").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
-    cmd = [*ct2_converter(), "--model", str(src), "--output_dir", str(tmp / "out"), "--quantization", quantization,
-           "--copy_files", "tokenizer.json"]
-    log.info("converting to CTranslate2: %s", " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"ct2-transformers-converter failed: {_last_line(r.stderr)}")
-    fe = _feature_extractor_config(src)
-    if fe is not None:
-        (tmp / "out" / "preprocessor_config.json").write_text(json.dumps(fe, indent=1))
-    (tmp / "out").rename(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _last_line(text: str) -> str:
-    lines = [x for x in (text or "").splitlines() if x.strip()]
-    return lines[-1].strip() if lines else "(no output)"
 
 
 def whisper_language(item: dict, default_language: str = "kazakh") -> str:

@@ -1,7 +1,7 @@
 """Throughput and accuracy of krasr-batch against its peers, back to back on one corpus and one model.
 
     python -m benchmarks.compare --corpus DIR --model DIR [--set clips|long|all] [--device cpu|cuda]
-        [--limit N] [--systems krasr,card,chunked,faster-whisper] [--krasr-args "..."] [--repeat K]
+        [--limit N] [--systems krasr,krasr-tf,card,chunked,faster-whisper] [--krasr-args "..."] [--repeat K]
         [--env KEY=VALUE ...] [--gpu-util] [--write BENCHMARKS.md --section NAME] [--json OUT.json]
         [--work DIR]
 
@@ -10,6 +10,8 @@ imports, model load and transcription; for krasr-batch also the embedded Ray's s
 
 - ``krasr``: ``python -m krasr_batch run MANIFEST --out TMP --model M --no-progress [--device D] ...``;
   texts read from TMP/files.
+- ``krasr-tf``: the same with ``--engine transformers`` last, to set krasr-batch's two engines side by side
+  when --krasr-args picks ``--engine ctranslate2``.
 - ``card``: the model card's usage, the transformers ASR pipeline one file at a time
   (benchmarks.baselines.card_usage).
 - ``chunked``: the insanely-fast-whisper recipe: one pipeline call per language over the list of files,
@@ -55,15 +57,17 @@ from pathlib import Path
 
 import jiwer
 
-from benchmarks.baselines import PEER_BATCH_SIZE, audio_duration_s, convert_to_ct2, ct2_quantization
+from benchmarks.baselines import PEER_BATCH_SIZE, audio_duration_s, ct2_quantization
 from krasr_batch.textnorm import normalize
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("krasr", "card", "chunked", "faster-whisper")
+SYSTEMS = ("krasr", "krasr-tf", "card", "chunked", "faster-whisper")
+KRASR_SYSTEMS = ("krasr", "krasr-tf")
 LABELS = {
     "krasr": "krasr-batch",
+    "krasr-tf": "krasr-batch, transformers engine",
     "card": "card usage (pipeline, file by file)",
     "chunked": f"pipeline chunked + batched (bs {PEER_BATCH_SIZE})",
     "faster-whisper": f"faster-whisper batched (bs {PEER_BATCH_SIZE})",
@@ -71,6 +75,7 @@ LABELS = {
 SETTINGS = {
     "krasr": "`krasr-batch run` defaults (VAD windows ≤30 s at pauses, card's token-limit table, batches of "
              "one language and limit), plus --krasr-args",
+    "krasr-tf": "as krasr-batch, with `--engine transformers` after --krasr-args (the card's own generate() call)",
     "card": "transformers pipeline per file; task=transcribe, language per file, num_beams=3, "
             "no_repeat_ngram_size=4, repetition_penalty=1.12, card's duration-based max_new_tokens; "
             "chunk_length_s=30 past 30 s",
@@ -310,18 +315,21 @@ def prepare(system: str, ctx: Context) -> None:
             raise Skip(f"ctranslate2 cannot query CUDA: {e}") from e
         if gpus == 0:
             raise Skip("ctranslate2 sees no CUDA device (CPU-only build, or CUDA 12 / cuDNN 9 libraries missing)")
+    from krasr_batch.engine_ct2 import converted_model
+
     try:
-        ctx.ct2_model = str(convert_to_ct2(ctx.model, str(ctx.work), ct2_quantization(ctx.device)))
+        ctx.ct2_model = str(converted_model(ctx.model, ctx.work / "ct2", ct2_quantization(ctx.device)))
     except (OSError, RuntimeError) as e:
         raise Skip(f"conversion to CTranslate2 failed: {e}") from e
 
 
 def command(system: str, ctx: Context, out: Path) -> list[str]:
     """The whole command that one run of ``system`` times, writing what it produces under ``out``."""
-    if system == "krasr":
+    if system in KRASR_SYSTEMS:
         device = ["--device", ctx.device] if ctx.device else []
+        engine = ["--engine", "transformers"] if system == "krasr-tf" else []
         return [sys.executable, "-m", "krasr_batch", "run", str(ctx.manifest), "--out", str(out),
-                "--model", ctx.model, "--no-progress", *device, *ctx.krasr_args]
+                "--model", ctx.model, "--no-progress", *device, *ctx.krasr_args, *engine]
     model = ctx.ct2_model if system == "faster-whisper" else ctx.model
     return [sys.executable, "-m", "benchmarks.baselines", system, str(ctx.manifest), "--model", str(model),
             "--device", ctx.device, "--result", str(out / "result.json")]
@@ -329,7 +337,7 @@ def command(system: str, ctx: Context, out: Path) -> list[str]:
 
 def collect(system: str, out: Path) -> tuple[dict[str, str], float | None, int]:
     """(texts by id, the system's own wall seconds, failed files) from what a run left under ``out``."""
-    if system == "krasr":
+    if system in KRASR_SYSTEMS:
         import pyarrow.dataset as pads
 
         rows = pads.dataset(str(out / "files"), format="parquet").to_table(
@@ -379,7 +387,8 @@ def run_once(system: str, ctx: Context) -> RunResult:
     ctx.runs += 1
     out = ctx.scratch / f"{ctx.runs:03d}-{system}"
     out.mkdir(parents=True)
-    cmd = command(system, ctx, out / "out" if system == "krasr" else out)
+    krasr = system in KRASR_SYSTEMS
+    cmd = command(system, ctx, out / "out" if krasr else out)
     log.info("run %d: %s", ctx.runs, shlex.join(cmd))
     env = command_env(system, ctx)
     sampler = GpuSampler() if ctx.gpu_util and ctx.device == "cuda" else None
@@ -388,9 +397,9 @@ def run_once(system: str, ctx: Context) -> RunResult:
         rc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
         wall = time.perf_counter() - t0
     gpu = sampler.mean() if sampler else None
-    if rc not in (0, 3) or (system == "krasr" and not (out / "out" / "files").exists()):
+    if rc not in (0, 3) or (krasr and not (out / "out" / "files").exists()):
         return RunResult(wall, gpu_util=gpu, error=f"exit {rc}: {last_error_line(out / 'stderr.log')}")
-    texts, inner, failed = collect(system, out / "out" if system == "krasr" else out)
+    texts, inner, failed = collect(system, out / "out" if krasr else out)
     log.info("run %d: %s took %.1f s", ctx.runs, system, wall)
     return RunResult(wall, inner, texts, failed, gpu)
 
@@ -505,7 +514,7 @@ def metadata(a: argparse.Namespace, argv: list[str], items: list[dict], systems:
                             f"{int(STEADY_TRIM * 100)} % of each run")
     for s in systems:
         text = SETTINGS[s].replace("{quantization}", ct2_quantization(ctx.device))
-        if s == "krasr" and ctx.krasr_args:
+        if s in KRASR_SYSTEMS and ctx.krasr_args:
             text += f" (`{shlex.join(ctx.krasr_args)}`)"
         meta[f"settings {LABELS[s]}"] = text
     meta["versions"] = versions()

@@ -51,7 +51,11 @@ def _fail(message: str, code: int) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),
               help="Model precision: auto is float16 on CUDA, float32 on CPU; int8 quantizes the linear layers "
-                   "(CPU only: faster, text may differ from the card's). [default: auto]")
+                   "(faster, text may differ from the card's). [default: auto]")
+@click.option("--engine", type=click.Choice(["transformers", "ctranslate2"]),
+              help="transformers: the model card's own generate() call. ctranslate2: the same weights converted "
+                   "once to CTranslate2 (cached), the same settings; several times faster on a CPU, text may "
+                   "differ from the card's (needs the ctranslate2 package). [default: transformers]")
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
               help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")
@@ -65,7 +69,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     Rerunning the same command with the same --out continues where the last run stopped.
     """
     from krasr_batch.manifest import ManifestError
-    from krasr_batch.pipeline import RunAborted, SettingsMismatch
+    from krasr_batch.pipeline import ModelUnavailable, RunAborted, SettingsMismatch
     from krasr_batch.pipeline import run as run_pipeline
 
     options: dict[str, Any] = {}
@@ -93,7 +97,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress)
     except ManifestError as e:
         _fail(str(e), EXIT_USAGE)
-    except SettingsMismatch as e:
+    except (SettingsMismatch, ModelUnavailable) as e:
         _fail(str(e), EXIT_USAGE)
     except RunAborted as e:
         _fail(str(e), EXIT_FAILED_RUN)

@@ -8,6 +8,7 @@ generate() settings, and the card's duration-based ``max_new_tokens``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -58,6 +59,12 @@ class SegmentOutput:
     no_speech_prob: float | None = None  # probability of <|nospeech|> right after <|startoftranscript|>
 
 
+def model_error(model: str, cause: Exception) -> RuntimeError:
+    reason = str(cause).strip().rstrip(".")
+    return RuntimeError(f"cannot load the model {model!r}: {reason}. Give --model a local folder "
+                        "(transformers format, safetensors) or a hub id reachable from here.")
+
+
 def language_code(language: str | None) -> str:
     """Whisper's code for a language name or code ("kazakh" -> "kk"); "" when unknown."""
     from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
@@ -78,53 +85,40 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-class WhisperDecoder:
-    """One model replica. Load once, then ``decode(inputs)`` any number of segments."""
+class _Decoder:
+    """What every engine shares: the card's token limits, grouping segments into batches, the tokenizer and
+    feature extractor of the model folder, and its language tokens."""
 
-    def __init__(self, options: DecodeOptions, device: str = "auto"):
-        import torch
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    engine = ""
 
+    def __init__(self, options: DecodeOptions, device: str):
         self.options = options
-        self.device = resolve_device(device)
-        if options.dtype == "int8" and self.device != "cpu":
-            raise RuntimeError("--dtype int8 (dynamic quantization) runs on the CPU only; use float16 on a GPU")
-        if options.dtype == "auto":
-            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        elif options.dtype == "int8":
-            self.dtype = torch.float32  # activations stay float32; the linear layers' weights become int8
-        else:
-            self.dtype = getattr(torch, options.dtype)
-        t0 = time.perf_counter()
-        try:
-            self.processor = WhisperProcessor.from_pretrained(options.model)
-            self.model = WhisperForConditionalGeneration.from_pretrained(
-                options.model, dtype=self.dtype, attn_implementation="sdpa", use_safetensors=True,
-                trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"cannot load the model {options.model!r}: {e}. Give --model a local folder "
-                               "(transformers format, safetensors) or a hub id reachable from here.") from e
-        self.model.to(self.device).eval()
-        if options.dtype == "int8":
-            from torch.ao.quantization import quantize_dynamic
+        self.device = device
+        self.batch_size = 1
+        self.load_s = 0.0
 
-            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+    def _load_processor(self) -> None:
+        """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id)."""
+        from transformers import GenerationConfig, WhisperProcessor
+
+        model = self.options.model
+        if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise RuntimeError(f"cannot load the model {model!r}: no such folder")
+        try:
+            self.processor = WhisperProcessor.from_pretrained(model)
+            gc = GenerationConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise model_error(model, e) from e
         self.tokenizer = self.processor.tokenizer
         self.feature_extractor = self.processor.feature_extractor
-        self.eos = self.model.generation_config.eos_token_id
-        self.lang_by_token = {v: k[2:-2] for k, v in (getattr(self.model.generation_config, "lang_to_id", None) or {}).items()}
-        gc = self.model.generation_config
+        self.generation_config = gc
+        self.eos = gc.eos_token_id
+        self.lang_by_token = {v: k[2:-2] for k, v in (getattr(gc, "lang_to_id", None) or {}).items()}
+        self.task_ids = dict(getattr(gc, "task_to_id", None) or {})
         self.prompt_ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None),
-                           *self.lang_by_token, *(getattr(gc, "task_to_id", None) or {}).values()} - {None}
-        self._encoded = None
-        self.model.model.encoder.register_forward_hook(self._keep_encoder_output)
+                           *self.lang_by_token, *self.task_ids.values()} - {None}
         no_speech = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
         self.no_speech_id = next((t for t in no_speech if t is not None and t != self.tokenizer.unk_token_id), None)
-        # on a CPU, batching beam search measured no gain (1 thread, whisper-base: 41.3 s for 16 clips one by
-        # one, 44.6 s in fours), so CPU replicas decode one segment at a time; GPUs want wide batches
-        self.batch_size = options.batch_size or (16 if self.device == "cuda" else 1)
-        self.load_s = time.perf_counter() - t0
-        log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
 
     def limit_for(self, duration_s: float) -> int:
         return max_new_tokens_for(duration_s) if self.options.token_limit else MODEL_MAX_NEW_TOKENS
@@ -142,13 +136,90 @@ class WhisperDecoder:
                     out[i] = r
         return out  # type: ignore[return-value]
 
+    def _features(self, audios: list[np.ndarray], tensors: str):
+        """Whisper's log-mel features of each segment, padded to 30 s, as the card's pipeline computes them."""
+        return self.feature_extractor(
+            [a if len(a) else np.zeros(1, np.float32) for a in audios], sampling_rate=SAMPLE_RATE,
+            return_tensors=tensors, return_attention_mask=True)
+
+    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+        raise NotImplementedError
+
+
+def check_model(options: DecodeOptions) -> None:
+    """Fail fast, in the driver, with one clear RuntimeError when ``options.model`` cannot be used: its
+    tokenizer, feature extractor and generation config load, a local folder holds safetensors weights, and
+    the CTranslate2 engine has its converted copy (converted here once, so replicas find it cached)."""
+    from pathlib import Path
+
+    local = Path(options.model).expanduser()
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise RuntimeError(f"cannot load the model {options.model!r}: the folder holds no .safetensors weights "
+                           "(krasr-batch loads safetensors only)")
+    _Decoder(options, "cpu")._load_processor()
+    if options.engine == "ctranslate2":
+        from krasr_batch.engine_ct2 import converted_model
+
+        converted_model(options.model)
+
+
+def load_decoder(options: DecodeOptions, device: str = "auto", threads: int | None = None) -> _Decoder:
+    """One model replica of ``options.engine``; ``threads``: CPU threads it may use (None: the engine's default)."""
+    if options.engine == "ctranslate2":
+        from krasr_batch.engine_ct2 import CTranslate2Decoder
+
+        return CTranslate2Decoder(options, device, threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return WhisperDecoder(options, device)
+
+
+class WhisperDecoder(_Decoder):
+    """The transformers engine: one model replica, the card's very call. Load once, then ``decode(inputs)``."""
+
+    engine = "transformers"
+
+    def __init__(self, options: DecodeOptions, device: str = "auto"):
+        import torch
+        from transformers import WhisperForConditionalGeneration
+
+        super().__init__(options, resolve_device(device))
+        if options.dtype == "int8" and self.device != "cpu":
+            raise RuntimeError("--dtype int8 (dynamic quantization) runs on the CPU only; use float16 on a GPU")
+        if options.dtype == "auto":
+            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        elif options.dtype == "int8":
+            self.dtype = torch.float32  # activations stay float32; the linear layers' weights become int8
+        else:
+            self.dtype = getattr(torch, options.dtype)
+        t0 = time.perf_counter()
+        self._load_processor()
+        try:
+            self.model = WhisperForConditionalGeneration.from_pretrained(
+                options.model, dtype=self.dtype, attn_implementation="sdpa", use_safetensors=True,
+                trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise model_error(options.model, e) from e
+        self.model.to(self.device).eval()
+        if options.dtype == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._encoded = None
+        self.model.model.encoder.register_forward_hook(self._keep_encoder_output)
+        # on a CPU, batching beam search measured no gain (1 thread, whisper-base: 41.3 s for 16 clips one by
+        # one, 44.6 s in fours), so CPU replicas decode one segment at a time; GPUs want wide batches
+        self.batch_size = options.batch_size or (16 if self.device == "cuda" else 1)
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
+
     def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
         import torch
 
         t0 = time.perf_counter()
-        feats = self.feature_extractor(
-            [a if len(a) else np.zeros(1, np.float32) for a in audios], sampling_rate=SAMPLE_RATE,
-            return_tensors="pt", return_attention_mask=True)
+        feats = self._features(audios, "pt")
         kwargs = dict(task=self.options.task, num_beams=self.options.beams,
                       no_repeat_ngram_size=self.options.no_repeat_ngram_size,
                       repetition_penalty=self.options.repetition_penalty, max_new_tokens=limit)

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from krasr_batch import __version__
 from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
-from krasr_batch.decode import SegmentInput, WhisperDecoder, max_new_tokens_for
+from krasr_batch.decode import SegmentInput, check_model, load_decoder, max_new_tokens_for
 from krasr_batch.manifest import ManifestSummary, convert_extra, normalize_manifest
 from krasr_batch.quality import compression_ratio
 from krasr_batch.quality import suspect as is_suspect
@@ -54,6 +54,10 @@ ROWS_PER_SEGMENT_TASK = 4  # files per decode-and-segment block
 
 class SettingsMismatch(RuntimeError):
     pass
+
+
+class ModelUnavailable(RuntimeError):
+    """--model cannot be loaded (or converted) here."""
 
 
 class RunAborted(RuntimeError):
@@ -111,11 +115,7 @@ class ModelStage:
     """Ray Data callable class: one model replica per actor; decodes the segment rows of each batch."""
 
     def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.decoder = WhisperDecoder(options, device)
+        self.decoder = load_decoder(options, device, threads)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{self.decoder.device}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -348,7 +348,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"krasr-batch": __version__, "python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "ray", "silero-vad", "onnxruntime", "soundfile", "soxr", "av", "pyarrow"):
+    for pkg in ("torch", "transformers", "ctranslate2", "ray", "silero-vad", "onnxruntime", "soundfile", "soxr", "av", "pyarrow"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -380,12 +380,17 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
         progress_stream=None) -> RunStats:
     """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
 
-    Raises ManifestError before any work for a bad manifest, SettingsMismatch for an ``out`` made with
-    other settings, RunAborted when too many files fail.
+    Raises ModelUnavailable (local runs) or ManifestError before any work for a model that does not load or a
+    bad manifest, SettingsMismatch for an ``out`` made with other settings, RunAborted when too many files fail.
     """
     import ray
 
     t0 = time.perf_counter()
+    if not settings.resources.address:  # on a cluster the nodes load the model; here it must load before any work
+        try:
+            check_model(settings.decode)
+        except RuntimeError as e:
+            raise ModelUnavailable(str(e)) from e
     layout = OutputLayout(out)
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)

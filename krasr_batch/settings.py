@@ -16,6 +16,7 @@ import yaml
 
 DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
 MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
+ENGINES = ("transformers", "ctranslate2")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class DecodeOptions:
     repetition_penalty: float = 1.12
     token_limit: bool = True  # the card's duration-based max_new_tokens; False: the model's own limit
     batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 1 on a CPU
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; int8: dynamic int8 linear layers (CPU only)
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; int8: int8 linear layers
+    engine: str = "transformers"  # transformers: the card's own call; ctranslate2: the same weights, converted
 
     def __post_init__(self) -> None:
         if self.beams < 1:
@@ -45,6 +47,8 @@ class DecodeOptions:
             raise ValueError(f"task must be transcribe or translate, got {self.task!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise ValueError(f"dtype must be auto, float32, float16, bfloat16 or int8, got {self.dtype!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not self.language:
             raise ValueError("language must not be empty (use 'auto' to let Whisper detect it)")
 
@@ -96,6 +100,8 @@ class RunSettings:
         """Hash of every setting that changes the output; a resumed run must match it."""
         d = dataclasses.asdict(self.decode)
         d.pop("batch_size")  # batching does not change what is decoded
+        if d["engine"] == "transformers":
+            d.pop("engine")  # the fingerprint of runs made before there was a choice of engine
         payload = json.dumps({"decode": d, "segment": dataclasses.asdict(self.segment)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -114,6 +120,7 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "token_limit": ("decode", "token_limit"),
     "batch_size": ("decode", "batch_size"),
     "dtype": ("decode", "dtype"),
+    "engine": ("decode", "engine"),
     "max_segment_s": ("segment", "max_segment_s"),
     "vad_threshold": ("segment", "vad_threshold"),
     "speech_pad_ms": ("segment", "speech_pad_ms"),

@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KRASR_SHARED", REPO.parent / "shared"))
 CACHE = Path(os.environ.get("KRASR_TEST_CACHE", Path.home() / ".cache" / "krasr-batch-test"))
+os.environ.setdefault("KRASR_BATCH_CACHE", str(CACHE / "krasr-batch"))  # CTranslate2 conversions of the test models
 
 
 def _build_model(variant: str) -> Path:

@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from krasr_batch.decode import MODEL_MAX_NEW_TOKENS, SegmentInput, WhisperDecoder, language_code, max_new_tokens_for
-from krasr_batch.settings import DecodeOptions
+from krasr_batch.settings import DecodeOptions, build_settings, load_preset
 
 
 @pytest.mark.parametrize("duration, limit", [
@@ -49,3 +51,15 @@ def test_decoder_groups_by_limit_and_language(tiny_model):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="cannot load the model"):
         WhisperDecoder(DecodeOptions(model=str(tmp_path / "nope")), device="cpu")
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_job_preset_builds_settings(preset):
+    options = load_preset(preset)
+    options.pop("manifest", None)
+    options.pop("out", None)
+    settings = build_settings(options)
+    assert settings.decode.beams == 3 and settings.decode.repetition_penalty == 1.12
+    if preset.name == "cpu.yaml":
+        assert settings.decode.engine == "ctranslate2" and settings.resources.device == "cpu"

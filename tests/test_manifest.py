@@ -95,9 +95,9 @@ def test_large_manifest_streams(tmp_path):
     assert pq.ParquetFile(tmp_path / "n.parquet").metadata.num_rows == n
 
 
-def test_cli_reports_bad_manifest_without_traceback(tmp_path):
+def test_cli_reports_bad_manifest_without_traceback(tmp_path, tiny_model):
     m = write(tmp_path, ['{"path": "a.wav"}', '{"path": "a.wav"}'])
-    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", "/nonexistent"])
+    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model)])
     assert r.returncode == 2
     assert f"{m}, line 2: duplicate id 'a.wav' (first on line 1)" in r.stderr
     assert "Traceback" not in r.stderr

@@ -1,0 +1,239 @@
+"""The CTranslate2 engine (``--engine ctranslate2``): the same Whisper weights, converted once, decoded by
+CTranslate2 with the card's settings.
+
+Why: on a CPU, transformers' ``generate()`` spends most of a segment's time outside the model's matrices
+(beam bookkeeping, logits processors, cache copies; see BENCHMARKS.md). CTranslate2 runs the same beam
+search in C++ (the runtime behind faster-whisper and WhisperX).
+
+What stays the card's: the weights (converted from the model folder's safetensors, float32 as stored), the
+log-mel features (the model's own WhisperFeatureExtractor), the prompt (<|startoftranscript|> <|lang|>
+<|transcribe|> <|notimestamps|>), beams, no_repeat_ngram_size, repetition_penalty, the suppressed tokens of
+the model's generation config, and the duration-based token limit, exactly.
+
+What differs, so the text can differ on uncertain audio: CTranslate2 applies the repetition penalty to the
+logits (transformers applies it to the log-probabilities), and its beam search stops once ``beams``
+hypotheses have ended (transformers keeps going while a running beam could still win).
+
+The converted model is cached per node under ``$KRASR_BATCH_CACHE/ct2`` (default ``~/.cache/krasr-batch``),
+keyed by the checkpoint's files and the ctranslate2 version; concurrent replicas take a file lock, so one
+converts and the others wait.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from krasr_batch.decode import SegmentOutput, _Decoder, language_code, model_error
+from krasr_batch.settings import DecodeOptions
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "KRASR_BATCH_CACHE"
+INSTALL_HINT = "pip install 'krasr-batch[ctranslate2]' (or: pip install ctranslate2)"
+# files the converted folder carries besides model.bin, so that it also loads in faster-whisper
+_COPIED = ("tokenizer.json", "preprocessor_config.json")
+
+
+def import_ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError as e:
+        raise RuntimeError(f"--engine ctranslate2 needs the ctranslate2 package: {INSTALL_HINT}") from e
+    return ctranslate2
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "krasr-batch")
+
+
+def local_model_dir(model: str) -> Path:
+    """The model's local folder: ``model`` itself, or the hub snapshot of a hub id (downloaded if needed)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise RuntimeError(f"cannot load the model {model!r}: not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, no access: one clear message
+        raise model_error(model, e) from e
+
+
+def _cache_key(src: Path, quantization: str | None) -> str:
+    """A folder name that changes with the checkpoint's files, the ctranslate2 version and the quantization."""
+    ct2 = import_ctranslate2()
+    h = hashlib.sha256(f"{src.resolve()}|{ct2.__version__}|{quantization}".encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file() and (f.suffix in (".json", ".safetensors") or f.name == "vocab.txt"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{src.name or 'model'}-{h.hexdigest()[:12]}" + (f"-{quantization}" if quantization else "")
+
+
+def feature_extractor_config(model: Path) -> dict | None:
+    """The feature extractor's settings from either file transformers writes (faster-whisper reads n_mels)."""
+    pre = model / "preprocessor_config.json"
+    if pre.exists():
+        return json.loads(pre.read_text())
+    proc = model / "processor_config.json"
+    if proc.exists():
+        return json.loads(proc.read_text()).get("feature_extractor")
+    return None
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def converted_model(model: str, cache_dir: str | Path | None = None, quantization: str | None = None) -> Path:
+    """The CTranslate2 folder of ``model`` (a transformers Whisper folder or hub id), converted on first use.
+
+    Safetensors weights only, no remote code. ``quantization`` None keeps the stored weight type (the compute
+    type is chosen at load time); the folder also holds tokenizer.json and preprocessor_config.json.
+    """
+    ct2 = import_ctranslate2()
+    src = local_model_dir(model)
+    if not any(src.glob("*.safetensors")):
+        raise RuntimeError(f"{src} holds no .safetensors weights; krasr-batch loads safetensors only")
+    root = Path(cache_dir) if cache_dir else cache_root() / "ct2"
+    dest = root / _cache_key(src, quantization)
+    if (dest / "model.bin").exists():
+        return dest
+    with _locked(root / f".{dest.name}.lock"):
+        if (dest / "model.bin").exists():  # another replica converted it while this one waited
+            return dest
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+        try:
+            converter = _safetensors_converter(ct2, str(src), [f for f in _COPIED if (src / f).exists()])
+            converter.convert(str(tmp / "out"), quantization=quantization, force=True)
+            fe = feature_extractor_config(src)
+            if fe is not None and not (tmp / "out" / "preprocessor_config.json").exists():
+                (tmp / "out" / "preprocessor_config.json").write_text(json.dumps(fe, indent=1))
+            (tmp / "out").rename(dest)
+        except Exception as e:
+            raise RuntimeError(f"cannot convert {src} to CTranslate2: {type(e).__name__}: {e}") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s to CTranslate2 in %.1f s: %s", src, time.perf_counter() - t0, dest)
+    return dest
+
+
+def _safetensors_converter(ct2, path: str, copy_files: list[str]):
+    """ctranslate2's TransformersConverter, told to read safetensors only and never run remote code."""
+
+    class Converter(ct2.converters.TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            kwargs.pop("trust_remote_code", None)
+            return model_class.from_pretrained(model_name_or_path, use_safetensors=True, trust_remote_code=False,
+                                               **kwargs)
+
+    return Converter(path, copy_files=copy_files or None, trust_remote_code=False)
+
+
+def compute_type_for(dtype: str, device: str) -> str:
+    """CTranslate2's compute type for ``--dtype``: auto is float16 on CUDA and float32 on a CPU, as in the
+    transformers engine; int8 is int8 weights with float16 (CUDA) or float32 (CPU) activations."""
+    if dtype == "auto":
+        return "float16" if device == "cuda" else "float32"
+    if dtype == "int8":
+        return "int8_float16" if device == "cuda" else "int8"
+    return dtype
+
+
+def ct2_max_length(max_new_tokens: int, prompt_len: int) -> int:
+    """The ``max_length`` that makes CTranslate2's Whisper decode at most ``max_new_tokens`` steps.
+
+    CTranslate2 decodes ``min(max_length // 2, max_length - (prompt_len - 1))`` steps after the prompt
+    (src/models/whisper.cc); the end-of-text token counts as a step, as in transformers' max_new_tokens.
+    """
+    return max(2 * max_new_tokens, max_new_tokens + prompt_len - 1)
+
+
+class CTranslate2Decoder(_Decoder):
+    """One CTranslate2 model replica; ``decode(inputs)`` as the transformers engine's."""
+
+    engine = "ctranslate2"
+
+    def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
+        ct2 = import_ctranslate2()
+        if device == "auto":
+            device = "cuda" if ct2.get_cuda_device_count() > 0 else "cpu"
+        elif device == "cuda" and ct2.get_cuda_device_count() == 0:
+            raise RuntimeError("--device cuda was asked for, but CTranslate2 sees no CUDA device")
+        super().__init__(options, device)
+        t0 = time.perf_counter()
+        self._load_processor()
+        path = converted_model(options.model)
+        self.compute_type = compute_type_for(options.dtype, device)
+        try:
+            self.model = ct2.models.Whisper(str(path), device=device, compute_type=self.compute_type,
+                                            intra_threads=threads or 0, inter_threads=1)
+        except (RuntimeError, ValueError) as e:
+            raise RuntimeError(f"CTranslate2 cannot load {path} on {device} as {self.compute_type}: {e}") from e
+        gc = self.generation_config
+        task = self.task_ids.get(options.task)
+        if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
+            raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
+        self.prompt_tail = [task, gc.no_timestamps_token_id]
+        self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
+        self.batch_size = options.batch_size or (16 if device == "cuda" else 1)
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
+
+    def _prompt(self, code: str) -> list[int]:
+        if code not in self.token_by_code:
+            raise ValueError(f"the model has no language token for {code!r}")
+        return [self.generation_config.decoder_start_token_id, self.token_by_code[code], *self.prompt_tail]
+
+    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+        import ctranslate2
+
+        t0 = time.perf_counter()
+        feats = self._features(audios, "np")["input_features"]
+        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, dtype=np.float32))
+        if language is None:  # detect each segment's language from the first decoder step, as transformers does
+            features = self.model.encode(features, to_cpu=False)
+            codes = [ranked[0][0][2:-2] for ranked in self.model.detect_language(features)]
+        else:
+            codes = [language_code(language)] * len(audios)
+        prompts = [self._prompt(c) for c in codes]
+        o = self.options
+        results = self.model.generate(
+            features, prompts, beam_size=o.beams, no_repeat_ngram_size=o.no_repeat_ngram_size,
+            repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(limit, len(prompts[0])),
+            return_scores=True, return_no_speech_prob=True)
+        decode_s = time.perf_counter() - t0
+        out = []
+        for code, r in zip(codes, results):
+            tokens = r.sequences_ids[0]
+            n = len(tokens)
+            ended = n < limit  # the end-of-text step counts toward the limit, so a full-length row never ended
+            # CTranslate2's score is the summed log-probability (end-of-text included) over the text tokens;
+            # Whisper's avg_logprob averages over the text tokens and end-of-text
+            score = r.scores[0] if r.scores else None
+            avg = None if score is None else float(score * n / (n + 1) if ended and n else score)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            out.append(SegmentOutput(text, code, n, not ended, decode_s, len(audios), avg, float(r.no_speech_prob)))
+        return out
+

@@ -1,0 +1,186 @@
+"""The CTranslate2 engine: conversion cache, the card's token limit, signals, and a whole run with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from krasr_batch.audio import load_audio
+from krasr_batch.decode import SegmentInput, load_decoder, max_new_tokens_for
+from krasr_batch.settings import DecodeOptions, RunSettings
+
+from .conftest import read_jsonl, run_cli, write_manifest
+
+ct2 = pytest.importorskip("ctranslate2")
+engine = pytest.importorskip("krasr_batch.engine_ct2")
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KRASR_BATCH_CACHE", str(root))
+    return root
+
+
+def test_max_length_gives_exactly_the_cards_limit(tiny_model):
+    """Random weights rarely emit end-of-text, so each row runs to its limit: the limit is the step count."""
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2"), "cpu", 1)
+    rng = np.random.default_rng(1)
+    audio = rng.normal(0, 0.1, 16000 * 4).astype(np.float32)
+    limits = [1, 2, 3, 7, 40]
+    out = dec.decode([SegmentInput(audio, "kazakh", n) for n in limits])
+    for o, n in zip(out, limits):
+        assert o.num_tokens <= n
+        assert o.truncated == (o.num_tokens == n)
+    assert sum(o.truncated for o in out) >= 3, [o.num_tokens for o in out]
+    assert engine.ct2_max_length(40, 4) == 80 and engine.ct2_max_length(1, 4) == 4
+
+
+def test_decoder_groups_languages_and_reports_signals(tiny_model):
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2), "cpu", 1)
+    assert dec.engine == "ctranslate2" and dec.compute_type == "float32"
+    rng = np.random.default_rng(0)
+    inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
+              for d, lang in [(3, "kazakh"), (12, "russian"), (3, "kazakh"), (3, None), (3, "kazakh")]]
+    out = dec.decode(inputs)
+    assert [o.batch_size for o in out] == [2, 1, 2, 1, 1]
+    assert [o.language for o in out][:3] == ["kk", "ru", "kk"] and out[4].language == "kk"
+    assert out[3].language in dec.token_by_code  # detected
+    for o in out:
+        assert o.avg_logprob is not None and o.avg_logprob <= 0 and 0 <= o.no_speech_prob <= 1
+        assert o.decode_s > 0
+
+
+def test_conversion_is_cached_and_shared_by_concurrent_replicas(tiny_model, own_cache):
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(engine.converted_model(str(tiny_model)))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=convert) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1
+    folder = results[0]
+    assert (folder / "model.bin").exists() and (folder / "tokenizer.json").exists()
+    assert json.loads((folder / "preprocessor_config.json").read_text())["feature_size"] > 0
+    assert [p.name for p in (own_cache / "ct2").iterdir() if not p.name.startswith(".")] == [folder.name]
+    stamp = (folder / "model.bin").stat().st_mtime_ns
+    assert engine.converted_model(str(tiny_model)) == folder
+    assert (folder / "model.bin").stat().st_mtime_ns == stamp  # not converted again
+
+
+def test_changed_checkpoint_is_converted_again(tiny_model, tmp_path, own_cache):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    first = engine.converted_model(str(copy))
+    cfg = copy / "config.json"
+    cfg.write_text(cfg.read_text() + "\n")
+    second = engine.converted_model(str(copy))
+    assert first != second and (second / "model.bin").exists()
+
+
+def test_only_safetensors_are_converted(tiny_model, tmp_path, own_cache):
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    for f in tiny_model.glob("*.json"):
+        shutil.copy(f, model)
+    with pytest.raises(RuntimeError, match="safetensors"):
+        engine.converted_model(str(model))
+    assert not list((own_cache / "ct2").glob("*/model.bin")) if (own_cache / "ct2").exists() else True
+
+
+def test_compute_types():
+    assert engine.compute_type_for("auto", "cpu") == "float32"
+    assert engine.compute_type_for("auto", "cuda") == "float16"
+    assert engine.compute_type_for("int8", "cpu") == "int8"
+    assert engine.compute_type_for("int8", "cuda") == "int8_float16"
+    assert engine.compute_type_for("bfloat16", "cuda") == "bfloat16"
+
+
+def test_engine_is_part_of_the_output_fingerprint():
+    base = RunSettings()
+    other = RunSettings(decode=DecodeOptions(engine="ctranslate2"))
+    assert base.output_fingerprint() != other.output_fingerprint()
+    # the default engine leaves the fingerprint as it was before engines existed, so older outputs resume
+    import dataclasses
+    import hashlib
+
+    d = dataclasses.asdict(base.decode)
+    d.pop("batch_size")
+    d.pop("engine")
+    payload = json.dumps({"decode": d, "segment": dataclasses.asdict(base.segment)}, sort_keys=True)
+    assert base.output_fingerprint() == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    with pytest.raises(ValueError, match="engine"):
+        DecodeOptions(engine="onnx")
+
+
+@pytest.mark.slow
+def test_accuracy_matches_the_transformers_engine(base_model, corpus):
+    """The same weights and settings: on real speech the two engines' word error rates stay close, and their
+    no-speech probabilities (one decoder step on the same encoder output) agree."""
+    import jiwer
+
+    from krasr_batch.textnorm import normalize
+
+    clips = read_jsonl(corpus / "clips.jsonl")[::3][:16]  # Russian, Kazakh and mixed
+    inputs = []
+    for c in clips:
+        audio = load_audio(str(corpus / c["path"]))
+        inputs.append(SegmentInput(audio, c["language"], max_new_tokens_for(len(audio) / 16000)))
+    ct = load_decoder(DecodeOptions(model=str(base_model), engine="ctranslate2"), "cpu", 2).decode(inputs)
+    tf = load_decoder(DecodeOptions(model=str(base_model)), "cpu", 2).decode(inputs)
+    refs = [normalize(c["text"]) for c in clips]
+    wer_ct = jiwer.wer(refs, [normalize(o.text) for o in ct])
+    wer_tf = jiwer.wer(refs, [normalize(o.text) for o in tf])
+    assert abs(wer_ct - wer_tf) < 0.06, (wer_ct, wer_tf)  # measured 0.900 and 0.917
+    assert sum(a.text == b.text for a, b in zip(ct, tf)) >= 2  # measured 3 of 16 (6 of the first 16 Russian)
+    for a, b in zip(ct, tf):
+        assert a.language == b.language
+        assert abs(a.no_speech_prob - b.no_speech_prob) < 0.01
+        if a.text == b.text:
+            assert a.num_tokens == b.num_tokens and abs(a.avg_logprob - b.avg_logprob) < 0.1
+
+
+def test_run_with_the_ctranslate2_engine(tmp_path, corpus, tiny_model):
+    rows = read_jsonl(corpus / "clips.jsonl")[:3] + read_jsonl(corpus / "bad.jsonl")[:2]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows, base=corpus)
+    out = tmp_path / "out"
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--engine", "ctranslate2",
+                 "--num-cpus", "2", "--no-progress"])
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["decode"]["engine"] == "ctranslate2" and "ctranslate2" in info["versions"]
+    files = pads.dataset(out / "files", format="parquet").to_table().to_pylist()
+    assert sorted(f["file_id"] for f in files) == sorted(x["id"] for x in rows)
+    segs = pads.dataset(out / "segments", format="parquet").to_table().to_pylist()
+    assert segs and all(s["num_tokens"] <= s["max_new_tokens"] and s["avg_logprob"] <= 0 for s in segs)
+    # the transformers engine decodes differently: resuming this output with it is refused
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--no-progress"])
+    assert r.returncode == 2 and "other model or decoding settings" in r.stderr
+
+
+def test_a_model_that_cannot_load_stops_before_any_output(tmp_path, corpus, tiny_model):
+    manifest = write_manifest(tmp_path / "m.jsonl", read_jsonl(corpus / "clips.jsonl")[:1], base=corpus)
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for f in tiny_model.glob("*.json"):
+        shutil.copy(f, weightless)
+    for model, message in [(tmp_path / "missing", "no such folder"), (weightless, "safetensors")]:
+        for eng in ("transformers", "ctranslate2"):
+            out = tmp_path / f"out-{model.name}-{eng}"
+            r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(model), "--engine", eng])
+            assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+            assert not os.path.exists(out)
