@@ -75,7 +75,7 @@ LABELS = {
 SETTINGS = {
     "krasr": "`krasr-batch run` defaults (VAD windows ≤30 s at pauses, card's token-limit table, batches of "
              "one language and limit), plus --krasr-args",
-    "krasr-tf": "as krasr-batch, with `--engine transformers` after --krasr-args (the card's own generate() call)",
+    "krasr-tf": "as krasr-batch, with `--engine transformers` last (the card's own generate() call)",
     "card": "transformers pipeline per file; task=transcribe, language per file, num_beams=3, "
             "no_repeat_ngram_size=4, repetition_penalty=1.12, card's duration-based max_new_tokens; "
             "chunk_length_s=30 past 30 s",
@@ -317,6 +317,8 @@ def prepare(system: str, ctx: Context) -> None:
             raise Skip("ctranslate2 sees no CUDA device (CPU-only build, or CUDA 12 / cuDNN 9 libraries missing)")
     from krasr_batch.engine_ct2 import converted_model
 
+    if not (Path(ctx.model) / "tokenizer.json").exists():
+        raise Skip(f"{ctx.model} has no tokenizer.json: faster-whisper reads it beside the converted model.bin")
     try:
         ctx.ct2_model = str(converted_model(ctx.model, ctx.work / "ct2", ct2_quantization(ctx.device)))
     except (OSError, RuntimeError) as e:
@@ -514,8 +516,9 @@ def metadata(a: argparse.Namespace, argv: list[str], items: list[dict], systems:
                             f"{int(STEADY_TRIM * 100)} % of each run")
     for s in systems:
         text = SETTINGS[s].replace("{quantization}", ct2_quantization(ctx.device))
-        if s in KRASR_SYSTEMS and ctx.krasr_args:
-            text += f" (`{shlex.join(ctx.krasr_args)}`)"
+        args = ctx.krasr_args + (["--engine", "transformers"] if s == "krasr-tf" else [])
+        if s in KRASR_SYSTEMS and args:
+            text += f" (`{shlex.join(args)}`)"
         meta[f"settings {LABELS[s]}"] = text
     meta["versions"] = versions()
     env = {**{k: os.environ[k] for k in ENV_SHOWN if os.environ.get(k)}, **ctx.env}
