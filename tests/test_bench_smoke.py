@@ -10,6 +10,7 @@ import pytest
 from benchmarks import compare
 
 KRASR, CARD, FW = compare.LABELS["krasr"], compare.LABELS["card"], compare.LABELS["faster-whisper"]
+KRASR_TF = compare.LABELS["krasr-tf"]
 
 
 def parse_table(text: str) -> dict[str, dict[str, str]]:
@@ -40,10 +41,10 @@ def test_compare_krasr_and_card_and_refresh_block(corpus, tiny_model, tmp_path, 
     bench.write_text("# Benchmarks\n\nIntro kept as it is.\n", encoding="utf-8")
     write = ["--write", str(bench), "--section", "smoke"]
 
-    assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "3", "--systems", "krasr,card",
-                                     *write)) == 0
+    assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "3", "--systems", "krasr,krasr-tf,card",
+                                     "--krasr-args", "--engine ctranslate2", *write)) == 0
     rows = parse_table(capsys.readouterr().out)
-    assert set(rows) == {KRASR, CARD}
+    assert set(rows) == {KRASR, KRASR_TF, CARD}
     for row in rows.values():
         assert row["files"] == "3"
         assert float(row["RTFx"]) > 0 and float(row["wall s"]) > 0
@@ -52,8 +53,10 @@ def test_compare_krasr_and_card_and_refresh_block(corpus, tiny_model, tmp_path, 
     first = bench.read_text(encoding="utf-8")
     assert first.startswith("# Benchmarks\n\nIntro kept as it is.\n")
     assert first.count("<!-- bench:smoke -->") == 1 and first.count("<!-- /bench:smoke -->") == 1
-    assert set(parse_table(first.split("<!-- bench:smoke -->")[1])) == {KRASR, CARD}
+    assert set(parse_table(first.split("<!-- bench:smoke -->")[1])) == {KRASR, KRASR_TF, CARD}
     assert "- command: `python -m benchmarks.compare " in first
+    assert f"settings {KRASR}: " in first and "(`--engine ctranslate2`)" in first
+    assert f"settings {KRASR_TF}: " in first and "(`--engine ctranslate2 --engine transformers`)" in first
 
     assert compare.main(harness_args(corpus, tiny_model, tmp_path, "--limit", "1", "--systems", "card",
                                      *write)) == 0
