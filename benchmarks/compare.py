@@ -325,13 +325,17 @@ def prepare(system: str, ctx: Context) -> None:
         raise Skip(f"conversion to CTranslate2 failed: {e}") from e
 
 
+def krasr_args(system: str, ctx: Context) -> list[str]:
+    """The extra `krasr-batch run` arguments of a krasr system: --krasr-args, then the engine krasr-tf forces."""
+    return ctx.krasr_args + (["--engine", "transformers"] if system == "krasr-tf" else [])
+
+
 def command(system: str, ctx: Context, out: Path) -> list[str]:
     """The whole command that one run of ``system`` times, writing what it produces under ``out``."""
     if system in KRASR_SYSTEMS:
         device = ["--device", ctx.device] if ctx.device else []
-        engine = ["--engine", "transformers"] if system == "krasr-tf" else []
         return [sys.executable, "-m", "krasr_batch", "run", str(ctx.manifest), "--out", str(out),
-                "--model", ctx.model, "--no-progress", *device, *ctx.krasr_args, *engine]
+                "--model", ctx.model, "--no-progress", *device, *krasr_args(system, ctx)]
     model = ctx.ct2_model if system == "faster-whisper" else ctx.model
     return [sys.executable, "-m", "benchmarks.baselines", system, str(ctx.manifest), "--model", str(model),
             "--device", ctx.device, "--result", str(out / "result.json")]
@@ -516,7 +520,7 @@ def metadata(a: argparse.Namespace, argv: list[str], items: list[dict], systems:
                             f"{int(STEADY_TRIM * 100)} % of each run")
     for s in systems:
         text = SETTINGS[s].replace("{quantization}", ct2_quantization(ctx.device))
-        args = ctx.krasr_args + (["--engine", "transformers"] if s == "krasr-tf" else [])
+        args = krasr_args(s, ctx)
         if s in KRASR_SYSTEMS and args:
             text += f" (`{shlex.join(args)}`)"
         meta[f"settings {LABELS[s]}"] = text

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from benchmarks.compare import cpu_description, versions, write_section
 
+CT2_REST = "prompt, decoder steps and beam search (C++)"
+
 
 class Timers:
     def __init__(self) -> None:
@@ -131,7 +133,7 @@ def profile_ctranslate2(model: str, inputs, threads: int) -> dict:
     tokens = sum(o.num_tokens for o in outs)
     steps = sum(min(o.num_tokens + 1, x.max_new_tokens) for o, x in zip(outs, inputs))
     parts = {"features": feats_s, "encoder": enc_s,
-             "prompt, decoder steps and beam search (C++)": wall - feats_s - enc_s}
+             CT2_REST: wall - feats_s - enc_s}
     return {"wall_s": wall, "tokens": tokens, "steps": steps, "parts": parts}
 
 
@@ -144,7 +146,7 @@ def render(results: dict[str, dict], n: int) -> str:
         if r["steps"]:
             step_s = r["parts"].get("decoder steps")
             if step_s is None:
-                step_s = r["parts"]["prompt, decoder steps and beam search (C++)"]
+                step_s = r["parts"][CT2_REST]
             per_step = f"; {1000 * step_s / r['steps']:.1f} ms a decoder step ({r['steps']} steps)"
         lines.append(f"| {engine} | **total** | **{1000 * r['wall_s'] / n:.0f}** | {r['tokens']} tokens{per_step} |")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from krasr_batch import __version__
-from krasr_batch.settings import DEFAULT_MODEL, build_settings, load_preset
+from krasr_batch.settings import DEFAULT_MODEL, ENGINES, build_settings, load_preset
 
 EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 
@@ -52,7 +52,7 @@ def _fail(message: str, code: int) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),
               help="Model precision: auto is float16 on CUDA, float32 on CPU; int8 quantizes the linear layers "
                    "(faster, text may differ from the card's). [default: auto]")
-@click.option("--engine", type=click.Choice(["transformers", "ctranslate2"]),
+@click.option("--engine", type=click.Choice(ENGINES),
               help="transformers: the model card's own generate() call. ctranslate2: the same weights converted "
                    "once to CTranslate2 (cached), the same settings; several times faster on a CPU, text may "
                    "differ from the card's (needs the ctranslate2 package). [default: transformers]")

@@ -146,6 +146,15 @@ class _Decoder:
         raise NotImplementedError
 
 
+def require_safetensors(folder, model: str) -> None:
+    """Refuse a local model folder without .safetensors weights (krasr-batch never loads pickled weights)."""
+    from pathlib import Path
+
+    if not any(Path(folder).glob("*.safetensors")):
+        raise RuntimeError(f"cannot load the model {model!r}: the folder holds no .safetensors weights "
+                           "(krasr-batch loads safetensors only)")
+
+
 def check_model(options: DecodeOptions) -> None:
     """Fail fast, in the driver, with one clear RuntimeError when ``options.model`` cannot be used: its
     tokenizer, feature extractor and generation config load, a local folder holds safetensors weights, and
@@ -153,9 +162,8 @@ def check_model(options: DecodeOptions) -> None:
     from pathlib import Path
 
     local = Path(options.model).expanduser()
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        raise RuntimeError(f"cannot load the model {options.model!r}: the folder holds no .safetensors weights "
-                           "(krasr-batch loads safetensors only)")
+    if local.is_dir():
+        require_safetensors(local, options.model)
     _Decoder(options, "cpu")._load_processor()
     if options.engine == "ctranslate2":
         from krasr_batch.engine_ct2 import converted_model

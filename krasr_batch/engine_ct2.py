@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from krasr_batch.decode import SegmentOutput, _Decoder, language_code, model_error
+from krasr_batch.decode import SegmentOutput, _Decoder, language_code, model_error, require_safetensors
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ def converted_model(model: str, cache_dir: str | Path | None = None, quantizatio
     """
     ct2 = import_ctranslate2()
     src = local_model_dir(model)
-    if not any(src.glob("*.safetensors")):
-        raise RuntimeError(f"{src} holds no .safetensors weights; krasr-batch loads safetensors only")
+    require_safetensors(src, model)
     root = Path(cache_dir) if cache_dir else cache_root() / "ct2"
     dest = root / _cache_key(src, quantization)
     if (dest / "model.bin").exists():
