@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from krasr_batch import __version__
-from krasr_batch.settings import DEFAULT_MODEL, ENGINES, build_settings, load_preset
+from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
 
 EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 
@@ -41,8 +41,13 @@ def _fail(message: str, code: int) -> None:
 @click.option("--model", help=f"Hub id or local folder (transformers format, safetensors). [default: {DEFAULT_MODEL}]")
 @click.option("--language", help="Language to force (default: kazakh); 'auto' lets Whisper detect it. A manifest line's own 'language' wins.")
 @click.option("--beams", type=click.IntRange(min=1), help="Beam size. [default: 3]")
-@click.option("--no-token-limit", "no_token_limit", is_flag=True, default=None,
-              help="Let generation run to the model's own limit instead of the card's duration-based max_new_tokens.")
+@click.option("--token-limit", type=click.Choice(TOKEN_LIMIT_POLICIES),
+              help="max_new_tokens per segment. fit: the card's duration table for a file decoded whole, and at "
+                   "least 12 tokens a second for windows cut from longer recordings, so dense speech is not cut "
+                   "short; card: the card's table for every segment (its exact call); none: the model's own "
+                   "limit. [default: fit]")
+@click.option("--no-token-limit", "no_token_limit", is_flag=True, default=None, hidden=True,
+              help="The same as --token-limit none.")
 @click.option("--max-segment-s", type=click.FloatRange(1.0, 30.0), help="Longest model window in seconds (never above 30). [default: 30]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU, 1 on a CPU]")
 @click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
@@ -79,7 +84,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         except ValueError as e:
             _fail(str(e), EXIT_USAGE)
     if flags.pop("no_token_limit"):
-        flags["token_limit"] = False
+        flags["token_limit"] = "none"
     options.update({k: v for k, v in flags.items() if v is not None})
     manifest = manifest or options.pop("manifest", None)
     out = out or options.pop("out", None)
@@ -107,13 +112,22 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     sys.exit(EXIT_FILES_FAILED if stats.output_failed else EXIT_OK)
 
 
+def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
+    """"N stopped at the token limit (R repetition loops, F did not fit)": the causes of quality.truncation_cause."""
+    if not truncated:
+        return "none stopped at the token limit"
+    loops, unfit = by_cause.get("repetition", 0), by_cause.get("did_not_fit", 0)
+    return f"{truncated} stopped at the token limit: {loops} repetition loops, {unfit} did not fit"
+
+
 def _summary(stats, out: str) -> None:
     echo = click.echo
     echo("")
     echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
          + (f", {stats.skipped_files} already done by an earlier run" if stats.skipped_files else ""))
     echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments "
-         f"({stats.truncated_segments} stopped at the token limit, {stats.suspect_segments} suspect)")
+         f"({truncation_text(stats.truncated_segments, stats.truncated_by_cause)}, "
+         f"{stats.suspect_segments} suspect)")
     echo(f"  output: ok {stats.output_ok}, failed {stats.output_failed}")
     echo(f"  audio {stats.audio_s / 3600:.3f} h (speech {stats.speech_s / 3600:.3f} h) in {stats.wall_s:.1f} s: "
          f"RTFx {stats.rtfx:.1f}")

@@ -8,6 +8,7 @@ generate() settings, and the card's duration-based ``max_new_tokens``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from krasr_batch.settings import DecodeOptions
+from krasr_batch.settings import TOKEN_LIMIT_POLICIES, DecodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ TOKEN_LIMIT_UNKNOWN = 96
 MODEL_MAX_NEW_TOKENS = 444  # Whisper's 448 target positions less the 4-token prompt
 
 
+# Token-limit policies (issue 17). "card": the card's table for every segment. "fit" (the default): the
+# card's table for a file decoded whole, exactly as the card decodes a short clip; a window cut from a longer
+# recording gets at least FIT_TOKENS_PER_S tokens for each of its seconds, because the card's table (8 tokens
+# a second at 5 s, 4.3 at 30 s) cuts dense speech short. "none": the model's own limit.
+# Measured with benchmarks/token_fit.py (BENCHMARKS.md, block token-fit): on dense long Kazakh, Russian and mixed
+# recordings the reference transcript of a window needs at most 9.0 tokens a second (the end-of-text token
+# included); single Kazakh sentences need 8.8 a second on average and 11.4 at most. 12 covers a window that
+# holds nothing but the densest sentence; at 30 s it is 360 tokens, below the model's own 444.
+FIT_TOKENS_PER_S = 12.0
+
+
 def max_new_tokens_for(duration_s: float | None) -> int:
     """The card's token limit for a clip of ``duration_s`` seconds (96 when unknown)."""
     if duration_s is None or not np.isfinite(duration_s):
@@ -36,6 +48,22 @@ def max_new_tokens_for(duration_s: float | None) -> int:
         if duration_s <= longest:
             return limit
     return TOKEN_LIMIT_LONGEST
+
+
+def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit") -> int:
+    """``max_new_tokens`` for one segment of ``duration_s`` seconds under a token-limit ``policy``.
+
+    ``whole_file``: the segment is the whole file (a short clip decoded whole, as the card's usage does),
+    which keeps the card's limit under "fit" so the output equals the card's call.
+    """
+    if policy == "none":
+        return MODEL_MAX_NEW_TOKENS
+    card = max_new_tokens_for(duration_s)
+    if policy == "card" or whole_file:
+        return card
+    if policy != "fit":
+        raise ValueError(f"token limit policy must be one of {', '.join(TOKEN_LIMIT_POLICIES)}, got {policy!r}")
+    return min(MODEL_MAX_NEW_TOKENS, max(card, math.ceil(FIT_TOKENS_PER_S * duration_s)))
 
 
 @dataclass(frozen=True)
@@ -119,9 +147,6 @@ class _Decoder:
                            *self.lang_by_token, *self.task_ids.values()} - {None}
         no_speech = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
         self.no_speech_id = next((t for t in no_speech if t is not None and t != self.tokenizer.unk_token_id), None)
-
-    def limit_for(self, duration_s: float) -> int:
-        return max_new_tokens_for(duration_s) if self.options.token_limit else MODEL_MAX_NEW_TOKENS
 
     def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
         """Decode segments in batches that share one token limit and one language; results in input order."""

@@ -28,9 +28,9 @@ import pyarrow as pa
 
 from krasr_batch import __version__
 from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
-from krasr_batch.decode import SegmentInput, check_model, load_decoder, max_new_tokens_for
+from krasr_batch.decode import FIT_TOKENS_PER_S, SegmentInput, check_model, load_decoder, segment_token_limit
 from krasr_batch.manifest import ManifestSummary, convert_extra, normalize_manifest
-from krasr_batch.quality import compression_ratio
+from krasr_batch.quality import compression_ratio, truncation_cause
 from krasr_batch.quality import suspect as is_suspect
 from krasr_batch.segment import analyse, segment_audio
 from krasr_batch.settings import DecodeOptions, RunSettings, SegmentOptions
@@ -74,7 +74,7 @@ def _file_fields(row: dict, language: str | None) -> dict[str, Any]:
 
 
 def segment_file(row: dict, segment_options: SegmentOptions, default_language: str,
-                 input_root: str | None, token_limit: bool) -> Iterator[dict]:
+                 input_root: str | None, token_limit: str) -> Iterator[dict]:
     """One manifest row in; its segments (with audio) out, then one file row (segment_index -1).
 
     Never raises for a bad file: the file row carries status "error" and the cause.
@@ -94,7 +94,7 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
         for (s, e), audio in zip(plan.segments, segment_audio(plan)):
             dur = (e - s) / SAMPLE_RATE
             yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
-                   "max_new_tokens": max_new_tokens_for(dur) if token_limit else 0,
+                   "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
                    "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
             n += 1
         if n != len(plan.segments):
@@ -130,25 +130,26 @@ class ModelStage:
         no_speech_prob: list[float | None] = [None] * n
         ratio: list[float | None] = [None] * n
         suspect: list[bool | None] = [None] * n
-        limits = list(cols["max_new_tokens"])
+        truncation: list[str | None] = [None] * n
+        limits = cols["max_new_tokens"]  # set per segment by segment_file (decode.segment_token_limit)
         if idx:
             audio = batch.column("audio")
             inputs = []
             for i in idx:
                 lang = cols["req_language"][i]
-                limit = limits[i] or self.decoder.limit_for(cols["end_s"][i] - cols["start_s"][i])
-                limits[i] = limit
                 inputs.append(SegmentInput(np.frombuffer(audio[i].as_py(), np.float32),
-                                           None if lang == "auto" else lang, limit))
+                                           None if lang == "auto" else lang, limits[i]))
             for i, r in zip(idx, self.decoder.decode(inputs)):
                 text[i], out_lang[i], num_tokens[i], truncated[i] = r.text, r.language, r.num_tokens, r.truncated
                 decode_s[i], batch_size[i] = r.decode_s, r.batch_size
                 avg_logprob[i], no_speech_prob[i] = r.avg_logprob, r.no_speech_prob
                 ratio[i] = compression_ratio(r.text) if r.text else 0.0
                 suspect[i] = is_suspect(r.text, cols["end_s"][i] - cols["start_s"][i], r.avg_logprob, r.no_speech_prob)
+                truncation[i] = truncation_cause(r.text, r.truncated)
         cols.update(text=text, out_language=out_lang, num_tokens=num_tokens, truncated=truncated,
                     decode_s=decode_s, batch_size=batch_size, max_new_tokens=limits, worker=[self.worker] * n,
-                    avg_logprob=avg_logprob, compression_ratio=ratio, no_speech_prob=no_speech_prob, suspect=suspect)
+                    avg_logprob=avg_logprob, compression_ratio=ratio, no_speech_prob=no_speech_prob, suspect=suspect,
+                    truncation=truncation)
         return pa.table({f.name: pa.array(cols[f.name], f.type) for f in STAGE_OUTPUT_SCHEMA}, schema=STAGE_OUTPUT_SCHEMA)
 
 
@@ -176,6 +177,7 @@ STAGE_OUTPUT_SCHEMA = pa.schema([
     ("out_language", pa.string()), ("num_tokens", pa.int64()), ("truncated", pa.bool_()), ("decode_s", pa.float64()),
     ("batch_size", pa.int64()), ("worker", pa.string()), ("avg_logprob", pa.float64()),
     ("compression_ratio", pa.float64()), ("no_speech_prob", pa.float64()), ("suspect", pa.bool_()),
+    ("truncation", pa.string()),
 ])
 
 
@@ -194,6 +196,7 @@ class RunStats:
     speech_s: float = 0.0
     segments: int = 0
     truncated_segments: int = 0
+    truncated_by_cause: dict[str, int] = field(default_factory=dict)  # quality.TRUNCATION_CAUSES
     suspect_segments: int = 0
     decode_s: float = 0.0
     wall_s: float = 0.0
@@ -273,6 +276,7 @@ class Assembler:
                     "decode_s": cols["decode_s"][i], "batch_size": cols["batch_size"][i], "worker": cols["worker"][i],
                     "avg_logprob": cols["avg_logprob"][i], "compression_ratio": cols["compression_ratio"][i],
                     "no_speech_prob": cols["no_speech_prob"][i], "suspect": cols["suspect"][i],
+                    "truncation": cols["truncation"][i],
                 })
             else:
                 self.file_rows[fid] = {k: cols[k][i] for k in cols}
@@ -312,6 +316,9 @@ class Assembler:
             st.failures_by_kind.setdefault(row["error_kind"] or "error", []).append(fid)
         st.segments += len(segs)
         st.truncated_segments += sum(1 for s in segs if s["truncated"])
+        for s in segs:
+            if s["truncation"]:
+                st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] for s in segs)
 
@@ -427,11 +434,14 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     _tally_output(layout, stats)
     write_run_json(layout, {
         "manifest": manifest, "out": out, "model": settings.decode.model, "settings": settings.to_dict(),
-        "token_limit_table": "<=5 s: 40, <=10 s: 64, <=15 s: 80, <=20 s: 96, <=25 s: 112, longer: 128",
+        "token_limit": {"policy": settings.decode.token_limit,
+                        "card_table": "<=5 s: 40, <=10 s: 64, <=15 s: 80, <=20 s: 96, <=25 s: 112, longer: 128",
+                        "fit_tokens_per_s": FIT_TOKENS_PER_S},
         "versions": _versions(),
         "counts": {"files": stats.total_files, "files_this_run": stats.files_done, "skipped_done": stats.skipped_files,
                    "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
-                   "truncated_segments": stats.truncated_segments, "suspect_segments": stats.suspect_segments},
+                   "truncated_segments": stats.truncated_segments, "truncated_by_cause": stats.truncated_by_cause,
+                   "suspect_segments": stats.suspect_segments},
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,

@@ -114,6 +114,20 @@ def suspect_reasons(text: str | None, duration_s: float | None, avg_logprob: flo
     return reasons
 
 
+TRUNCATION_CAUSES = ("repetition", "did_not_fit")
+
+
+def truncation_cause(text: str | None, truncated: bool) -> str | None:
+    """Why a segment stopped at its token limit: ``"repetition"`` when its text is a repetition loop (an n-gram
+    or character loop, or text that compresses like one), ``"did_not_fit"`` when it is not, so the limit cut
+    real words short; None for a segment that ended by itself."""
+    if not truncated:
+        return None
+    if has_ngram_loop(text) or (bool(text) and compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD):
+        return "repetition"
+    return "did_not_fit"
+
+
 def suspect(text: str | None, duration_s: float | None, avg_logprob: float | None = None,
             no_speech_prob: float | None = None) -> bool:
     """True when the segment looks hallucination-like (any rule of the module docstring)."""

@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from krasr_batch.quality import suspect
+from krasr_batch.quality import suspect, truncation_cause
 from krasr_batch.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class InspectReport:
     speech_s: float
     segments: int
     truncated_segments: int
+    truncated_by_cause: dict[str, int]  # quality.TRUNCATION_CAUSES: "repetition", "did_not_fit"
     suspect_segments: int
     suspect_files: int
     suspect_source: str  # "column", "computed" or "column+computed"
@@ -253,6 +254,7 @@ def _failure_groups(rows: list[dict]) -> tuple[FailureGroup, ...]:
 class _SegmentTally:
     segments: int = 0
     truncated: int = 0
+    truncated_by_cause: dict = field(default_factory=dict)
     suspect: int = 0
     suspect_files: set = field(default_factory=set)
     sources: set = field(default_factory=set)
@@ -264,6 +266,12 @@ class _SegmentTally:
         fids = _column(batch, "file_id") or [None] * n
         truncated = _column(batch, "truncated") or [False] * n
         self.truncated += sum(1 for t in truncated if t)
+        causes = _column(batch, "truncation") or [None] * n  # runs made before the column: told from the text
+        texts = _column(batch, "text") or [None] * n
+        for t, cause, text in zip(truncated, causes, texts):
+            cause = cause or truncation_cause(text, bool(t))
+            if cause:
+                self.truncated_by_cause[cause] = self.truncated_by_cause.get(cause, 0) + 1
         given = _column(batch, "suspect")
         if given is None or None in given:
             self.sources.add("computed")
@@ -290,7 +298,7 @@ class _SegmentTally:
 
 def _tally_segments(output: RunOutput) -> _SegmentTally:
     tally = _SegmentTally()
-    cols = ["file_id", "text", "start_s", "end_s", "truncated", "decode_s", "batch_size", "worker", *SUSPECT_INPUTS]
+    cols = ["file_id", "text", "start_s", "end_s", "truncated", "truncation", "decode_s", "batch_size", "worker", *SUSPECT_INPUTS]
     for batch in output.segment_batches(cols):
         tally.add(batch)
     return tally
@@ -309,7 +317,8 @@ def inspect_run(output: RunOutput) -> InspectReport:
         out=output.out, complete=output.complete, files=len(rows), files_ok=len(ok), files_failed=len(failed),
         files_with_warning=sum(1 for r in rows if r.get("warning")), failures=_failure_groups(failed),
         audio_s=sum(r.get("duration_s") or 0.0 for r in ok), speech_s=sum(r.get("speech_s") or 0.0 for r in ok),
-        segments=tally.segments, truncated_segments=tally.truncated, suspect_segments=tally.suspect,
+        segments=tally.segments, truncated_segments=tally.truncated, truncated_by_cause=tally.truncated_by_cause,
+        suspect_segments=tally.suspect,
         suspect_files=len(tally.suspect_files), suspect_source="+".join(sorted(tally.sources)) or "computed",
         workers=workers, run=output.run_info() or {},
     )
@@ -355,8 +364,10 @@ def format_inspect(report: InspectReport) -> str:
         if g.count > len(g.examples):
             lines.append(f"    … {g.count - len(g.examples)} more")
     lines.append(f"  audio {r.audio_s / 3600:.3f} h, speech {r.speech_s / 3600:.3f} h (ok files)")
-    lines.append(f"  segments: {r.segments} ({r.truncated_segments} truncated at the token limit, "
-                 f"{r.suspect_segments} suspect in {r.suspect_files} files [{r.suspect_source}])")
+    loops, unfit = r.truncated_by_cause.get("repetition", 0), r.truncated_by_cause.get("did_not_fit", 0)
+    lines.append(f"  segments: {r.segments} ({r.truncated_segments} truncated at the token limit: {loops} repetition "
+                 f"loops, {unfit} did not fit; {r.suspect_segments} suspect in {r.suspect_files} files "
+                 f"[{r.suspect_source}])")
     if r.run:
         wall = r.run.get("wall_s")
         rtfx = f"{r.rtfx:.1f}" if isinstance(r.rtfx, (int, float)) else "?"

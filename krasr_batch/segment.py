@@ -188,6 +188,11 @@ class FilePlan:
     backend: str = "soundfile"
     audio: np.ndarray | None = None  # kept for files up to KEEP_AUDIO_S
 
+    @property
+    def whole_file(self) -> bool:
+        """The file is decoded whole, in one segment, as the model card's usage decodes a short clip."""
+        return len(self.segments) == 1 and self.segments[0] == (0, round(self.duration_s * SAMPLE_RATE))
+
 
 def _vad_pass(path: str, backend: str | None, keep_audio_s: float):
     report = DecodeReport()

@@ -17,6 +17,10 @@ import yaml
 DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
 MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
 ENGINES = ("transformers", "ctranslate2")
+# How max_new_tokens is set (krasr_batch.decode.segment_token_limit): "fit" the card's table for a file decoded
+# whole and a per-second budget for windows cut from longer recordings; "card" the card's table everywhere;
+# "none" the model's own limit.
+TOKEN_LIMIT_POLICIES = ("fit", "card", "none")
 
 
 @dataclass(frozen=True)
@@ -29,12 +33,16 @@ class DecodeOptions:
     beams: int = 3
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.12
-    token_limit: bool = True  # the card's duration-based max_new_tokens; False: the model's own limit
+    token_limit: str = "fit"  # a TOKEN_LIMIT_POLICIES name; True/False (older presets) mean "card"/"none"
     batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 1 on a CPU
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; int8: int8 linear layers
     engine: str = "transformers"  # transformers: the card's own call; ctranslate2: the same weights, converted
 
     def __post_init__(self) -> None:
+        if isinstance(self.token_limit, bool):
+            object.__setattr__(self, "token_limit", "card" if self.token_limit else "none")
+        if self.token_limit not in TOKEN_LIMIT_POLICIES:
+            raise ValueError(f"token_limit must be one of {', '.join(TOKEN_LIMIT_POLICIES)}, got {self.token_limit!r}")
         if self.beams < 1:
             raise ValueError(f"beams must be at least 1, got {self.beams}")
         if self.no_repeat_ngram_size < 0:
@@ -100,6 +108,8 @@ class RunSettings:
         """Hash of every setting that changes the output; a resumed run must match it."""
         d = dataclasses.asdict(self.decode)
         d.pop("batch_size")  # batching does not change what is decoded
+        if d["token_limit"] in ("card", "none"):  # as runs made before the "fit" policy stamped them
+            d["token_limit"] = d["token_limit"] == "card"
         if d["engine"] == "transformers":
             d.pop("engine")  # the fingerprint of runs made before there was a choice of engine
         payload = json.dumps({"decode": d, "segment": dataclasses.asdict(self.segment)}, sort_keys=True)
@@ -157,7 +167,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
         if k in ("manifest", "out"):
             out[k] = str((path.parent / str(value)).resolve()) if "://" not in str(value) else str(value)
         elif k == "no_token_limit":
-            out["token_limit"] = not bool(value)
+            out["token_limit"] = "none" if value else "fit"
         elif k in PRESET_KEYS:
             out[k] = value
         else:

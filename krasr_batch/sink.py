@@ -44,6 +44,7 @@ SEGMENTS_SCHEMA = pa.schema([
     ("compression_ratio", pa.float64()),
     ("no_speech_prob", pa.float64()),
     ("suspect", pa.bool_()),
+    ("truncation", pa.string()),  # why a truncated segment stopped: "repetition" or "did_not_fit" (quality.py)
 ])
 
 FILES_BASE_SCHEMA = pa.schema([

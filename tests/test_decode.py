@@ -3,7 +3,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from krasr_batch.decode import MODEL_MAX_NEW_TOKENS, SegmentInput, WhisperDecoder, language_code, max_new_tokens_for
+from krasr_batch.decode import (
+    FIT_TOKENS_PER_S,
+    MODEL_MAX_NEW_TOKENS,
+    SegmentInput,
+    WhisperDecoder,
+    language_code,
+    max_new_tokens_for,
+    segment_token_limit,
+)
 from krasr_batch.settings import DecodeOptions, build_settings, load_preset
 
 
@@ -13,6 +21,45 @@ from krasr_batch.settings import DecodeOptions, build_settings, load_preset
 ])
 def test_card_token_limit_table(duration, limit):
     assert max_new_tokens_for(duration) == limit
+
+
+@pytest.mark.parametrize("duration", [0.5, 3.0, 5.0, 7.5, 12.0, 18.0, 24.0, 29.9, 30.0, 45.0])
+def test_a_file_decoded_whole_keeps_the_cards_limit_under_every_policy_but_none(duration):
+    for policy in ("fit", "card"):
+        assert segment_token_limit(duration, True, policy) == max_new_tokens_for(duration)
+    assert segment_token_limit(duration, True, "none") == MODEL_MAX_NEW_TOKENS
+
+
+@pytest.mark.parametrize("duration", [0.5, 3.0, 5.0, 7.5, 12.0, 18.0, 24.0, 29.9, 30.0])
+def test_a_window_of_a_longer_recording_gets_the_per_second_budget(duration):
+    fit = segment_token_limit(duration, False, "fit")
+    assert fit >= max_new_tokens_for(duration)  # never below the card
+    assert fit >= FIT_TOKENS_PER_S * duration  # room for the densest speech measured
+    assert fit <= MODEL_MAX_NEW_TOKENS
+    assert segment_token_limit(duration, False, "card") == max_new_tokens_for(duration)
+
+
+def test_the_per_second_budget_grows_past_the_cards_table_on_long_windows():
+    assert segment_token_limit(30.0, False, "fit") == 360 > max_new_tokens_for(30.0) == 128
+    assert segment_token_limit(3.0, False, "fit") == 40  # short windows: the card's limit is already enough
+
+
+def test_token_limit_policy_settings():
+    assert DecodeOptions().token_limit == "fit"
+    assert DecodeOptions(token_limit=True).token_limit == "card"  # presets written before the policies
+    assert DecodeOptions(token_limit=False).token_limit == "none"
+    with pytest.raises(ValueError, match="token_limit"):
+        DecodeOptions(token_limit="sometimes")
+    with pytest.raises(ValueError, match="policy"):
+        segment_token_limit(10.0, False, "sometimes")
+
+
+def test_card_policy_keeps_the_fingerprint_of_runs_made_before_the_policies():
+    from krasr_batch.settings import RunSettings
+
+    old_style = RunSettings(decode=DecodeOptions(token_limit=True))
+    assert old_style.output_fingerprint() == RunSettings(decode=DecodeOptions(token_limit="card")).output_fingerprint()
+    assert RunSettings().output_fingerprint() != old_style.output_fingerprint()
 
 
 def test_language_codes():
@@ -43,9 +90,6 @@ def test_decoder_groups_by_limit_and_language(tiny_model):
         assert 0 <= o.num_tokens <= x.max_new_tokens
         assert o.truncated == (o.num_tokens >= x.max_new_tokens)
         assert o.avg_logprob is not None and o.avg_logprob <= 0 and 0 <= o.no_speech_prob <= 1
-    assert dec.limit_for(3.0) == 40
-    no_limit = WhisperDecoder(DecodeOptions(model=str(tiny_model), token_limit=False), device="cpu")
-    assert no_limit.limit_for(3.0) == MODEL_MAX_NEW_TOKENS
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

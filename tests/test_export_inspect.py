@@ -144,7 +144,8 @@ def test_inspect_text(out: Path):
     assert "failed (undecodable): 1" in t and "junk: cannot decode" in t
     assert t.index("not_found") < t.index("undecodable")  # most frequent cause first
     assert f"audio {3735 / 3600:.3f} h, speech {3620 / 3600:.3f} h" in t
-    assert "segments: 5 (1 truncated at the token limit, 1 suspect in 1 files [computed])" in t
+    assert ("segments: 5 (1 truncated at the token limit: 0 repetition loops, 1 did not fit; 1 suspect in 1 files "
+            "[computed])") in t
     assert "RTFx 9.5" in t
     assert "n1:10:cuda" in t and "n1:11:cuda" in t
     assert "beams=3" in t and "KRASR/kazakh-russian-asr-whisper-small-full-ft" in t

@@ -90,3 +90,13 @@ def test_suspect_combines_rules_and_ignores_empty_text():
     assert not suspect("   ", 1.0)
     many = suspect_reasons("рахмет " * 40, 1.0, avg_logprob=-3.0)
     assert many == ["ngram_loop", "compression_ratio", "avg_logprob", "too_long"]
+
+
+def test_truncation_cause_tells_a_loop_from_text_that_did_not_fit():
+    from krasr_batch.quality import truncation_cause
+
+    assert truncation_cause("Мы купили свежий хлеб", False) is None
+    assert truncation_cause("Мы купили свежий хлеб, молоко и немного сыра, а потом пошли", True) == "did_not_fit"
+    assert truncation_cause("және және және және және және", True) == "repetition"
+    assert truncation_cause("ааааааааааааааааааааааааа", True) == "repetition"
+    assert truncation_cause("", True) == "did_not_fit"  # nothing decoded before the limit: not a loop

@@ -87,3 +87,27 @@ def test_plan_breaks_at_the_longest_pause():
     assert bounds[0][1] <= 22.0 and bounds[1][0] >= 20.0  # the cut is in the 2 s pause
     assert all(e - s <= 30 for s, e in bounds)
     assert 35 < speech < 41
+
+
+def _segment_rows(corpus, rec, token_limit):
+    from krasr_batch.pipeline import segment_file
+
+    row = {"file_id": rec["id"], "path": str(corpus / rec["path"]), "line": 1, "language": None,
+           "reference_text": None, "extra_json": None}
+    return [r for r in segment_file(row, SegmentOptions(), "kazakh", None, token_limit) if r["segment_index"] >= 0]
+
+
+def test_a_clip_decoded_whole_keeps_the_cards_limit_and_long_windows_get_the_budget(corpus):
+    from krasr_batch.decode import max_new_tokens_for, segment_token_limit
+
+    clip = read_jsonl(corpus / "clips.jsonl")[0]
+    (only,) = _segment_rows(corpus, clip, "fit")
+    assert only["start_s"] == 0.0 and only["max_new_tokens"] == max_new_tokens_for(only["end_s"])
+    long_rows = _segment_rows(corpus, read_jsonl(corpus / "long.jsonl")[0], "fit")
+    assert len(long_rows) > 1
+    for r in long_rows:
+        assert r["max_new_tokens"] == segment_token_limit(r["end_s"] - r["start_s"], False, "fit")
+    assert any(r["max_new_tokens"] > max_new_tokens_for(r["end_s"] - r["start_s"]) for r in long_rows)
+    card_rows = _segment_rows(corpus, read_jsonl(corpus / "long.jsonl")[0], "card")
+    assert [(r["start_s"], r["end_s"]) for r in card_rows] == [(r["start_s"], r["end_s"]) for r in long_rows]
+    assert all(r["max_new_tokens"] == max_new_tokens_for(r["end_s"] - r["start_s"]) for r in card_rows)
