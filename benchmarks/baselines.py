@@ -9,7 +9,7 @@ chunk_length_s=30 and batch_size=16 (chunks of many files batched together), the
 and max_new_tokens=128; one call per language, since a call takes one set of generate_kwargs.
 
 faster_whisper_usage: faster-whisper's BatchedInferencePipeline (Silero VAD chunks of at most 30 s, batched)
-on the same weights converted to CTranslate2 (krasr_batch.engine_ct2.converted_model), with the card's decoding settings.
+on the same weights converted to CTranslate2 (krasr_batch.engines.ctranslate2.converted_model), with the card's decoding settings.
 
 Each peer also runs as a whole command, which is how benchmarks.compare times it:
 
@@ -31,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from krasr_batch.decode import TOKEN_LIMIT_LONGEST, max_new_tokens_for
+from krasr_batch.engines.base import TOKEN_LIMIT_LONGEST, max_new_tokens_for
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def whisper_language(item: dict, default_language: str = "kazakh") -> str:
     """
     if item.get("whisper_language"):
         return item["whisper_language"]
-    from krasr_batch.decode import language_code
+    from krasr_batch.engines import language_code
 
     return language_code(item.get("language") or default_language)
 

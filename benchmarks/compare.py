@@ -146,7 +146,7 @@ def load_corpus(corpus: Path, which: str, limit: int = 0) -> list[dict]:
 
 def write_manifest(items: list[dict], path: Path) -> Path:
     """The manifest every system reads: id, path, language, its Whisper code (for faster-whisper), reference."""
-    from krasr_batch.decode import language_code
+    from krasr_batch.engines import language_code
 
     with open(path, "w", encoding="utf-8") as f:
         for it in items:
@@ -315,7 +315,7 @@ def prepare(system: str, ctx: Context) -> None:
             raise Skip(f"ctranslate2 cannot query CUDA: {e}") from e
         if gpus == 0:
             raise Skip("ctranslate2 sees no CUDA device (CPU-only build, or CUDA 12 / cuDNN 9 libraries missing)")
-    from krasr_batch.engine_ct2 import converted_model
+    from krasr_batch.engines.ctranslate2 import converted_model
 
     if not (Path(ctx.model) / "tokenizer.json").exists():
         raise Skip(f"{ctx.model} has no tokenizer.json: faster-whisper reads it beside the converted model.bin")
@@ -590,7 +590,7 @@ def resolve_device(device: str | None) -> str:
     """The device asked for, else cuda when torch sees one, else cpu."""
     if device:
         return device
-    from krasr_batch.decode import resolve_device as resolve
+    from krasr_batch.engines import resolve_device as resolve
 
     return resolve("auto")
 

@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 
 from benchmarks.baselines import audio_duration_s, card_pipeline
 from krasr_batch.audio import load_audio
-from krasr_batch.decode import max_new_tokens_for
+from krasr_batch.engines import max_new_tokens_for
 from krasr_batch.textnorm import normalize
 
 

@@ -79,7 +79,7 @@ def _timed_reorder(timers: Timers):
 def profile_transformers(model: str, inputs, threads: int) -> dict:
     import torch
 
-    from krasr_batch.decode import load_decoder
+    from krasr_batch.engines import load_decoder
     from krasr_batch.settings import DecodeOptions
 
     dec = load_decoder(DecodeOptions(model=model), "cpu", threads)
@@ -114,7 +114,7 @@ def profile_ctranslate2(model: str, inputs, threads: int) -> dict:
     import ctranslate2
     import numpy as np
 
-    from krasr_batch.decode import load_decoder
+    from krasr_batch.engines import load_decoder
     from krasr_batch.settings import DecodeOptions
 
     dec = load_decoder(DecodeOptions(model=model, engine="ctranslate2"), "cpu", threads)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--section")
     a = ap.parse_args(argv)
     from krasr_batch.audio import load_audio
-    from krasr_batch.decode import SegmentInput, max_new_tokens_for
+    from krasr_batch.engines import SegmentInput, max_new_tokens_for
 
     corpus = Path(a.corpus)
     clips = [json.loads(x) for x in (corpus / "clips.jsonl").read_text().splitlines() if x.strip()]

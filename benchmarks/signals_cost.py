@@ -29,7 +29,8 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from krasr_batch.audio import load_audio
-    from krasr_batch.decode import SegmentInput, WhisperDecoder, max_new_tokens_for
+    from krasr_batch.engines import SegmentInput, max_new_tokens_for
+    from krasr_batch.engines.transformers import WhisperDecoder
     from krasr_batch.settings import DecodeOptions
 
     corpus = Path(a.corpus)
@@ -39,7 +40,7 @@ def main() -> None:
         audio = load_audio(str(corpus / c["path"]))
         inputs.append(SegmentInput(audio, c["language"], max_new_tokens_for(len(audio) / 16000)))
     dec = WhisperDecoder(DecodeOptions(model=a.model, batch_size=a.batch_size), device="cpu")
-    import krasr_batch.decode as decode_module
+    import krasr_batch.engines.transformers as decode_module
 
     with_signals, recorder_call = dec._signals, decode_module._StepRecorder.__call__
     without = lambda out, encoded, seqs, spans, recorder: [(None, None)] * len(spans)  # noqa: E731

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from krasr_batch.decode import segment_token_limit
+from krasr_batch.engines import segment_token_limit
 from krasr_batch.segment import analyse
 from krasr_batch.settings import SegmentOptions
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from krasr_batch.decode import max_new_tokens_for  # noqa: E402
+from krasr_batch.engines import max_new_tokens_for  # noqa: E402
 from krasr_batch.manifest import FileJob, ManifestError, iter_manifest  # noqa: E402
 from krasr_batch.settings import DecodeOptions, ResourceOptions, RunSettings, SegmentOptions  # noqa: E402
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import soxr
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +314,8 @@ def _resampled(blocks: Iterator[np.ndarray], report: DecodeReport) -> Iterator[n
             out = block
         else:
             if stream is None:
+                import soxr  # here, so that importing SAMPLE_RATE needs no audio library
+
                 stream = soxr.ResampleStream(report.source_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
             out = stream.resample_chunk(block, last=False)
         if len(out):

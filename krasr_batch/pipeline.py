@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from krasr_batch import __version__
 from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
-from krasr_batch.decode import FIT_TOKENS_PER_S, SegmentInput, check_model, load_decoder, segment_token_limit
+from krasr_batch.engines import FIT_TOKENS_PER_S, SegmentInput, check_model, load_decoder, segment_token_limit
 from krasr_batch.manifest import ManifestSummary, convert_extra, normalize_manifest
 from krasr_batch.quality import compression_ratio, truncation_cause
 from krasr_batch.quality import suspect as is_suspect

@@ -3,15 +3,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from krasr_batch.decode import (
+from krasr_batch.engines import (
     FIT_TOKENS_PER_S,
     MODEL_MAX_NEW_TOKENS,
     SegmentInput,
-    WhisperDecoder,
     language_code,
     max_new_tokens_for,
     segment_token_limit,
 )
+from krasr_batch.engines.transformers import WhisperDecoder
 from krasr_batch.settings import DecodeOptions, build_settings, load_preset
 
 

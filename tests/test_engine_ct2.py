@@ -13,13 +13,13 @@ import pyarrow.dataset as pads
 import pytest
 
 from krasr_batch.audio import load_audio
-from krasr_batch.decode import SegmentInput, load_decoder, max_new_tokens_for
+from krasr_batch.engines import SegmentInput, load_decoder, max_new_tokens_for
 from krasr_batch.settings import DecodeOptions, RunSettings
 
 from .conftest import read_jsonl, run_cli, write_manifest
 
 ct2 = pytest.importorskip("ctranslate2")
-engine = pytest.importorskip("krasr_batch.engine_ct2")
+engine = pytest.importorskip("krasr_batch.engines.ctranslate2")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.baselines import card_pipeline, card_usage
 from krasr_batch.audio import load_audio
-from krasr_batch.decode import max_new_tokens_for
+from krasr_batch.engines import max_new_tokens_for
 from krasr_batch.textnorm import normalize
 
 from .conftest import read_jsonl, run_cli, write_manifest

@@ -98,7 +98,7 @@ def _segment_rows(corpus, rec, token_limit):
 
 
 def test_a_clip_decoded_whole_keeps_the_cards_limit_and_long_windows_get_the_budget(corpus):
-    from krasr_batch.decode import max_new_tokens_for, segment_token_limit
+    from krasr_batch.engines import max_new_tokens_for, segment_token_limit
 
     clip = read_jsonl(corpus / "clips.jsonl")[0]
     (only,) = _segment_rows(corpus, clip, "fit")

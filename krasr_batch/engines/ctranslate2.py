@@ -34,7 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from krasr_batch.decode import SegmentOutput, _Decoder, language_code, model_error, require_safetensors
+from krasr_batch.engines.base import (
+    Decoder,
+    SegmentOutput,
+    default_batch_size,
+    default_dtype_name,
+    language_code,
+    model_error,
+    require_safetensors,
+)
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -153,11 +161,9 @@ def _safetensors_converter(ct2, path: str, copy_files: list[str]):
 def compute_type_for(dtype: str, device: str) -> str:
     """CTranslate2's compute type for ``--dtype``: auto is float16 on CUDA and float32 on a CPU, as in the
     transformers engine; int8 is int8 weights with float16 (CUDA) or float32 (CPU) activations."""
-    if dtype == "auto":
-        return "float16" if device == "cuda" else "float32"
     if dtype == "int8":
         return "int8_float16" if device == "cuda" else "int8"
-    return dtype
+    return default_dtype_name(dtype, device)
 
 
 def ct2_max_length(max_new_tokens: int, prompt_len: int) -> int:
@@ -169,7 +175,7 @@ def ct2_max_length(max_new_tokens: int, prompt_len: int) -> int:
     return max(2 * max_new_tokens, max_new_tokens + prompt_len - 1)
 
 
-class CTranslate2Decoder(_Decoder):
+class CTranslate2Decoder(Decoder):
     """One CTranslate2 model replica; ``decode(inputs)`` as the transformers engine's."""
 
     engine = "ctranslate2"
@@ -196,7 +202,7 @@ class CTranslate2Decoder(_Decoder):
             raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
         self.prompt_tail = [task, gc.no_timestamps_token_id]
         self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
-        self.batch_size = options.batch_size or (16 if device == "cuda" else 1)
+        self.batch_size = default_batch_size(options.batch_size, device)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
 

@@ -1,0 +1,197 @@
+"""What every engine shares, written once: the segment records, the card's token limits and the "fit" policy,
+language codes, model errors, the safetensors rule, the device, dtype and batch-size defaults, and the
+public :class:`Decoder` base class.
+
+An engine (``transformers.py``, ``ctranslate2.py``) subclasses :class:`Decoder`; ``engines/__init__.py``
+imports engines lazily. Nothing here imports torch, transformers or ctranslate2 at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from krasr_batch.audio import SAMPLE_RATE
+from krasr_batch.settings import TOKEN_LIMIT_POLICIES, DecodeOptions
+
+log = logging.getLogger(__name__)
+
+# (longest segment in seconds, max_new_tokens), from the model card; longer segments get 128.
+TOKEN_LIMITS: tuple[tuple[float, int], ...] = ((5.0, 40), (10.0, 64), (15.0, 80), (20.0, 96), (25.0, 112))
+TOKEN_LIMIT_LONGEST = 128
+TOKEN_LIMIT_UNKNOWN = 96
+MODEL_MAX_NEW_TOKENS = 444  # Whisper's 448 target positions less the 4-token prompt
+
+
+# Token-limit policies (issue 17). "card": the card's table for every segment. "fit" (the default): the
+# card's table for a file decoded whole, exactly as the card decodes a short clip; a window cut from a longer
+# recording gets at least FIT_TOKENS_PER_S tokens for each of its seconds, because the card's table (8 tokens
+# a second at 5 s, 4.3 at 30 s) cuts dense speech short. "none": the model's own limit.
+# Measured with benchmarks/token_fit.py (BENCHMARKS.md, block token-fit): on dense long Kazakh, Russian and mixed
+# recordings the reference transcript of a window needs at most 9.0 tokens a second (the end-of-text token
+# included); single Kazakh sentences need 8.8 a second on average and 11.4 at most. 12 covers a window that
+# holds nothing but the densest sentence; at 30 s it is 360 tokens, below the model's own 444.
+FIT_TOKENS_PER_S = 12.0
+
+
+def max_new_tokens_for(duration_s: float | None) -> int:
+    """The card's token limit for a clip of ``duration_s`` seconds (96 when unknown)."""
+    if duration_s is None or not np.isfinite(duration_s):
+        return TOKEN_LIMIT_UNKNOWN
+    for longest, limit in TOKEN_LIMITS:
+        if duration_s <= longest:
+            return limit
+    return TOKEN_LIMIT_LONGEST
+
+
+def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit") -> int:
+    """``max_new_tokens`` for one segment of ``duration_s`` seconds under a token-limit ``policy``.
+
+    ``whole_file``: the segment is the whole file (a short clip decoded whole, as the card's usage does),
+    which keeps the card's limit under "fit" so the output equals the card's call.
+    """
+    if policy == "none":
+        return MODEL_MAX_NEW_TOKENS
+    card = max_new_tokens_for(duration_s)
+    if policy == "card" or whole_file:
+        return card
+    if policy != "fit":
+        raise ValueError(f"token limit policy must be one of {', '.join(TOKEN_LIMIT_POLICIES)}, got {policy!r}")
+    return min(MODEL_MAX_NEW_TOKENS, max(card, math.ceil(FIT_TOKENS_PER_S * duration_s)))
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    """One segment to decode: 16 kHz mono float32 samples and the language to force (None: detect)."""
+
+    audio: np.ndarray
+    language: str | None
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class SegmentOutput:
+    text: str
+    language: str
+    num_tokens: int
+    truncated: bool
+    decode_s: float  # wall seconds of the model call (features, encoder, generate, rescoring) for the batch
+    batch_size: int
+    avg_logprob: float | None = None  # mean log-probability of the text tokens and end-of-text, as Whisper reports it
+    no_speech_prob: float | None = None  # probability of <|nospeech|> right after <|startoftranscript|>
+
+
+def model_error(model: str, cause: Exception) -> RuntimeError:
+    reason = str(cause).strip().rstrip(".")
+    return RuntimeError(f"cannot load the model {model!r}: {reason}. Give --model a local folder "
+                        "(transformers format, safetensors) or a hub id reachable from here.")
+
+
+def language_code(language: str | None) -> str:
+    """Whisper's code for a language name or code ("kazakh" -> "kk"); "" when unknown."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    if not language:
+        return ""
+    lang = language.lower().strip("<|>")
+    return lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang, lang)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def default_dtype_name(dtype: str, device: str) -> str:
+    """``--dtype auto`` is float16 on CUDA and float32 on a CPU, in every engine."""
+    return ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
+
+
+def default_batch_size(batch_size: int, device: str) -> int:
+    """Segments per model call: ``--batch-size``, else 16 on a GPU and 1 on a CPU.
+
+    On a CPU, batching beam search measured no gain in transformers (1 thread, whisper-base: 41.3 s for 16
+    clips one by one, 44.6 s in fours), so CPU replicas decode one segment at a time; GPUs want wide batches.
+    """
+    return batch_size or (16 if device == "cuda" else 1)
+
+
+def require_safetensors(folder, model: str) -> None:
+    """Refuse a local model folder without .safetensors weights (krasr-batch never loads pickled weights)."""
+    if not any(Path(folder).glob("*.safetensors")):
+        raise RuntimeError(f"cannot load the model {model!r}: the folder holds no .safetensors weights "
+                           "(krasr-batch loads safetensors only)")
+
+
+class Decoder:
+    """The public base of every engine: grouping segments into batches of one token limit and one language,
+    the tokenizer, feature extractor and generation config of the model folder, and its language tokens.
+
+    An engine subclasses it, sets ``engine`` and ``batch_size`` in ``__init__`` and implements
+    ``_generate(audios, language, limit) -> [SegmentOutput]`` for one batch.
+    """
+
+    engine = ""
+
+    def __init__(self, options: DecodeOptions, device: str):
+        self.options = options
+        self.device = device
+        self.batch_size = 1
+        self.load_s = 0.0
+
+    def _load_processor(self) -> None:
+        """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id)."""
+        from transformers import GenerationConfig, WhisperProcessor
+
+        model = self.options.model
+        if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise RuntimeError(f"cannot load the model {model!r}: no such folder")
+        try:
+            self.processor = WhisperProcessor.from_pretrained(model)
+            gc = GenerationConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise model_error(model, e) from e
+        self.tokenizer = self.processor.tokenizer
+        self.feature_extractor = self.processor.feature_extractor
+        self.generation_config = gc
+        self.eos = gc.eos_token_id
+        self.lang_by_token = {v: k[2:-2] for k, v in (getattr(gc, "lang_to_id", None) or {}).items()}
+        self.task_ids = dict(getattr(gc, "task_to_id", None) or {})
+        self.prompt_ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None),
+                           *self.lang_by_token, *self.task_ids.values()} - {None}
+        no_speech = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
+        self.no_speech_id = next((t for t in no_speech if t is not None and t != self.tokenizer.unk_token_id), None)
+
+    def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
+        """Decode segments in batches that share one token limit and one language; results in input order."""
+        groups: dict[tuple[str | None, int], list[int]] = defaultdict(list)
+        for i, x in enumerate(inputs):
+            groups[(x.language, x.max_new_tokens)].append(i)
+        out: list[SegmentOutput | None] = [None] * len(inputs)
+        for (language, limit), idx in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k:k + self.batch_size]
+                for i, r in zip(chunk, self._generate([inputs[i].audio for i in chunk], language, limit)):
+                    out[i] = r
+        return out  # type: ignore[return-value]
+
+    def _features(self, audios: list[np.ndarray], tensors: str):
+        """Whisper's log-mel features of each segment, padded to 30 s, as the card's pipeline computes them."""
+        return self.feature_extractor(
+            [a if len(a) else np.zeros(1, np.float32) for a in audios], sampling_rate=SAMPLE_RATE,
+            return_tensors=tensors, return_attention_mask=True)
+
+    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+        raise NotImplementedError

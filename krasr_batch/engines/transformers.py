@@ -1,0 +1,166 @@
+"""The transformers engine (``--engine transformers``): one model replica making the card's very call.
+
+The card's usage is the transformers ASR pipeline; this engine makes the same model call on batches of
+segments from many files: the same log-mel features (WhisperFeatureExtractor, 30 s windows), the same
+generate() settings, and the segment's ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from krasr_batch.engines.base import (
+    Decoder,
+    SegmentOutput,
+    default_batch_size,
+    default_dtype_name,
+    language_code,
+    model_error,
+    resolve_device,
+)
+from krasr_batch.settings import DecodeOptions
+
+log = logging.getLogger(__name__)
+
+
+class WhisperDecoder(Decoder):
+    """The transformers engine: one model replica, the card's very call. Load once, then ``decode(inputs)``."""
+
+    engine = "transformers"
+
+    def __init__(self, options: DecodeOptions, device: str = "auto"):
+        import torch
+        from transformers import WhisperForConditionalGeneration
+
+        super().__init__(options, resolve_device(device))
+        if options.dtype == "int8" and self.device != "cpu":
+            raise RuntimeError("--dtype int8 (dynamic quantization) runs on the CPU only; use float16 on a GPU")
+        if options.dtype == "int8":
+            self.dtype = torch.float32  # activations stay float32; the linear layers' weights become int8
+        else:
+            self.dtype = getattr(torch, default_dtype_name(options.dtype, self.device))
+        t0 = time.perf_counter()
+        self._load_processor()
+        try:
+            self.model = WhisperForConditionalGeneration.from_pretrained(
+                options.model, dtype=self.dtype, attn_implementation="sdpa", use_safetensors=True,
+                trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise model_error(options.model, e) from e
+        self.model.to(self.device).eval()
+        if options.dtype == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._encoded = None
+        self.model.model.encoder.register_forward_hook(self._keep_encoder_output)
+        self.batch_size = default_batch_size(options.batch_size, self.device)
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
+
+    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+        import torch
+
+        t0 = time.perf_counter()
+        feats = self._features(audios, "pt")
+        kwargs = dict(task=self.options.task, num_beams=self.options.beams,
+                      no_repeat_ngram_size=self.options.no_repeat_ngram_size,
+                      repetition_penalty=self.options.repetition_penalty, max_new_tokens=limit)
+        if language is not None:
+            kwargs["language"] = language
+        with torch.inference_mode():
+            from transformers import LogitsProcessorList
+
+            features = feats["input_features"].to(self.device, self.dtype)
+            self._encoded = None
+            recorder = _StepRecorder(max(2, 2 * self.options.beams))
+            out = self.model.generate(
+                features, attention_mask=feats["attention_mask"].to(self.device), return_dict_in_generate=True,
+                logits_processor=LogitsProcessorList([recorder]), **kwargs)
+            encoded, self._encoded = self._encoded, None  # kept by the hook for the no-speech step
+            seqs = out if isinstance(out, torch.Tensor) else out["sequences"]
+            if seqs.shape[0] != len(audios) and len(audios) > 1:  # seen with random weights: decode one by one
+                log.warning("generate() returned %d rows for %d inputs; decoding them one at a time",
+                            seqs.shape[0], len(audios))
+                return [r for a in audios for r in self._generate([a], language, limit)]
+            rows = seqs.tolist()
+            spans = [self._split(row) for row in rows]
+            signals = self._signals(out, encoded, seqs, spans, recorder)
+        decode_s = time.perf_counter() - t0
+        texts = self.tokenizer.batch_decode(seqs.cpu(), skip_special_tokens=True)
+        results = []
+        for text, (start, end, ended, lang), (avg_lp, nsp) in zip(texts, spans, signals):
+            results.append(SegmentOutput(text.strip(), lang or language_code(language), end - start, not ended,
+                                         decode_s, len(audios), avg_lp, nsp))
+        return results
+
+    def _keep_encoder_output(self, module, args, output) -> None:
+        """Forward hook: keep the encoder's output of the generate() call for the no-speech step."""
+        self._encoded = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _split(self, row: list[int]) -> tuple[int, int, bool, str]:
+        """(first text token, end of text, ended with end-of-text, language code) of one output row."""
+        k, lang = 0, ""
+        while k < len(row) and row[k] in self.prompt_ids:  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
+            lang = self.lang_by_token.get(row[k], lang)
+            k += 1
+        end = row.index(self.eos, k) if self.eos in row[k:] else len(row)
+        return k, end, end < len(row), lang
+
+    def _signals(self, out, encoded, seqs, spans, recorder: _StepRecorder) -> list[tuple[float | None, float | None]]:
+        """Whisper's avg_logprob and no_speech_prob for each output row, at almost no cost.
+
+        avg_logprob: the mean log-probability of the text tokens and end-of-text as the decoder scored them
+        when it chose them (Whisper's own definition; the scores are after the card's logits processors, so a
+        repeated token carries the repetition penalty), looked up in what ``recorder`` kept of every step and
+        followed through beam search's ``beam_indices``. no_speech_prob: one decoder step at
+        <|startoftranscript|> over generate()'s own encoder output (kept by a forward hook).
+        """
+        import torch
+
+        n = len(spans)
+        avg: list[float | None] = [None] * n
+        nsp: list[float | None] = [None] * n
+        prompt = spans[0][0]
+        if recorder.ids and prompt and all(sp[0] == prompt for sp in spans):
+            ids = torch.stack(recorder.ids)  # (steps, rows, k)
+            vals = torch.stack(recorder.values)
+            steps = ids.shape[0]
+            beams = getattr(out, "beam_indices", None) if not isinstance(out, torch.Tensor) else None
+            for b, (start, end, ended, _) in enumerate(spans):
+                m = min(end - start + (1 if ended else 0), steps)  # text tokens, and end-of-text when there
+                if m <= 0:
+                    continue
+                t = torch.arange(m, device=ids.device)
+                rows = beams[b, :m].to(ids.device) if beams is not None else torch.full_like(t, b)
+                if (rows < 0).any():
+                    continue
+                tokens = seqs[b, start:start + m].to(ids.device)
+                hit = ids[t, rows] == tokens[:, None]  # (m, k): the chosen token among the row's best k
+                if hit.any(dim=1).all():
+                    avg[b] = float((vals[t, rows] * hit).sum() / m)
+        if encoded is not None and self.no_speech_id is not None and encoded.shape[0] == seqs.shape[0]:
+            hidden = self.model.model.decoder(input_ids=seqs[:, :1], encoder_hidden_states=encoded,
+                                              use_cache=False).last_hidden_state
+            probs = torch.softmax(self.model.proj_out(hidden[:, 0]).float(), dim=-1)[:, self.no_speech_id]
+            nsp = [float(x) for x in probs.cpu()]
+        return list(zip(avg, nsp))
+
+
+class _StepRecorder:
+    """A logits processor (placed after the card's) that keeps, per decoding step and hypothesis, the k best
+    tokens and their processed log-probabilities; beam search only ever chooses among a row's 2*beams best."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.ids: list = []
+        self.values: list = []
+
+    def __call__(self, input_ids, scores):
+        v, i = scores.topk(self.k, dim=-1)
+        self.ids.append(i)
+        self.values.append(v)
+        return scores
