@@ -59,6 +59,12 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     assert "download.pytorch.org/whl/cpu" in " ".join(config["head_setup_commands"])
     mounted = {remote: local for remote, local in config["file_mounts"].items()}
     assert any(remote in " ".join(config["worker_setup_commands"]) for remote in mounted)
+    # token authentication on every node, the token from the user's home directory (never the repository)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert all("RAY_AUTH_MODE=token" in c for c in commands if "ray start" in c)
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert mounted.get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "disabled" not in (REPO / "cluster.yaml").read_text()
 
 
 # ---------------------------------------------------------------- placement (no cluster needed)
