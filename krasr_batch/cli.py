@@ -64,6 +64,10 @@ def _fail(message: str, code: int) -> None:
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
               help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")
+@click.option("--stall-timeout", "stall_timeout", type=click.FloatRange(min=0.0), metavar="SECONDS",
+              help="Stop (exit 1, finished files kept) once no result has come back for this long while Ray holds "
+                   "work that no node has room for; the progress line names it after 2 minutes. 0: wait "
+                   "forever. [default: 600]")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds instead of resuming it.")
 @click.option("--flush-s", type=click.FloatRange(min=0.0), hidden=True, help="Commit finished files at least this often.")
 @click.option("--flush-files", type=click.IntRange(min=1), hidden=True, help="Commit once this many files are finished.")
@@ -73,6 +77,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
 
     Rerunning the same command with the same --out continues where the last run stopped.
     """
+    from krasr_batch.cluster import ClusterAuthError
     from krasr_batch.manifest import ManifestError
     from krasr_batch.pipeline import ModelUnavailable, RunAborted, SettingsMismatch
     from krasr_batch.pipeline import run as run_pipeline
@@ -102,7 +107,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress)
     except ManifestError as e:
         _fail(str(e), EXIT_USAGE)
-    except (SettingsMismatch, ModelUnavailable) as e:
+    except (SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
         _fail(str(e), EXIT_USAGE)
     except RunAborted as e:
         _fail(str(e), EXIT_FAILED_RUN)

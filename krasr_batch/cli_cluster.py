@@ -151,17 +151,32 @@ def _job_preset(job: str, dest_dir: str) -> tuple[dict[str, Any], str]:
 
 
 def _client(address: str | None):
+    from krasr_batch.cluster import AUTH_MODE_ENV, auth_refused, is_auth_failure, token_source, use_cluster_token
+
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:  # pragma: no cover - depends on the install
         _fail(f"the Ray Jobs client needs ray[default]: pip install 'ray[default]' ({e})", EXIT_USAGE)
     # importing ray configured its loggers at INFO; keep the SDK's upload chatter to -v
     logging.getLogger("ray").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.WARNING))
+    use_cluster_token()  # a token this process has goes to the cluster, also with RAY_AUTH_MODE unset
+    if os.environ.get(AUTH_MODE_ENV, "").lower() == "token" and token_source() is None:
+        _fail(str(auth_refused(address)), EXIT_USAGE)  # Ray would send nothing, after a warning of its own
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection refused, wrong URL, version mismatch, ...
+        if is_auth_failure(e):
+            _fail(str(auth_refused(address)), EXIT_USAGE)
         _fail(f"cannot reach the Ray Jobs API at {address or '$RAY_API_SERVER_ADDRESS / $RAY_ADDRESS'}: {e}",
               EXIT_FAILED_RUN)
+
+
+def _refused_token(e: Exception, address: str | None) -> None:
+    """Exit 2 with the one-line message if the Jobs API turned this request away for its token."""
+    from krasr_batch.cluster import auth_refused, is_auth_failure
+
+    if is_auth_failure(e):
+        _fail(str(auth_refused(address)), EXIT_USAGE)
 
 
 def _job_exit_code(info) -> int:
@@ -271,6 +286,7 @@ def submit(ctx: click.Context, address: str | None, submission_id: str | None, f
                 entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                 metadata={"krasr_batch": __version__, "manifest": str(manifest), "out": str(out)})
         except Exception as e:  # noqa: BLE001 - rejected by the cluster (duplicate id, runtime_env too large, ...)
+            _refused_token(e, address)
             _fail(f"the cluster refused the job: {e}", EXIT_FAILED_RUN)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -303,6 +319,7 @@ def status(job_id: str, address: str | None, wait: bool) -> None:
     try:
         info = _wait(client, job_id) if wait else client.get_job_info(job_id)
     except RuntimeError as e:  # unknown job: the API answers 404
+        _refused_token(e, address)
         _fail(f"no job {job_id} on {address or 'the cluster'}: {e}", EXIT_USAGE)
     exit_code = getattr(info, "driver_exit_code", None)
     click.echo(f"{job_id}\t{info.status}" + (f"\texit {exit_code}" if exit_code is not None else ""))
@@ -324,6 +341,7 @@ def logs(job_id: str, address: str | None, follow: bool) -> None:
     try:
         client.get_job_info(job_id)
     except RuntimeError as e:
+        _refused_token(e, address)
         _fail(f"no job {job_id} on {address or 'the cluster'}: {e}", EXIT_USAGE)
     if not follow:
         click.echo(client.get_job_logs(job_id), nl=False)

@@ -57,54 +57,340 @@ def driver_runtime_env(ship_code: bool) -> dict[str, Any] | None:
     return code_runtime_env(ship_code) or None
 
 
+# ---------------------------------------------------------------- placement over node shapes
+
+UNIT = 10_000  # Ray counts resources in units of 1/10000
+MAX_CPU_ACTORS = 32
+READ_CPUS = 0.05  # the manifest read: a small Parquet file
+REPARTITION_CPUS = 0.05  # the two repartitions only re-slice blocks (Ray Data's default would be a whole CPU)
+SEGMENT_CPUS_ON_CPU_CLUSTER = 0.5  # decode + VAD is a small fraction of CPU decoding work
+SEGMENT_CPUS_ON_GPU_CLUSTER = 1.0  # next to a GPU, decoding audio is what keeps the model fed
+MIN_SEGMENT_CPUS = 0.05
+MIN_ACTOR_CPUS = 0.01  # a Ray CPU share is a scheduling token; the actor's threads are set apart
+
+
+def _units(x: float) -> int:
+    return int(round(float(x) * UNIT))
+
+
 @dataclass(frozen=True)
 class Placement:
-    """Where and how wide the model stage runs."""
+    """What every stage of the run asks Ray for, and how many model actors there are."""
 
     use_gpu: bool
     actors: int
-    ray_args: dict[str, Any]  # num_gpus / num_cpus / resources for map_batches
+    ray_args: dict[str, Any]  # num_gpus / num_cpus / resources for the model stage's map_batches
     threads: int | None  # torch threads per CPU actor
-    segment_cpus: float = 1.0  # Ray CPUs each decode-and-segment task asks for
+    segment_cpus: float = SEGMENT_CPUS_ON_CPU_CLUSTER  # each decode-and-segment task
+    read_cpus: float = READ_CPUS  # each manifest read task
+    repartition_cpus: float = REPARTITION_CPUS  # each task of either repartition
+    problem: str | None = None  # why this plan may not fit the nodes it was made for (None: it does)
+
+    def actor_request(self) -> dict[str, float]:
+        """One model actor's Ray resources, as Ray lists them (``{"CPU": .., "GPU": .., NAME: ..}``)."""
+        req = {"CPU": float(self.ray_args.get("num_cpus", 0))}
+        if self.ray_args.get("num_gpus"):
+            req["GPU"] = float(self.ray_args["num_gpus"])
+        req.update(self.ray_args.get("resources", {}))
+        return req
+
+    def task_requests(self) -> dict[str, dict[str, float]]:
+        """One task of every stage that is not the model actors, by stage."""
+        return {"read manifest": {"CPU": self.read_cpus}, "repartition (files)": {"CPU": self.repartition_cpus},
+                "decode and segment": {"CPU": self.segment_cpus},
+                "repartition (model batches)": {"CPU": self.repartition_cpus}}
+
+    def describe(self) -> str:
+        tasks = ", ".join(f"{k} {v['CPU']:g}" for k, v in self.task_requests().items())
+        return f"{self.actors} model actor(s) of {self.actor_request()}; CPUs per task: {tasks}"
 
 
-MAX_CPU_ACTORS = 32
-SEGMENT_CPUS_ON_CPU_CLUSTER = 0.5  # decode + VAD is a small fraction of CPU decoding work
+def _actor_cap(node: dict[str, float], use_gpu: bool, resource: str | None) -> int | None:
+    """How many model actors a node could hold by its GPUs / custom resource (None: no such limit)."""
+    cap = None
+    if use_gpu:
+        cap = int(node.get("GPU", 0) + 1e-9)
+    if resource:
+        r = int(node.get(resource, 0) + 1e-9)
+        cap = r if cap is None else min(cap, r)
+    return cap
 
 
-def plan_placement(cluster: dict[str, float], nodes: list[dict[str, float]], device: str, actors: int,
-                   actor_resource: str | None) -> Placement:
-    """Model-actor placement from the cluster's resources (``ray.cluster_resources()`` and each alive node's).
+def _max_actors(cpu_u: int, cap: int | None, a_u: int, n: int) -> int:
+    most = n if cap is None else min(cap, n)
+    return min(most, cpu_u // a_u) if a_u > 0 else most
+
+
+def fits(nodes: list[dict[str, float]], place: Placement) -> bool:
+    """True if, however Ray spreads the model actors over ``nodes``, every actor and one task of each other
+    stage can run at the same time (the condition ``plan_placement`` plans for). See ``_feasible``."""
+    res = _resource_of(place)
+    return _feasible(nodes, _units(place.actor_request()["CPU"]), _task_units(place), place.use_gpu, res,
+                     place.actors, _capacity_target(nodes, place.use_gpu, res, place.actors))
+
+
+def _resource_of(place: Placement) -> str | None:
+    return next(iter(place.ray_args.get("resources") or {}), None)
+
+
+def _task_units(place: Placement) -> int:
+    return sum(_units(r["CPU"]) for r in place.task_requests().values())
+
+
+def _capacity_target(nodes: list[dict[str, float]], use_gpu: bool, resource: str | None, n: int) -> int:
+    """Actors the nodes seen now must hold: all of them, or as many as their GPUs / resource units allow
+    (an autoscaler adds nodes for the others)."""
+    caps = [_actor_cap(nd, use_gpu, resource) for nd in nodes]
+    if any(c is None for c in caps):
+        return n
+    return min(n, sum(caps))  # type: ignore[arg-type]
+
+
+def _feasible(nodes, a_u: int, t_u: int, use_gpu: bool, resource: str | None, n: int, target: int) -> bool:
+    """Integer (Ray unit) check of a plan: actors of ``a_u`` CPU, ``t_u`` CPU for one task of each stage.
+
+    - the nodes can hold ``target`` actors at once;
+    - no spread of the ``n`` actors leaves every node with less than ``t_u`` CPU free. Ray places actors
+      where it likes and they never move, so this is checked against the worst spread: to take node ``i``
+      below ``t_u`` free takes ``need_i`` actors on it; that fails where the node cannot hold ``need_i``
+      (then it always keeps room), and in all if the ``need_i`` add up to more than ``n``.
+    """
+    held, need_all, always_room = 0, 0, False
+    for nd in nodes:
+        cpu_u = _units(nd.get("CPU", 0))
+        most = _max_actors(cpu_u, _actor_cap(nd, use_gpu, resource), a_u, n)
+        held += most
+        if cpu_u < t_u:
+            continue  # never room for the tasks, whatever runs there
+        need = (cpu_u - t_u) // a_u + 1 if a_u > 0 else n + 1
+        if need > most:
+            always_room = True
+        need_all += need
+    return held >= target and (always_room or need_all > n)
+
+
+def _best_share(nodes, a_pref: float, t_u: int, use_gpu: bool, resource: str | None, n: int,
+                target: int) -> int | None:
+    """The largest actor CPU share (units, at most ``a_pref``) for which ``_feasible`` holds, or None.
+
+    ``_feasible`` only changes where a node's actor count (``CPU / m``) or the count that takes it below
+    the tasks' room (``(CPU - tasks) / m``) steps, so the best share is ``a_pref`` or at one of those steps.
+    """
+    lo, hi = _units(MIN_ACTOR_CPUS), _units(a_pref)
+    cands = {hi}
+    for nd in nodes:
+        cpu_u = _units(nd.get("CPU", 0))
+        cap = _actor_cap(nd, use_gpu, resource)
+        top = min(n if cap is None else min(cap, n), cpu_u // lo) + 1
+        for m in range(1, top + 1):
+            for b in ((cpu_u - t_u) // m, cpu_u // m):
+                cands.update((b, b - 1))
+    for a_u in sorted((c for c in cands if lo <= c <= hi), reverse=True):
+        if _feasible(nodes, a_u, t_u, use_gpu, resource, n, target):
+            return a_u
+    return None
+
+
+def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, actor_resource: str | None) -> Placement:
+    """What each stage asks Ray for, from the shapes of the cluster's alive nodes (``ray.nodes()`` resources).
+
+    Pure: the same node shapes always give the same plan. The plan holds whatever node each actor lands on:
+    every node keeps room for one task of each other stage (manifest read, both repartitions,
+    decode-and-segment) with as many actors on it as it could hold, so the model actors, which hold their
+    resources for the whole run, can never starve the stages that feed them (see ``fits``).
 
     - GPUs present (or ``device="cuda"``, e.g. an autoscaling GPU group still at zero): one actor per GPU,
-      each with ``num_gpus=1``, so actors only land on GPU nodes; ``actors`` (>0) overrides the count.
-    - no GPUs: CPU actors; by default one single-threaded replica per CPU (up to 32), which measured
-      2.7x the throughput of one replica with two threads on a 2-core machine (beam search's small
-      matrices do not scale over threads; see BENCHMARKS.md). The actors' Ray CPUs are fractional so that
-      the manifest read and the decode-and-segment tasks (0.5 CPU each) always find room. With ``actor_resource``: one per unit,
-      each with the CPUs of its node shared out.
+      each with ``num_gpus=1`` and up to 1 CPU, so actors only land on GPU nodes; ``actors`` (>0) overrides
+      the count.
+    - no GPUs: CPU actors; by default one single-threaded replica per CPU of each node (up to 32), which
+      measured 2.7x the throughput of one replica with two threads on a 2-core machine (beam search's small
+      matrices do not scale over threads; see BENCHMARKS.md). Their Ray CPUs are fractional: each node keeps
+      one task of every other stage free, and nodes above 8 CPUs an eighth of their CPUs for decoding audio.
     - ``actor_resource``: each actor also needs one unit of that custom Ray resource, so actors land only on
-      nodes started with it (``ray start --resources='{"asr": 1}'``).
+      nodes started with it (``ray start --resources='{"asr": 1}'``); by default one actor per unit.
     """
-    gpus = int(cluster.get("GPU", 0))
-    cpus = int(cluster.get("CPU", 0))
-    use_gpu = device == "cuda" or (gpus > 0 and device != "cpu")
-    extra = {"resources": {actor_resource: 1}} if actor_resource else {}
-    units = int(cluster.get(actor_resource, 0)) if actor_resource else 0
+    nodes = [dict(nd) for nd in nodes]
+    use_gpu = device == "cuda" or (sum(int(nd.get("GPU", 0)) for nd in nodes) > 0 and device != "cpu")
+    res = actor_resource
+    caps = [_actor_cap(nd, use_gpu, res) for nd in nodes]
+    hosts = [(nd, c) for nd, c in zip(nodes, caps) if c is None or c >= 1]
+    fixed = 0.0 + READ_CPUS + 2 * REPARTITION_CPUS
+
+    def reserve(cpu: float, seg: float) -> float:
+        return max(fixed + seg, cpu / 8 if cpu > 8 else 0.0)
+
+    if use_gpu or res:
+        n = actors or max(1, sum(c for _, c in hosts if c is not None))
+        a_pref = 1.0 if use_gpu else min(
+            [(nd.get("CPU", 0) - reserve(nd.get("CPU", 0), SEGMENT_CPUS_ON_CPU_CLUSTER)) / min(c, n)
+             for nd, c in hosts if c] or [1.0])
+    else:
+        per_node = [int(nd.get("CPU", 0)) for nd in nodes if nd.get("CPU", 0) >= 1]
+        n = actors or max(1, min(sum(per_node), MAX_CPU_ACTORS))
+        shares = [(nd.get("CPU", 0) - reserve(nd.get("CPU", 0), SEGMENT_CPUS_ON_CPU_CLUSTER)) / int(nd["CPU"])
+                  for nd in nodes if nd.get("CPU", 0) >= 1]
+        if actors:  # fewer, wider replicas: as wide as the largest node allows
+            shares = [max(nd.get("CPU", 0) - reserve(nd.get("CPU", 0), SEGMENT_CPUS_ON_CPU_CLUSTER)
+                          for nd in nodes)]
+        a_pref = min(shares) if shares else 1.0
+    a_pref = max(a_pref, MIN_ACTOR_CPUS)
+    target = _capacity_target(nodes, use_gpu, res, n)
+
+    seg = SEGMENT_CPUS_ON_GPU_CLUSTER if use_gpu else SEGMENT_CPUS_ON_CPU_CLUSTER
+    share_u, problem = None, None
+    while share_u is None and seg >= MIN_SEGMENT_CPUS - 1e-9:
+        share_u = _best_share(nodes, a_pref, _units(fixed + seg), use_gpu, res, n, target)
+        if share_u is None:
+            seg = round(seg / 2, 4)
+    if share_u is None:
+        seg = MIN_SEGMENT_CPUS
+        share_u = _units(a_pref)
+        problem = (f"no actor size lets {n} model actor(s) and one task of each other stage run at once on "
+                   "these nodes")
+    if not hosts:
+        need = "a GPU" if use_gpu else ""
+        if res:
+            need = f"{need} and the resource {res!r}" if need else f"the resource {res!r}"
+        problem = f"no node has {need} yet: the model actors wait for a node that has it"
+    share = share_u / UNIT
+    extra = {"resources": {res: 1}} if res else {}
     if use_gpu:
-        default = gpus if gpus > 0 else 1
-        if actor_resource and units:
-            default = min(default, units)
-        return Placement(True, actors or default, {"num_gpus": 1, "num_cpus": 1, **extra}, None, 1.0)
-    if actor_resource:
-        n = actors or max(units, 1)
-        hosts = [nd for nd in nodes if nd.get(actor_resource, 0) >= 1]
-        # the smallest host decides: every actor must fit on any node that has the resource
-        per_node = [max(1, int(nd.get("CPU", 1)) // max(1, min(int(nd[actor_resource]), n))) for nd in hosts]
-        per_actor = min(per_node) if per_node else 1
-        return Placement(False, n, {"num_cpus": per_actor, **extra}, per_actor, SEGMENT_CPUS_ON_CPU_CLUSTER)
-    n = actors or max(1, min(cpus, MAX_CPU_ACTORS))
-    reserve = 1.0 if cpus <= 8 else cpus / 8  # room for the manifest read and the segment tasks
-    share = max(0.1, (cpus - reserve) / n)
-    return Placement(False, n, {"num_cpus": round(share, 3), **extra}, max(1, round(share)),
-                     SEGMENT_CPUS_ON_CPU_CLUSTER)
+        return Placement(True, n, {"num_gpus": 1, "num_cpus": share, **extra}, None, seg, problem=problem)
+    return Placement(False, n, {"num_cpus": share, **extra}, max(1, round(share)), seg, problem=problem)
+
+
+# ---------------------------------------------------------------- token authentication
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+TOKEN_LOOKUP = ("$RAY_AUTH_TOKEN, else the file named by $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token "
+                "(`ray get-auth-token` on the head node prints the cluster's token)")
+
+
+class ClusterAuthError(RuntimeError):
+    """The cluster wants a token this process does not have, or refused the one it sent."""
+
+
+def default_token_path() -> str:
+    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def token_source() -> str | None:
+    """Where Ray will read this process's token from, in Ray's own order; None when there is none."""
+    if os.environ.get(TOKEN_ENV):
+        return f"${TOKEN_ENV}"
+    path = os.environ.get(TOKEN_PATH_ENV)
+    if path:
+        return f"${TOKEN_PATH_ENV} ({path})"
+    if os.path.isfile(default_token_path()):
+        return default_token_path().replace(os.path.expanduser("~"), "~", 1)
+    return None
+
+
+def use_cluster_token() -> None:
+    """Send a token to the cluster whenever this process has one, as Ray itself does for ``address="auto"``.
+
+    Ray's clients send a token only with ``RAY_AUTH_MODE=token`` in their environment; for an explicit
+    address (``--address HOST:6379``, the Jobs API's ``http://HOST:8265``) they otherwise connect without
+    one and a cluster with token authentication turns them away. An explicit ``RAY_AUTH_MODE`` is kept.
+    """
+    if os.environ.get(AUTH_MODE_ENV) is not None or token_source() is None:
+        return
+    os.environ[AUTH_MODE_ENV] = "token"
+    import sys
+
+    if "ray._raylet" in sys.modules:  # Ray's config was read already: read it again with token mode on
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def auth_refused(address: str | None, detail: str = "") -> ClusterAuthError:
+    """The one-line error for a cluster that refused this process's token (or got none)."""
+    src = token_source()
+    sent = f"the token from {src}" if src else "no token (none was found)"
+    where = f" at {address}" if address else ""
+    return ClusterAuthError(f"the Ray cluster{where} refused the authentication token: krasr-batch sent {sent}. "
+                            f"The token is looked up in {TOKEN_LOOKUP}" + (f" [{detail}]" if detail else ""))
+
+
+_AUTH_MARKERS = ("InvalidAuthToken", "Unauthenticated", "authentication token", "Authentication required",
+                 "Authentication failed")
+
+
+def is_auth_failure(exc: BaseException, output: str = "") -> bool:
+    """True for a failure to connect that the cluster's token authentication caused."""
+    if type(exc).__name__ == "AuthenticationError":
+        return True
+    text = f"{exc}\n{output}"
+    return any(m in text for m in _AUTH_MARKERS)
+
+
+# ---------------------------------------------------------------- what Ray cannot place
+
+@dataclass(frozen=True)
+class Demand:
+    """Requests of one shape that Ray holds pending: ``count`` of ``bundle``."""
+
+    bundle: dict[str, float]
+    count: int
+
+    def describe(self) -> str:
+        shape = ", ".join(f"{k}: {v:g}" for k, v in sorted(self.bundle.items()))
+        return f"{{{shape}}} x{self.count}"
+
+
+def unplaceable(demands: list[Demand], free: list[dict[str, float]]) -> list[Demand]:
+    """The pending demands that no node has the free resources for right now (pure)."""
+
+    def fits_on(bundle: dict[str, float], node: dict[str, float]) -> bool:
+        return all(_units(node.get(k, 0)) >= _units(v) for k, v in bundle.items() if v > 0)
+
+    return [d for d in demands if not any(fits_on(d.bundle, nd) for nd in free)]
+
+
+@dataclass(frozen=True)
+class ClusterDemand:
+    pending: list[Demand]  # what Ray is waiting to place
+    free: list[dict[str, float]]  # free resources of each alive node
+    launching: bool  # an autoscaler is starting nodes
+
+
+def read_cluster_demand() -> ClusterDemand | None:
+    """Pending resource demands and each node's free resources, as ``ray status`` shows them (GCS).
+
+    None when this Ray cannot say (no connection, an older API): the caller then assumes nothing is stuck.
+    """
+    try:
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+        pending = [Demand(dict(b.bundle), int(b.count))
+                   for group in (status.resource_demands.ray_task_actor_demand
+                                 + status.resource_demands.placement_group_demand)
+                   for b in group.bundles_by_count]
+        free = [{u.resource_name: u.total - u.used for u in node.resource_usage.usage}
+                for node in status.active_nodes + status.idle_nodes]
+        return ClusterDemand(pending, free, bool(status.pending_launches or status.pending_nodes))
+    except Exception as e:  # noqa: BLE001 - diagnostics only: never stop a run over them
+        log.debug("cannot read the cluster's resource demands: %s", e)
+        return None
+
+
+def placement_advice(stuck: list[Demand], actor_resource: str | None) -> str:
+    """What to change so that these demands can be placed."""
+    keys = {k for d in stuck for k in d.bundle}
+    tips = []
+    if "GPU" in keys:
+        tips.append("add GPU nodes (or let the autoscaler start them), or run with --device cpu")
+    custom = sorted(k for k in keys if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                    and not k.startswith("node:"))
+    for k in custom:
+        tips.append(f"start nodes with the resource (ray start --resources='{{\"{k}\": 1}}')"
+                    + (" or drop --actor-resource" if k == actor_resource else ""))
+    if "CPU" in keys:
+        tips.append("give the cluster nodes with more free CPUs, or fewer --actors (the model actors hold "
+                    "their CPUs for the whole run)")
+    return "; ".join(tips) or "check `ray status` for what holds the cluster's resources"

@@ -219,6 +219,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.last = 0.0
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.notice: str | None = None  # e.g. what Ray cannot place, shown after the counts
 
     def line(self) -> str:
         s = self.stats
@@ -230,7 +231,8 @@ class Progress:
         return (f"files {s.files_done + s.skipped_files}/{s.total_files} ({s.files_failed} failed, "
                 f"{s.files_committed + s.skipped_files} committed)  "
                 f"audio {s.audio_s / 3600:.2f} h  segments {s.segments}  "
-                f"RTFx {s.audio_s / wall if wall > 0 else 0:.1f}  elapsed {time.strftime('%H:%M:%S', time.gmtime(wall))}  ETA {eta_txt}")
+                f"RTFx {s.audio_s / wall if wall > 0 else 0:.1f}  elapsed {time.strftime('%H:%M:%S', time.gmtime(wall))}  ETA {eta_txt}"
+                + (f"  {self.notice}" if self.notice else ""))
 
     def update(self, force: bool = False) -> None:
         if not self.enabled:
@@ -342,13 +344,49 @@ def _init_ray(settings: RunSettings):
     res = settings.resources
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if res.address:
-        from krasr_batch.cluster import driver_runtime_env
+        from krasr_batch.cluster import auth_refused, driver_runtime_env, is_auth_failure, use_cluster_token
 
-        # workers import krasr_batch: ship this process's copy (and the storage endpoint) to the cluster
-        ray.init(address=res.address, runtime_env=driver_runtime_env(res.ship_code), **kwargs)
+        use_cluster_token()  # a token this process has goes to the cluster, as Ray does for "auto"
+        # workers import krasr_batch: ship this process's copy (and the storage endpoint) to the cluster.
+        # Ray's C++ client writes its connection retries to stderr: held back, so that a refused token
+        # ends in one line, and shown for any other failure.
+        with _stderr_captured() as said:
+            try:
+                ray.init(address=res.address, runtime_env=driver_runtime_env(res.ship_code), **kwargs)
+                error = None
+            except Exception as e:  # noqa: BLE001 - sorted out below
+                error = e
+        if error is not None:
+            if is_auth_failure(error, said()):
+                raise auth_refused(res.address) from None
+            sys.stderr.write(said())
+            raise RunAborted(f"cannot connect to the Ray cluster at {res.address}: {error}") from error
+        sys.stderr.write(said())
     else:
         ray.init(num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
     return True
+
+
+class _stderr_captured:
+    """Holds back what this process (Python or C++) writes to file descriptor 2; ``said()`` returns it."""
+
+    def __enter__(self):
+        import tempfile
+
+        sys.stderr.flush()
+        self._tmp = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        self._text = ""
+        return lambda: self._text
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self._text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
 
 
 def _versions() -> dict[str, str]:
@@ -465,12 +503,13 @@ def _tally_output(layout: OutputLayout, stats: RunStats) -> None:
             stats.output_failures_by_kind.setdefault(kind or "error", []).append(fid)
 
 
-def _read_manifest(normalized: str, settings: RunSettings):
+def _read_manifest(normalized: str, settings: RunSettings, read_cpus: float = 0.25):
     """The normalized manifest as a Ray Dataset, readable wherever the read tasks run.
 
-    A URI is read by the cluster's tasks (with krasr-batch's filesystem: endpoint, region). A local file
-    connected to a cluster (``--address``) may exist on the driver's machine only, so the driver reads its
-    row groups and puts them in the object store.
+    A URI is read by the cluster's tasks (with krasr-batch's filesystem: endpoint, region), each asking
+    for ``read_cpus``. A local file connected to a cluster (``--address``) may exist on the driver's machine
+    only, so the driver reads its row groups and puts them in the object store as they are (``from_blocks``
+    runs no task; ``from_arrow_refs`` would run one of a whole CPU per row group to read its metadata).
     """
     import pyarrow.parquet as pq
     import ray
@@ -479,9 +518,27 @@ def _read_manifest(normalized: str, settings: RunSettings):
 
     if is_uri(normalized) or not settings.resources.address:
         fs, p = filesystem(normalized)
-        return ray.data.read_parquet(p, filesystem=fs, num_cpus=0.25)  # a small file: never block the actors
+        return ray.data.read_parquet(p, filesystem=fs, num_cpus=read_cpus)  # a small file: never block the actors
     pf = pq.ParquetFile(normalized)
-    return ray.data.from_arrow_refs([ray.put(pf.read_row_group(i)) for i in range(pf.num_row_groups)])
+    groups = [pf.read_row_group(i) for i in range(pf.num_row_groups)]
+    if hasattr(ray.data, "from_blocks"):
+        return ray.data.from_blocks(groups)
+    return ray.data.from_arrow_refs([ray.put(g) for g in groups])
+
+
+def _sized(ds, num_cpus: float):
+    """``ds`` with its last operator's tasks asking Ray for ``num_cpus``.
+
+    Ray Data's ``repartition`` takes no ``ray_remote_args`` and runs its tasks with Ray Data's default of
+    one whole CPU: on nodes whose CPUs the model actors hold but for a fraction, such a task never starts
+    and the run waits forever. Its logical operator keeps the arguments it is planned with.
+    """
+    op = ds._logical_plan.dag
+    args = getattr(op, "ray_remote_args", None)
+    if not isinstance(args, dict):
+        raise RuntimeError(f"cannot size Ray Data's {type(op).__name__} tasks with this Ray version")
+    args["num_cpus"] = num_cpus
+    return ds
 
 
 def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
@@ -496,43 +553,187 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     res = settings.resources
     cluster = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    place = plan_placement(cluster, nodes, res.device, res.actors, res.actor_resource)
+    place = plan_placement(nodes, res.device, res.actors, res.actor_resource)
     use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
     if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
     batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 1) * 2
-    log.info("cluster: %d CPUs, %d GPUs; %d model actor(s) on %s with %s", cluster.get("CPU", 0),
-             cluster.get("GPU", 0), actors, "GPU" if use_gpu else "CPU", stage_res)
+    log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
+             cluster.get("GPU", 0), place.describe())
+    if place.problem:
+        log.warning("placement: %s (%s)", place.problem, place.describe())
 
-    ds = _read_manifest(normalized, settings)
-    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK)
+    ds = _read_manifest(normalized, settings, place.read_cpus)
+    ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
     ds = ds.flat_map(segment_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=dec.language,
         input_root=res.input_root, token_limit=dec.token_limit), num_cpus=place.segment_cpus)
     # blocks of one model batch, and at most two in flight per actor: a long recording's segments, or the
     # first blocks that arrive while other replicas still load, spread over every actor instead of
     # queueing behind one
-    ds = ds.repartition(target_num_rows_per_block=batch)
+    ds = _sized(ds.repartition(target_num_rows_per_block=batch), place.repartition_cpus)
     stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
     ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
                         **stage_res)
     asm = Assembler(summary, stats)
+    watch = StallWatch(res.stall_timeout_s, res.actor_resource)
     last_flush = time.perf_counter()
+    feed = _Feed(ds)
     try:
-        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            asm.add(b)
+        for b in feed:
             now = time.perf_counter()
-            if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
-                stats.files_committed += writer.write(*asm.take())
-                last_flush = now
+            if b is not None:
+                asm.add(b)
+                watch.progress(now)
+                if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
+                    stats.files_committed += writer.write(*asm.take())
+                    last_flush = now
+                _check_failures(stats, res.max_failed_fraction, res.min_files_for_failure_check)
+            prog.notice = watch.check(now)
             prog.update()
-            _check_failures(stats, res.max_failed_fraction, res.min_files_for_failure_check)
+    except BaseException:
+        feed.abandon()
+        raise
     finally:
+        feed.stop()
         stats.files_committed += writer.write(*asm.take())  # what finished is kept, also when the run stops early
     if asm.pending:
         raise RunAborted(f"{asm.pending} file(s) did not come back complete from the pipeline")
+
+
+class _Feed:
+    """The dataset's batches, pulled on a thread of their own; iterating yields a batch, or None each
+    ``tick_s`` that none came, so the driver keeps its progress line and stall check alive while Ray waits."""
+
+    def __init__(self, ds, tick_s: float = 1.0):
+        import queue
+        import threading
+
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.tick_s = tick_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._pull, args=(ds,), name="krasr-feed", daemon=True)
+        self.thread.start()
+
+    def _pull(self, ds) -> None:
+        try:
+            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                if not self._put(("batch", b)):
+                    return
+            self._put(("done", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            self._put(("error", e))
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                self.q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        import queue
+
+        while True:
+            try:
+                kind, value = self.q.get(timeout=self.tick_s)
+            except queue.Empty:
+                yield None
+                continue
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def abandon(self) -> None:
+        """The run stops with Ray Data's executor still waiting (e.g. on an actor that cannot be placed):
+        it cannot be closed from here, and once Ray shuts down its thread only logs tracebacks about it."""
+        self.stop()
+        for name in ("ray.data", "ray._private.services"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class RunStalled(RunAborted):
+    """Nothing came back for ``--stall-timeout`` while Ray held requests that no node could place."""
+
+
+class StallWatch:
+    """Tells a slow run from one that can never go on.
+
+    Once nothing has come back for a while, it asks Ray (as ``ray status`` does) for pending requests that
+    no alive node has the free resources for. Past ``warn_s`` of both, the progress line names them; past
+    ``timeout_s`` (``--stall-timeout``, 0: never), the run stops with what to change. While an autoscaler
+    is starting nodes, waiting is expected and nothing is reported.
+    """
+
+    WARN_S = 120.0
+    POLL_S = 5.0
+
+    def __init__(self, timeout_s: float, actor_resource: str | None, read=None):
+        self.timeout_s = timeout_s
+        self.warn_s = min(self.WARN_S, timeout_s / 2) if timeout_s > 0 else self.WARN_S
+        self.actor_resource = actor_resource
+        self.read = read
+        self.last_progress = time.perf_counter()
+        self.blocked_since: float | None = None
+        self.stuck: list = []
+        self.free: list[dict[str, float]] = []
+        self.last_poll = 0.0
+
+    def progress(self, now: float) -> None:
+        self.last_progress = now
+        self.blocked_since, self.stuck = None, []
+
+    def _poll(self, now: float) -> None:
+        from krasr_batch.cluster import read_cluster_demand, unplaceable
+
+        self.last_poll = now
+        state = (self.read or read_cluster_demand)()
+        stuck = [] if state is None or state.launching else unplaceable(state.pending, state.free)
+        if stuck:
+            self.blocked_since = self.blocked_since or now
+            self.stuck, self.free = stuck, state.free
+        else:
+            self.blocked_since, self.stuck = None, []
+
+    def check(self, now: float) -> str | None:
+        """The progress line's notice, if any; raises RunStalled past the timeout."""
+        quiet = now - self.last_progress
+        if quiet < min(self.POLL_S * 2, self.warn_s):
+            return None
+        if now - self.last_poll >= self.POLL_S:
+            self._poll(now)
+        if self.blocked_since is None:
+            return None
+        what = "; ".join(d.describe() for d in self.stuck)
+        if self.timeout_s > 0 and quiet >= self.timeout_s and now - self.blocked_since >= self.POLL_S:
+            from krasr_batch.cluster import placement_advice
+
+            free = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(nd.items())
+                                       if k in ("CPU", "GPU") or not (k.startswith("node:") or "memory" in k))
+                             or "nothing" for nd in self.free)
+            raise RunStalled(
+                f"nothing came back for {_hms(quiet)} and Ray cannot place {what} on any node (free per node: "
+                f"{free or 'no node'}). To change: {placement_advice(self.stuck, self.actor_resource)}. "
+                f"--stall-timeout {self.timeout_s:g} stopped the run (0 waits forever). Finished files are kept; "
+                "rerun the same command to continue.")
+        if quiet >= self.warn_s:
+            return f"STALLED {_hms(quiet)}: no node has room for {what}"
+        return None
+
+
+def _hms(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
 def _check_failures(stats: RunStats, max_fraction: float, min_files: int) -> None:

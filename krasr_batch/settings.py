@@ -96,6 +96,8 @@ class ResourceOptions:
     input_root: str | None = None
     actor_resource: str | None = None  # a custom Ray resource each model actor needs one unit of (placement)
     ship_code: bool = True  # with address: ship this krasr_batch package to the workers (runtime_env py_modules)
+    # stop (exit 1) once nothing has come back for this long while Ray holds requests no node can place; 0: never
+    stall_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "ship_code": ("resources", "ship_code"),
     "flush_s": ("resources", "flush_s"),
     "flush_files": ("resources", "flush_files"),
+    "stall_timeout": ("resources", "stall_timeout_s"),
 }
 
 

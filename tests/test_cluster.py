@@ -1,9 +1,11 @@
 """krasr-batch on a real Ray cluster: cluster.yaml, `run --address`, `submit` / `status` / `logs`.
 
-The cluster is two `ray start` nodes on 127.0.0.1: a head (1 CPU, dashboard and Jobs API) and a worker
-(1 CPU and the custom resource ``asr``). Each node has its own temp dir, and each `ray start` runs in its own
-session, so teardown kills exactly this cluster's processes (by session id, and anything naming the test's
-folder) and never other Ray instances on the machine, as `ray stop --force` would.
+The cluster is laid out like cluster.yaml, on 127.0.0.1: a head with CPU 0 (GCS, dashboard and Jobs API)
+and two workers with 2 CPUs each, no GPU and no custom resource, every node started with token
+authentication on (RAY_AUTH_MODE=token, a fresh token in a file of the test's own). Each node has its own
+temp dir, and each `ray start` runs in its own session, so teardown kills exactly this cluster's processes
+(by session id, and anything naming the test's folder) and never other Ray instances on the machine, as
+`ray stop --force` would.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import yaml
 
 from .conftest import REPO, read_jsonl, run_cli, write_manifest
 
-CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003"]
+CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003", "ru_004", "ru_005", "ru_006", "ru_007"]
 MODEL_STAGE = "ModelStage"
 
 
@@ -57,6 +59,12 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     assert "download.pytorch.org/whl/cpu" in " ".join(config["head_setup_commands"])
     mounted = {remote: local for remote, local in config["file_mounts"].items()}
     assert any(remote in " ".join(config["worker_setup_commands"]) for remote in mounted)
+    # token authentication on every node, the token from the user's home directory (never the repository)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert all("RAY_AUTH_MODE=token" in c for c in commands if "ray start" in c)
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert mounted.get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "disabled" not in (REPO / "cluster.yaml").read_text()
 
 
 # ---------------------------------------------------------------- placement (no cluster needed)
@@ -64,29 +72,84 @@ def test_cluster_yaml_is_a_valid_launcher_config():
 def test_placement_follows_gpus_resources_and_flags():
     from krasr_batch.cluster import plan_placement
 
-    gpu_nodes = [{"CPU": 4, "GPU": 1}] * 3
-    p = plan_placement({"CPU": 12, "GPU": 3}, gpu_nodes, "auto", 0, None)
+    gpu_nodes = [{"CPU": 0}] + [{"CPU": 4, "GPU": 1}] * 3
+    p = plan_placement(gpu_nodes, "auto", 0, None)
     assert p.use_gpu and p.actors == 3 and p.ray_args == {"num_gpus": 1, "num_cpus": 1}
-    assert plan_placement({"CPU": 12, "GPU": 3}, gpu_nodes, "auto", 2, None).actors == 2  # --actors wins
-    assert not plan_placement({"CPU": 12, "GPU": 3}, gpu_nodes, "cpu", 0, None).use_gpu
+    assert plan_placement(gpu_nodes, "auto", 2, None).actors == 2  # --actors wins
+    assert not plan_placement(gpu_nodes, "cpu", 0, None).use_gpu
     # an autoscaling GPU group still at zero: --device cuda asks for GPU actors, the autoscaler adds nodes
-    p = plan_placement({"CPU": 0}, [{"CPU": 0}], "cuda", 4, None)
-    assert p.use_gpu and p.actors == 4 and p.ray_args["num_gpus"] == 1
-    # CPU only: a single-threaded replica per CPU, leaving room for the segment tasks; --actors wins
-    p = plan_placement({"CPU": 8}, [{"CPU": 8}], "auto", 0, None)
-    assert (p.use_gpu, p.actors, p.ray_args, p.threads, p.segment_cpus) == (False, 8, {"num_cpus": 0.875}, 1, 0.5)
-    p = plan_placement({"CPU": 2}, [{"CPU": 2}], "auto", 0, None)
-    assert (p.actors, p.ray_args, p.threads) == (2, {"num_cpus": 0.5}, 1)
-    p = plan_placement({"CPU": 2}, [{"CPU": 2}], "auto", 1, None)
-    assert (p.actors, p.ray_args, p.threads) == (1, {"num_cpus": 1.0}, 1)
-    p = plan_placement({"CPU": 4}, [{"CPU": 4}], "auto", 1, None)
-    assert (p.actors, p.ray_args, p.threads) == (1, {"num_cpus": 3.0}, 3)
+    p = plan_placement([{"CPU": 0}], "cuda", 4, None)
+    assert p.use_gpu and p.actors == 4 and p.ray_args["num_gpus"] == 1 and "no node has a GPU" in p.problem
+    # CPU only: a single-threaded replica per CPU of each node, leaving room for the other stages
+    p = plan_placement([{"CPU": 8}], "auto", 0, None)
+    assert (p.use_gpu, p.actors, p.threads, p.segment_cpus) == (False, 8, 1, 0.5) and p.ray_args["num_cpus"] < 1
+    p = plan_placement([{"CPU": 0}, {"CPU": 2}, {"CPU": 2}], "auto", 0, None)
+    assert p.actors == 4 and p.ray_args["num_cpus"] <= (2 - p.segment_cpus - 0.15) / 2
+    p = plan_placement([{"CPU": 4}], "auto", 1, None)  # --actors 1: one wide replica
+    assert (p.actors, p.threads) == (1, 3)
     # with a custom resource, one per unit, sized to its nodes
     nodes = [{"CPU": 16}, {"CPU": 4, "asr": 2}, {"CPU": 8, "asr": 1}]
-    p = plan_placement({"CPU": 28, "asr": 3}, nodes, "auto", 0, "asr")
-    assert p.actors == 3 and p.ray_args == {"num_cpus": 2, "resources": {"asr": 1}}
-    p = plan_placement({"CPU": 12, "GPU": 3, "asr": 2}, gpu_nodes, "auto", 0, "asr")
+    p = plan_placement(nodes, "auto", 0, "asr")
+    assert p.actors == 3 and p.ray_args["resources"] == {"asr": 1} and 1 <= p.ray_args["num_cpus"] <= 2
+    p = plan_placement([{"CPU": 4, "GPU": 1, "asr": 1}, {"CPU": 4, "GPU": 1, "asr": 1}, {"CPU": 4, "GPU": 1}],
+                       "auto", 0, "asr")
     assert p.actors == 2 and p.ray_args == {"num_gpus": 1, "num_cpus": 1, "resources": {"asr": 1}}
+
+
+def _spreads(n: int, most: list[int]):
+    """Every way to put n actors on nodes that hold at most most[i] each."""
+    if not most:
+        if n == 0:
+            yield []
+        return
+    for k in range(min(n, most[0]) + 1):
+        for rest in _spreads(n - k, most[1:]):
+            yield [k, *rest]
+
+
+def _tasks_fit(free: list[float], tasks: list[float]) -> bool:
+    """One task of each size, all at once, somewhere on the nodes (tried every way)."""
+    if not tasks:
+        return True
+    return any(f >= tasks[0] - 1e-9 and _tasks_fit([*free[:i], f - tasks[0], *free[i + 1:]], tasks[1:])
+               for i, f in enumerate(free))
+
+
+NODE_SHAPES = {
+    "CPU-0 head, 1-CPU workers": [{"CPU": 0}, {"CPU": 1}, {"CPU": 1}, {"CPU": 1}],
+    "CPU-0 head, 2-CPU workers": [{"CPU": 0}, {"CPU": 2}, {"CPU": 2}],
+    "CPU-0 head, 16-CPU workers": [{"CPU": 0}, {"CPU": 16}, {"CPU": 16}],
+    "CPU-0 head, 4-CPU GPU workers": [{"CPU": 0}, {"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}],
+    "a mix": [{"CPU": 0}, {"CPU": 1}, {"CPU": 2}, {"CPU": 4}, {"CPU": 16}],
+    "a mix with a GPU": [{"CPU": 0}, {"CPU": 1}, {"CPU": 2}, {"CPU": 4, "GPU": 1}],
+    "one 2-CPU machine": [{"CPU": 2}],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(NODE_SHAPES))
+@pytest.mark.parametrize("device,actors", [("auto", 0), ("cpu", 0), ("auto", 1), ("auto", 3)])
+def test_placement_fits_every_stage_on_any_spread_of_the_actors(shape, device, actors):
+    """However Ray spreads the model actors, they all run, and one task of every other stage runs too."""
+    from krasr_batch.cluster import fits, plan_placement
+
+    nodes = NODE_SHAPES[shape]
+    if device == "auto" and actors > sum(nd.get("GPU", 0) for nd in nodes) > 0:
+        pytest.skip("more GPU actors than GPUs wait for an autoscaler's nodes")
+    p = plan_placement(nodes, device, actors, None)
+    assert p.problem is None and fits(nodes, p)
+    req = p.actor_request()
+    tasks = sorted((r["CPU"] for r in p.task_requests().values()), reverse=True)
+    assert len(tasks) == 4 and all(0 < t <= 1 for t in tasks)  # none asks for Ray Data's default whole CPU
+
+    def most(nd):  # actors a node can hold by its resources
+        k = int(nd.get("CPU", 0) // req["CPU"] + 1e-9) if req["CPU"] else p.actors
+        return min(k, int(nd.get("GPU", 0)) if "GPU" in req else k)
+
+    spreads = list(_spreads(p.actors, [most(nd) for nd in nodes]))
+    assert spreads, f"{p.actors} actors of {req} do not fit on {nodes}"
+    for spread in spreads:
+        free = [nd.get("CPU", 0) - k * req["CPU"] for nd, k in zip(nodes, spread)]
+        assert _tasks_fit(free, tasks), (shape, spread, req, tasks)
 
 
 # ---------------------------------------------------------------- a two-node local cluster
@@ -145,7 +208,15 @@ class Cluster:
     address: str  # GCS, for `run --address`
     dashboard: str  # Jobs API, for `submit --address`
     base: Path  # everything of this test lives under it
-    asr_node: str  # node id of the worker with the custom resource
+    token_file: Path  # the cluster's token
+    workers: set[str]  # node ids of the two 2-CPU workers
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A client's environment: the token found through RAY_AUTH_TOKEN_PATH only (RAY_AUTH_MODE unset,
+        as a user's shell would have it); ``extra`` overrides."""
+        e = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+        e.update({"RAY_AUTH_TOKEN_PATH": str(self.token_file), **extra})
+        return {k: v for k, v in e.items() if v != ""}  # "": unset
 
 
 def _ray_start(args: list[str], sessions: set[int], env: dict) -> None:
@@ -164,30 +235,49 @@ def _nodes(dashboard: str) -> list:
     return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
 
 
+def _run_client(cluster: Cluster, args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "krasr_batch", *args], capture_output=True, text=True,
+                          timeout=timeout, env=cluster.env(**env), cwd=REPO)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if importlib.util.find_spec("aiohttp") is None:
         pytest.skip("the dashboard and Jobs API need ray[default]")
+    import secrets
+
     base = Path(tempfile.mkdtemp(prefix="krc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    token_file = base / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
     sessions: set[int] = set()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               HF_HUB_OFFLINE="1")
     port, dash_port = _free_port(), _free_port()
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=200000000"]
+    common = ["--node-ip-address=127.0.0.1", "--num-gpus=0", "--object-store-memory=200000000"]
     try:
-        _ray_start(["--head", f"--port={port}", *common, "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash_port}", f"--ray-client-server-port={_free_port()}",
-                    f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={base}/head"], sessions, env)
-        _ray_start([f"--address=127.0.0.1:{port}", *common, '--resources={"asr": 1}',
-                    f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={base}/worker"], sessions, env)
+        _ray_start(["--head", f"--port={port}", *common, "--num-cpus=0", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                    f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--temp-dir={base}/head"], sessions, env)
+        for w in ("w1", "w2"):
+            _ray_start([f"--address=127.0.0.1:{port}", *common, "--num-cpus=2",
+                        f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={base}/{w}"], sessions, env)
         dashboard = f"http://127.0.0.1:{dash_port}"
-        deadline = time.time() + 60
-        while len(nodes := _nodes(dashboard)) < 2:
-            assert time.time() < deadline, "the worker node did not join"
+        from krasr_batch.cluster import use_cluster_token
+
+        os.environ.update(RAY_AUTH_TOKEN_PATH=str(token_file))  # the state API calls of this process
+        use_cluster_token()
+        deadline = time.time() + 90
+        while len(nodes := _nodes(dashboard)) < 3:
+            assert time.time() < deadline, "the worker nodes did not join"
             time.sleep(1)
-        asr = [n.node_id for n in nodes if n.resources_total.get("asr")]
-        yield Cluster(f"127.0.0.1:{port}", dashboard, base, asr[0])
+        workers = {n.node_id for n in nodes if n.resources_total.get("CPU")}
+        assert len(workers) == 2
+        yield Cluster(f"127.0.0.1:{port}", dashboard, base, token_file, workers)
     finally:
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         _kill_cluster(sessions, str(base))
         shutil.rmtree(base, ignore_errors=True)
 
@@ -222,14 +312,40 @@ def _model_actor_nodes(dashboard: str, job_id: str | None = None) -> set[str]:
     return {a.node_id for a in actors if MODEL_STAGE in a.class_name and (job_id is None or a.job_id == job_id)}
 
 
-def test_run_with_address_places_model_actors_by_resource(cluster, corpus, tiny_model):
+def test_run_with_address_on_a_cpu0_head_and_two_2cpu_workers(cluster, corpus, tiny_model):
+    """The layout that used to wait forever: the actors hold most of both workers' CPUs, every other
+    stage still runs beside them; the token comes from RAY_AUTH_TOKEN_PATH with RAY_AUTH_MODE unset."""
     manifest, ids = _manifest(corpus, cluster.base / "run.jsonl")
     out = cluster.base / "out-run"
-    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--address", cluster.address,
-                 "--actor-resource", "asr", "--no-progress"], timeout=300)
+    r = _run_client(cluster, ["run", str(manifest), "--out", str(out), "--model", str(tiny_model),
+                              "--address", cluster.address, "--no-progress", "--stall-timeout", "240"], timeout=480)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    _assert_complete(out, ids)
-    assert _model_actor_nodes(cluster.dashboard) == {cluster.asr_node}  # only where the resource is
+    _assert_complete(out, ids)  # every manifest line exactly once
+    assert _model_actor_nodes(cluster.dashboard) == cluster.workers  # two on each worker, none on the head
+
+
+def test_a_wrong_or_missing_token_is_refused_in_one_line(cluster, tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "path": "s3://bucket/a.wav"}])
+    empty_home = tmp_path / "home"
+    empty_home.mkdir()
+    cases = {
+        "wrong token, run": (["run", str(manifest), "--out", str(tmp_path / "o"), "--address", cluster.address],
+                             {"RAY_AUTH_TOKEN": "0" * 64}),
+        "wrong token, status": (["status", "raysubmit_x", "--address", cluster.dashboard],
+                                {"RAY_AUTH_TOKEN": "0" * 64}),
+        "no token, submit": (["submit", str(manifest), "--out", "s3://b/o", "--address", cluster.dashboard],
+                             {"RAY_AUTH_TOKEN_PATH": "", "HOME": str(empty_home)}),
+        "no token, logs": (["logs", "raysubmit_x", "--address", cluster.dashboard],
+                           {"RAY_AUTH_TOKEN_PATH": "", "HOME": str(empty_home)}),
+    }
+    for name, (args, env) in cases.items():
+        r = _run_client(cluster, args, timeout=180, **env)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (name, r.stderr[-3000:])
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr[-3000:])
+        assert "refused the authentication token" in lines[0] and "~/.ray/auth_token" in lines[0], name
+        assert "RAY_AUTH_TOKEN_PATH" in lines[0] and "RAY_AUTH_TOKEN," in lines[0], name
+    assert not (tmp_path / "o" / "_SUCCESS").exists()
 
 
 SHIPPED_PROBE = """
@@ -238,7 +354,7 @@ from krasr_batch.pipeline import _init_ray
 from krasr_batch.settings import build_settings
 _init_ray(build_settings({"address": sys.argv[1], "ship_code": sys.argv[2] == "1"}))
 
-@ray.remote(num_cpus=0, resources={"asr": 0.01})
+@ray.remote(num_cpus=0.01)  # on a worker: the head has no CPU
 def probe():
     import krasr_batch
     return [krasr_batch.__file__, os.environ.get("AWS_ENDPOINT_URL")]
@@ -249,7 +365,7 @@ print(json.dumps(ray.get(probe.remote())))
 
 @pytest.mark.parametrize("ship", [True, False])
 def test_run_with_address_ships_its_own_code(cluster, ship):
-    env = dict(os.environ, AWS_ENDPOINT_URL="http://storage.example:9000")
+    env = cluster.env(AWS_ENDPOINT_URL="http://storage.example:9000")
     r = subprocess.run([sys.executable, "-c", SHIPPED_PROBE, cluster.address, "1" if ship else "0"],
                        capture_output=True, text=True, timeout=120, env=env, cwd=cluster.base)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -266,8 +382,8 @@ def test_submit_status_logs(cluster, corpus, tiny_model):
     (cluster.base / "submit").mkdir()
     manifest, ids = _manifest(corpus, cluster.base / "submit" / "m.jsonl", relative=True)
     out = cluster.base / "out-submit"
-    r = run_cli(["submit", str(manifest), "--out", str(out), "--model", str(tiny_model), "--actor-resource", "asr",
-                 "--address", cluster.dashboard], timeout=120)
+    r = _run_client(cluster, ["submit", str(manifest), "--out", str(out), "--model", str(tiny_model),
+                              "--address", cluster.dashboard], timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = r.stdout.strip().splitlines()[-1]
     assert job_id.startswith("raysubmit_")
@@ -275,22 +391,29 @@ def test_submit_status_logs(cluster, corpus, tiny_model):
 
     deadline, state = time.time() + 180, ""
     while time.time() < deadline:
-        s = run_cli(["status", job_id, "--address", cluster.dashboard], timeout=60)
+        s = _run_client(cluster, ["status", job_id, "--address", cluster.dashboard], timeout=60)
         assert s.returncode == 0, s.stderr[-2000:]
         state = s.stdout.split("\t")[1].split()[0]
         if state in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(2)
-    logs = run_cli(["logs", job_id, "--address", cluster.dashboard], timeout=60)
+    logs = _run_client(cluster, ["logs", job_id, "--address", cluster.dashboard], timeout=60)
     assert state == "SUCCEEDED", logs.stdout[-4000:]
-    assert "--address auto" in s.stdout and "--actor-resource asr" in s.stdout  # the entrypoint it ran
+    assert "--address auto" in s.stdout  # the entrypoint it ran
     assert "\texit 0" in s.stdout  # the run's own exit status, as Ray recorded it
     assert f"krasr-batch: {len(ids)} files in the manifest" in logs.stdout
-    assert run_cli(["status", job_id, "--wait", "--address", cluster.dashboard], timeout=60).returncode == 0
-    follow = run_cli(["logs", job_id, "--follow", "--address", cluster.dashboard], timeout=60)
-    assert follow.returncode == 0 and "ok 4, failed 0" in follow.stdout
+    assert _run_client(cluster, ["status", job_id, "--wait", "--address", cluster.dashboard], timeout=60).returncode == 0
+    follow = _run_client(cluster, ["logs", job_id, "--follow", "--address", cluster.dashboard], timeout=60)
+    assert follow.returncode == 0 and f"ok {len(ids)}, failed 0" in follow.stdout
     _assert_complete(out, ids)  # ids as in the local manifest, also the one that defaulted to its path
-    assert _model_actor_nodes(cluster.dashboard) == {cluster.asr_node}
+    job = next(j for j in _jobs(cluster.dashboard) if j.submission_id == job_id)
+    assert _model_actor_nodes(cluster.dashboard, job.job_id) == cluster.workers
+
+
+def _jobs(dashboard: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(dashboard).list_jobs()
 
 
 def test_submit_checks_the_manifest_before_submitting(tmp_path):
@@ -338,3 +461,43 @@ def test_submit_rebuilds_the_run_command_and_ships_what_is_local(monkeypatch):
     original = read_jsonl(REPO / "jobs" / "demo" / "manifest.jsonl")
     assert [m["id"] for m in sent["manifest"]] == [o.get("id", o["path"]) for o in original]
     assert [m["path"] for m in sent["manifest"]] == [str(REPO / "jobs" / "demo" / o["path"]) for o in original]
+
+
+# ---------------------------------------------------------------- a run that cannot be placed
+
+def test_a_run_that_cannot_be_placed_stops_naming_what_is_missing(corpus, tiny_model, tmp_path):
+    """Model actors that need a resource no node has: the run stops after --stall-timeout (embedded Ray)."""
+    manifest, ids = _manifest(corpus, tmp_path / "m.jsonl")
+    r = run_cli(["run", str(manifest), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--num-cpus", "2", "--actor-resource", "nowhere", "--stall-timeout", "20"], timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cannot place" in last and "nowhere: 1" in last, last
+    assert "--actor-resource" in last and "Finished files are kept" in last
+    assert "STALLED" in r.stderr  # the progress line said so before the run stopped
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_stall_watch_reports_only_what_no_node_can_place():
+    from krasr_batch.cluster import ClusterDemand, Demand, unplaceable
+    from krasr_batch.pipeline import RunStalled, StallWatch
+
+    free = [{"CPU": 0.0}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert unplaceable([Demand({"CPU": 1.0}, 3), Demand({"CPU": 0.25}, 2)], free) == [Demand({"CPU": 1.0}, 3)]
+    state = {"launching": False}
+    read = lambda: ClusterDemand([Demand({"CPU": 1.0}, 3)], free, state["launching"])  # noqa: E731
+    watch = StallWatch(300, None, read=read)
+    t0 = watch.last_progress
+    assert watch.check(t0 + 5) is None  # too early to ask
+    assert watch.check(t0 + 60) is None  # stuck, but not for long
+    notice = watch.check(t0 + 125)
+    assert notice and "{CPU: 1} x3" in notice
+    watch.progress(t0 + 130)  # something came back: not stalled
+    assert watch.check(t0 + 135) is None
+    state["launching"] = True  # an autoscaler is starting nodes: waiting is expected
+    assert watch.check(t0 + 500) is None
+    state["launching"] = False
+    watch.check(t0 + 600)
+    with pytest.raises(RunStalled, match=r"cannot place \{CPU: 1\} x3 on any node.*fewer --actors"):
+        watch.check(t0 + 700)
+    assert StallWatch(0, None, read=read).check(t0 + 10**6) is not None  # 0: reports, never stops
