@@ -17,7 +17,7 @@ import yaml
 DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
 MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
 ENGINES = ("transformers", "ctranslate2")
-# How max_new_tokens is set (krasr_batch.decode.segment_token_limit): "fit" the card's table for a file decoded
+# How max_new_tokens is set (krasr_batch.engines.segment_token_limit): "fit" the card's table for a file decoded
 # whole and a per-second budget for windows cut from longer recordings; "card" the card's table everywhere;
 # "none" the model's own limit.
 TOKEN_LIMIT_POLICIES = ("fit", "card", "none")
