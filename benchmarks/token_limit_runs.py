@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 
 from krasr_batch.evaluate import evaluate
-from krasr_batch.report import open_output
+from krasr_batch.output import open_output
 
 
 def run_policy(manifest: Path, model: str, policy: str, extra: list[str], out: Path) -> float:

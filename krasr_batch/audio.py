@@ -10,12 +10,16 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
+from krasr_batch.storage import is_uri
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SAMPLE_RATE = 16000  # Hz, what Whisper and Silero VAD take
 BLOCK_S = 20.0  # seconds of source audio decoded per block
@@ -62,7 +66,7 @@ class DecodeReport:
 
 def check_path(path: str, input_root: str | None = None) -> None:
     """Raise AudioError for a local path that cannot be read as a file (before any decoder sees it)."""
-    if "://" in path:
+    if is_uri(path):
         if input_root is not None and not path.startswith(input_root.rstrip("/") + "/"):
             raise AudioError("outside_input_root", f"{path} is outside --input-root {input_root}")
         _check_object(path)
@@ -113,7 +117,7 @@ def _check_object(uri: str) -> None:
 
 
 def _open_binary(path: str):
-    if "://" in path:
+    if is_uri(path):
         from krasr_batch.storage import open_input_file
 
         return open_input_file(path)
@@ -336,12 +340,41 @@ def _finish(path: str, report: DecodeReport) -> None:
                                       f"{report.decoded_s:.3f} s could be decoded from {path}")
 
 
-def load_audio(path: str, report: DecodeReport | None = None) -> np.ndarray:
-    """The whole file as one 16 kHz mono float32 array (for short files and tests)."""
+def decode_with_fallback(path: str, consume: Callable[[Iterator[np.ndarray]], T], report: DecodeReport | None = None,
+                         retry_short: bool = True) -> tuple[DecodeReport, T]:
+    """The one place that chooses the decoder: ``consume`` runs over the file's 16 kHz blocks.
+
+    libsndfile is tried first (PyAV takes over at once for what libsndfile cannot open, see
+    :func:`iter_audio`). Where it fails part-way, PyAV decodes the file again from the start. Where it stops
+    short of what the header declares (its MPEG decoder gives up at the first corrupt stretch) and
+    ``retry_short``, PyAV decodes the file again too, and whichever got more audio is used; PyAV
+    resynchronises after corrupt frames and keeps the timeline with silence. Returns the report of the pass
+    used (``report``, filled in, when given) and what ``consume`` returned for it.
+    """
     report = report if report is not None else DecodeReport()
     try:
-        blocks = list(iter_audio(path, report))
-    except SoundfileFailed:
+        result = consume(iter_audio(path, report))
+    except SoundfileFailed as e:
+        log.info("%s: libsndfile failed part-way (%s); decoding again with PyAV", path, e)
         report.__init__()
-        blocks = list(iter_audio(path, report, backend="pyav"))
+        return report, consume(iter_audio(path, report, backend="pyav"))
+    if retry_short and report.backend == "soundfile" and report.short:
+        retry_report = DecodeReport()
+        try:
+            retry = consume(iter_audio(path, retry_report, backend="pyav"))
+        except AudioError:
+            return report, result
+        if retry_report.decoded_s > report.decoded_s + SHORT_TOLERANCE_S:
+            log.info("%s: PyAV decoded %.1f s where libsndfile stopped at %.1f s", path,
+                     retry_report.decoded_s, report.decoded_s)
+            report.__dict__.update(retry_report.__dict__)
+            return report, retry
+    return report, result
+
+
+def load_audio(path: str, report: DecodeReport | None = None) -> np.ndarray:
+    """The whole file as one 16 kHz mono float32 array (for short files and tests).
+
+    As it always has, it keeps libsndfile's audio of a file it reads short (``retry_short=False``)."""
+    _, blocks = decode_with_fallback(path, list, report, retry_short=False)
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)

@@ -32,7 +32,7 @@ from typing import Any
 
 import jiwer
 
-from krasr_batch.report import RunOutput, suspect_file_ids
+from krasr_batch.output.reader import RunOutput, suspect_file_ids
 from krasr_batch.storage import is_uri, open_input_stream
 from krasr_batch.textnorm import normalize
 

@@ -26,7 +26,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from krasr_batch.report import RunOutput
+from krasr_batch.output.reader import RunOutput
 from krasr_batch.storage import filesystem, join
 
 log = logging.getLogger(__name__)

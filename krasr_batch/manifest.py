@@ -18,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from krasr_batch.storage import is_uri
+
 log = logging.getLogger(__name__)
 
 RESERVED = {"path", "id", "language", "text"}
@@ -46,10 +48,6 @@ class FileJob:
     language: str | None = None
     reference_text: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def _resolve(path: str, base_dir: str) -> str:

@@ -1,10 +1,4 @@
-"""Reading a run's output folder, and ``krasr-batch inspect``: what a run produced.
-
-:func:`open_output` checks that a folder (local path or ``s3://``/``gs://`` URI) holds krasr-batch output
-and returns a :class:`RunOutput` that reads ``files/``, ``segments/`` and ``run.json``. Only committed
-``part-*.parquet`` files are read (never the hidden ``.tmp-…`` files of a run in progress), and their
-schemas are unified, so parts written with and without newer columns (``suspect``, ``avg_logprob``, …)
-read together, the missing values as nulls.
+"""``krasr-batch inspect``: what a run produced, read through :mod:`krasr_batch.output.reader`.
 
 :func:`inspect_run` summarises a run: files ok and failed (failures by ``error_kind`` with examples),
 audio and speech hours, segments (truncated, suspect), RTFx and settings from ``run.json``, and
@@ -13,159 +7,16 @@ per-worker throughput from ``segments/`` (``worker``, ``decode_s``, ``end_s - st
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from krasr_batch.quality import suspect, truncation_cause
-from krasr_batch.storage import filesystem, join
-
-log = logging.getLogger(__name__)
+from krasr_batch.output.layout import failures_by_kind
+from krasr_batch.output.reader import SUSPECT_INPUTS, RunOutput, column, suspect_flags
+from krasr_batch.quality import truncation_cause
 
 EXAMPLES_PER_KIND = 3
-SUSPECT_INPUTS = ("suspect", "avg_logprob", "no_speech_prob")
-
-
-class OutputError(Exception):
-    """OUT_DIR is missing, not a folder, or holds no committed krasr-batch output."""
-
-
-# ---------------------------------------------------------------- reading
-
-def _parts(fs: pafs.FileSystem, directory: str) -> list[str]:
-    """The committed part files of one table folder, sorted; [] when the folder is missing."""
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(i.path for i in infos
-                  if i.type == pafs.FileType.File and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
-
-
-def _unified_schema(fs: pafs.FileSystem, parts: list[str]) -> pa.Schema:
-    schemas = [pq.read_schema(p, filesystem=fs) for p in parts]
-    try:
-        return pa.unify_schemas(schemas, promote_options="permissive")
-    except (TypeError, pa.ArrowInvalid):  # older pyarrow, or types that cannot be promoted
-        return pa.unify_schemas(schemas)
-
-
-@dataclass(frozen=True)
-class RunOutput:
-    """A run's output folder, opened for reading (see :func:`open_output`)."""
-
-    out: str
-    fs: pafs.FileSystem
-    files_parts: tuple[str, ...]
-    segments_parts: tuple[str, ...]
-
-    @cached_property
-    def files_schema(self) -> pa.Schema:
-        """The files/ schema, unified over all parts."""
-        return _unified_schema(self.fs, list(self.files_parts))
-
-    @cached_property
-    def segments_schema(self) -> pa.Schema:
-        """The segments/ schema, unified over all parts (empty when there are none)."""
-        return _unified_schema(self.fs, list(self.segments_parts)) if self.segments_parts else pa.schema([])
-
-    @property
-    def files_columns(self) -> list[str]:
-        return self.files_schema.names
-
-    @property
-    def segments_columns(self) -> list[str]:
-        return self.segments_schema.names
-
-    def files_table(self, columns: Iterable[str]) -> pa.Table:
-        """The files/ rows with those of ``columns`` that exist."""
-        ds = pads.dataset(list(self.files_parts), schema=self.files_schema, filesystem=self.fs, format="parquet")
-        return ds.to_table(columns=[c for c in columns if c in self.files_schema.names])
-
-    def segment_batches(self, columns: Iterable[str]) -> Iterator[pa.RecordBatch]:
-        """segments/ rows in record batches (streamed, part by part), with the ``columns`` that exist."""
-        if not self.segments_parts:
-            return
-        ds = pads.dataset(list(self.segments_parts), schema=self.segments_schema, filesystem=self.fs,
-                          format="parquet")
-        yield from ds.to_batches(columns=[c for c in columns if c in self.segments_schema.names])
-
-    def run_info(self) -> dict[str, Any] | None:
-        """run.json, or None when the run has not finished (or the file is unreadable)."""
-        _, p = filesystem(join(self.out, "run.json"))
-        try:
-            with self.fs.open_input_stream(p) as f:
-                return json.loads(f.read().decode("utf-8"))
-        except (FileNotFoundError, OSError, ValueError) as e:
-            log.debug("no usable run.json in %s: %s", self.out, e)
-            return None
-
-    @property
-    def complete(self) -> bool:
-        """True when the run wrote ``_SUCCESS`` (every manifest line has its row)."""
-        _, p = filesystem(join(self.out, "_SUCCESS"))
-        return self.fs.get_file_info(p).type == pafs.FileType.File
-
-
-def open_output(out: str) -> RunOutput:
-    """Open a run's output folder; raise :class:`OutputError` when there is nothing to read."""
-    fs, p = filesystem(out)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise OutputError(f"{out} does not exist")
-    if info.type != pafs.FileType.Directory:
-        raise OutputError(f"{out} is not a folder")
-    _, files_dir = filesystem(join(out, "files"))
-    _, segments_dir = filesystem(join(out, "segments"))
-    files_parts = _parts(fs, files_dir)
-    if not files_parts:
-        raise OutputError(f"{out} holds no files/part-*.parquet: not a krasr-batch output folder, "
-                          "or no file has been committed yet")
-    return RunOutput(out, fs, tuple(files_parts), tuple(_parts(fs, segments_dir)))
-
-
-# ---------------------------------------------------------------- suspect segments
-
-def _column(batch: pa.RecordBatch, name: str) -> list | None:
-    idx = batch.schema.get_field_index(name)
-    return batch.column(idx).to_pylist() if idx >= 0 else None
-
-
-def suspect_flags(batch: pa.RecordBatch) -> list[bool]:
-    """Per segment: the ``suspect`` column where it holds a value, else :func:`krasr_batch.quality.suspect`
-    of the text and duration (with ``avg_logprob`` / ``no_speech_prob`` when those columns exist)."""
-    n = batch.num_rows
-    given = _column(batch, "suspect") or [None] * n
-    texts = _column(batch, "text") or [None] * n
-    starts = _column(batch, "start_s") or [None] * n
-    ends = _column(batch, "end_s") or [None] * n
-    logprobs = _column(batch, "avg_logprob") or [None] * n
-    no_speech = _column(batch, "no_speech_prob") or [None] * n
-    out = []
-    for i in range(n):
-        if given[i] is not None:
-            out.append(bool(given[i]))
-            continue
-        dur = ends[i] - starts[i] if starts[i] is not None and ends[i] is not None else None
-        out.append(suspect(texts[i], dur, logprobs[i], no_speech[i]))
-    return out
-
-
-def suspect_file_ids(output: RunOutput) -> set[str]:
-    """The ids of files holding at least one suspect segment."""
-    ids: set[str] = set()
-    for batch in output.segment_batches(["file_id", "text", "start_s", "end_s", *SUSPECT_INPUTS]):
-        fids = batch.column(batch.schema.get_field_index("file_id")).to_pylist()
-        ids.update(fid for fid, bad in zip(fids, suspect_flags(batch)) if bad)
-    return ids
 
 
 # ---------------------------------------------------------------- inspect
@@ -242,9 +93,7 @@ class InspectReport:
 
 
 def _failure_groups(rows: list[dict]) -> tuple[FailureGroup, ...]:
-    by_kind: dict[str, list[dict]] = {}
-    for r in rows:
-        by_kind.setdefault(r.get("error_kind") or "error", []).append(r)
+    by_kind = failures_by_kind(rows, value=lambda r: r)
     groups = [FailureGroup(kind, len(rs), tuple((r["file_id"], r.get("error")) for r in rs[:EXAMPLES_PER_KIND]))
               for kind, rs in by_kind.items()]
     return tuple(sorted(groups, key=lambda g: (-g.count, g.kind)))
@@ -263,16 +112,16 @@ class _SegmentTally:
     def add(self, batch: pa.RecordBatch) -> None:
         n = batch.num_rows
         self.segments += n
-        fids = _column(batch, "file_id") or [None] * n
-        truncated = _column(batch, "truncated") or [False] * n
+        fids = column(batch, "file_id") or [None] * n
+        truncated = column(batch, "truncated") or [False] * n
         self.truncated += sum(1 for t in truncated if t)
-        causes = _column(batch, "truncation") or [None] * n  # runs made before the column: told from the text
-        texts = _column(batch, "text") or [None] * n
+        causes = column(batch, "truncation") or [None] * n  # runs made before the column: told from the text
+        texts = column(batch, "text") or [None] * n
         for t, cause, text in zip(truncated, causes, texts):
             cause = cause or truncation_cause(text, bool(t))
             if cause:
                 self.truncated_by_cause[cause] = self.truncated_by_cause.get(cause, 0) + 1
-        given = _column(batch, "suspect")
+        given = column(batch, "suspect")
         if given is None or None in given:
             self.sources.add("computed")
         if given is not None and any(g is not None for g in given):
@@ -284,11 +133,11 @@ class _SegmentTally:
         self._add_workers(batch, n)
 
     def _add_workers(self, batch: pa.RecordBatch, n: int) -> None:
-        workers = _column(batch, "worker") or [None] * n
-        starts = _column(batch, "start_s") or [0.0] * n
-        ends = _column(batch, "end_s") or [0.0] * n
-        decode = _column(batch, "decode_s") or [0.0] * n
-        sizes = _column(batch, "batch_size") or [1] * n
+        workers = column(batch, "worker") or [None] * n
+        starts = column(batch, "start_s") or [0.0] * n
+        ends = column(batch, "end_s") or [0.0] * n
+        decode = column(batch, "decode_s") or [0.0] * n
+        sizes = column(batch, "batch_size") or [1] * n
         for i in range(n):
             w = self.workers.setdefault(workers[i] or "(unknown)", [0, 0.0, 0.0])
             w[0] += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from krasr_batch.audio import SAMPLE_RATE, SHORT_TOLERANCE_S, AudioError, DecodeReport, SoundfileFailed, iter_audio
+from krasr_batch.audio import SAMPLE_RATE, DecodeReport, decode_with_fallback, iter_audio
 from krasr_batch.settings import SegmentOptions
 
 log = logging.getLogger(__name__)
@@ -194,41 +194,30 @@ class FilePlan:
         return len(self.segments) == 1 and self.segments[0] == (0, round(self.duration_s * SAMPLE_RATE))
 
 
-def _vad_pass(path: str, backend: str | None, keep_audio_s: float):
-    report = DecodeReport()
-    vad = VadStream()
-    kept: list[np.ndarray] | None = []
-    for block in iter_audio(path, report, backend=backend):
-        vad.feed(block)
-        if kept is not None:
-            kept.append(block)
-            if vad.samples > keep_audio_s * SAMPLE_RATE:
-                kept = None
-    return report, vad, kept
+class _VadPass:
+    """Consumes one decoding pass: feeds the VAD, and keeps the audio of a file up to ``keep_audio_s``."""
+
+    def __init__(self, keep_audio_s: float):
+        self.keep_audio_s = keep_audio_s
+
+    def __call__(self, blocks: Iterator[np.ndarray]) -> tuple[VadStream, list[np.ndarray] | None]:
+        vad = VadStream()
+        kept: list[np.ndarray] | None = []
+        for block in blocks:
+            vad.feed(block)
+            if kept is not None:
+                kept.append(block)
+                if vad.samples > self.keep_audio_s * SAMPLE_RATE:
+                    kept = None
+        return vad, kept
 
 
 def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S) -> FilePlan:
     """Decode the file once through the VAD and plan its segments. Raises AudioError for unusable files.
 
-    libsndfile is tried first. Where it fails part-way, or stops short of what the header declares (its
-    MPEG decoder gives up at the first corrupt stretch), PyAV decodes the file again, and whichever got
-    more audio is used; PyAV resynchronises after corrupt frames and keeps the timeline with silence.
+    The decoder is chosen by :func:`krasr_batch.audio.decode_with_fallback` (libsndfile, else PyAV).
     """
-    try:
-        report, vad, kept = _vad_pass(path, None, keep_audio_s)
-    except SoundfileFailed as e:
-        log.info("%s: libsndfile failed part-way (%s); decoding again with PyAV", path, e)
-        report, vad, kept = _vad_pass(path, "pyav", keep_audio_s)
-    else:
-        if report.backend == "soundfile" and report.short:
-            try:
-                retry = _vad_pass(path, "pyav", keep_audio_s)
-            except AudioError:
-                retry = None
-            if retry is not None and retry[0].decoded_s > report.decoded_s + SHORT_TOLERANCE_S:
-                log.info("%s: PyAV decoded %.1f s where libsndfile stopped at %.1f s", path,
-                         retry[0].decoded_s, report.decoded_s)
-                report, vad, kept = retry
+    report, (vad, kept) = decode_with_fallback(path, _VadPass(keep_audio_s))
     probs, energy = vad.finish()
     segments, speech_s = plan_segments(probs, energy, vad.samples, opts)
     audio = np.concatenate(kept) if kept else (np.zeros(0, np.float32) if kept is not None else None)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from krasr_batch.storage import is_uri
+
 DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
 MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
 ENGINES = ("transformers", "ctranslate2")
@@ -168,7 +170,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         k = str(key).replace("-", "_")
         if k in ("manifest", "out"):
-            out[k] = str((path.parent / str(value)).resolve()) if "://" not in str(value) else str(value)
+            out[k] = str(value) if is_uri(str(value)) else str((path.parent / str(value)).resolve())
         elif k == "no_token_limit":
             out["token_limit"] = "none" if value else "fit"
         elif k in PRESET_KEYS:

@@ -81,3 +81,18 @@ def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> s
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "krasr_batch", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=REPO)
+
+
+# ---------------------------------------------------------------- the fast lane: pytest -m "not e2e"
+
+# end-to-end tests in files this module does not own (their marks are added here, not in those files)
+E2E_ELSEWHERE = {
+    "test_bench_smoke.py::test_compare_krasr_and_card_and_refresh_block",  # benchmarks.compare runs krasr-batch
+    "test_bench_smoke.py::test_compare_faster_whisper_row",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if f"{item.path.name}::{item.originalname}" in E2E_ELSEWHERE:
+            item.add_marker(pytest.mark.e2e)

@@ -312,6 +312,7 @@ def _model_actor_nodes(dashboard: str, job_id: str | None = None) -> set[str]:
     return {a.node_id for a in actors if MODEL_STAGE in a.class_name and (job_id is None or a.job_id == job_id)}
 
 
+@pytest.mark.e2e
 def test_run_with_address_on_a_cpu0_head_and_two_2cpu_workers(cluster, corpus, tiny_model):
     """The layout that used to wait forever: the actors hold most of both workers' CPUs, every other
     stage still runs beside them; the token comes from RAY_AUTH_TOKEN_PATH with RAY_AUTH_MODE unset."""
@@ -324,6 +325,7 @@ def test_run_with_address_on_a_cpu0_head_and_two_2cpu_workers(cluster, corpus, t
     assert _model_actor_nodes(cluster.dashboard) == cluster.workers  # two on each worker, none on the head
 
 
+@pytest.mark.e2e
 def test_a_wrong_or_missing_token_is_refused_in_one_line(cluster, tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "path": "s3://bucket/a.wav"}])
     empty_home = tmp_path / "home"
@@ -350,7 +352,7 @@ def test_a_wrong_or_missing_token_is_refused_in_one_line(cluster, tmp_path):
 
 SHIPPED_PROBE = """
 import json, os, sys, ray
-from krasr_batch.pipeline import _init_ray
+from krasr_batch.pipeline.orchestrate import _init_ray
 from krasr_batch.settings import build_settings
 _init_ray(build_settings({"address": sys.argv[1], "ship_code": sys.argv[2] == "1"}))
 
@@ -363,6 +365,7 @@ print(json.dumps(ray.get(probe.remote())))
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("ship", [True, False])
 def test_run_with_address_ships_its_own_code(cluster, ship):
     env = cluster.env(AWS_ENDPOINT_URL="http://storage.example:9000")
@@ -378,6 +381,7 @@ def test_run_with_address_ships_its_own_code(cluster, ship):
     assert endpoint == "http://storage.example:9000"  # object-storage location travels with the run
 
 
+@pytest.mark.e2e
 def test_submit_status_logs(cluster, corpus, tiny_model):
     (cluster.base / "submit").mkdir()
     manifest, ids = _manifest(corpus, cluster.base / "submit" / "m.jsonl", relative=True)
@@ -416,6 +420,7 @@ def _jobs(dashboard: str) -> list:
     return JobSubmissionClient(dashboard).list_jobs()
 
 
+@pytest.mark.e2e
 def test_submit_checks_the_manifest_before_submitting(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "a.wav"}\n{"id": 3\n')
@@ -428,7 +433,7 @@ def test_submit_rebuilds_the_run_command_and_ships_what_is_local(monkeypatch):
     """The entrypoint carries exactly the run options given; a --job preset and a local manifest travel along."""
     from click.testing import CliRunner
 
-    from krasr_batch import cli_cluster
+    from krasr_batch.cli import cluster as cli_cluster
     from krasr_batch.cli import main
 
     sent: dict = {}
@@ -465,6 +470,7 @@ def test_submit_rebuilds_the_run_command_and_ships_what_is_local(monkeypatch):
 
 # ---------------------------------------------------------------- a run that cannot be placed
 
+@pytest.mark.e2e
 def test_a_run_that_cannot_be_placed_stops_naming_what_is_missing(corpus, tiny_model, tmp_path):
     """Model actors that need a resource no node has: the run stops after --stall-timeout (embedded Ray)."""
     manifest, ids = _manifest(corpus, tmp_path / "m.jsonl")
@@ -480,7 +486,8 @@ def test_a_run_that_cannot_be_placed_stops_naming_what_is_missing(corpus, tiny_m
 
 def test_stall_watch_reports_only_what_no_node_can_place():
     from krasr_batch.cluster import ClusterDemand, Demand, unplaceable
-    from krasr_batch.pipeline import RunStalled, StallWatch
+    from krasr_batch.pipeline import RunStalled
+    from krasr_batch.pipeline.watch import StallWatch
 
     free = [{"CPU": 0.0}, {"CPU": 0.5}, {"CPU": 0.5}]
     assert unplaceable([Demand({"CPU": 1.0}, 3), Demand({"CPU": 0.25}, 2)], free) == [Demand({"CPU": 1.0}, 3)]

@@ -127,6 +127,7 @@ def test_engine_is_part_of_the_output_fingerprint():
         DecodeOptions(engine="onnx")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_accuracy_matches_the_transformers_engine(base_model, corpus):
     """The same weights and settings: on real speech the two engines' word error rates stay close, and their
@@ -154,6 +155,7 @@ def test_accuracy_matches_the_transformers_engine(base_model, corpus):
             assert a.num_tokens == b.num_tokens and abs(a.avg_logprob - b.avg_logprob) < 0.1
 
 
+@pytest.mark.e2e
 def test_run_with_the_ctranslate2_engine(tmp_path, corpus, tiny_model):
     rows = read_jsonl(corpus / "clips.jsonl")[:3] + read_jsonl(corpus / "bad.jsonl")[:2]
     manifest = write_manifest(tmp_path / "m.jsonl", rows, base=corpus)
@@ -172,6 +174,7 @@ def test_run_with_the_ctranslate2_engine(tmp_path, corpus, tiny_model):
     assert r.returncode == 2 and "other model or decoding settings" in r.stderr
 
 
+@pytest.mark.e2e
 def test_a_model_that_cannot_load_stops_before_any_output(tmp_path, corpus, tiny_model):
     manifest = write_manifest(tmp_path / "m.jsonl", read_jsonl(corpus / "clips.jsonl")[:1], base=corpus)
     weightless = tmp_path / "weightless"

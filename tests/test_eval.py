@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from krasr_batch.cli import main
 from krasr_batch.evaluate import EditCounts, aggregate, score_pair
-from krasr_batch.sink import SEGMENTS_SCHEMA, files_schema
+from krasr_batch.schema import SEGMENTS_SCHEMA, files_schema
 from krasr_batch.textnorm import normalize
 
 # ---------------------------------------------------------------- fake output folders (used by other tests too)

@@ -95,6 +95,7 @@ def test_large_manifest_streams(tmp_path):
     assert pq.ParquetFile(tmp_path / "n.parquet").metadata.num_rows == n
 
 
+@pytest.mark.e2e
 def test_cli_reports_bad_manifest_without_traceback(tmp_path, tiny_model):
     m = write(tmp_path, ['{"path": "a.wav"}', '{"path": "a.wav"}'])
     r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model)])

@@ -11,6 +11,8 @@ from krasr_batch.textnorm import normalize
 
 from .conftest import read_jsonl, run_cli, write_manifest
 
+pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
+
 
 @pytest.mark.slow
 def test_same_text_as_the_card_pipeline(tmp_path, corpus, base_model):

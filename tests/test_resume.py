@@ -18,6 +18,8 @@ import pytest
 
 from .conftest import REPO, read_jsonl
 
+pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
+
 TIMING = {"decode_s", "batch_size", "worker", "segment_wall_s"}  # how long, not what
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import read_jsonl, run_cli, write_manifest
 
+pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
+
 
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, corpus, tiny_model):

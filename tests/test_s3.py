@@ -19,6 +19,8 @@ from .conftest import read_jsonl, run_cli
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
+pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
+
 BUCKET = "krasr-test"
 CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003"]  # wav, flac, ogg, mp3: soundfile and PyAV over ranged reads
 

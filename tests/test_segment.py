@@ -90,7 +90,7 @@ def test_plan_breaks_at_the_longest_pause():
 
 
 def _segment_rows(corpus, rec, token_limit):
-    from krasr_batch.pipeline import segment_file
+    from krasr_batch.pipeline.stages import segment_file
 
     row = {"file_id": rec["id"], "path": str(corpus / rec["path"]), "line": 1, "language": None,
            "reference_text": None, "extra_json": None}

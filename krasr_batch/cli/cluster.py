@@ -1,14 +1,14 @@
 """``krasr-batch submit``, ``status`` and ``logs``: handing a run to a Ray cluster through the Jobs API.
 
-``submit`` takes the ``run`` command's own options (read from ``main.commands["run"].params``, so the two
-never drift apart) and turns them back into a ``python -m krasr_batch.cli run ... --address auto`` entrypoint
+``submit`` takes the ``run`` command's own options (read from ``run.params``, so the two never drift
+apart) and turns them back into a ``python -m krasr_batch.cli run ... --address auto`` entrypoint
 that Ray's job manager starts on the head node. The job's runtime_env ships the ``krasr_batch`` package
 (``py_modules``), the object-storage location variables and, for a local manifest, a copy of it with every
 path resolved. Everything else a run touches (audio, ``--out``, a local ``--model``) is read on the cluster,
 so it must be reachable from there: object storage (``s3://``, ``gs://``) or a filesystem mounted at the same
 path on every node.
 
-This module also adds two cluster options to ``run``: ``--actor-resource`` and ``--ship-code/--no-ship-code``.
+``run`` declares the cluster options (``--actor-resource``, ``--ship-code/--no-ship-code``) itself.
 """
 
 from __future__ import annotations
@@ -28,26 +28,15 @@ import click
 from click.core import ParameterSource
 
 from krasr_batch import __version__
-from krasr_batch.cli import EXIT_FAILED_RUN, EXIT_OK, EXIT_USAGE, _fail, main
+from krasr_batch.cli.common import EXIT_FAILED_RUN, EXIT_INTERRUPTED, EXIT_OK, BadUsage, RunFailed, exit_with
+from krasr_batch.cli.run import run
 from krasr_batch.storage import is_uri
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 130
 POLL_S = 2.0
 
-# ---------------------------------------------------------------- cluster options of `run`
-
-_run = main.commands["run"]
-_run.params.extend([
-    click.Option(["--actor-resource"], metavar="NAME",
-                 help="Place model actors only on nodes with this custom Ray resource (each actor takes 1 unit; "
-                      "ray start --resources='{\"NAME\": 1}'). [default: GPU nodes when the cluster has GPUs]"),
-    click.Option(["--ship-code/--no-ship-code", "ship_code"], default=None,
-                 help="Send this krasr_batch package to the cluster's workers with the run (Ray runtime_env "
-                      "py_modules; `run` does so only with --address). Turn off when the nodes have this "
-                      "version installed. [default: on]"),
-])
+# ---------------------------------------------------------------- the options of `run` that submit forwards
 
 # `run` options that `submit` does not forward: its --address is the Jobs API (the job's run connects with
 # --address auto), --num-cpus only sizes an embedded local Ray.
@@ -55,7 +44,7 @@ _NOT_FORWARDED = {"address", "num_cpus"}
 
 
 def _submit_params() -> list[click.Parameter]:
-    return [p for p in _run.params if p.name not in _NOT_FORWARDED]
+    return [p for p in run.params if p.name not in _NOT_FORWARDED]
 
 
 def _long_opt(opts: list[str]) -> str:
@@ -135,7 +124,7 @@ def _job_preset(job: str, dest_dir: str) -> tuple[dict[str, Any], str]:
     try:
         preset = load_preset(job)
     except ValueError as e:
-        _fail(str(e), EXIT_USAGE)
+        raise BadUsage(str(e)) from None
     for key in ("address", "num_cpus"):
         if preset.pop(key, None) is not None:
             _warn(f"{job}: '{key}' is ignored by submit (the job runs on the cluster it is submitted to)")
@@ -156,19 +145,18 @@ def _client(address: str | None):
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:  # pragma: no cover - depends on the install
-        _fail(f"the Ray Jobs client needs ray[default]: pip install 'ray[default]' ({e})", EXIT_USAGE)
+        raise BadUsage(f"the Ray Jobs client needs ray[default]: pip install 'ray[default]' ({e})") from None
     # importing ray configured its loggers at INFO; keep the SDK's upload chatter to -v
     logging.getLogger("ray").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.WARNING))
     use_cluster_token()  # a token this process has goes to the cluster, also with RAY_AUTH_MODE unset
     if os.environ.get(AUTH_MODE_ENV, "").lower() == "token" and token_source() is None:
-        _fail(str(auth_refused(address)), EXIT_USAGE)  # Ray would send nothing, after a warning of its own
+        raise BadUsage(str(auth_refused(address))) from None  # Ray would send nothing, after a warning of its own
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection refused, wrong URL, version mismatch, ...
         if is_auth_failure(e):
-            _fail(str(auth_refused(address)), EXIT_USAGE)
-        _fail(f"cannot reach the Ray Jobs API at {address or '$RAY_API_SERVER_ADDRESS / $RAY_ADDRESS'}: {e}",
-              EXIT_FAILED_RUN)
+            raise BadUsage(str(auth_refused(address))) from None
+        raise RunFailed(f"cannot reach the Ray Jobs API at {address or '$RAY_API_SERVER_ADDRESS / $RAY_ADDRESS'}: {e}") from None
 
 
 def _refused_token(e: Exception, address: str | None) -> None:
@@ -176,7 +164,7 @@ def _refused_token(e: Exception, address: str | None) -> None:
     from krasr_batch.cluster import auth_refused, is_auth_failure
 
     if is_auth_failure(e):
-        _fail(str(auth_refused(address)), EXIT_USAGE)
+        raise BadUsage(str(auth_refused(address))) from None
 
 
 def _job_exit_code(info) -> int:
@@ -185,7 +173,7 @@ def _job_exit_code(info) -> int:
     if status == "SUCCEEDED":
         return EXIT_OK
     if status == "STOPPED":
-        return EXIT_STOPPED
+        return EXIT_INTERRUPTED
     code = getattr(info, "driver_exit_code", None)
     return code if isinstance(code, int) and code > 0 else EXIT_FAILED_RUN
 
@@ -218,7 +206,7 @@ _ADDRESS = click.option(
 
 # ---------------------------------------------------------------- submit
 
-@main.command(params=_submit_params())
+@click.command(params=_submit_params())
 @_ADDRESS
 @click.option("--submission-id", help="Job id to use (must be new on the cluster). [default: Ray picks one]")
 @click.option("--follow", is_flag=True, help="Stream the job's logs until it ends; exit with the run's status.")
@@ -251,9 +239,9 @@ def submit(ctx: click.Context, address: str | None, submission_id: str | None, f
             try:
                 shipped, lines, local = ship_manifest(manifest, workdir)
             except ManifestError as e:
-                _fail(str(e), EXIT_USAGE)
+                raise BadUsage(str(e)) from None
             except OSError as e:
-                _fail(f"cannot read the manifest {manifest}: {e}", EXIT_USAGE)
+                raise BadUsage(f"cannot read the manifest {manifest}: {e}") from None
             job_manifest = os.path.basename(shipped)
             if local:
                 _warn(f"{local} of the manifest's {lines} audio paths are local paths: every cluster node must see "
@@ -287,7 +275,7 @@ def submit(ctx: click.Context, address: str | None, submission_id: str | None, f
                 metadata={"krasr_batch": __version__, "manifest": str(manifest), "out": str(out)})
         except Exception as e:  # noqa: BLE001 - rejected by the cluster (duplicate id, runtime_env too large, ...)
             _refused_token(e, address)
-            _fail(f"the cluster refused the job: {e}", EXIT_FAILED_RUN)
+            raise RunFailed(f"the cluster refused the job: {e}") from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     log.info("submitted %s: %s", job_id, entrypoint)
@@ -300,7 +288,7 @@ def submit(ctx: click.Context, address: str | None, submission_id: str | None, f
     _follow_logs(client, job_id)
     info = _wait(client, job_id)
     click.echo(f"{job_id}: {info.status}", err=True)
-    sys.exit(_job_exit_code(info))
+    exit_with(_job_exit_code(info))
 
 
 # ---------------------------------------------------------------- status, logs
@@ -309,7 +297,7 @@ def _fmt_ms(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
-@main.command()
+@click.command()
 @click.argument("job_id", metavar="JOB")
 @_ADDRESS
 @click.option("--wait", is_flag=True, help="Wait until the job ends; exit 0 if it succeeded, else the run's exit status.")
@@ -320,7 +308,7 @@ def status(job_id: str, address: str | None, wait: bool) -> None:
         info = _wait(client, job_id) if wait else client.get_job_info(job_id)
     except RuntimeError as e:  # unknown job: the API answers 404
         _refused_token(e, address)
-        _fail(f"no job {job_id} on {address or 'the cluster'}: {e}", EXIT_USAGE)
+        raise BadUsage(f"no job {job_id} on {address or 'the cluster'}: {e}") from None
     exit_code = getattr(info, "driver_exit_code", None)
     click.echo(f"{job_id}\t{info.status}" + (f"\texit {exit_code}" if exit_code is not None else ""))
     if info.message:
@@ -328,10 +316,10 @@ def status(job_id: str, address: str | None, wait: bool) -> None:
     click.echo(f"  started {_fmt_ms(info.start_time)}, ended {_fmt_ms(info.end_time)}")
     click.echo(f"  entrypoint: {info.entrypoint}")
     if wait:
-        sys.exit(_job_exit_code(info))
+        exit_with(_job_exit_code(info))
 
 
-@main.command()
+@click.command()
 @click.argument("job_id", metavar="JOB")
 @_ADDRESS
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends; exit with the run's status.")
@@ -342,9 +330,9 @@ def logs(job_id: str, address: str | None, follow: bool) -> None:
         client.get_job_info(job_id)
     except RuntimeError as e:
         _refused_token(e, address)
-        _fail(f"no job {job_id} on {address or 'the cluster'}: {e}", EXIT_USAGE)
+        raise BadUsage(f"no job {job_id} on {address or 'the cluster'}: {e}") from None
     if not follow:
         click.echo(client.get_job_logs(job_id), nl=False)
         return
     _follow_logs(client, job_id)
-    sys.exit(_job_exit_code(_wait(client, job_id)))
+    exit_with(_job_exit_code(_wait(client, job_id)))

@@ -1,4 +1,4 @@
-"""Output: the Parquet schemas of ``segments/`` and ``files/``, atomic part files, ``run.json`` and ``_SUCCESS``.
+"""Writing a run's output: atomic part files, ``run.json`` and ``_SUCCESS``.
 
 Commit protocol (what makes reruns exact and readers safe):
 - A file's rows are written only once all its segments are decoded; each flush writes
@@ -15,88 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from krasr_batch.output.layout import TMP_PREFIX, OutputLayout, list_parts, list_tmp
+from krasr_batch.schema import SEGMENTS_SCHEMA
 from krasr_batch.storage import filesystem, join
 
 log = logging.getLogger(__name__)
-
-SEGMENTS_SCHEMA = pa.schema([
-    ("file_id", pa.string()),
-    ("path", pa.string()),
-    ("segment_index", pa.int32()),
-    ("start_s", pa.float64()),
-    ("end_s", pa.float64()),
-    ("text", pa.string()),
-    ("language", pa.string()),
-    ("max_new_tokens", pa.int32()),
-    ("num_tokens", pa.int32()),
-    ("truncated", pa.bool_()),
-    ("decode_s", pa.float64()),
-    ("batch_size", pa.int32()),
-    ("worker", pa.string()),
-    ("avg_logprob", pa.float64()),
-    ("compression_ratio", pa.float64()),
-    ("no_speech_prob", pa.float64()),
-    ("suspect", pa.bool_()),
-    ("truncation", pa.string()),  # why a truncated segment stopped: "repetition" or "did_not_fit" (quality.py)
-])
-
-FILES_BASE_SCHEMA = pa.schema([
-    ("file_id", pa.string()),
-    ("path", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("error_kind", pa.string()),
-    ("warning", pa.string()),
-    ("duration_s", pa.float64()),
-    ("speech_s", pa.float64()),
-    ("num_segments", pa.int32()),
-    ("text", pa.string()),
-    ("reference_text", pa.string()),
-    ("language", pa.string()),
-    ("segment_wall_s", pa.float64()),
-])
-
-
-def files_schema(extra_fields: Iterable[pa.Field]) -> pa.Schema:
-    schema = FILES_BASE_SCHEMA
-    for f in extra_fields:
-        schema = schema.append(f)
-    return schema
-
-
-@dataclass
-class OutputLayout:
-    out: str
-
-    @property
-    def segments(self) -> str:
-        return join(self.out, "segments")
-
-    @property
-    def files(self) -> str:
-        return join(self.out, "files")
-
-    @property
-    def work(self) -> str:
-        return join(self.out, "_work")
-
-    @property
-    def run_json(self) -> str:
-        return join(self.out, "run.json")
-
-    @property
-    def success(self) -> str:
-        return join(self.out, "_SUCCESS")
-
-
-TMP_PREFIX = ".tmp-"  # hidden (skipped by pyarrow, pandas, Spark) and not ending in .parquet (skipped by globs)
 
 
 def _tmp_name(p: str) -> str:
@@ -117,34 +45,6 @@ def write_bytes_atomic(data: bytes, dest: str) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, p)
-
-
-def read_text(path: str) -> str | None:
-    fs, p = filesystem(path)
-    try:
-        with fs.open_input_stream(p) as f:
-            return f.read().decode("utf-8")
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _list_parts(directory: str) -> list[str]:
-    fs, p = filesystem(directory)
-    from pyarrow.fs import FileSelector, FileType
-
-    try:
-        infos = fs.get_file_info(FileSelector(p, allow_not_found=True))
-    except FileNotFoundError:
-        return []
-    return sorted(i.path for i in infos if i.type == FileType.File and i.base_name.startswith("part-"))
-
-
-def _list_tmp(directory: str) -> list[str]:
-    fs, p = filesystem(directory)
-    from pyarrow.fs import FileSelector, FileType
-
-    infos = fs.get_file_info(FileSelector(p, allow_not_found=True))
-    return [i.path for i in infos if i.type == FileType.File and i.base_name.startswith(TMP_PREFIX)]
 
 
 class PartWriter:
@@ -174,10 +74,10 @@ def recover(layout: OutputLayout) -> set[str]:
     """Make ``out`` consistent after an interrupted run; return the ids of files already done."""
     fs, _ = filesystem(layout.out)
     for d in (layout.segments, layout.files, layout.out):
-        for tmp in _list_tmp(d):
+        for tmp in list_tmp(d):
             fs.delete_file(tmp)
-    files_parts = {p.rsplit("/", 1)[1] for p in _list_parts(layout.files)}
-    for seg in _list_parts(layout.segments):
+    files_parts = {p.rsplit("/", 1)[1] for p in list_parts(layout.files)}
+    for seg in list_parts(layout.segments):
         if seg.rsplit("/", 1)[1] not in files_parts:
             log.warning("removing %s: written by a run that stopped before committing its files", seg)
             fs.delete_file(seg)

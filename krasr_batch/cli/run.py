@@ -1,40 +1,16 @@
-"""The ``krasr-batch`` command line. Thin: read options, call the library, report.
-
-Exit statuses of ``run``: 0 every file ok; 3 the run completed but some files failed (listed by cause);
-2 bad usage or a bad manifest (nothing was started); 1 a run that could not complete.
-"""
+"""``krasr-batch run``: transcribe a manifest into Parquet, every option declared here."""
 
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Any
 
 import click
 
-from krasr_batch import __version__
+from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed
 from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
 
-EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KRASR_BATCH"})
-@click.version_option(__version__, prog_name="krasr-batch")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
-    """Transcribe Kazakh / Russian audio archives with KRASR Whisper on Ray, into Parquet."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "ray", "filelock", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-@main.command()
+@click.command()
 @click.argument("manifest", required=False)
 @click.option("-o", "--out", help="Output folder (local path or s3:// / gs:// URI).")
 @click.option("--job", "job", type=click.Path(exists=True, dir_okay=False), help="A jobs/NAME.yaml preset; flags win over it.")
@@ -72,6 +48,13 @@ def _fail(message: str, code: int) -> None:
 @click.option("--flush-s", type=click.FloatRange(min=0.0), hidden=True, help="Commit finished files at least this often.")
 @click.option("--flush-files", type=click.IntRange(min=1), hidden=True, help="Commit once this many files are finished.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress line on stderr.")
+@click.option("--actor-resource", metavar="NAME",
+              help="Place model actors only on nodes with this custom Ray resource (each actor takes 1 unit; "
+                   "ray start --resources='{\"NAME\": 1}'). [default: GPU nodes when the cluster has GPUs]")
+@click.option("--ship-code/--no-ship-code", "ship_code", default=None,
+              help="Send this krasr_batch package to the cluster's workers with the run (Ray runtime_env "
+                   "py_modules; `run` does so only with --address). Turn off when the nodes have this "
+                   "version installed. [default: on]")
 def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool, **flags: Any) -> None:
     """Transcribe every file of MANIFEST (JSON Lines) into Parquet under --out.
 
@@ -87,7 +70,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         try:
             options.update(load_preset(job))
         except ValueError as e:
-            _fail(str(e), EXIT_USAGE)
+            raise BadUsage(str(e)) from None
     if flags.pop("no_token_limit"):
         flags["token_limit"] = "none"
     options.update({k: v for k, v in flags.items() if v is not None})
@@ -102,19 +85,18 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     try:
         settings = build_settings(options)
     except (TypeError, ValueError) as e:
-        _fail(str(e), EXIT_USAGE)
+        raise BadUsage(str(e)) from None
     try:
         stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress)
-    except ManifestError as e:
-        _fail(str(e), EXIT_USAGE)
-    except (SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
-        _fail(str(e), EXIT_USAGE)
+    except (ManifestError, SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
+        raise BadUsage(str(e)) from None
     except RunAborted as e:
-        _fail(str(e), EXIT_FAILED_RUN)
+        raise RunFailed(str(e)) from None
     except KeyboardInterrupt:
-        _fail("interrupted; finished files are kept, rerun the same command to continue", 130)
+        raise Interrupted("interrupted; finished files are kept, rerun the same command to continue") from None
     _summary(stats, out)
-    sys.exit(EXIT_FILES_FAILED if stats.output_failed else EXIT_OK)
+    if stats.output_failed:
+        raise FilesFailed()
 
 
 def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
@@ -140,12 +122,3 @@ def _summary(stats, out: str) -> None:
         shown = ", ".join(ids[:5]) + (f", … ({len(ids) - 5} more)" if len(ids) > 5 else "")
         echo(f"  failed ({kind}): {len(ids)}: {shown}")
     echo(f"  written: {out}/segments/, {out}/files/, {out}/run.json")
-
-
-# Commands that live in their own modules register themselves on `main` when imported.
-from krasr_batch import cli_cluster, cli_eval  # noqa: E402,F401
-
-if __name__ == "__main__":  # pragma: no cover - run the package's own copy, where every command is registered
-    from krasr_batch.cli import main as _main
-
-    _main(prog_name="krasr-batch")

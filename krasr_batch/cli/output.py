@@ -1,7 +1,8 @@
 """``krasr-batch eval``, ``inspect`` and ``export``: reading a finished run's output.
 
-Each takes OUT_DIR, a run's ``--out`` (local path or ``s3://``/``gs://`` URI). A missing folder, or one
-without committed ``files/`` parts, is a usage error (exit status 2) with a one-line message.
+Each takes OUT_DIR, a run's ``--out`` (local path or ``s3://``/``gs://`` URI), and reads it through
+:mod:`krasr_batch.output.reader`. A missing folder, or one without committed ``files/`` parts, is a usage
+error (exit status 2) with a one-line message; so is a bad ``--by`` or ``--refs``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import json
 
 import click
 
-from krasr_batch.cli import main
-from krasr_batch.report import OutputError, RunOutput, open_output
+from krasr_batch.cli.common import BadUsage, RunFailed
+from krasr_batch.output.reader import OutputError, RunOutput, open_output
 
 OUT_DIR = click.argument("out_dir", metavar="OUT_DIR")
 
@@ -20,9 +21,9 @@ def _open(out_dir: str) -> RunOutput:
     try:
         return open_output(out_dir)
     except OutputError as e:
-        raise click.BadParameter(str(e), param_hint="OUT_DIR") from None
+        raise BadUsage(str(e)) from None
     except OSError as e:  # object storage unreachable, no permission, ...
-        raise click.ClickException(f"cannot read {out_dir}: {e}") from None
+        raise RunFailed(f"cannot read {out_dir}: {e}") from None
 
 
 def _resolve_by(output: RunOutput, by: str | None) -> str | None:
@@ -33,11 +34,11 @@ def _resolve_by(output: RunOutput, by: str | None) -> str | None:
     if by.lower() == "none":
         return None
     if by not in columns:
-        raise click.BadParameter(f"no column {by!r} in files/; columns: {', '.join(columns)}", param_hint="--by")
+        raise BadUsage(f"--by: no column {by!r} in files/; columns: {', '.join(columns)}")
     return by
 
 
-@main.command("eval")
+@click.command("eval")
 @OUT_DIR
 @click.option("--refs", "refs_path", metavar="MANIFEST",
               help="JSON Lines with id (default: path) and text; used instead of files/ reference_text.")
@@ -58,7 +59,7 @@ def eval_command(out_dir: str, refs_path: str | None, by: str | None, fmt: str) 
         try:
             refs = load_refs(refs_path)
         except RefsError as e:
-            raise click.BadParameter(str(e), param_hint="--refs") from None
+            raise BadUsage(f"--refs: {e}") from None
     report = evaluate(output, group_by, refs)
     text = {"table": format_table, "json": format_json, "csv": format_csv}[fmt](report)
     click.echo(text.rstrip("\n"))
@@ -69,7 +70,7 @@ def eval_command(out_dir: str, refs_path: str | None, by: str | None, fmt: str) 
         click.echo(note, err=fmt != "table")
 
 
-@main.command("inspect")
+@click.command("inspect")
 @OUT_DIR
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def inspect_command(out_dir: str, fmt: str) -> None:
@@ -83,7 +84,7 @@ def inspect_command(out_dir: str, fmt: str) -> None:
         click.echo(format_inspect(report))
 
 
-@main.command("export")
+@click.command("export")
 @OUT_DIR
 @click.option("--format", "fmt", type=click.Choice(["srt", "vtt", "txt", "jsonl"]), required=True)
 @click.option("--to", "to", metavar="DIR", help="Output folder. [default: OUT_DIR/export/<format>/]")
@@ -95,5 +96,5 @@ def export_command(out_dir: str, fmt: str, to: str | None) -> None:
     try:
         result = export(output, fmt, to)
     except OSError as e:
-        raise click.ClickException(f"cannot write the export: {e}") from None
+        raise RunFailed(f"cannot write the export: {e}") from None
     click.echo(f"exported {result.files} files ({result.cues} cues) to {result.directory}")

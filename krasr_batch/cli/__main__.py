@@ -1,0 +1,5 @@
+"""``python -m krasr_batch.cli``: the entrypoint ``submit`` gives a job (the same as ``krasr-batch``)."""
+
+from krasr_batch.cli import main
+
+main(prog_name="krasr-batch")

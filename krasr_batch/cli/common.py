@@ -1,0 +1,63 @@
+"""What every command shares: the exit statuses, and one exception type for each way a command fails.
+
+A command that cannot go on raises one of these; click prints its message as one ``error: ...`` line on
+stderr and exits with the exception's status. Exit statuses of ``run``: 0 every file ok; 3 the run
+completed but some files failed (listed by cause); 2 bad usage, a bad manifest or an ``--out`` made with
+other settings (nothing was started); 1 a run that could not complete; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import click
+
+EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class CommandError(click.ClickException):
+    """A command stops: ``error: <message>`` on stderr (nothing when the message is empty), then ``exit_code``."""
+
+    exit_code = EXIT_FAILED_RUN
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+
+    def show(self, file=None) -> None:
+        if self.message:
+            click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+class RunFailed(CommandError):
+    """Exit 1: the work could not complete (too many failed files, a lost or unreachable cluster)."""
+
+    exit_code = EXIT_FAILED_RUN
+
+
+class BadUsage(CommandError):
+    """Exit 2: bad options, a bad manifest or preset, an output folder that cannot be used; nothing started."""
+
+    exit_code = EXIT_USAGE
+
+
+class FilesFailed(CommandError):
+    """Exit 3: the run completed, but some files failed (the summary has listed them, so no message)."""
+
+    exit_code = EXIT_FILES_FAILED
+
+
+class Interrupted(CommandError):
+    """Exit 130: stopped by the user (Ctrl-C, a stopped job)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+_BY_STATUS = {c.exit_code: c for c in (RunFailed, BadUsage, FilesFailed, Interrupted)}
+
+
+def exit_with(code: int) -> None:
+    """End the command with exit status ``code`` and no message (a run's or a submitted job's own status)."""
+    if code == EXIT_OK:
+        return
+    error = _BY_STATUS.get(code)
+    if error is None:
+        raise click.exceptions.Exit(code)
+    raise error()

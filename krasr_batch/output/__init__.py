@@ -1,0 +1,24 @@
+"""The output folder, in one place: where everything lies (``layout``), how a run writes it (``writer``, with
+the commit protocol) and how it is read back (``reader``, which ``eval``, ``inspect`` and ``export`` use).
+
+    out/segments/part-*.parquet   one row per segment (schema.SEGMENTS_SCHEMA)
+    out/files/part-*.parquet      one row per manifest line (schema.files_schema)
+    out/run.json, out/_SUCCESS    written last
+    out/_work/                    the normalized manifest and the settings stamp
+"""
+
+from krasr_batch.output.layout import OutputLayout, failures_by_kind, list_parts, read_text
+from krasr_batch.output.reader import OutputError, RunOutput, open_output
+from krasr_batch.output.writer import (
+    PartWriter,
+    clear_output,
+    mark_success,
+    recover,
+    write_bytes_atomic,
+    write_run_json,
+)
+
+__all__ = [
+    "OutputLayout", "failures_by_kind", "list_parts", "read_text", "OutputError", "RunOutput", "open_output",
+    "PartWriter", "clear_output", "mark_success", "recover", "write_bytes_atomic", "write_run_json",
+]

@@ -1,0 +1,16 @@
+"""The run, split by where its code runs.
+
+- ``stages``: what runs on Ray's workers (the decode-and-segment task, the model stage);
+- ``assemble``: the driver's assembly of finished files, the run's counts, the progress line (no Ray);
+- ``watch``: the driver waiting on Ray (the batch feed, the stall watch);
+- ``orchestrate``: Ray init, placement, the Ray Data graph, the commit loop, ``run.json``;
+- ``errors``: why a run stops.
+
+Row shapes are in :mod:`krasr_batch.schema`; the output folder in :mod:`krasr_batch.output`.
+"""
+
+from krasr_batch.pipeline.assemble import RunStats
+from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, RunStalled, SettingsMismatch
+from krasr_batch.pipeline.orchestrate import run
+
+__all__ = ["run", "RunStats", "ModelUnavailable", "RunAborted", "RunStalled", "SettingsMismatch"]

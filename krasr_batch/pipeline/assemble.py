@@ -1,0 +1,169 @@
+"""The driver's side of the stream: assembling finished files, the run's counts and the progress line.
+
+:class:`Assembler` collects the stage rows (:data:`krasr_batch.schema.STAGE_SCHEMA`) as they come back in
+any order and hands over a file only once all its segments are in, its segments in order and its text
+joined from theirs; that is what makes a committed file whole. Nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from krasr_batch.manifest import ManifestSummary, convert_extra
+from krasr_batch.output.layout import failures_by_kind
+from krasr_batch.pipeline.errors import RunAborted
+from krasr_batch.schema import FILE_ROW, file_row, segment_row
+
+
+@dataclass
+class RunStats:
+    total_files: int = 0
+    skipped_files: int = 0  # done by an earlier run
+    files_done: int = 0  # decoded and assembled in this run
+    files_committed: int = 0  # of those, written to files/
+    files_ok: int = 0
+    files_failed: int = 0
+    failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
+    audio_s: float = 0.0
+    speech_s: float = 0.0
+    segments: int = 0
+    truncated_segments: int = 0
+    truncated_by_cause: dict[str, int] = field(default_factory=dict)  # quality.TRUNCATION_CAUSES
+    suspect_segments: int = 0
+    decode_s: float = 0.0
+    wall_s: float = 0.0
+    # the whole output, earlier runs included (what the exit status and the summary's failures describe)
+    output_ok: int = 0
+    output_failed: int = 0
+    output_failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def rtfx(self) -> float:
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class Progress:
+    """One status line: files, audio hours, RTFx (audio seconds per wall second) and an ETA."""
+
+    def __init__(self, stats: RunStats, enabled: bool, stream=None, every_s: float = 2.0):
+        self.stats, self.enabled, self.stream = stats, enabled, stream or sys.stderr
+        self.every_s = every_s
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.notice: str | None = None  # e.g. what Ray cannot place, shown after the counts
+
+    def line(self) -> str:
+        s = self.stats
+        wall = time.perf_counter() - self.t0
+        todo = s.total_files - s.skipped_files
+        rate = s.files_done / wall if wall > 0 else 0.0
+        eta = (todo - s.files_done) / rate if rate > 0 else float("nan")
+        eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "--:--:--"
+        return (f"files {s.files_done + s.skipped_files}/{s.total_files} ({s.files_failed} failed, "
+                f"{s.files_committed + s.skipped_files} committed)  "
+                f"audio {s.audio_s / 3600:.2f} h  segments {s.segments}  "
+                f"RTFx {s.audio_s / wall if wall > 0 else 0:.1f}  elapsed {time.strftime('%H:%M:%S', time.gmtime(wall))}  ETA {eta_txt}"
+                + (f"  {self.notice}" if self.notice else ""))
+
+    def update(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            if self.tty:
+                self.stream.write("\r\033[K" + self.line())
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.update(force=True)
+            if self.tty:
+                self.stream.write("\n")
+
+
+class Assembler:
+    """Collects segment and file rows as they stream back; hands over files whose segments are all in."""
+
+    def __init__(self, summary: ManifestSummary, stats: RunStats):
+        self.summary = summary
+        self.stats = stats
+        self.segments: dict[str, list[dict]] = {}
+        self.file_rows: dict[str, dict] = {}
+        self.ready_segments: list[dict] = []
+        self.ready_files: list[dict] = []
+
+    def add(self, batch: pa.Table) -> None:
+        for row in batch.to_pylist():
+            fid = row["file_id"]
+            if row["segment_index"] != FILE_ROW:
+                self.segments.setdefault(fid, []).append(segment_row(row))
+            else:
+                self.file_rows[fid] = row
+            self._maybe_complete(fid)
+
+    def _maybe_complete(self, fid: str) -> None:
+        row = self.file_rows.get(fid)
+        if row is None:
+            return
+        segs = self.segments.get(fid, [])
+        if len(segs) < row["num_segments"]:
+            return
+        self.file_rows.pop(fid)
+        self.segments.pop(fid, None)
+        segs.sort(key=lambda r: r["segment_index"])
+        text = " ".join(s["text"] for s in segs if s["text"]) if row["status"] == "ok" else None
+        out = file_row(row, text, len(segs))
+        extra = json.loads(row["extra_json"]) if row["extra_json"] else {}
+        for k, t in self.summary.extra_types.items():
+            out[k] = convert_extra(extra.get(k), t)
+        self.ready_segments.extend(segs)
+        self.ready_files.append(out)
+        self._count(row, segs)
+
+    def _count(self, row: dict, segs: list[dict]) -> None:
+        st = self.stats
+        st.files_done += 1
+        if row["status"] == "ok":
+            st.files_ok += 1
+            st.audio_s += row["duration_s"] or 0.0
+            st.speech_s += row["speech_s"] or 0.0
+        else:
+            st.files_failed += 1
+            failures_by_kind([row], into=st.failures_by_kind)
+        st.segments += len(segs)
+        st.truncated_segments += sum(1 for s in segs if s["truncated"])
+        for s in segs:
+            if s["truncation"]:
+                st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
+        st.suspect_segments += sum(1 for s in segs if s["suspect"])
+        st.decode_s += sum(s["decode_s"] for s in segs)
+
+    def take(self) -> tuple[list[dict], list[dict]]:
+        segs, files = self.ready_segments, self.ready_files
+        self.ready_segments, self.ready_files = [], []
+        return segs, files
+
+    @property
+    def pending(self) -> int:
+        return len(self.file_rows) + len(self.segments)
+
+
+def check_failures(stats: RunStats, max_fraction: float, min_files: int) -> None:
+    """Raise RunAborted once more than ``max_fraction`` of at least ``min_files`` files failed."""
+    if stats.files_done >= min_files and stats.files_failed > max_fraction * stats.files_done:
+        kinds = ", ".join(f"{k}: {len(v)}" for k, v in sorted(stats.failures_by_kind.items(), key=lambda kv: -len(kv[1])))
+        raise RunAborted(
+            f"{stats.files_failed} of the first {stats.files_done} files failed "
+            f"(more than --max-failed-fraction {max_fraction:g}); causes: {kinds}. Is a mount or bucket missing? "
+            "Finished files are kept; rerun the same command to continue.")
+

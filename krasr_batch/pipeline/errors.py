@@ -1,0 +1,17 @@
+"""Why a run stops: the exceptions the pipeline raises and the CLI turns into exit statuses."""
+
+
+class SettingsMismatch(RuntimeError):
+    """``--out`` holds output made with other model or decoding settings."""
+
+
+class ModelUnavailable(RuntimeError):
+    """--model cannot be loaded (or converted) here."""
+
+
+class RunAborted(RuntimeError):
+    """The run cannot complete (too many failures, a lost cluster, files missing at the end)."""
+
+
+class RunStalled(RunAborted):
+    """Nothing came back for ``--stall-timeout`` while Ray held requests that no node could place."""

@@ -1,0 +1,324 @@
+"""Orchestration on the driver: Ray init, placement, the Ray Data graph, the commit loop and ``run.json``.
+
+    read_parquet(normalized manifest)          one row per file
+      .repartition(target_num_rows_per_block)  small blocks, so many files are segmented at once
+      .flat_map(segment_file)                  CPU tasks: decode, VAD, cut; one row per segment + one per file
+      .map_batches(ModelStage, concurrency=N)  actor pool, one model replica per actor (num_gpus=1 on GPUs)
+      .iter_batches() on the driver            assemble finished files, commit them as Parquet parts
+
+The driver commits a file only when all of its segments are back (see output/writer.py for the protocol),
+which is what lets a rerun skip finished files and never double a row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from krasr_batch import __version__
+from krasr_batch.engines import FIT_TOKENS_PER_S, check_model
+from krasr_batch.manifest import ManifestSummary, normalize_manifest
+from krasr_batch.output import (
+    OutputError,
+    OutputLayout,
+    PartWriter,
+    clear_output,
+    failures_by_kind,
+    mark_success,
+    open_output,
+    read_text,
+    recover,
+    write_bytes_atomic,
+    write_run_json,
+)
+from krasr_batch.pipeline.assemble import Assembler, Progress, RunStats, check_failures
+from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, SettingsMismatch
+from krasr_batch.pipeline.stages import model_stage_class, segment_file
+from krasr_batch.pipeline.watch import Feed, StallWatch
+from krasr_batch.schema import files_schema
+from krasr_batch.settings import RunSettings
+from krasr_batch.storage import filesystem, is_uri, join
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_SEGMENT_TASK = 4  # files per decode-and-segment block
+
+
+def _init_ray(settings: RunSettings):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    res = settings.resources
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if res.address:
+        from krasr_batch.cluster import auth_refused, driver_runtime_env, is_auth_failure, use_cluster_token
+
+        use_cluster_token()  # a token this process has goes to the cluster, as Ray does for "auto"
+        # workers import krasr_batch: ship this process's copy (and the storage endpoint) to the cluster.
+        # Ray's C++ client writes its connection retries to stderr: held back, so that a refused token
+        # ends in one line, and shown for any other failure.
+        with _stderr_captured() as said:
+            try:
+                ray.init(address=res.address, runtime_env=driver_runtime_env(res.ship_code), **kwargs)
+                error = None
+            except Exception as e:  # noqa: BLE001 - sorted out below
+                error = e
+        if error is not None:
+            if is_auth_failure(error, said()):
+                raise auth_refused(res.address) from None
+            sys.stderr.write(said())
+            raise RunAborted(f"cannot connect to the Ray cluster at {res.address}: {error}") from error
+        sys.stderr.write(said())
+    else:
+        ray.init(num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+    return True
+
+
+class _stderr_captured:
+    """Holds back what this process (Python or C++) writes to file descriptor 2; ``said()`` returns it."""
+
+    def __enter__(self):
+        import tempfile
+
+        sys.stderr.flush()
+        self._tmp = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        self._text = ""
+        return lambda: self._text
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self._text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"krasr-batch": __version__, "python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "ctranslate2", "ray", "silero-vad", "onnxruntime", "soundfile", "soxr", "av", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, overwrite: bool) -> None:
+    fingerprint = settings.output_fingerprint()
+    stamp_path = join(layout.work, "settings.json")
+    if overwrite:
+        clear_output(layout)
+    previous = read_text(stamp_path)
+    if previous:
+        prev = json.loads(previous)
+        if prev.get("fingerprint") != fingerprint:
+            raise SettingsMismatch(
+                f"{layout.out} holds output of a run with other model or decoding settings "
+                f"(model {prev.get('settings', {}).get('decode', {}).get('model')!r}). "
+                "Use another --out, or --overwrite to replace it.")
+        return
+    fs, p = filesystem(layout.work)
+    fs.create_dir(p, recursive=True)
+    write_bytes_atomic(json.dumps({"fingerprint": fingerprint, "manifest": manifest,
+                                   "settings": settings.to_dict()}, indent=2).encode(), stamp_path)
+
+
+def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
+        progress_stream=None) -> RunStats:
+    """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
+
+    Raises ModelUnavailable (local runs) or ManifestError before any work for a model that does not load or a
+    bad manifest, SettingsMismatch for an ``out`` made with other settings, RunAborted when too many files fail.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    if not settings.resources.address:  # on a cluster the nodes load the model; here it must load before any work
+        try:
+            check_model(settings.decode)
+        except RuntimeError as e:
+            raise ModelUnavailable(str(e)) from e
+    layout = OutputLayout(out)
+    _check_settings(layout, settings, manifest, overwrite)
+    done = recover(layout)
+    normalized = join(layout.work, "manifest.parquet")
+    summary = _normalize(manifest, normalized, done)
+    stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
+    writer = PartWriter(layout, files_schema(summary.extra_schema()))
+    todo = summary.num_files - stats.skipped_files
+    log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
+
+    started_ray = _init_ray(settings) if todo else False
+    prog = Progress(stats, progress, progress_stream)
+    try:
+        if todo:
+            _execute(normalized, settings, summary, stats, writer, prog)
+    finally:
+        prog.close()
+        if started_ray:
+            ray.shutdown()
+    stats.wall_s = time.perf_counter() - t0
+    final_ids = recover(layout)
+    if len(final_ids) != summary.num_files:
+        raise RunAborted(f"the run ended with {len(final_ids)} of {summary.num_files} files committed")
+    _tally_output(out, stats)
+    write_run_json(layout, _run_info(manifest, out, settings, stats))
+    mark_success(layout)
+    return stats
+
+
+def _normalize(manifest: str, normalized: str, done: set[str]) -> ManifestSummary:
+    """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``."""
+    local_norm = None if is_uri(normalized) else normalized
+    if local_norm is None:
+        import tempfile
+
+        local_norm = os.path.join(tempfile.mkdtemp(prefix="krasr-"), "manifest.parquet")
+    summary = normalize_manifest(manifest, local_norm, skip_ids=done)
+    if local_norm != normalized:
+        from krasr_batch.storage import upload_file
+
+        upload_file(local_norm, normalized)  # streamed; the object appears whole or not at all
+        shutil.rmtree(os.path.dirname(local_norm), ignore_errors=True)
+    return summary
+
+
+def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -> dict[str, Any]:
+    """What run.json records: the model, every setting, versions, counts, audio and wall seconds."""
+    return {
+        "manifest": manifest, "out": out, "model": settings.decode.model, "settings": settings.to_dict(),
+        "token_limit": {"policy": settings.decode.token_limit,
+                        "card_table": "<=5 s: 40, <=10 s: 64, <=15 s: 80, <=20 s: 96, <=25 s: 112, longer: 128",
+                        "fit_tokens_per_s": FIT_TOKENS_PER_S},
+        "versions": _versions(),
+        "counts": {"files": stats.total_files, "files_this_run": stats.files_done, "skipped_done": stats.skipped_files,
+                   "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
+                   "truncated_segments": stats.truncated_segments, "truncated_by_cause": stats.truncated_by_cause,
+                   "suspect_segments": stats.suspect_segments},
+        "output": {"ok": stats.output_ok, "failed": stats.output_failed,
+                   "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
+        "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _tally_output(out: str, stats: RunStats) -> None:
+    """Count ok and failed files over the whole ``files/`` table, earlier runs included."""
+    try:
+        rows = open_output(out).files_table(["file_id", "status", "error_kind"]).to_pylist()
+    except OutputError:  # an empty manifest: nothing was committed
+        rows = []
+    stats.output_ok += sum(1 for r in rows if r["status"] == "ok")
+    stats.output_failed += len(rows) - sum(1 for r in rows if r["status"] == "ok")
+    failures_by_kind(rows, into=stats.output_failures_by_kind)
+
+
+def _read_manifest(normalized: str, settings: RunSettings, read_cpus: float = 0.25):
+    """The normalized manifest as a Ray Dataset, readable wherever the read tasks run.
+
+    A URI is read by the cluster's tasks (with krasr-batch's filesystem: endpoint, region), each asking
+    for ``read_cpus``. A local file connected to a cluster (``--address``) may exist on the driver's machine
+    only, so the driver reads its row groups and puts them in the object store as they are (``from_blocks``
+    runs no task; ``from_arrow_refs`` would run one of a whole CPU per row group to read its metadata).
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    if is_uri(normalized) or not settings.resources.address:
+        fs, p = filesystem(normalized)
+        return ray.data.read_parquet(p, filesystem=fs, num_cpus=read_cpus)  # a small file: never block the actors
+    pf = pq.ParquetFile(normalized)
+    groups = [pf.read_row_group(i) for i in range(pf.num_row_groups)]
+    if hasattr(ray.data, "from_blocks"):
+        return ray.data.from_blocks(groups)
+    return ray.data.from_arrow_refs([ray.put(g) for g in groups])
+
+
+def _sized(ds, num_cpus: float):
+    """``ds`` with its last operator's tasks asking Ray for ``num_cpus``.
+
+    Ray Data's ``repartition`` takes no ``ray_remote_args`` and runs its tasks with Ray Data's default of
+    one whole CPU: on nodes whose CPUs the model actors hold but for a fraction, such a task never starts
+    and the run waits forever. Its logical operator keeps the arguments it is planned with.
+    """
+    op = ds._logical_plan.dag
+    args = getattr(op, "ray_remote_args", None)
+    if not isinstance(args, dict):
+        raise RuntimeError(f"cannot size Ray Data's {type(op).__name__} tasks with this Ray version")
+    args["num_cpus"] = num_cpus
+    return ds
+
+
+def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
+             writer: PartWriter, prog: Progress) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    from krasr_batch.cluster import plan_placement
+
+    res = settings.resources
+    cluster = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    place = plan_placement(nodes, res.device, res.actors, res.actor_resource)
+    use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
+    if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
+        raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
+    dec = settings.decode
+    batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 1) * 2
+    log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
+             cluster.get("GPU", 0), place.describe())
+    if place.problem:
+        log.warning("placement: %s (%s)", place.problem, place.describe())
+
+    ds = _read_manifest(normalized, settings, place.read_cpus)
+    ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
+    ds = ds.flat_map(segment_file, fn_kwargs=dict(
+        segment_options=settings.segment, default_language=dec.language,
+        input_root=res.input_root, token_limit=dec.token_limit), num_cpus=place.segment_cpus)
+    # blocks of one model batch, and at most two in flight per actor: a long recording's segments, or the
+    # first blocks that arrive while other replicas still load, spread over every actor instead of
+    # queueing behind one
+    ds = _sized(ds.repartition(target_num_rows_per_block=batch), place.repartition_cpus)
+    stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
+    ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+                        **stage_res)
+    asm = Assembler(summary, stats)
+    watch = StallWatch(res.stall_timeout_s, res.actor_resource)
+    last_flush = time.perf_counter()
+    feed = Feed(ds)
+    try:
+        for b in feed:
+            now = time.perf_counter()
+            if b is not None:
+                asm.add(b)
+                watch.progress(now)
+                if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
+                    stats.files_committed += writer.write(*asm.take())
+                    last_flush = now
+                check_failures(stats, res.max_failed_fraction, res.min_files_for_failure_check)
+            prog.notice = watch.check(now)
+            prog.update()
+    except BaseException:
+        feed.abandon()
+        raise
+    finally:
+        feed.stop()
+        stats.files_committed += writer.write(*asm.take())  # what finished is kept, also when the run stops early
+    if asm.pending:
+        raise RunAborted(f"{asm.pending} file(s) did not come back complete from the pipeline")
+
+

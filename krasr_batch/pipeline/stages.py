@@ -1,0 +1,135 @@
+"""What runs on Ray's workers: the decode-and-segment task and the model stage.
+
+``segment_file`` (CPU tasks, ``flat_map``) turns one manifest row into its segments, each with its audio,
+then one file row (``segment_index`` -1) with the file's status; it never raises for a bad file.
+``ModelStage`` (the actor pool, ``map_batches``) decodes the segment rows of each batch with one model
+replica and returns them as :data:`krasr_batch.schema.STAGE_SCHEMA` rows. Both are pure functions of
+their input rows, testable without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
+from krasr_batch.engines import SegmentInput, load_decoder, segment_token_limit
+from krasr_batch.quality import compression_ratio, truncation_cause
+from krasr_batch.quality import suspect as is_suspect
+from krasr_batch.schema import FILE_ROW, MODEL_OUTPUT_NAMES, STAGE_SCHEMA
+from krasr_batch.segment import analyse, segment_audio
+from krasr_batch.settings import DecodeOptions, SegmentOptions
+
+log = logging.getLogger(__name__)
+
+# what a file row holds in the model's columns (it has no segment to decode); None for the others
+_NOT_DECODED = {"num_tokens": 0, "truncated": False, "decode_s": 0.0, "batch_size": 0}
+
+
+# ---------------------------------------------------------------- stage 1: decode and segment (CPU tasks)
+
+def _file_fields(row: dict, language: str | None) -> dict[str, Any]:
+    return {
+        "file_id": row["file_id"], "path": row["path"], "line": int(row["line"]), "req_language": language or "auto",
+        "reference_text": row["reference_text"], "extra_json": row["extra_json"],
+    }
+
+
+
+def segment_file(row: dict, segment_options: SegmentOptions, default_language: str,
+                 input_root: str | None, token_limit: str) -> Iterator[dict]:
+    """One manifest row in; its segments (with audio) out, then one file row (segment_index -1).
+
+    Never raises for a bad file: the file row carries status "error" and the cause.
+    """
+    t0 = time.perf_counter()
+    language = row["language"] or default_language
+    language = None if language == "auto" else language
+    base = _file_fields(row, language)
+    info = {"status": "ok", "error": None, "error_kind": None, "warning": None, "duration_s": None,
+            "speech_s": None, "num_segments": 0}
+    n = 0
+    try:
+        check_path(row["path"], input_root)
+        plan = analyse(row["path"], segment_options)
+        info.update(duration_s=plan.duration_s, speech_s=plan.speech_s, num_segments=len(plan.segments),
+                    warning="; ".join(plan.warnings) or None)
+        for (s, e), audio in zip(plan.segments, segment_audio(plan)):
+            dur = (e - s) / SAMPLE_RATE
+            yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
+                   "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
+                   "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
+            n += 1
+        if n != len(plan.segments):
+            raise AudioError("decode_mismatch", f"second decoding pass of {row['path']} gave {n} of "
+                                                f"{len(plan.segments)} segments")
+    except AudioError as e:
+        info.update(status="error", error=str(e), error_kind=e.kind, num_segments=n)
+    except Exception as e:  # noqa: BLE001 - one file must never stop the job
+        log.exception("unexpected failure on %s", row["path"])
+        info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
+    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "max_new_tokens": 0,
+           "audio": b"", "segment_wall_s": time.perf_counter() - t0}
+
+
+
+# ---------------------------------------------------------------- stage 2: the model (actor pool)
+
+class ModelStage:
+    """Ray Data callable class: one model replica per actor; decodes the segment rows of each batch."""
+
+    def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
+        self.decoder = load_decoder(options, device, threads)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{self.decoder.device}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        cols = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "audio"}
+        cols.update({name: [_NOT_DECODED.get(name)] * n for name in MODEL_OUTPUT_NAMES})
+        cols["worker"] = [self.worker] * n
+        idx = [i for i in range(n) if cols["segment_index"][i] != FILE_ROW]
+        if idx:
+            self._decode(batch.column("audio"), cols, idx)
+        return pa.table({f.name: pa.array(cols[f.name], f.type) for f in STAGE_SCHEMA}, schema=STAGE_SCHEMA)
+
+    def _decode(self, audio: pa.ChunkedArray, cols: dict[str, list], idx: list[int]) -> None:
+        """Decode rows ``idx`` and fill in their model columns (``max_new_tokens`` was set by segment_file)."""
+        inputs = []
+        for i in idx:
+            lang = cols["req_language"][i]
+            inputs.append(SegmentInput(np.frombuffer(audio[i].as_py(), np.float32),
+                                       None if lang == "auto" else lang, cols["max_new_tokens"][i]))
+        for i, r in zip(idx, self.decoder.decode(inputs)):
+            duration = cols["end_s"][i] - cols["start_s"][i]
+            values = {
+                "text": r.text, "language": r.language, "num_tokens": r.num_tokens, "truncated": r.truncated,
+                "decode_s": r.decode_s, "batch_size": r.batch_size, "avg_logprob": r.avg_logprob,
+                "no_speech_prob": r.no_speech_prob, "compression_ratio": compression_ratio(r.text) if r.text else 0.0,
+                "suspect": is_suspect(r.text, duration, r.avg_logprob, r.no_speech_prob),
+                "truncation": truncation_cause(r.text, r.truncated),
+            }
+            for name, value in values.items():
+                cols[name][i] = value
+
+
+def model_stage_class(options: DecodeOptions, device: str, threads: int | None) -> type:
+    """ModelStage with its settings bound into the class itself.
+
+    The settings travel with the class definition rather than as constructor arguments in the object
+    store, so Ray can always restart a killed actor (ray-project/ray#53727).
+    """
+
+    class BoundModelStage(ModelStage):
+        def __init__(self) -> None:
+            super().__init__(options, device, threads)
+
+    BoundModelStage.__name__ = BoundModelStage.__qualname__ = "ModelStage"
+    return BoundModelStage
+

@@ -1,0 +1,96 @@
+"""Every row shape, declared once: the ``segments/`` and ``files/`` tables, and the pipeline's stage rows.
+
+A stage row is what flows from the decode-and-segment tasks through the model actors to the driver: the
+file's fields on every row, then the segment's (``segment_index`` -1 marks the one file row of each file,
+which carries the file's status and no segment). The ``segments/`` row is the projection of a stage row
+onto :data:`SEGMENTS_SCHEMA`; the ``files/`` row takes the stage's file fields, with ``language`` from
+``req_language`` (what was asked, not what a segment decoded with), plus the joined text and the
+manifest's extra columns (:func:`files_schema`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+SEGMENTS_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("path", pa.string()),
+    ("segment_index", pa.int32()),
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("text", pa.string()),
+    ("language", pa.string()),  # the Whisper code of the language decoded with
+    ("max_new_tokens", pa.int32()),
+    ("num_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("decode_s", pa.float64()),
+    ("batch_size", pa.int32()),
+    ("worker", pa.string()),
+    ("avg_logprob", pa.float64()),
+    ("compression_ratio", pa.float64()),
+    ("no_speech_prob", pa.float64()),
+    ("suspect", pa.bool_()),
+    ("truncation", pa.string()),  # why a truncated segment stopped: "repetition" or "did_not_fit" (quality.py)
+])
+
+FILES_BASE_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("path", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("error_kind", pa.string()),
+    ("warning", pa.string()),
+    ("duration_s", pa.float64()),
+    ("speech_s", pa.float64()),
+    ("num_segments", pa.int32()),
+    ("text", pa.string()),
+    ("reference_text", pa.string()),
+    ("language", pa.string()),  # requested (the stage's req_language)
+    ("segment_wall_s", pa.float64()),
+])
+
+
+def files_schema(extra_fields: Iterable[pa.Field]) -> pa.Schema:
+    """``files/``: the base columns, then the manifest's other fields (``ManifestSummary.extra_schema``)."""
+    schema = FILES_BASE_SCHEMA
+    for f in extra_fields:
+        schema = schema.append(f)
+    return schema
+
+
+# ---------------------------------------------------------------- stage rows
+
+# the file's fields, carried on each of its rows: from the manifest ...
+STAGE_FILE_INPUT = pa.schema([
+    ("line", pa.int64()), ("req_language", pa.string()), ("reference_text", pa.string()), ("extra_json", pa.string()),
+])
+# ... and what decoding and segmenting found (set on every row; final on the file row)
+STAGE_FILE_RESULT = pa.schema([f for f in FILES_BASE_SCHEMA if f.name in (
+    "status", "error", "error_kind", "warning", "duration_s", "speech_s", "num_segments", "segment_wall_s")])
+# what the model stage fills in (empty on file rows)
+MODEL_OUTPUT_NAMES = ("text", "language", "num_tokens", "truncated", "decode_s", "batch_size", "worker",
+                      "avg_logprob", "compression_ratio", "no_speech_prob", "suspect", "truncation")
+
+STAGE_SCHEMA = pa.schema(
+    list(SEGMENTS_SCHEMA)[:2] + list(STAGE_FILE_INPUT) + list(STAGE_FILE_RESULT) + list(SEGMENTS_SCHEMA)[2:])
+"""What the model stage returns and the driver assembles: one row per segment and one file row per file."""
+
+FILE_ROW = -1  # segment_index of a file row
+
+# files/ columns that a stage row holds under another name
+FILES_FROM_STAGE = {"language": "req_language"}
+
+
+def segment_row(stage_row: dict) -> dict:
+    """A ``segments/`` row from a stage row."""
+    return {name: stage_row[name] for name in SEGMENTS_SCHEMA.names}
+
+
+def file_row(stage_row: dict, text: str | None, num_segments: int) -> dict:
+    """A ``files/`` row (base columns) from a file's stage row, its joined text and its segment count."""
+    row = {name: stage_row[FILES_FROM_STAGE.get(name, name)] for name in FILES_BASE_SCHEMA.names
+           if name not in ("text", "num_segments")}
+    row.update(text=text, num_segments=num_segments)
+    return {name: row[name] for name in FILES_BASE_SCHEMA.names}
