@@ -1,0 +1,168 @@
+"""The driver's assembly and the model stage on small Arrow tables, without Ray: what a committed file is."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from krasr_batch.manifest import ManifestSummary
+from krasr_batch.pipeline import RunAborted
+from krasr_batch.pipeline.assemble import Assembler, RunStats, check_failures
+from krasr_batch.pipeline.stages import ModelStage
+from krasr_batch.schema import FILE_ROW, FILES_BASE_SCHEMA, SEGMENTS_SCHEMA, STAGE_SCHEMA, files_schema
+from krasr_batch.settings import DecodeOptions
+
+SUMMARY = ManifestSummary(num_files=0, extra_types={"speaker": pa.string(), "take": pa.int64()})
+
+
+def stage_row(fid: str, index: int, text: str | None = None, num_segments: int = 0, status: str = "ok",
+              **over) -> dict:
+    """A stage row as the model stage returns it: a segment (index >= 0) or the file row (FILE_ROW)."""
+    row = {f.name: None for f in STAGE_SCHEMA}
+    row.update(file_id=fid, path=f"/a/{fid}.wav", line=1, req_language="kazakh", reference_text=f"ref {fid}",
+               extra_json=json.dumps({"speaker": "s1", "take": 2}), status=status, duration_s=40.0,
+               speech_s=30.0, num_segments=num_segments, segment_wall_s=0.0, segment_index=index,
+               start_s=float(max(index, 0) * 10), end_s=float(max(index, 0) * 10 + 10), max_new_tokens=120,
+               num_tokens=5, truncated=False, decode_s=0.5, batch_size=2, worker="w", text=text, language="kk",
+               suspect=False)
+    if index == FILE_ROW:
+        row.update(segment_wall_s=1.5, text=None, language=None)
+    row.update(over)
+    return row
+
+
+def table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+
+def assembler() -> Assembler:
+    return Assembler(SUMMARY, RunStats())
+
+
+def test_a_file_is_handed_over_only_once_all_its_segments_are_in():
+    asm = assembler()
+    asm.add(table([stage_row("a", FILE_ROW, num_segments=3), stage_row("a", 2, "three")]))
+    assert asm.take() == ([], [])
+    asm.add(table([stage_row("a", 0, "one")]))
+    assert asm.take() == ([], []) and asm.pending == 2
+    asm.add(table([stage_row("a", 1, "two")]))
+    segments, files = asm.take()
+    assert [s["segment_index"] for s in segments] == [0, 1, 2] and len(files) == 1
+    assert asm.pending == 0 and asm.take() == ([], [])
+
+
+def test_segments_that_come_before_their_file_row_wait_for_it():
+    asm = assembler()
+    asm.add(table([stage_row("a", 0, "one"), stage_row("a", 1, "two")]))
+    assert asm.take() == ([], []) and asm.pending == 1
+    asm.add(table([stage_row("a", FILE_ROW, num_segments=2)]))
+    assert len(asm.take()[1]) == 1
+
+
+def test_segments_in_any_order_come_out_in_order_and_the_text_joins_them():
+    rows = [stage_row("a", i, f"w{i}") for i in range(6)] + [stage_row("a", FILE_ROW, num_segments=6)]
+    rows[2]["text"] = ""  # an empty segment adds no double space
+    random.Random(3).shuffle(rows)
+    asm = assembler()
+    for r in rows:
+        asm.add(table([r]))
+    segments, files = asm.take()
+    assert [s["segment_index"] for s in segments] == list(range(6))
+    assert files[0]["text"] == "w0 w1 w3 w4 w5"
+
+
+def test_rows_of_several_files_interleaved_each_file_whole():
+    asm = assembler()
+    asm.add(table([stage_row("a", 0, "a0"), stage_row("b", 1, "b1"), stage_row("b", FILE_ROW, num_segments=2)]))
+    assert asm.take() == ([], [])
+    asm.add(table([stage_row("a", FILE_ROW, num_segments=1), stage_row("b", 0, "b0")]))
+    segments, files = asm.take()
+    assert [f["file_id"] for f in files] == ["a", "b"]
+    assert [(s["file_id"], s["segment_index"]) for s in segments] == [("a", 0), ("b", 0), ("b", 1)]
+
+
+def test_rows_are_the_output_tables_shapes():
+    asm = assembler()
+    asm.add(table([stage_row("a", 0, "hi"), stage_row("a", FILE_ROW, num_segments=1)]))
+    segments, files = asm.take()
+    assert list(segments[0]) == SEGMENTS_SCHEMA.names
+    assert list(files[0]) == files_schema(SUMMARY.extra_schema()).names
+    assert segments[0]["language"] == "kk"  # the language decoded with ...
+    assert files[0]["language"] == "kazakh"  # ... and the one asked for
+    assert (files[0]["speaker"], files[0]["take"], files[0]["reference_text"]) == ("s1", 2, "ref a")
+    assert files[0]["segment_wall_s"] == 1.5 and files[0]["num_segments"] == 1
+    pa.Table.from_pylist(segments, schema=SEGMENTS_SCHEMA)  # they write as they are
+    pa.Table.from_pylist(files, schema=files_schema(SUMMARY.extra_schema()))
+
+
+def test_a_failed_file_has_no_text_and_is_counted_by_kind():
+    asm = assembler()
+    asm.add(table([stage_row("bad", FILE_ROW, status="error", error="no such file", error_kind="not_found"),
+                   stage_row("odd", FILE_ROW, status="error", error="?"),
+                   stage_row("ok", 0, "fine", truncated=True, truncation="did_not_fit", suspect=True),
+                   stage_row("ok", FILE_ROW, num_segments=1)]))
+    _, files = asm.take()
+    by_id = {f["file_id"]: f for f in files}
+    assert by_id["bad"]["text"] is None and by_id["bad"]["error_kind"] == "not_found"
+    st = asm.stats
+    assert (st.files_done, st.files_ok, st.files_failed) == (3, 1, 2)
+    assert st.failures_by_kind == {"not_found": ["bad"], "error": ["odd"]}
+    assert (st.segments, st.truncated_segments, st.suspect_segments) == (1, 1, 1)
+    assert st.truncated_by_cause == {"did_not_fit": 1} and st.audio_s == 40.0 and st.decode_s == 0.5
+
+
+def test_too_many_failures_stop_the_run_only_past_the_minimum():
+    st = RunStats(files_done=9, files_failed=5, failures_by_kind={"not_found": ["a"] * 5})
+    check_failures(st, 0.1, 10)  # not enough files yet
+    st.files_done = 10
+    with pytest.raises(RunAborted, match="not_found: 5"):
+        check_failures(st, 0.1, 10)
+    check_failures(RunStats(files_done=10, files_failed=1), 0.1, 10)  # exactly the fraction is allowed
+
+
+def test_files_rows_take_every_base_column_from_the_stage_row():
+    assert set(FILES_BASE_SCHEMA.names) - {"text", "language"} <= set(STAGE_SCHEMA.names)
+    assert set(SEGMENTS_SCHEMA.names) <= set(STAGE_SCHEMA.names)
+
+
+# ---------------------------------------------------------------- the model stage
+
+def input_rows(durations: list[float]) -> pa.Table:
+    """What segment_file yields for one file: its segments with audio, then the file row."""
+    rng = np.random.default_rng(0)
+    rows, start = [], 0.0
+    for i, d in enumerate(durations):
+        audio = rng.normal(0, 0.1, int(16000 * d)).astype(np.float32).tobytes()
+        rows.append({**stage_row("f", i), "start_s": start, "end_s": start + d, "max_new_tokens": 8 + i,
+                     "audio": audio})
+        start += d
+    rows.append({**stage_row("f", FILE_ROW, num_segments=len(durations)), "max_new_tokens": 0, "audio": b""})
+    keep = [n for n in STAGE_SCHEMA.names if n not in ("text", "language", "num_tokens", "truncated", "decode_s",
+                                                       "batch_size", "worker", "avg_logprob", "compression_ratio",
+                                                       "no_speech_prob", "suspect", "truncation")]
+    return pa.Table.from_pylist([{k: r[k] for k in [*keep, "audio"]} for r in rows])
+
+
+def test_model_stage_fills_every_segment_and_leaves_the_file_row(tiny_model):
+    stage = ModelStage(DecodeOptions(model=str(tiny_model), beams=1, batch_size=2), device="cpu")
+    out = stage(input_rows([1.0, 2.0, 1.5]))
+    assert out.schema == STAGE_SCHEMA
+    rows = out.to_pylist()
+    segs, file_row = rows[:3], rows[3]
+    for i, s in enumerate(segs):
+        assert s["text"] is not None and s["language"] == "kk" and s["worker"] == stage.worker
+        assert 0 <= s["num_tokens"] <= s["max_new_tokens"] == 8 + i  # the limit segment_file set is kept
+        assert s["truncated"] == (s["num_tokens"] >= s["max_new_tokens"])
+        assert s["suspect"] is not None and s["compression_ratio"] is not None and s["batch_size"] >= 1
+    assert file_row["segment_index"] == FILE_ROW and file_row["text"] is None and file_row["num_tokens"] == 0
+    assert file_row["num_segments"] == 3 and file_row["reference_text"] == "ref f"
+
+
+def test_model_stage_passes_a_batch_of_file_rows_through(tiny_model):
+    stage = ModelStage(DecodeOptions(model=str(tiny_model), beams=1), device="cpu")
+    out = stage(input_rows([]))
+    assert out.num_rows == 1 and out.to_pylist()[0]["text"] is None
