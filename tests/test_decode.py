@@ -41,7 +41,12 @@ def test_a_window_of_a_longer_recording_gets_the_per_second_budget(duration):
 
 def test_the_per_second_budget_grows_past_the_cards_table_on_long_windows():
     assert segment_token_limit(30.0, False, "fit") == 360 > max_new_tokens_for(30.0) == 128
-    assert segment_token_limit(3.0, False, "fit") == 40  # short windows: the card's limit is already enough
+    assert segment_token_limit(3.0, False, "fit") == 60  # 12 tokens a second over the card's 5 s bucket
+
+
+def test_the_budget_takes_six_values_like_the_cards_table_so_segments_still_batch():
+    limits = {segment_token_limit(d / 10, False, "fit") for d in range(1, 301)}
+    assert limits == {60, 120, 180, 240, 300, 360}
 
 
 def test_token_limit_policy_settings():

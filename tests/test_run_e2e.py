@@ -6,6 +6,9 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 
+from krasr_batch.engines import segment_token_limit
+from krasr_batch.quality import truncation_cause
+
 from .conftest import read_jsonl, run_cli, write_manifest
 
 pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
@@ -70,7 +73,7 @@ def test_segment_rows(corpus_run, corpus):
     segs = cur.fetchall()
     assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "text", "language", "max_new_tokens",
                     "num_tokens", "truncated", "decode_s", "batch_size", "worker", "avg_logprob",
-                    "compression_ratio", "no_speech_prob", "suspect"]
+                    "compression_ratio", "no_speech_prob", "suspect", "truncation"]
     files = {f["file_id"]: f for f in pads.dataset(out / "files", format="parquet").to_table().to_pylist()}
     by_file: dict[str, list[dict]] = {}
     for s in segs:
@@ -83,7 +86,9 @@ def test_segment_rows(corpus_run, corpus):
         for s in mine:
             assert 0 <= s["start_s"] < s["end_s"] <= f["duration_s"] + 1e-6
             assert s["end_s"] - s["start_s"] <= 30.0 + 1e-6
-            assert s["max_new_tokens"] in (40, 64, 80, 96, 112, 128)
+            whole = len(mine) == 1 and s["start_s"] == 0.0 and abs(s["end_s"] - f["duration_s"]) < 1e-6
+            assert s["max_new_tokens"] == segment_token_limit(s["end_s"] - s["start_s"], whole, "fit")
+            assert s["truncation"] == (truncation_cause(s["text"], True) if s["truncated"] else None)
             assert s["decode_s"] > 0 and s["batch_size"] >= 1 and s["worker"]
             assert s["avg_logprob"] is None or s["avg_logprob"] <= 0
             assert 0 <= s["no_speech_prob"] <= 1 and s["compression_ratio"] >= 0 and s["suspect"] in (True, False)
@@ -91,6 +96,9 @@ def test_segment_rows(corpus_run, corpus):
             assert f["text"] == " ".join(s["text"] for s in mine if s["text"])
     longs = [r["id"] for r in read_jsonl(corpus / "long.jsonl")]
     assert all(files[i]["num_segments"] >= 6 for i in longs)
+    assert any(s["max_new_tokens"] > 128 for i in longs for s in by_file[i])  # long windows get the fit budget
+    clips = [r["id"] for r in read_jsonl(corpus / "clips.jsonl")]
+    assert all(s["max_new_tokens"] in (40, 64, 80, 96, 112, 128) for i in clips for s in by_file.get(i, []))
     langs = {r["id"]: r.get("language") for r in rows}
     assert {s["language"] for s in by_file["ru_000"]} == {"ru"} and langs["ru_000"] == "russian"
 

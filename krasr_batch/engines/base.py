@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from krasr_batch.audio import SAMPLE_RATE
-from krasr_batch.settings import TOKEN_LIMIT_POLICIES, DecodeOptions
+from krasr_batch.settings import MAX_WINDOW_S, TOKEN_LIMIT_POLICIES, DecodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit"
         return card
     if policy != "fit":
         raise ValueError(f"token limit policy must be one of {', '.join(TOKEN_LIMIT_POLICIES)}, got {policy!r}")
-    return min(MODEL_MAX_NEW_TOKENS, max(card, math.ceil(FIT_TOKENS_PER_S * duration_s)))
+    # the budget of the card's own duration bucket's upper edge (5, 10, ... 30 s): six limits, like the card's
+    # table, so that segments of one bucket still share a model batch (a batch has one limit)
+    edge = next((longest for longest, _ in TOKEN_LIMITS if duration_s <= longest), MAX_WINDOW_S)
+    return min(MODEL_MAX_NEW_TOKENS, max(card, math.ceil(FIT_TOKENS_PER_S * max(edge, duration_s))))
 
 
 @dataclass(frozen=True)
