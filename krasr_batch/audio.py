@@ -183,6 +183,20 @@ class _NotForSoundfile(Exception):
     pass
 
 
+def _pyav_header(container, stream, path: str, report: DecodeReport) -> int:
+    """What the audio stream's header says (rate, channels, declared length) into ``report``; returns the rate."""
+    rate = stream.rate or stream.codec_context.sample_rate
+    if not rate:
+        raise AudioError("undecodable", f"audio stream without a sample rate: {path}")
+    report.backend, report.source_rate = "pyav", rate
+    report.channels = stream.channels if hasattr(stream, "channels") else stream.codec_context.channels
+    if stream.duration is not None and stream.time_base is not None:
+        report.declared_s = float(stream.duration * stream.time_base)
+    elif container.duration:
+        report.declared_s = container.duration / 1e6
+    return rate
+
+
 def _pyav_blocks(path: str, report: DecodeReport, block_s: float) -> Iterator[np.ndarray]:
     import av
 
@@ -196,15 +210,7 @@ def _pyav_blocks(path: str, report: DecodeReport, block_s: float) -> Iterator[np
             if not container.streams.audio:
                 raise AudioError("no_audio_stream", f"no audio stream in {path}")
             stream = container.streams.audio[0]
-            rate = stream.rate or stream.codec_context.sample_rate
-            if not rate:
-                raise AudioError("undecodable", f"audio stream without a sample rate: {path}")
-            report.backend, report.source_rate = "pyav", rate
-            report.channels = stream.channels if hasattr(stream, "channels") else stream.codec_context.channels
-            if stream.duration is not None and stream.time_base is not None:
-                report.declared_s = float(stream.duration * stream.time_base)
-            elif container.duration:
-                report.declared_s = container.duration / 1e6
+            rate = _pyav_header(container, stream, path, report)
             pending: list[np.ndarray] = []
             pending_n, position = 0, 0  # position: samples emitted, at the source rate
             start_pts = None

@@ -204,6 +204,54 @@ _ADDRESS = click.option(
          "localhost). [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS]")
 
 
+def _job_inputs(opts: dict[str, Any], workdir: str) -> tuple[str, str, str, str | None]:
+    """(manifest, out, the manifest as the job names it, the preset file) for a submission; a local manifest
+    is validated and copied into ``workdir`` (sent with the job), as is a --job preset."""
+    from krasr_batch.manifest import ManifestError
+
+    manifest, out, job_file = opts["manifest"], opts["out"], None
+    if opts["job"]:
+        found, job_file = _job_preset(opts["job"], workdir)
+        manifest = manifest or found.get("manifest")
+        out = out or found.get("out")
+    if not manifest:
+        raise click.UsageError("give a MANIFEST (or a --job preset that names one)")
+    if not out:
+        raise click.UsageError("give --out DIR (or a --job preset that names one)")
+    if is_uri(manifest):
+        return manifest, out, manifest, job_file
+    try:
+        shipped, lines, local = ship_manifest(manifest, workdir)
+    except ManifestError as e:
+        raise BadUsage(str(e)) from None
+    except OSError as e:
+        raise BadUsage(f"cannot read the manifest {manifest}: {e}") from None
+    if local:
+        _warn(f"{local} of the manifest's {lines} audio paths are local paths: every cluster node must see "
+              "them at the same place (a shared filesystem); use s3:// or gs:// URIs otherwise")
+    return manifest, out, os.path.basename(shipped), job_file
+
+
+def _entrypoint(ctx: click.Context, opts: dict[str, Any], job_manifest: str, out: str, job_file: str | None) -> list[str]:
+    """The job's command: ``run`` with exactly the options given here, paths as the cluster sees them."""
+    verbose = ctx.find_root().params.get("verbose") or 0
+    argv = ["python", "-m", "krasr_batch.cli", *(["-" + "v" * min(verbose, 2)] if verbose else []),
+            "run", job_manifest, "--out", _cluster_path("--out", out), "--address", "auto"]
+    if job_file:
+        argv += ["--job", os.path.basename(job_file)]
+    for param in _submit_params():
+        name = param.name
+        if name in ("manifest", "job", "out", "ship_code") or not _given(ctx, name):
+            continue
+        value = opts[name]
+        if name == "model":
+            value = _cluster_path("--model", value, must_exist_here=True)
+        elif name == "input_root":
+            value = _cluster_path("--input-root", value)
+        argv += _option_argv(param, value)
+    return argv
+
+
 # ---------------------------------------------------------------- submit
 
 @click.command(params=_submit_params())
@@ -220,50 +268,11 @@ def submit(ctx: click.Context, address: str | None, submission_id: str | None, f
     `krasr-batch status JOB` and `krasr-batch logs JOB --follow`.
     """
     from krasr_batch.cluster import code_runtime_env
-    from krasr_batch.manifest import ManifestError
 
     workdir = tempfile.mkdtemp(prefix="krasr-submit-")
     try:
-        manifest, out, job_file = opts["manifest"], opts["out"], None
-        if opts["job"]:
-            found, job_file = _job_preset(opts["job"], workdir)
-            manifest = manifest or found.get("manifest")
-            out = out or found.get("out")
-        if not manifest:
-            raise click.UsageError("give a MANIFEST (or a --job preset that names one)")
-        if not out:
-            raise click.UsageError("give --out DIR (or a --job preset that names one)")
-        if is_uri(manifest):
-            job_manifest = manifest
-        else:
-            try:
-                shipped, lines, local = ship_manifest(manifest, workdir)
-            except ManifestError as e:
-                raise BadUsage(str(e)) from None
-            except OSError as e:
-                raise BadUsage(f"cannot read the manifest {manifest}: {e}") from None
-            job_manifest = os.path.basename(shipped)
-            if local:
-                _warn(f"{local} of the manifest's {lines} audio paths are local paths: every cluster node must see "
-                      "them at the same place (a shared filesystem); use s3:// or gs:// URIs otherwise")
-
-        verbose = ctx.find_root().params.get("verbose") or 0
-        argv = ["python", "-m", "krasr_batch.cli", *(["-" + "v" * min(verbose, 2)] if verbose else []),
-                "run", job_manifest, "--out", _cluster_path("--out", out), "--address", "auto"]
-        if job_file:
-            argv += ["--job", os.path.basename(job_file)]
-        for param in _submit_params():
-            name = param.name
-            if name in ("manifest", "job", "out", "ship_code") or not _given(ctx, name):
-                continue
-            value = opts[name]
-            if name == "model":
-                value = _cluster_path("--model", value, must_exist_here=True)
-            elif name == "input_root":
-                value = _cluster_path("--input-root", value)
-            argv += _option_argv(param, value)
-        entrypoint = shlex.join(argv)
-
+        manifest, out, job_manifest, job_file = _job_inputs(opts, workdir)
+        entrypoint = shlex.join(_entrypoint(ctx, opts, job_manifest, out, job_file))
         ship_code = opts["ship_code"] is not False
         runtime_env = code_runtime_env(ship_code)
         if os.listdir(workdir):
