@@ -166,3 +166,17 @@ def test_model_stage_passes_a_batch_of_file_rows_through(tiny_model):
     stage = ModelStage(DecodeOptions(model=str(tiny_model), beams=1), device="cpu")
     out = stage(input_rows([]))
     assert out.num_rows == 1 and out.to_pylist()[0]["text"] is None
+
+
+def test_segment_file_rows_are_the_stage_rows_less_the_models_columns(corpus):
+    from krasr_batch.pipeline.stages import segment_file
+    from krasr_batch.schema import MODEL_OUTPUT_NAMES
+    from krasr_batch.settings import SegmentOptions
+
+    row = {"file_id": "c", "path": str(corpus / "clips" / sorted((corpus / "clips").iterdir())[0].name),
+           "line": 1, "language": None, "reference_text": None, "extra_json": None}
+    rows = list(segment_file(row, SegmentOptions(), "kazakh", None, "fit"))
+    expected = (set(STAGE_SCHEMA.names) - set(MODEL_OUTPUT_NAMES)) | {"audio"}
+    assert all(set(r) == expected for r in rows)
+    assert rows[-1]["segment_index"] == FILE_ROW and rows[-1]["status"] == "ok"
+    assert [r["segment_index"] for r in rows[:-1]] == list(range(rows[-1]["num_segments"]))

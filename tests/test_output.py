@@ -1,0 +1,69 @@
+"""The output folder without a run: the commit protocol, recovery after a kill, and reading it back."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from krasr_batch.output import (
+    OutputLayout,
+    PartWriter,
+    failures_by_kind,
+    list_parts,
+    open_output,
+    read_text,
+    recover,
+    write_run_json,
+)
+from krasr_batch.schema import SEGMENTS_SCHEMA, files_schema
+
+EXTRA = [pa.field("speaker", pa.string())]
+
+
+def seg(fid: str, i: int) -> dict:
+    return {**{n: None for n in SEGMENTS_SCHEMA.names}, "file_id": fid, "path": f"/{fid}", "segment_index": i,
+            "text": f"{fid}{i}"}
+
+
+def file_row(fid: str, status: str = "ok", kind: str | None = None) -> dict:
+    return {**{n: None for n in files_schema(EXTRA).names}, "file_id": fid, "path": f"/{fid}", "status": status,
+            "error_kind": kind, "num_segments": 1, "speaker": "s"}
+
+
+def test_parts_are_committed_in_pairs_and_read_back(tmp_path):
+    layout = OutputLayout(str(tmp_path / "out"))
+    w = PartWriter(layout, files_schema(EXTRA))
+    assert w.write([], []) == 0  # nothing finished: no empty part
+    assert w.write([seg("a", 0)], [file_row("a")]) == 1
+    assert w.write([seg("b", 0)], [file_row("b", "error", "not_found")]) == 1
+    names = [p.rsplit("/", 1)[1] for p in list_parts(layout.files)]
+    assert names == [p.rsplit("/", 1)[1] for p in list_parts(layout.segments)] and len(names) == 2
+    out = open_output(layout.out)
+    assert out.files_table(["file_id", "speaker", "nope"]).to_pylist() == [
+        {"file_id": "a", "speaker": "s"}, {"file_id": "b", "speaker": "s"}]
+    assert out.run_info() is None and not out.complete
+    write_run_json(layout, {"rtfx": 2.5})
+    assert open_output(layout.out).run_info() == {"rtfx": 2.5} and '"rtfx"' in read_text(layout.run_json)
+
+
+def test_recovery_removes_what_a_killed_run_left_and_reports_the_done_ids(tmp_path):
+    layout = OutputLayout(str(tmp_path / "out"))
+    w = PartWriter(layout, files_schema(EXTRA))
+    w.write([seg("a", 0)], [file_row("a")])
+    orphan = tmp_path / "out" / "segments" / "part-dead-000000.parquet"  # killed between the two renames
+    orphan.write_bytes((tmp_path / "out" / "segments").joinpath(list_parts(layout.segments)[0].rsplit("/", 1)[1])
+                       .read_bytes())
+    tmp = tmp_path / "out" / "files" / ".tmp-part-x.parquet.1234"
+    tmp.write_bytes(b"half")
+    assert len(list_parts(layout.segments)) == 2 and tmp.name not in str(list_parts(layout.files))
+    assert recover(layout) == {"a"}
+    assert not orphan.exists() and not tmp.exists() and len(list_parts(layout.segments)) == 1
+
+
+def test_failures_are_grouped_by_kind_in_order():
+    rows = [file_row("a"), file_row("b", "error", "not_found"), file_row("c", "error"),
+            file_row("d", "error", "not_found")]
+    assert failures_by_kind(rows) == {"not_found": ["b", "d"], "error": ["c"]}
+    into = {"not_found": ["z"]}
+    failures_by_kind(rows[1:2], into=into)
+    assert into == {"not_found": ["z", "b"]}
+    assert failures_by_kind(rows, value=lambda r: r["path"]) == {"not_found": ["/b", "/d"], "error": ["/c"]}
