@@ -83,6 +83,9 @@ QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload
              peer_clips=2, peer_long=0, chunk_batches=(4,), feed_tasks=2,
              compile_runs=(("float16", 4),), model="tiny-random")
 SECTIONS = ("a", "b", "c", "d", "compile")
+# what runs when: what "done" needs first (correctness, the main float16 figures, the peers, the CPU feed),
+# then one compiled run (its compile costs a minute or more, and may fail), then the remaining batch sizes
+ORDER = (("a", 1), ("b", 1), ("c", 1), ("d", 1), ("compile", 1), ("b", 2), ("compile", 2))
 
 
 # ---------------------------------------------------------------------------------------------- the seam
@@ -551,8 +554,11 @@ def throughput_run(ctx, dec, inputs, secs: float, batch: int, label: dict, time_
     return row
 
 
-def section_b(ctx) -> None:
-    """Model-stage throughput, eager (dynamic cache), float16 and bfloat16, SDPA, each batch size."""
+def section_b(ctx, phase: int = 1) -> None:
+    """Model-stage throughput, eager (dynamic cache), float16 and bfloat16, SDPA, each batch size.
+
+    Phase 1: the float16 runs up to the largest batch and the diagnostic run; phase 2 (after the peers, the
+    CPU feed and the first compiled run): the rest."""
     sec = ctx.results.section("b")
     sec["status"] = "running"
     work = tiled(ctx.distinct, ctx.p["workload"])
@@ -569,10 +575,11 @@ def section_b(ctx) -> None:
                                     "segment's token limit: the worst case for decoding length",
                            rtfx="audio seconds / wall seconds of WhisperDecoder.decode (log-mel on the CPU, "
                                 "encoder, generate, quality signals), after one warm-up batch")
-    sec["runs"] = []
+    sec.setdefault("runs", [])
     plan = [(d, b, 4) for d, b in ctx.p["runs"]]
     k = next((i for i, (d, b, _) in enumerate(plan) if d == "float16" and b == ctx.p["batches_max"]), 0)
     plan.insert(k + 1, ("float16", ctx.p["diagnostic_batch"], 0))
+    plan = plan[:k + 2] if phase == 1 else plan[k + 2:]
     decoders: dict = {}
     oom_at: dict = {}
     last_wall = 0.0
@@ -613,6 +620,8 @@ def section_b(ctx) -> None:
     free_memory(ctx.device)
     # where the stage's time goes outside the GPU: the CPU log-mel of one batch (WhisperFeatureExtractor)
     try:
+        if phase != 1:
+            raise StopIteration
         from transformers import WhisperFeatureExtractor
 
         fe = WhisperFeatureExtractor.from_pretrained(ctx.model)
@@ -621,6 +630,8 @@ def section_b(ctx) -> None:
         fe(batch, sampling_rate=SR, return_tensors="pt", return_attention_mask=True)
         sec["cpu_logmel_s"] = dict(segments=len(batch), seconds=round(time.perf_counter() - t0, 3),
                                    audio_s=round(sum(len(a) for a in batch) / SR, 1))
+    except StopIteration:
+        pass
     except Exception as e:  # noqa: BLE001
         sec["cpu_logmel_s"] = dict(error=error_of(e))
     done = [r for r in sec["runs"] if r.get("status") == "done" and r.get("no_repeat_ngram_size") != 0]
@@ -631,8 +642,9 @@ def section_b(ctx) -> None:
     ctx.results.save()
 
 
-def section_compile(ctx) -> None:
-    """Section b's runs with a static cache (so generate() compiles the decoder step) at a few batch sizes."""
+def section_compile(ctx, phase: int = 1) -> None:
+    """Section b's runs with a static cache (so generate() compiles the decoder step) at a few batch sizes;
+    phase 1 the first of ``compile_runs``, phase 2 the rest."""
     sec = ctx.results.section("compile")
     sec["status"] = "running"
     work = tiled(ctx.distinct, ctx.p["workload"])
@@ -644,8 +656,9 @@ def section_compile(ctx) -> None:
                            "runs eagerly. Warm-up: one full batch (compiles that shape); the timed pass over the "
                            "workload then includes any compile for the smaller last batch of each group; a second "
                            "timed pass runs when the budget allows, and the row reports the last pass")
-    sec["runs"] = []
-    for dtype, batch in ctx.p["compile_runs"]:
+    sec.setdefault("runs", [])
+    runs = ctx.p["compile_runs"]
+    for dtype, batch in (runs[:1] if phase == 1 else runs[1:]):
         if not ctx.budget.enough(90 if ctx.device == "cuda" else 5):
             sec["runs"].append(dict(dtype=dtype, batch=batch, status="skipped", reason="time budget"))
             ctx.results.save()
@@ -1062,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # one warning a generate() call about max_length otherwise floods the log
+        hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
     ctx = Ctx()
@@ -1106,23 +1120,34 @@ def main(argv: list[str] | None = None) -> int:
             ctx.results.skip(s, f"setup failed: {doc['fatal']}")
         return 1
     runners = dict(a=section_a, b=section_b, c=section_c, d=section_d, compile=section_compile)
-    for name in SECTIONS:  # this order: the cheap and certain first, compiling (minutes, may fail) last
+    for name, phase in ORDER:
         if name not in wanted:
-            ctx.results.skip(name, "not asked for (--sections)")
+            if phase == 1:
+                ctx.results.skip(name, "not asked for (--sections)")
             continue
         if not ctx.budget.enough(15):
-            ctx.results.skip(name, f"time budget ({a.budget_s:.0f} s) spent")
+            if phase == 1:
+                ctx.results.skip(name, f"time budget ({a.budget_s:.0f} s) spent")
+            else:
+                ctx.results.section(name).setdefault("notes", []).append("phase 2 skipped: time budget spent")
             continue
-        log.info("section %s (%.0f s left)", name, ctx.budget.left())
+        log.info("section %s phase %d (%.0f s left)", name, phase, ctx.budget.left())
         t0 = time.perf_counter()
         try:
-            runners[name](ctx)
+            if name in ("b", "compile"):
+                runners[name](ctx, phase)
+            else:
+                runners[name](ctx)
         except Exception as e:  # noqa: BLE001 - one section failing must not lose the others
             sec = ctx.results.section(name)
-            sec.update(status="failed", error=error_of(e), trace=traceback.format_exc()[-3000:])
+            if phase == 2 and any(r.get("status") == "done" for r in sec.get("runs", [])):
+                sec.update(status="done", phase2_error=error_of(e), trace=traceback.format_exc()[-3000:])
+            else:
+                sec.update(status="failed", error=error_of(e), trace=traceback.format_exc()[-3000:])
             log.exception("section %s failed", name)
             free_memory(ctx.device)
-        ctx.results.section(name)["section_s"] = round(time.perf_counter() - t0, 1)
+        sec = ctx.results.section(name)
+        sec["section_s"] = round(sec.get("section_s", 0) + time.perf_counter() - t0, 1)
         ctx.results.save()
     doc["finished"] = True
     ctx.results.save()

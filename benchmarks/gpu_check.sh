@@ -29,7 +29,7 @@ else
   say "python3 is $PYV: not installing the cp312 wheels; using the installed packages"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
   head -20 "$OUT/nvidia-smi.txt"
@@ -43,7 +43,7 @@ timeout -k 10 "$HARD_S" python3 -u -m benchmarks.gpu_check --data .gpu --out "$O
   >>"$LOG" 2>&1
 rc=$?
 echo "================ the log's last lines"
-grep -v -E "^\s*$" "$LOG" | tail -n 40 | cut -c1-400
+grep -v -E "^\s*$" "$LOG" | tail -n 25 | cut -c1-300
 say "gpu_check exit status $rc"
 if [ -f "$OUT/gpu_check.md" ]; then
   echo "================ gpu_check.md"
