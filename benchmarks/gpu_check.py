@@ -270,6 +270,7 @@ def device_info(device: str) -> dict:
         info["cpu"] = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    info["c_compiler"] = shutil.which("cc") or shutil.which("gcc")  # Triton (torch.compile) builds its launchers with it
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
