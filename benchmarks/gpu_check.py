@@ -76,7 +76,7 @@ CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_p
 FULL = dict(correct_clips=12, correct_windows=4, correct_b=64, fp32_n=4, workload=192,
             runs=(("float16", 64), ("float16", 128), ("float16", 32), ("float16", 16), ("bfloat16", 64),
                   ("bfloat16", 128)), diagnostic_batch=64,
-            peer_clips=25, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
+            peer_clips=16, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
             compile_runs=(("float16", 64), ("bfloat16", 64)), model="small-random")
 QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=8,
              runs=(("float16", 4), ("bfloat16", 4)), diagnostic_batch=4,
@@ -708,14 +708,14 @@ def section_c(ctx) -> None:
 
     sec = ctx.results.section("c")
     sec["status"] = "running"
-    clips = [f for f in ctx.corpus.files if f["kind"] == "clip"][::2][:ctx.p["peer_clips"]]
+    clips = stratified([f for f in ctx.corpus.files if f["kind"] == "clip"], ctx.p["peer_clips"])
     longs = [f for f in ctx.corpus.files if f["kind"] == "long"][:ctx.p["peer_long"]]
     files = clips + longs
     total = sum(f["duration_s"] for f in files)
     sec["settings"] = dict(files=len(files), clips=len(clips), long=len(longs), audio_s=round(total, 1),
                            dtype="float16" if ctx.device == "cuda" else "float32", model=ctx.model_name,
-                           note="every peer and krasr-batch's row over the same files (every other clip and "
-                                "the first long recording), each with its own segmentation; card: the ASR "
+                           note="every peer and krasr-batch's row over the same files (clips spread over the "
+                                "corpus and the first long recording), each with its own segmentation; card: the ASR "
                                 "pipeline one file at a time, the card's duration-based max_new_tokens, "
                                 "chunk_length_s=30 past 30 s; chunked: one pipeline call per language over "
                                 "the files' audio, chunk_length_s=30, max_new_tokens=128 (the card's limit "

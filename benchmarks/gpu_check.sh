@@ -36,8 +36,9 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
   say "no nvidia-smi here"
 fi
-python3 -c 'import torch, transformers, numpy; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-  "transformers", transformers.__version__, "numpy", numpy.__version__)' 2>&1 | tee -a "$LOG"
+if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  say "no C compiler on the PATH: torch.compile's Triton launchers may not build"
+fi
 say "python -m benchmarks.gpu_check --budget-s $BUDGET_S $* (hard stop at ${HARD_S}s)"
 timeout -k 10 "$HARD_S" python3 -u -m benchmarks.gpu_check --data .gpu --out "$OUT" --budget-s "$BUDGET_S" "$@" \
   >>"$LOG" 2>&1
