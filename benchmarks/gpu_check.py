@@ -819,6 +819,8 @@ def cuda12_probe() -> dict:
 def faster_whisper_row(ctx, files, total) -> dict:
     name = "faster-whisper (BatchedInferencePipeline, batch 16)"
     probe = cuda12_probe() if ctx.device == "cuda" else {}
+    if not ctx.budget.enough(20):
+        return dict(system=name, status="skipped", reason="time budget", probe=probe)
     try:
         import ctranslate2
     except ImportError as e:

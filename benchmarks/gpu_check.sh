@@ -46,6 +46,10 @@ rc=$?
 echo "================ the log's last lines"
 grep -v -E "^\s*$" "$LOG" | tail -n 25 | cut -c1-300
 say "gpu_check exit status $rc"
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  printf '**Stopped at the hard limit (%ss)**: a section still "pending" or "running" above did not finish.\n' \
+    "$HARD_S" >>"$OUT/gpu_check.md"
+fi
 if [ -f "$OUT/gpu_check.md" ]; then
   echo "================ gpu_check.md"
   cat "$OUT/gpu_check.md"

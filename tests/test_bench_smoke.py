@@ -123,7 +123,8 @@ def test_gpu_check_dry_run_on_cpu(corpus, tiny_model, tmp_path):
     assert prep.returncode == 0, prep.stderr[-2000:]
     assert not list((data / "model").glob("*.safetensors"))  # config and tokenizer only: no weights travel
     run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--data",
-                          str(data), "--out", str(out), "--work", str(tmp_path / "work"), "--workers", "1"],
+                          str(data), "--out", str(out), "--work", str(tmp_path / "work"), "--workers", "1",
+                          "--budget-s", "3000"],  # a busy CI machine must not skip sections for time
                          cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
