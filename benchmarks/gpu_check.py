@@ -66,7 +66,6 @@ SHAPES = {
     "tiny-random": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
 }
-FIT_TOKENS_PER_S = 12  # --limits fit: a window cut from a long recording gets at least this many tokens a second
 CHUNK_LENGTH_S = 30
 CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_penalty=1.12)
 
@@ -94,16 +93,13 @@ ORDER = (("a", 1), ("b", 1), ("c", 1), ("d", 1), ("compile", 1), ("b", 2), ("com
 def token_limit(duration_s: float, whole_clip: bool, policy: str = "card") -> int:
     """max_new_tokens for one segment: THE seam between this check and krasr-batch's token-limit policy.
 
-    ``card``: krasr-batch's limit today (``krasr_batch.decode.max_new_tokens_for``, the model card's
-    duration table, for whole clips and windows alike). ``fit``: whole clips keep the card's limit; windows
-    cut from long recordings get max(card, ceil(12 tokens a second)), at most the model's own limit.
+    ``card``: the model card's duration table, for whole clips and windows alike (``--token-limit card``).
+    ``fit``: krasr-batch's default (``--token-limit fit``): whole clips keep the card's limit; windows cut
+    from long recordings get 12 tokens a second of their card bucket's upper edge (60 ... 360).
     """
-    from krasr_batch.decode import MODEL_MAX_NEW_TOKENS, max_new_tokens_for
+    from krasr_batch.engines import segment_token_limit
 
-    card = max_new_tokens_for(duration_s)
-    if policy == "card" or whole_clip:
-        return card
-    return min(MODEL_MAX_NEW_TOKENS, max(card, math.ceil(FIT_TOKENS_PER_S * duration_s)))
+    return segment_token_limit(duration_s, whole_clip, policy)
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -227,7 +223,7 @@ class Corpus:
 
 
 def inputs_of(segs: list[dict]):
-    from krasr_batch.decode import SegmentInput
+    from krasr_batch.engines import SegmentInput
 
     return [SegmentInput(s["audio"], s["language"], s["limit"]) for s in segs]
 
@@ -376,7 +372,7 @@ def build_model(variant: str, files: Path, out: Path, seed: int = 0) -> Path:
 
 
 def load(model: str, device: str, dtype: str, batch: int):
-    from krasr_batch.decode import WhisperDecoder
+    from krasr_batch.engines.transformers import WhisperDecoder
     from krasr_batch.settings import DecodeOptions
 
     return WhisperDecoder(DecodeOptions(model=model, dtype=dtype, batch_size=batch), device)
@@ -494,7 +490,11 @@ class ProcessorTimer:
 
         self._lp = lp
         self._list_call = lp.LogitsProcessorList.__call__
+        from krasr_batch.engines import transformers as engine
+
+        self._engine = engine
         self._ngram_call = lp.NoRepeatNGramLogitsProcessor.__call__
+        self._ban_call = engine.NoRepeatNGramBan.__call__  # krasr-batch's own ban (the card's n-gram rule)
         timer = self
 
         def list_call(proc, input_ids, scores, **kw):
@@ -506,20 +506,24 @@ class ProcessorTimer:
                 timer.total += time.perf_counter() - t0
                 timer.calls += 1
 
-        def ngram_call(proc, input_ids, scores):
-            t0 = time.perf_counter()
-            try:
-                return timer._ngram_call(proc, input_ids, scores)
-            finally:
-                timer.ngram += time.perf_counter() - t0
+        def timed(original):
+            def call(proc, input_ids, scores):
+                t0 = time.perf_counter()
+                try:
+                    return original(proc, input_ids, scores)
+                finally:
+                    timer.ngram += time.perf_counter() - t0
+            return call
 
         lp.LogitsProcessorList.__call__ = list_call
-        lp.NoRepeatNGramLogitsProcessor.__call__ = ngram_call
+        lp.NoRepeatNGramLogitsProcessor.__call__ = timed(self._ngram_call)
+        engine.NoRepeatNGramBan.__call__ = timed(self._ban_call)
         return self
 
     def __exit__(self, *exc):
         self._lp.LogitsProcessorList.__call__ = self._list_call
         self._lp.NoRepeatNGramLogitsProcessor.__call__ = self._ngram_call
+        self._engine.NoRepeatNGramBan.__call__ = self._ban_call
 
     def summary(self) -> dict:
         return dict(processors_s=round(self.total, 2), no_repeat_ngram_s=round(self.ngram, 2), steps=self.calls)
@@ -704,7 +708,7 @@ def section_c(ctx) -> None:
     import torch
     from transformers import pipeline
 
-    from krasr_batch.decode import TOKEN_LIMIT_LONGEST, max_new_tokens_for
+    from krasr_batch.engines.base import TOKEN_LIMIT_LONGEST, max_new_tokens_for
 
     sec = ctx.results.section("c")
     sec["status"] = "running"
@@ -834,8 +838,8 @@ def faster_whisper_row(ctx, files, total) -> dict:
     try:
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-        from krasr_batch.decode import language_code, max_new_tokens_for
-        from krasr_batch.engine_ct2 import converted_model
+        from krasr_batch.engines import language_code, max_new_tokens_for
+        from krasr_batch.engines.ctranslate2 import converted_model
 
         ct2_dir = converted_model(ctx.model, cache_dir=ctx.work / "ct2")
         model = WhisperModel(str(ct2_dir), device=ctx.device, compute_type="float16" if ctx.device == "cuda" else "float32")
