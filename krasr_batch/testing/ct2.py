@@ -122,10 +122,14 @@ def to_transformers(v: dict[str, np.ndarray]) -> tuple[dict, dict]:
         cross_attn(f"{dec}.layers.{i}.encoder_attn", f"decoder/layer_{i}/attention")
         ffn(f"{dec}.layers.{i}", f"decoder/layer_{i}/ffn")
     norm(f"{dec}.layer_norm", "decoder/layer_norm")
-    shape = dict(d_model=d_model, num_mel_bins=v["encoder/conv1/weight"].shape[1],
-                 encoder_layers=len(_layer_ids(v, "encoder")), decoder_layers=len(_layer_ids(v, "decoder")),
-                 encoder_attention_heads=int(v["encoder/num_heads"]), decoder_attention_heads=int(v["decoder/num_heads"]),
-                 encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
-                 decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-                 vocab_size=v["decoder/embeddings/weight"].shape[0])
-    return sd, shape
+    return sd, _shape(v)
+
+
+def _shape(v: dict[str, np.ndarray]) -> dict:
+    """WhisperConfig keywords read off the arrays."""
+    return dict(d_model=v["encoder/conv1/weight"].shape[0], num_mel_bins=v["encoder/conv1/weight"].shape[1],
+                encoder_layers=len(_layer_ids(v, "encoder")), decoder_layers=len(_layer_ids(v, "decoder")),
+                encoder_attention_heads=int(v["encoder/num_heads"]), decoder_attention_heads=int(v["decoder/num_heads"]),
+                encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+                decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+                vocab_size=v["decoder/embeddings/weight"].shape[0])
