@@ -1,10 +1,14 @@
-"""Shared test fixtures: models and corpus built once per machine from ../shared, one Ray per session."""
+"""Shared test fixtures: models and corpus built once per machine by krasr_batch.testing, one Ray per session.
+
+The fixtures live in ``$KRASR_TEST_CACHE`` (default ``~/.cache/krasr-batch-test``): ``models/tiny-random``,
+``models/base`` and ``corpus``, each built on first use (see ``krasr_batch.testing``) with a ``BUILT`` marker
+written last and a file lock, so a killed build is redone and parallel workers build once.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,37 +19,26 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+from krasr_batch.testing import default_cache, ensure_corpus, ensure_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KRASR_SHARED", REPO.parent / "shared"))
-CACHE = Path(os.environ.get("KRASR_TEST_CACHE", Path.home() / ".cache" / "krasr-batch-test"))
+CACHE = default_cache()
 os.environ.setdefault("KRASR_BATCH_CACHE", str(CACHE / "krasr-batch"))  # CTranslate2 conversions of the test models
-
-
-def _build_model(variant: str) -> Path:
-    out = CACHE / "models" / variant
-    if not (out / "BUILT").exists():
-        subprocess.run([sys.executable, str(SHARED / "models" / "build_whisper.py"), variant, str(out)], check=True)
-    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    return _build_model("tiny-random")
+    return ensure_model("tiny-random", CACHE)
 
 
 @pytest.fixture(scope="session")
 def base_model() -> Path:
-    return _build_model("base")
+    return ensure_model("base", CACHE)
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    out = CACHE / "corpus"
-    if not (out / "bad.jsonl").exists():
-        if out.exists():
-            shutil.rmtree(out)
-        subprocess.run([sys.executable, str(SHARED / "corpus" / "make_corpus.py"), str(out)], check=True)
-    return out
+    return ensure_corpus(CACHE)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -89,6 +82,7 @@ def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> s
 E2E_ELSEWHERE = {
     "test_bench_smoke.py::test_compare_krasr_and_card_and_refresh_block",  # benchmarks.compare runs krasr-batch
     "test_bench_smoke.py::test_compare_faster_whisper_row",
+    "test_bench_smoke.py::test_gpu_check_dry_run_on_cpu",  # benchmarks.gpu_check in subprocesses
 }
 
 

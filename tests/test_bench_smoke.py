@@ -103,3 +103,64 @@ def test_compare_faster_whisper_row(corpus, tiny_model, tmp_path, capsys):
     row = parse_table(capsys.readouterr().out)[FW]
     assert float(row["RTFx"]) > 0 and float(row["WER %"]) >= 0, row
     assert any((tmp_path / "work" / "ct2").glob("*/model.bin"))
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(corpus, tiny_model, tmp_path):
+    """The one GPU check (benchmarks.gpu_check), run as its dry run: --device cpu --quick, tiny-random built from the
+    carried config and tokenizer files, three clips and one long recording prepared as the device run gets them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    data, out = tmp_path / "data", tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    prep = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "prepare", "--corpus", str(corpus),
+                           "--data", str(data), "--model-files", str(tiny_model), "--clips", "3", "--long", "1"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    assert not list((data / "model").glob("*.safetensors"))  # config and tokenizer only: no weights travel
+    run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--data",
+                          str(data), "--out", str(out), "--work", str(tmp_path / "work"), "--workers", "1",
+                          "--budget-s", "3000"],  # a busy CI machine must not skip sections for time
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
+    assert doc["finished"] and doc["model_name"] == "tiny-random" and doc["info"]["device"] == "cpu"
+    sections = doc["sections"]
+    assert set(sections) == {"a", "b", "c", "d", "compile"}
+    for name, sec in sections.items():
+        assert sec["status"] == "done" or (sec["status"] == "skipped" and sec["reason"]), (name, sec)
+    for key in ("float16_batch1_vs_batchB", "float32_device_vs_cpu"):
+        r = sections["a"][key]
+        assert 0 <= r["equal_text"] <= r["segments"] and r["segments"] > 0, r
+    runs = sections["b"]["runs"]
+    assert {(r["dtype"], r["batch"]) for r in runs} >= {("float16", 4), ("bfloat16", 4)}
+    for r in runs:
+        assert r["status"] == "done" and r["rtfx"] > 0 and r["segments"] == 8, r
+    assert any(r["no_repeat_ngram_size"] == 0 for r in runs)  # the diagnostic run
+    assert all(r["no_repeat_ngram_s"] >= 0 for r in runs if r["no_repeat_ngram_size"])
+    assert sections["b"]["best"]["rtfx"] > 0
+    assert sections["compile"]["runs"][0]["rtfx"] > 0 and sections["compile"]["runs"][0]["cache"] == "static"
+    rows = {r["system"].split(" (")[0]: r for r in sections["c"]["rows"]}
+    assert set(rows) == {"krasr-batch", "card pipeline", "chunked pipeline", "faster-whisper"}
+    for r in rows.values():
+        assert (r["status"] == "done" and r["rtfx"] > 0) or r.get("reason") or r.get("error"), r
+    assert sections["d"]["feed_x_realtime"] > 0 and sections["d"]["settings"]["workers"] == 1
+    md = (out / "gpu_check.md").read_text(encoding="utf-8")
+    for title in ("Correctness", "Model-stage throughput", "Static cache", "Peers", "CPU feed"):
+        assert title in md
+
+
+def test_gpu_check_token_limit_seam():
+    """gpu_check's one seam to the token-limit policy: krasr-batch's own (engines.segment_token_limit)."""
+    from benchmarks.gpu_check import token_limit
+    from krasr_batch.engines import max_new_tokens_for
+
+    for d in (0.5, 3.5, 12.0, 27.0, 30.0):
+        assert token_limit(d, True, "card") == token_limit(d, False, "card") == max_new_tokens_for(d)
+        assert token_limit(d, True, "fit") == max_new_tokens_for(d)
+    assert token_limit(27.0, False, "fit") == 360  # 12 a second of its bucket's edge, 30 s
+    assert token_limit(2.0, False, "fit") == 60 > max_new_tokens_for(2.0)  # never below the card's limit

@@ -112,3 +112,31 @@ def test_every_job_preset_builds_settings(preset):
     assert settings.decode.beams == 3 and settings.decode.repetition_penalty == 1.12
     if preset.name == "cpu.yaml":
         assert settings.decode.engine == "ctranslate2" and settings.resources.device == "cpu"
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_our_ngram_ban_bans_exactly_what_transformers_bans(n):
+    import torch
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    from krasr_batch.engines.transformers import NoRepeatNGramBan
+
+    gen = torch.Generator().manual_seed(n)
+    for length in (1, n - 1, n, n + 1, 12, 40):
+        ids = torch.randint(0, 6, (9, length), generator=gen)  # a small vocabulary, so n-grams repeat often
+        scores = torch.randn(9, 50, generator=gen)
+        expected = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+        assert torch.equal(NoRepeatNGramBan(n)(ids, scores.clone()), expected)
+
+
+def test_the_transformers_engine_with_our_ban_gives_transformers_own_output(tiny_model):
+    import torch
+
+    dec = WhisperDecoder(DecodeOptions(model=str(tiny_model)), device="cpu")
+    audio = np.random.default_rng(3).normal(0, 0.1, 16000 * 6).astype(np.float32)
+    feats = dec._features([audio], "pt")["input_features"]
+    common = dict(task="transcribe", language="kazakh", num_beams=3, repetition_penalty=1.12, max_new_tokens=64)
+    with torch.inference_mode():
+        theirs = dec.model.generate(feats, no_repeat_ngram_size=4, **common)
+    ours = dec.decode([SegmentInput(audio, "kazakh", 64)])[0]
+    assert ours.text == dec.tokenizer.decode(theirs[0], skip_special_tokens=True).strip()

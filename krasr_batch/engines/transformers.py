@@ -66,8 +66,8 @@ class WhisperDecoder(Decoder):
 
         t0 = time.perf_counter()
         feats = self._features(audios, "pt")
-        kwargs = dict(task=self.options.task, num_beams=self.options.beams,
-                      no_repeat_ngram_size=self.options.no_repeat_ngram_size,
+        # the card's no_repeat_ngram_size, applied by NoRepeatNGramBan rather than transformers' own processor
+        kwargs = dict(task=self.options.task, num_beams=self.options.beams, no_repeat_ngram_size=0,
                       repetition_penalty=self.options.repetition_penalty, max_new_tokens=limit)
         if language is not None:
             kwargs["language"] = language
@@ -77,9 +77,12 @@ class WhisperDecoder(Decoder):
             features = feats["input_features"].to(self.device, self.dtype)
             self._encoded = None
             recorder = _StepRecorder(max(2, 2 * self.options.beams))
+            processors = [recorder]
+            if self.options.no_repeat_ngram_size > 0:
+                processors.insert(0, NoRepeatNGramBan(self.options.no_repeat_ngram_size))
             out = self.model.generate(
                 features, attention_mask=feats["attention_mask"].to(self.device), return_dict_in_generate=True,
-                logits_processor=LogitsProcessorList([recorder]), **kwargs)
+                logits_processor=LogitsProcessorList(processors), **kwargs)
             encoded, self._encoded = self._encoded, None  # kept by the hook for the no-speech step
             seqs = out if isinstance(out, torch.Tensor) else out["sequences"]
             if seqs.shape[0] != len(audios) and len(audios) > 1:  # seen with random weights: decode one by one
@@ -164,3 +167,33 @@ class _StepRecorder:
         self.ids.append(i)
         self.values.append(v)
         return scores
+
+
+class NoRepeatNGramBan:
+    """The card's ``no_repeat_ngram_size``: the tokens that would repeat an n-gram of the sequence so far get
+    -inf, exactly the ban of transformers' ``NoRepeatNGramLogitsProcessor`` (the prompt tokens count too).
+
+    Why our own: releases of transformers before 5.2x build every hypothesis's n-grams in a Python loop at
+    each step, which on a GPU batch (hundreds of hypotheses, hundreds of steps) costs more than the model;
+    this is one vectorised match of the last n-1 tokens against every window, on the scores' device, in any
+    version. The ban is a set of -inf entries, so its place among the other processors does not change the
+    result. tests/test_decode.py checks it against transformers' processor.
+    """
+
+    def __init__(self, ngram_size: int):
+        self.n = ngram_size
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        cur_len = input_ids.shape[-1]
+        if cur_len < self.n:
+            return scores
+        prefix = input_ids[:, cur_len + 1 - self.n:]  # what the next token would complete
+        windows = input_ids.unfold(1, self.n, 1)  # (rows, cur_len - n + 1, n): every n-gram so far
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+        vocab = scores.shape[-1]
+        banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+        # a window that does not match bans the spare column past the vocabulary, which is dropped
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], -float("inf"))
