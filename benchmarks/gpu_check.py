@@ -349,7 +349,7 @@ def free_memory(device: str) -> None:
 
 def build_model(variant: str, files: Path, out: Path, seed: int = 0) -> Path:
     """A Whisper of ``variant``'s shape with random weights (fixed seed), saved in float16 safetensors with the
-    carried tokenizer and feature extractor: the same recipe as ../shared/models/build_whisper.py."""
+    carried tokenizer and feature extractor: the shapes of krasr_batch.testing.models, built here from carried files (that machine has no registry)."""
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 

@@ -61,7 +61,6 @@ def driver_runtime_env(ship_code: bool) -> dict[str, Any] | None:
 
 UNIT = 10_000  # Ray counts resources in units of 1/10000
 MAX_CPU_ACTORS = 32
-READ_CPUS = 0.05  # the manifest read: a small Parquet file
 REPARTITION_CPUS = 0.05  # the two repartitions only re-slice blocks (Ray Data's default would be a whole CPU)
 SEGMENT_CPUS_ON_CPU_CLUSTER = 0.5  # decode + VAD is a small fraction of CPU decoding work
 SEGMENT_CPUS_ON_GPU_CLUSTER = 1.0  # next to a GPU, decoding audio is what keeps the model fed
@@ -82,7 +81,6 @@ class Placement:
     ray_args: dict[str, Any]  # num_gpus / num_cpus / resources for the model stage's map_batches
     threads: int | None  # torch threads per CPU actor
     segment_cpus: float = SEGMENT_CPUS_ON_CPU_CLUSTER  # each decode-and-segment task
-    read_cpus: float = READ_CPUS  # each manifest read task
     repartition_cpus: float = REPARTITION_CPUS  # each task of either repartition
     problem: str | None = None  # why this plan may not fit the nodes it was made for (None: it does)
 
@@ -96,7 +94,7 @@ class Placement:
 
     def task_requests(self) -> dict[str, dict[str, float]]:
         """One task of every stage that is not the model actors, by stage."""
-        return {"read manifest": {"CPU": self.read_cpus}, "repartition (files)": {"CPU": self.repartition_cpus},
+        return {"repartition (files)": {"CPU": self.repartition_cpus},
                 "decode and segment": {"CPU": self.segment_cpus},
                 "repartition (model batches)": {"CPU": self.repartition_cpus}}
 
@@ -214,7 +212,7 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
     res = actor_resource
     caps = [_actor_cap(nd, use_gpu, res) for nd in nodes]
     hosts = [(nd, c) for nd, c in zip(nodes, caps) if c is None or c >= 1]
-    fixed = 0.0 + READ_CPUS + 2 * REPARTITION_CPUS
+    fixed = 2 * REPARTITION_CPUS  # the manifest is read by the driver (pipeline.orchestrate._read_manifest): no task
 
     def reserve(cpu: float, seg: float) -> float:
         return max(fixed + seg, cpu / 8 if cpu > 8 else 0.0)

@@ -20,7 +20,10 @@ def corpus_run(tmp_path_factory, corpus, tiny_model):
     rows = read_jsonl(corpus / "clips.jsonl") + read_jsonl(corpus / "long.jsonl") + read_jsonl(corpus / "bad.jsonl")
     manifest = write_manifest(tmp / "all.jsonl", rows, base=corpus)
     out = tmp / "out"
-    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--num-cpus", "2"])
+    # --stall-timeout 120: a stage that cannot be placed on this 2-CPU Ray (a task asking for a whole CPU
+    # beside the model actors) fails the run in two minutes instead of waiting for the default ten
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--num-cpus", "2",
+                 "--stall-timeout", "120"])
     return manifest, out, rows, r
 
 

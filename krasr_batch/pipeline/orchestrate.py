@@ -224,22 +224,22 @@ def _tally_output(out: str, stats: RunStats) -> None:
     failures_by_kind(rows, into=stats.output_failures_by_kind)
 
 
-def _read_manifest(normalized: str, settings: RunSettings, read_cpus: float = 0.25):
-    """The normalized manifest as a Ray Dataset, readable wherever the read tasks run.
+def _read_manifest(normalized: str):
+    """The normalized manifest as a Ray Dataset, read by the driver and handed over as blocks.
 
-    A URI is read by the cluster's tasks (with krasr-batch's filesystem: endpoint, region), each asking
-    for ``read_cpus``. A local file connected to a cluster (``--address``) may exist on the driver's machine
-    only, so the driver reads its row groups and puts them in the object store as they are (``from_blocks``
-    runs no task; ``from_arrow_refs`` would run one of a whole CPU per row group to read its metadata).
+    The driver wrote the file, so it can read it, local or URI, wherever the cluster runs. ``from_blocks``
+    runs no task. Ray Data's ``read_parquet`` would plan a ``ListFiles`` task with Ray's default of one
+    whole CPU, which takes no resource arguments: on a node whose CPUs the model actors hold but for a
+    fraction (2 CPUs, 0.65 free) it never starts and the run waits forever (seen with Ray 2.60).
+    ``from_arrow_refs`` would run a whole-CPU task per row group to read its metadata.
     """
     import pyarrow.parquet as pq
     import ray
 
-    if is_uri(normalized) or not settings.resources.address:
-        fs, p = filesystem(normalized)
-        return ray.data.read_parquet(p, filesystem=fs, num_cpus=read_cpus)  # a small file: never block the actors
-    pf = pq.ParquetFile(normalized)
-    groups = [pf.read_row_group(i) for i in range(pf.num_row_groups)]
+    fs, p = filesystem(normalized)
+    with fs.open_input_file(p) as f:
+        pf = pq.ParquetFile(f)
+        groups = [pf.read_row_group(i) for i in range(pf.num_row_groups)]
     if hasattr(ray.data, "from_blocks"):
         return ray.data.from_blocks(groups)
     return ray.data.from_arrow_refs([ray.put(g) for g in groups])
@@ -283,7 +283,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     if place.problem:
         log.warning("placement: %s (%s)", place.problem, place.describe())
 
-    ds = _read_manifest(normalized, settings, place.read_cpus)
+    ds = _read_manifest(normalized)
     ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
     ds = ds.flat_map(segment_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=dec.language,
