@@ -84,7 +84,8 @@ def test_placement_follows_gpus_resources_and_flags():
     p = plan_placement([{"CPU": 8}], "auto", 0, None)
     assert (p.use_gpu, p.actors, p.threads, p.segment_cpus) == (False, 8, 1, 0.5) and p.ray_args["num_cpus"] < 1
     p = plan_placement([{"CPU": 0}, {"CPU": 2}, {"CPU": 2}], "auto", 0, None)
-    assert p.actors == 4 and p.ray_args["num_cpus"] <= (2 - p.segment_cpus - 0.15) / 2
+    # room beside the actors for one task of each other stage: decode-and-segment and two repartitions
+    assert p.actors == 4 and p.ray_args["num_cpus"] <= (2 - p.segment_cpus - 0.1) / 2
     p = plan_placement([{"CPU": 4}], "auto", 1, None)  # --actors 1: one wide replica
     assert (p.actors, p.threads) == (1, 3)
     # with a custom resource, one per unit, sized to its nodes
@@ -139,7 +140,8 @@ def test_placement_fits_every_stage_on_any_spread_of_the_actors(shape, device, a
     assert p.problem is None and fits(nodes, p)
     req = p.actor_request()
     tasks = sorted((r["CPU"] for r in p.task_requests().values()), reverse=True)
-    assert len(tasks) == 4 and all(0 < t <= 1 for t in tasks)  # none asks for Ray Data's default whole CPU
+    # the manifest is read by the driver (no task); none asks for Ray Data's default whole CPU
+    assert len(tasks) == 3 and all(0 < t <= 1 for t in tasks)
 
     def most(nd):  # actors a node can hold by its resources
         k = int(nd.get("CPU", 0) // req["CPU"] + 1e-9) if req["CPU"] else p.actors
