@@ -12,10 +12,13 @@ Reads are streamed: :func:`open_input_file` gives a seekable file that fetches b
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import io
 import logging
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -119,3 +122,17 @@ def join(base: str, *parts: str) -> str:
 def location_env() -> dict[str, str]:
     """The object-storage location variables (``LOCATION_ENV_VARS``) set in this process."""
     return {k: os.environ[k] for k in LOCATION_ENV_VARS if os.environ.get(k)}
+
+
+@contextmanager
+def file_lock(path: str | Path):
+    """Hold an exclusive lock on the local file ``path`` (created, with its folder) while the block runs:
+    processes that build the same thing on one node (a model conversion, a test fixture) take turns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -21,7 +21,6 @@ converts and the others wait.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +28,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +42,7 @@ from krasr_batch.engines.base import (
     require_safetensors,
 )
 from krasr_batch.settings import DecodeOptions
+from krasr_batch.storage import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +101,6 @@ def feature_extractor_config(model: Path) -> dict | None:
     return None
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def converted_model(model: str, cache_dir: str | Path | None = None, quantization: str | None = None) -> Path:
     """The CTranslate2 folder of ``model`` (a transformers Whisper folder or hub id), converted on first use.
 
@@ -126,7 +114,7 @@ def converted_model(model: str, cache_dir: str | Path | None = None, quantizatio
     dest = root / _cache_key(src, quantization)
     if (dest / "model.bin").exists():
         return dest
-    with _locked(root / f".{dest.name}.lock"):
+    with file_lock(root / f".{dest.name}.lock"):
         if (dest / "model.bin").exists():  # another replica converted it while this one waited
             return dest
         t0 = time.perf_counter()

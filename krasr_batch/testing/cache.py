@@ -10,12 +10,12 @@ otherwise, if it holds anything, :class:`FileExistsError` is raised rather than 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
+
+from krasr_batch.storage import file_lock
 
 MARKER = "BUILT"
 
@@ -29,23 +29,12 @@ def is_built(out: Path) -> bool:
     return (out / MARKER).is_file()
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure(out: str | Path, build: Callable[[Path], object], replace_unfinished: bool = False) -> Path:
     """Return ``out`` once built, calling ``build(scratch_folder)`` if it is not (see the module docstring)."""
     out = Path(out).expanduser().absolute()
     if is_built(out):
         return out
-    with _locked(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if is_built(out):
             return out
         if out.exists() and any(out.iterdir()) and not replace_unfinished:
