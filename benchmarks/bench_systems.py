@@ -78,6 +78,7 @@ class Context:
     gpu_util: bool
     env: dict[str, str] = field(default_factory=dict)  # --env: set for every system's command
     ct2_model: str | None = None
+    manifests: dict[str, Path] = field(default_factory=dict)  # --sample: a system's own manifest of every K-th file
     runs: int = 0
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
 
@@ -115,12 +116,13 @@ def krasr_args(system: str, ctx: Context) -> list[str]:
 
 def command(system: str, ctx: Context, out: Path) -> list[str]:
     """The whole command that one run of ``system`` times, writing what it produces under ``out``."""
+    manifest = ctx.manifests.get(system, ctx.manifest)
     if system in KRASR_SYSTEMS:
         device = ["--device", ctx.device] if ctx.device else []
-        return [sys.executable, "-m", "krasr_batch", "run", str(ctx.manifest), "--out", str(out),
+        return [sys.executable, "-m", "krasr_batch", "run", str(manifest), "--out", str(out),
                 "--model", ctx.model, "--no-progress", *device, *krasr_args(system, ctx)]
     model = ctx.ct2_model if system == "faster-whisper" else ctx.model
-    return [sys.executable, "-m", "benchmarks.baselines", system, str(ctx.manifest), "--model", str(model),
+    return [sys.executable, "-m", "benchmarks.baselines", system, str(manifest), "--model", str(model),
             "--device", ctx.device, "--result", str(out / "result.json")]
 
 

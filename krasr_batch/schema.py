@@ -20,6 +20,8 @@ SEGMENTS_SCHEMA = pa.schema([
     ("segment_index", pa.int32()),
     ("start_s", pa.float64()),
     ("end_s", pa.float64()),
+    # seconds of audio the model decoded: end_s - start_s less the middles of long pauses the window skips
+    ("audio_s", pa.float64()),
     ("text", pa.string()),
     ("language", pa.string()),  # the Whisper code of the language decoded with
     ("max_new_tokens", pa.int32()),

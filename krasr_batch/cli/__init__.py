@@ -25,7 +25,8 @@ from krasr_batch.cli.run import run
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KRASR_BATCH"})
 @click.version_option(__version__, prog_name="krasr-batch")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More log output (-v info, -vv debug); with -v, `run` shows Ray's own messages instead of logging them under --out.")
 def main(verbose: int) -> None:
     """Transcribe Kazakh / Russian audio archives with KRASR Whisper on Ray, into Parquet."""
     level = logging.WARNING - 10 * min(verbose, 2)

@@ -72,11 +72,18 @@ def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit"
 
 @dataclass(frozen=True)
 class SegmentInput:
-    """One segment to decode: 16 kHz mono float32 samples and the language to force (None: detect)."""
+    """One segment to decode: 16 kHz mono float32 samples and the language to force (None: detect).
+
+    ``exact_limit``: the segment must be decoded with ``max_new_tokens`` as the batch's own limit (a file
+    decoded whole keeps the card's call). False for a window cut from a longer recording, whose limit is a
+    budget against runaway loops: an engine may decode it in a batch with a larger limit and cut its tokens
+    at its own (``Decoder.flexible_limits``).
+    """
 
     audio: np.ndarray
     language: str | None
     max_new_tokens: int
+    exact_limit: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,13 +129,24 @@ def default_dtype_name(dtype: str, device: str) -> str:
     return ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
 
 
-def default_batch_size(batch_size: int, device: str) -> int:
-    """Segments per model call: ``--batch-size``, else 16 on a GPU and 1 on a CPU.
+# Segments per CTranslate2 call on a CPU replica, and the threads of one such replica: chosen by measurement
+# (benchmarks/ct2_layout.py; BENCHMARKS.md, block ct2-cpu-layout). CTranslate2's C++ beam search turns a batch
+# into matrix-matrix products, so unlike transformers' generate() it gains from batching on a CPU.
+CT2_CPU_BATCH = 16
+
+
+def default_batch_size(batch_size: int, device: str, engine: str = "transformers") -> int:
+    """Segments per model call: ``--batch-size``, else 16 on a GPU, and on a CPU :data:`CT2_CPU_BATCH` with
+    CTranslate2 and 1 with transformers.
 
     On a CPU, batching beam search measured no gain in transformers (1 thread, whisper-base: 41.3 s for 16
-    clips one by one, 44.6 s in fours), so CPU replicas decode one segment at a time; GPUs want wide batches.
+    clips one by one, 44.6 s in fours), so its CPU replicas decode one segment at a time; GPUs want wide batches.
     """
-    return batch_size or (16 if device == "cuda" else 1)
+    if batch_size:
+        return batch_size
+    if device == "cuda":
+        return 16
+    return CT2_CPU_BATCH if engine == "ctranslate2" else 1
 
 
 def require_safetensors(folder, model: str) -> None:
@@ -177,18 +195,35 @@ class Decoder:
         no_speech = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
         self.no_speech_id = next((t for t in no_speech if t is not None and t != self.tokenizer.unk_token_id), None)
 
+    # An engine whose batch can hold several languages (each row its own prompt) sets this.
+    mixed_languages = False
+    # An engine that can decode windows of several token limits in one batch (``exact_limit`` False) at the
+    # largest and cut each row at its own sets this.
+    flexible_limits = False
+
+    def _group_key(self, x: SegmentInput) -> tuple:
+        language = None if self.mixed_languages and x.language is not None else x.language
+        limit = "budget" if self.flexible_limits and not x.exact_limit else x.max_new_tokens
+        return (language is None and x.language is not None, str(language), str(limit))
+
     def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
-        """Decode segments in batches that share one token limit and one language; results in input order."""
-        groups: dict[tuple[str | None, int], list[int]] = defaultdict(list)
+        """Decode segments in batches of one token limit and one language (or as the engine's
+        ``mixed_languages`` and ``flexible_limits`` allow), fullest groups first; results in input order."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, x in enumerate(inputs):
-            groups[(x.language, x.max_new_tokens)].append(i)
+            groups[self._group_key(x)].append(i)
         out: list[SegmentOutput | None] = [None] * len(inputs)
-        for (language, limit), idx in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
+        for _, idx in sorted(groups.items(), key=lambda kv: kv[0]):
+            idx.sort(key=lambda i: inputs[i].max_new_tokens)  # similar limits share a batch
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]
-                for i, r in zip(chunk, self._generate([inputs[i].audio for i in chunk], language, limit)):
+                for i, r in zip(chunk, self._generate_batch([inputs[i] for i in chunk])):
                     out[i] = r
         return out  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:
+        """One model batch (one group of :meth:`decode`); by default one language and one limit."""
+        return self._generate([x.audio for x in batch], batch[0].language, batch[0].max_new_tokens)
 
     def _features(self, audios: list[np.ndarray], tensors: str):
         """Whisper's log-mel features of each segment, padded to 30 s, as the card's pipeline computes them."""

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from krasr_batch import __version__
-from krasr_batch.engines import FIT_TOKENS_PER_S, check_model
+from krasr_batch.engines import FIT_TOKENS_PER_S, check_model, choose_engine
 from krasr_batch.manifest import ManifestSummary, normalize_manifest
 from krasr_batch.output import (
     OutputError,
@@ -144,6 +144,43 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     import ray
 
     t0 = time.perf_counter()
+    requested = settings.decode.engine
+    ray_was_up = ray.is_initialized()  # a caller's own Ray session is left running
+    try:
+        settings, why = _resolve_engine(settings)
+        return _run(manifest, out, settings, overwrite, progress, progress_stream, t0,
+                    {"requested": requested, "chosen": settings.decode.engine, "why": why})
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+
+
+def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
+    """``--engine auto`` resolved for the device the replicas will run on: (settings, why). Done before the
+    output's fingerprint, so that a rerun on the same machine resumes; on a cluster it connects to Ray."""
+    if settings.decode.engine != "auto":
+        return settings, "asked for with --engine"
+    res = settings.resources
+    if res.device in ("cpu", "cuda"):
+        use_gpu = res.device == "cuda"
+    elif res.address:  # the cluster's nodes decide, as plan_placement will
+        import ray
+
+        _init_ray(settings)
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    else:
+        from krasr_batch.engines import resolve_device
+
+        use_gpu = resolve_device("auto") == "cuda"
+    engine, why = choose_engine(use_gpu)
+    log.info("--engine auto: %s (%s)", engine, why)
+    return settings.with_engine(engine), why
+
+
+def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: bool, progress_stream,
+         t0: float, engine: dict[str, Any]) -> RunStats:
+    import ray
+
     if not settings.resources.address:  # on a cluster the nodes load the model; here it must load before any work
         try:
             check_model(settings.decode)
@@ -159,21 +196,20 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     todo = summary.num_files - stats.skipped_files
     log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
 
-    started_ray = _init_ray(settings) if todo else False
+    if todo and not ray.is_initialized():
+        _init_ray(settings)
     prog = Progress(stats, progress, progress_stream)
     try:
         if todo:
             _execute(normalized, settings, summary, stats, writer, prog)
     finally:
         prog.close()
-        if started_ray:
-            ray.shutdown()
     stats.wall_s = time.perf_counter() - t0
     final_ids = recover(layout)
     if len(final_ids) != summary.num_files:
         raise RunAborted(f"the run ended with {len(final_ids)} of {summary.num_files} files committed")
     _tally_output(out, stats)
-    write_run_json(layout, _run_info(manifest, out, settings, stats))
+    write_run_json(layout, {**_run_info(manifest, out, settings, stats), "engine": engine})
     mark_success(layout)
     return stats
 
@@ -260,6 +296,20 @@ def _sized(ds, num_cpus: float):
     return ds
 
 
+def block_rows(dec, use_gpu: bool) -> int:
+    """Segments per model-stage block (one ``map_batches`` call on a replica).
+
+    A replica groups a block's segments into model batches of one token limit and one language. On a GPU a
+    block holds four batches, so that batches fill. On CPUs a block is one batch: there are several
+    replicas, and a larger block would leave the others idle at the end of a small job (CTranslate2 gains
+    from full batches, transformers decodes one segment at a time and gets blocks of two).
+    """
+    from krasr_batch.engines.base import default_batch_size
+
+    per_call = default_batch_size(dec.batch_size, "cuda" if use_gpu else "cpu", dec.engine)
+    return per_call * 4 if use_gpu else max(per_call, 2)
+
+
 def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
              writer: PartWriter, prog: Progress) -> None:
     import ray
@@ -277,7 +327,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
-    batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 1) * 2
+    batch = block_rows(dec, use_gpu)
     log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
              cluster.get("GPU", 0), place.describe())
     if place.problem:

@@ -62,8 +62,9 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
         info.update(duration_s=plan.duration_s, speech_s=plan.speech_s, num_segments=len(plan.segments),
                     warning="; ".join(plan.warnings) or None)
         for (s, e), audio in zip(plan.segments, segment_audio(plan)):
-            dur = (e - s) / SAMPLE_RATE
+            dur = len(audio) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
             yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
+                   "audio_s": dur,
                    "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
                    "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
             n += 1
@@ -75,7 +76,7 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     except Exception as e:  # noqa: BLE001 - one file must never stop the job
         log.exception("unexpected failure on %s", row["path"])
         info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
-    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "max_new_tokens": 0,
+    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "max_new_tokens": 0,
            "audio": b"", "segment_wall_s": time.perf_counter() - t0}
 
 
@@ -104,10 +105,13 @@ class ModelStage:
         inputs = []
         for i in idx:
             lang = cols["req_language"][i]
+            # a file decoded whole keeps its card limit exactly; a window's limit is a budget (SegmentInput)
+            whole = cols["num_segments"][i] == 1 and cols["start_s"][i] == 0.0 and \
+                abs(cols["end_s"][i] - (cols["duration_s"][i] or 0.0)) < 1e-6
             inputs.append(SegmentInput(np.frombuffer(audio[i].as_py(), np.float32),
-                                       None if lang == "auto" else lang, cols["max_new_tokens"][i]))
-        for i, r in zip(idx, self.decoder.decode(inputs)):
-            duration = cols["end_s"][i] - cols["start_s"][i]
+                                       None if lang == "auto" else lang, cols["max_new_tokens"][i], whole))
+        for i, x, r in zip(idx, inputs, self.decoder.decode(inputs)):
+            duration = len(x.audio) / SAMPLE_RATE  # the audio decoded (its span less the pauses it skips)
             values = {
                 "text": r.text, "language": r.language, "num_tokens": r.num_tokens, "truncated": r.truncated,
                 "decode_s": r.decode_s, "batch_size": r.batch_size, "avg_logprob": r.avg_logprob,
