@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -207,3 +209,30 @@ def test_a_model_that_cannot_load_stops_before_any_output(tmp_path, corpus, tiny
             r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(model), "--engine", eng])
             assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
             assert not os.path.exists(out)
+
+
+def test_numpy_features_equal_transformers_feature_extractor(tiny_model):
+    from transformers import WhisperFeatureExtractor
+
+    from krasr_batch.engines.base import NumpyLogMel
+
+    rng = np.random.default_rng(3)
+    audios = [rng.normal(0, 0.1, n).astype(np.float32) for n in (16000 * 3, 16000 * 29, 16000 * 31)]
+    ref = WhisperFeatureExtractor.from_pretrained(tiny_model)(audios, sampling_rate=16000, return_tensors="np")
+    mine = NumpyLogMel.from_pretrained(str(tiny_model))(audios, sampling_rate=16000)
+    assert mine["input_features"].shape == ref["input_features"].shape
+    np.testing.assert_allclose(mine["input_features"], ref["input_features"], atol=2e-5)
+
+
+def test_a_ctranslate2_replica_and_its_model_check_never_import_torch(tiny_model):
+    """torch's import is about 2 s of every replica's start; the CTranslate2 engine does not need it."""
+    code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
+            "from krasr_batch.settings import DecodeOptions; import numpy as np; "
+            f"o = DecodeOptions(model={str(tiny_model)!r}); check_model(DecodeOptions(model={str(tiny_model)!r}, "
+            "engine='ctranslate2')); d = load_decoder(o, 'cpu', 1); "
+            "from krasr_batch.engines import SegmentInput; "
+            "d.decode([SegmentInput(np.zeros(16000, np.float32), 'kazakh', 5)]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(d.engine)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0 and r.stdout.strip() == "ctranslate2", r.stderr[-2000:]

@@ -71,7 +71,7 @@ def check_model(options: DecodeOptions) -> None:
     local = Path(options.model).expanduser()
     if local.is_dir():
         require_safetensors(local, options.model)
-    Decoder(options, "cpu")._load_processor()
+    Decoder(options, "cpu")._load_processor(numpy_features=options.engine == "ctranslate2")
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 
