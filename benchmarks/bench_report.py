@@ -92,7 +92,7 @@ def build_rows(systems: list[str], results: dict[str, list[RunResult]], skipped:
             if good:
                 wer, cer = score(mine, good[0].texts)
                 rows[-1].note = "; ".join(filter(None, [
-                    f"every {samples[s]}th file of the set ({len(mine)} files, {rows[-1].audio_s:.0f} s); "
+                    f"every {samples[s]}-th file of the set ({len(mine)} files, {rows[-1].audio_s:.0f} s); "
                     f"krasr-batch on the same files: WER {_pct(wer)} %, CER {_pct(cer)} %", rows[-1].note]))
     ref = next((r.rtfx for r in rows if r.system == "krasr"), None)
     for r in rows:

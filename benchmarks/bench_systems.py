@@ -32,8 +32,10 @@ LABELS = {
     "faster-whisper": f"faster-whisper batched (bs {PEER_BATCH_SIZE})",
 }
 SETTINGS = {
-    "krasr": "`krasr-batch run` defaults (VAD windows ≤30 s at pauses, card's token-limit table, batches of "
-             "one language and limit), plus --krasr-args",
+    "krasr": "`krasr-batch run` defaults (--engine auto: CTranslate2 with int8 weights on CPUs, transformers on "
+             "GPUs; Silero VAD windows ≤30 s cut at pauses, pauses inside a window shortened to 1 s; token limit "
+             "fit: the card's table for a clip decoded whole, 12 tokens/s for windows of long recordings; "
+             "batches of 16 segments across files), plus --krasr-args",
     "krasr-tf": "as krasr-batch, with `--engine transformers` last (the card's own generate() call)",
     "card": "transformers pipeline per file; task=transcribe, language per file, num_beams=3, "
             "no_repeat_ngram_size=4, repetition_penalty=1.12, card's duration-based max_new_tokens; "

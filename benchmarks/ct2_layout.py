@@ -23,8 +23,8 @@ import numpy as np
 SAMPLE_RATE = 16000
 
 
-def load_segments(corpus: Path, limit_files: int = 0) -> list[tuple[np.ndarray, str, int]]:
-    """[(audio, language, max_new_tokens)] planned and limited exactly as a run does (``--token-limit fit``)."""
+def load_segments(corpus: Path, limit_files: int = 0) -> list[tuple[np.ndarray, str, int, bool]]:
+    """[(audio, language, max_new_tokens, whole file)] planned and limited exactly as a run does (``--token-limit fit``)."""
     from krasr_batch.engines import segment_token_limit
     from krasr_batch.segment import analyse, segment_audio
     from krasr_batch.settings import SegmentOptions
@@ -34,9 +34,9 @@ def load_segments(corpus: Path, limit_files: int = 0) -> list[tuple[np.ndarray, 
         items = [json.loads(x) for x in (corpus / name).read_text(encoding="utf-8").splitlines()]
         for it in items[:limit_files or None]:
             plan = analyse(str(corpus / it["path"]), SegmentOptions())
-            for (s, e), audio in zip(plan.segments, segment_audio(plan)):
+            for audio in segment_audio(plan):
                 rows.append((audio, it.get("language") or "kazakh",
-                             segment_token_limit((e - s) / SAMPLE_RATE, plan.whole_file, "fit")))
+                             segment_token_limit(len(audio) / SAMPLE_RATE, plan.whole_file, "fit"), plan.whole_file))
     return rows
 
 
@@ -45,7 +45,7 @@ def _replica(model: str, threads: int, batch: int, segments, start, done, out, d
     from krasr_batch.settings import DecodeOptions
 
     dec = load_decoder(DecodeOptions(model=model, engine="ctranslate2", batch_size=batch, dtype=dtype), "cpu", threads)
-    inputs = [SegmentInput(a, lang, limit) for a, lang, limit in segments]
+    inputs = [SegmentInput(a, lang, limit, whole) for a, lang, limit, whole in segments]
     start.wait()
     t0 = time.perf_counter()
     results = dec.decode(inputs)

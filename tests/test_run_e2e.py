@@ -40,6 +40,22 @@ def test_exit_status_and_summary(corpus_run):
     assert info["settings"]["decode"]["repetition_penalty"] == 1.12
     assert info["audio_s"] > 400 and info["rtfx"] > 0
     assert "transformers" in info["versions"] and "ray" in info["versions"]
+    # --engine auto on this CPU: CTranslate2, recorded with the reason
+    assert info["engine"]["requested"] == "auto" and info["engine"]["chosen"] == "ctranslate2" and info["engine"]["why"]
+    assert info["settings"]["decode"]["engine"] == "ctranslate2"
+    tl = info["profile"]["timeline_s"]
+    assert 0 < tl["ray_ready"] <= tl["first_result"] <= tl["last_result"] <= tl["written"] <= info["wall_s"] + 1e-6
+    assert info["profile"]["model_s"] > 0 and info["profile"]["segment_s"] > 0
+
+
+def test_the_terminal_shows_only_krasr_batch_lines(corpus_run):
+    """Ray's own lines (token-authentication notice, core_worker.cc, Ray Data's executor) go to the run's log."""
+    _, out, _, r = corpus_run
+    foreign = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("files ", "krasr-batch"))]
+    assert foreign == [], foreign[:5]
+    logs = list((out / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and f"Ray's messages: {logs[0]}" in r.stdout
+    assert logs[0].read_text().strip()  # Ray said things: to the log, not the terminal
 
 
 def test_every_manifest_line_exactly_once(corpus_run):

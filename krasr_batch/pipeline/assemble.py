@@ -37,7 +37,11 @@ class RunStats:
     truncated_by_cause: dict[str, int] = field(default_factory=dict)  # quality.TRUNCATION_CAUSES
     suspect_segments: int = 0
     decode_s: float = 0.0
+    model_s: float = 0.0  # seconds replicas spent in model calls: each segment's share of its batch's call
+    segment_s: float = 0.0  # seconds the decode-and-segment tasks spent (audio decoding, resampling, VAD, cutting)
     wall_s: float = 0.0
+    # seconds from the run's start to each step: model_checked, ray_ready, first_result, last_result, written
+    timeline: dict[str, float] = field(default_factory=dict)
     # the whole output, earlier runs included (what the exit status and the summary's failures describe)
     output_ok: int = 0
     output_failed: int = 0
@@ -147,6 +151,8 @@ class Assembler:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] for s in segs)
+        st.model_s += sum(s["decode_s"] / max(s["batch_size"] or 1, 1) for s in segs)
+        st.segment_s += row["segment_wall_s"] or 0.0
 
     def take(self) -> tuple[list[dict], list[dict]]:
         segs, files = self.ready_segments, self.ready_files

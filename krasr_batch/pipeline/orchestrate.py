@@ -192,6 +192,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
             check.result()
         except RuntimeError as e:
             raise ModelUnavailable(str(e)) from e
+    timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
     normalized = join(layout.work, "manifest.parquet")
@@ -203,6 +204,8 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
 
     if todo and not ray.is_initialized():
         _init_ray(settings)
+    timeline["ray_ready"] = time.perf_counter() - t0
+    stats.timeline = timeline
     prog = Progress(stats, progress, progress_stream)
     try:
         if todo:
@@ -210,6 +213,8 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     finally:
         prog.close()
     stats.wall_s = time.perf_counter() - t0
+    timeline["written"] = stats.wall_s
+    timeline.update({k: v - t0 for k, v in stats.timeline.items() if k in ("first_result", "last_result")})
     final_ids = recover(layout)
     if len(final_ids) != summary.num_files:
         raise RunAborted(f"the run ended with {len(final_ids)} of {summary.num_files} files committed")
@@ -274,6 +279,10 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
+        # where the wall time went (benchmarks/run_profile.py reads it): seconds from the start to each step,
+        # and the seconds replicas spent in model calls and tasks in decoding and segmenting audio
+        "profile": {"timeline_s": {k: round(v, 3) for k, v in stats.timeline.items()},
+                    "model_s": round(stats.model_s, 3), "segment_s": round(stats.segment_s, 3)},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -383,6 +392,8 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         for b in feed:
             now = time.perf_counter()
             if b is not None:
+                stats.timeline.setdefault("first_result", now)
+                stats.timeline["last_result"] = now
                 asm.add(b)
                 watch.progress(now)
                 if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
