@@ -108,6 +108,8 @@ def input_kind(source: str) -> str:
 
 def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
     """Every entry of ``source`` in order, as it is read (streamed: nothing is held for the whole input)."""
+    if not is_uri(source):
+        source = os.path.expanduser(source)
     kind = input_kind(source)
     if globs and kind != "folder":
         raise ManifestError(source, 0, "--glob narrows a folder input; this is not a folder")
