@@ -210,20 +210,20 @@ def test_an_s3_prefix_is_walked_and_its_shards_read(tmp_path, corpus, monkeypatc
             monkeypatch.setenv(k, v)
         storage._filesystem.cache_clear()
         client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        client.create_bucket(Bucket="b")
-        client.upload_file(str(corpus / "clips" / "ru_000.wav"), "b", "in/a.wav")
-        client.put_object(Bucket="b", Key="in/a.txt", Body="первый".encode())
-        client.upload_file(str(corpus / "clips" / "ru_001.flac"), "b", "in/sub/b.flac")
-        client.put_object(Bucket="b", Key="in/sub/notes.md", Body=b"x")
+        client.create_bucket(Bucket="krasr-inputs")
+        client.upload_file(str(corpus / "clips" / "ru_000.wav"), "krasr-inputs", "in/a.wav")
+        client.put_object(Bucket="krasr-inputs", Key="in/a.txt", Body="первый".encode())
+        client.upload_file(str(corpus / "clips" / "ru_001.flac"), "krasr-inputs", "in/sub/b.flac")
+        client.put_object(Bucket="krasr-inputs", Key="in/sub/notes.md", Body=b"x")
         shard = _shard(tmp_path / "s.parquet", corpus, ["ru_002.ogg"], text=["c"])
-        client.upload_file(str(shard), "b", "shards/test-00000.parquet")
+        client.upload_file(str(shard), "krasr-inputs", "shards/test-00000.parquet")
 
-        jobs = list(iter_manifest("s3://b/in/"))
+        jobs = list(iter_manifest("s3://krasr-inputs/in/"))
         assert [(j.file_id, j.path, j.reference_text) for j in jobs] == [
-            ("a.wav", "s3://b/in/a.wav", "первый"), ("sub/b.flac", "s3://b/in/sub/b.flac", None)]
-        assert [j.file_id for j in iter_manifest("s3://b/in", ["sub/*"])] == ["sub/b.flac"]
-        [job] = iter_manifest("s3://b/shards/test-*.parquet")
-        assert job.path == "s3://b/shards/test-00000.parquet#row=0" and job.reference_text == "c"
+            ("a.wav", "s3://krasr-inputs/in/a.wav", "первый"), ("sub/b.flac", "s3://krasr-inputs/in/sub/b.flac", None)]
+        assert [j.file_id for j in iter_manifest("s3://krasr-inputs/in", ["sub/*"])] == ["sub/b.flac"]
+        [job] = iter_manifest("s3://krasr-inputs/shards/test-*.parquet")
+        assert job.path == "s3://krasr-inputs/shards/test-00000.parquet#row=0" and job.reference_text == "c"
         check_path(job.path)
         assert (load_audio(job.path) == load_audio(str(corpus / "clips" / "ru_002.ogg"))).all()
     finally:
