@@ -37,7 +37,7 @@ def profile(out: Path) -> str:
              f"RTFx {info['rtfx']:.1f}; engine {info.get('engine', {}).get('chosen', info['settings']['decode']['engine'])}",
              "", "| phase | from s | to s | seconds | share |", "|---|---|---|---|---|"]
     marks = [("start-up: imports, model check while Ray starts, manifest", 0.0, tl.get("ray_ready")),
-             ("until the first result: replicas load, first files cut and decoded", tl.get("ray_ready"), first),
+             ("until the first result: replicas load, the first block (one model call of up to 16 segments) decoded", tl.get("ray_ready"), first),
              ("steady: first to last result", first, last),
              ("end: last commit, run.json", last, wall)]
     for name, a, b in marks:
