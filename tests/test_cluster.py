@@ -269,6 +269,7 @@ def cluster():
         dashboard = f"http://127.0.0.1:{dash_port}"
         from krasr_batch.cluster import use_cluster_token
 
+        mode_before = os.environ.get("RAY_AUTH_MODE")
         os.environ.update(RAY_AUTH_TOKEN_PATH=str(token_file))  # the state API calls of this process
         use_cluster_token()
         deadline = time.time() + 90
@@ -279,7 +280,17 @@ def cluster():
         assert len(workers) == 2
         yield Cluster(f"127.0.0.1:{port}", dashboard, base, token_file, workers)
     finally:
+        # this process goes back to Ray's own authentication settings: a later in-process ray.init (the
+        # ray_local fixture) must not look for this cluster's token, which is deleted below
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        if "mode_before" in locals():
+            if mode_before is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = mode_before
+            from ray._raylet import Config
+
+            Config.initialize("")
         _kill_cluster(sessions, str(base))
         shutil.rmtree(base, ignore_errors=True)
 

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
 def test_same_text_as_the_card_pipeline(tmp_path, corpus, base_model):
     clips = read_jsonl(corpus / "clips.jsonl")
     manifest = write_manifest(tmp_path / "clips.jsonl", clips, base=corpus)
-    r = run_cli(["run", str(manifest), "--out", str(tmp_path / "out"), "--model", str(base_model), "--no-progress"])
+    # --engine transformers: the card's exact call (the default, auto, picks CTranslate2 int8 on a CPU)
+    r = run_cli(["run", str(manifest), "--out", str(tmp_path / "out"), "--model", str(base_model), "--no-progress",
+                 "--engine", "transformers"])
     assert r.returncode == 0, r.stderr[-3000:]
     ours = {f["file_id"]: f["text"] for f in pads.dataset(tmp_path / "out" / "files").to_table().to_pylist()}
     refs = [normalize(c["text"]) for c in clips]

@@ -102,7 +102,7 @@ def test_run_on_s3_commits_every_line_once(s3, s3_run):
         assert n >= 1 and got == distinct == n, fid
         assert end <= dur + 1e-6
     long_row = [p for p in per_file if p[0] == "long_00"][0]
-    assert long_row[1] >= 6 and long_row[5] > 180
+    assert long_row[1] >= 4 and long_row[5] > 180  # several windows (long pauses shortened inside each)
     assert json.loads(client.get_object(Bucket=BUCKET, Key="out/run.json")["Body"].read())["counts"]["files"] == len(rows)
 
 
