@@ -44,7 +44,7 @@ def test_exit_status_and_summary(corpus_run):
     assert info["engine"]["requested"] == "auto" and info["engine"]["chosen"] == "ctranslate2" and info["engine"]["why"]
     assert info["settings"]["decode"]["engine"] == "ctranslate2"
     tl = info["profile"]["timeline_s"]
-    assert 0 < tl["ray_ready"] <= tl["first_result"] <= tl["last_result"] <= tl["written"] <= info["wall_s"] + 1e-6
+    assert 0 < tl["ray_ready"] <= tl["first_result"] <= tl["last_result"] <= tl["written"] <= info["wall_s"] + 1e-3  # run.json rounds to ms
     assert info["profile"]["model_s"] > 0 and info["profile"]["segment_s"] > 0
 
 
