@@ -185,13 +185,16 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     if not settings.resources.address:  # on a cluster the nodes load the model; here it must load before any work
         # the check (reading the tokenizer and configs, about 4 s with its imports) runs while the embedded Ray
         # starts (about 5 s), unless the output says the job is finished (a rerun that needs no Ray at all)
-        check = _InBackground(check_model, settings.decode)
-        if not ray.is_initialized() and read_text(layout.success) is None:
-            _init_ray(settings)
-        try:
-            check.result()
-        except RuntimeError as e:
-            raise ModelUnavailable(str(e)) from e
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="krasr-model-check") as pool:
+            check = pool.submit(check_model, settings.decode)
+            if not ray.is_initialized() and read_text(layout.success) is None:
+                _init_ray(settings)
+            try:
+                check.result()
+            except RuntimeError as e:
+                raise ModelUnavailable(str(e)) from e
     timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
@@ -222,30 +225,6 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     write_run_json(layout, {**_run_info(manifest, out, settings, stats), "engine": engine})
     mark_success(layout)
     return stats
-
-
-class _InBackground:
-    """``fn(*args)`` in a thread; ``result()`` waits and returns its value or raises its exception."""
-
-    def __init__(self, fn, *args):
-        import threading
-
-        self._value, self._error = None, None
-
-        def target():
-            try:
-                self._value = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
-                self._error = e
-
-        self._thread = threading.Thread(target=target, name="krasr-model-check", daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _normalize(manifest: str, normalized: str, done: set[str]) -> ManifestSummary:
