@@ -9,9 +9,11 @@ grow with recording length.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -24,37 +26,82 @@ FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous frame the model sees
 VAD_BLOCK_FRAMES = 512  # frames per ONNX call
 KEEP_AUDIO_S = 600.0  # files up to this long are kept in memory between VAD and cutting
+BREAK_FILL = 0.5
 VAD_PAD_MS = 30  # Silero's own padding of each speech span
 
 
-def _import_silero():
-    """Import silero_vad without letting it change torch's thread count (its model module sets 1)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    threads = torch.get_num_threads() if torch is not None else None
-    import silero_vad.sequence_vad as sequence_vad
-    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+def _silero_data() -> Path:
+    """The folder of the ONNX models the silero-vad package ships.
 
-    if torch is not None and threads:
-        torch.set_num_threads(threads)
-    return sequence_vad, get_speech_timestamps_from_probs
+    Found without importing the package: its ``__init__`` imports torch (about 2 s and 250 MB in each
+    decode-and-segment worker), and nothing here needs torch.
+    """
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("silero-vad is not installed (pip install silero-vad)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 @functools.lru_cache(maxsize=1)
 def _vad_session():
     """The packaged Silero VAD ONNX model (no download), one onnxruntime session per process."""
-    from importlib import resources
-
     import onnxruntime as ort
 
-    _import_silero()
-    path = resources.files("silero_vad.data").joinpath("silero_vad_16k_sequence.onnx")
+    path = _silero_data() / "silero_vad_16k_sequence.onnx"
     opts = ort.SessionOptions()
     opts.inter_op_num_threads = 1
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def speech_timestamps(probs: Sequence[float], total_samples: int, threshold: float, min_speech_ms: int,
+                      min_silence_ms: int, pad_ms: int) -> list[tuple[int, int]]:
+    """Silero's state machine from frame probabilities to speech spans, [(start, end)] in samples at 16 kHz.
+
+    The same result as silero-vad's ``get_speech_timestamps_from_probs`` with no limit on a span's length
+    (krasr-batch cuts long speech itself, at its quietest frames): speech starts at a frame at or above
+    ``threshold`` and ends after ``min_silence_ms`` below ``threshold - 0.15``; spans no longer than
+    ``min_speech_ms`` are dropped; each span is padded by ``pad_ms``, or meets its neighbour halfway when
+    the pause between them is shorter than twice that. silero-vad keeps that function in a module that
+    imports torch; a test holds the two equal.
+    """
+    min_speech = SAMPLE_RATE * min_speech_ms / 1000
+    min_silence = SAMPLE_RATE * min_silence_ms / 1000
+    pad = SAMPLE_RATE * pad_ms / 1000
+    neg = max(threshold - 0.15, 0.01)
+    spans: list[list[int]] = []
+    start, temp_end, triggered = 0, 0, False
+    for i, p in enumerate(probs):
+        cur = FRAME * i
+        if p >= threshold and temp_end:
+            temp_end = 0
+        if p >= threshold and not triggered:
+            triggered, start = True, cur
+            continue
+        if p < neg and triggered:
+            if not temp_end:
+                temp_end = cur
+            if cur - temp_end < min_silence:
+                continue
+            if temp_end - start > min_speech:
+                spans.append([start, temp_end])
+            temp_end, triggered = 0, False
+    if triggered and total_samples - start > min_speech:
+        spans.append([start, total_samples])
+    for i, span in enumerate(spans):
+        if i == 0:
+            span[0] = int(max(0, span[0] - pad))
+        if i != len(spans) - 1:
+            gap = spans[i + 1][0] - span[1]
+            if gap < 2 * pad:
+                span[1] += int(gap // 2)
+                spans[i + 1][0] = int(max(0, spans[i + 1][0] - gap // 2))
+            else:
+                span[1] = int(min(total_samples, span[1] + pad))
+                spans[i + 1][0] = int(max(0, spans[i + 1][0] - pad))
+        else:
+            span[1] = int(min(total_samples, span[1] + pad))
+    return [(s, e) for s, e in spans]
 
 
 class VadStream:
@@ -103,12 +150,9 @@ class VadStream:
 
 def speech_spans(probs: np.ndarray, total_samples: int, opts: SegmentOptions) -> list[tuple[int, int]]:
     """Silero's own state machine over the frame probabilities: [(start, end)] in samples."""
-    _, from_probs = _import_silero()
-    spans = from_probs(
-        probs.tolist(), sampling_rate=SAMPLE_RATE, threshold=opts.vad_threshold,
-        min_speech_duration_ms=opts.min_speech_duration_ms, min_silence_duration_ms=opts.min_silence_duration_ms,
-        speech_pad_ms=VAD_PAD_MS, audio_length_samples=total_samples)
-    return [(int(s["start"]), int(s["end"])) for s in spans if s["end"] > s["start"]]
+    spans = speech_timestamps(probs.tolist(), total_samples, opts.vad_threshold, opts.min_speech_duration_ms,
+                              opts.min_silence_duration_ms, VAD_PAD_MS)
+    return [(s, e) for s, e in spans if e > s]
 
 
 def _split_long(span: tuple[int, int], energy: np.ndarray, max_len: int) -> list[tuple[int, int]]:
@@ -169,7 +213,7 @@ def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
             j += 1
             ends.append(length)
         if j + 1 < len(pieces):  # must break somewhere in i..j: at the longest pause in the window's second half
-            candidates = [k for k in range(i, j + 1) if ends[k - i] >= max_len // 2] or [j]
+            candidates = [k for k in range(i, j + 1) if ends[k - i] >= max_len * BREAK_FILL] or [j]
             j = max(candidates, key=lambda k: (gap(k), k))
         groups.append((i, j))
         i = j + 1

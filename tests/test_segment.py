@@ -133,3 +133,42 @@ def test_a_clip_decoded_whole_keeps_the_cards_limit_and_long_windows_get_the_bud
     card_rows = _segment_rows(corpus, read_jsonl(corpus / "long.jsonl")[0], "card")
     assert [(r["start_s"], r["end_s"]) for r in card_rows] == [(r["start_s"], r["end_s"]) for r in long_rows]
     assert all(r["max_new_tokens"] == max_new_tokens_for(len(r["audio"]) / 4 / SR) for r in card_rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_speech_timestamps_equal_silero_vads_own_state_machine(seed):
+    """krasr-batch's torch-free copy of Silero's state machine gives silero-vad's own spans."""
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    from krasr_batch.segment import speech_timestamps
+
+    rng = np.random.default_rng(seed)
+    # runs of speech and silence of random lengths, with noisy probabilities around the thresholds
+    runs = rng.integers(1, 60, 80)
+    levels = np.repeat(rng.choice([0.05, 0.3, 0.42, 0.6, 0.95], len(runs)), runs)
+    probs = np.clip(levels + rng.normal(0, 0.08, len(levels)), 0, 1).astype(np.float32).tolist()
+    total = len(probs) * FRAME + int(rng.integers(0, FRAME))
+    for threshold, min_speech, min_silence, pad in [(0.5, 250, 100, 30), (0.4, 100, 300, 200), (0.6, 0, 50, 0)]:
+        ref = get_speech_timestamps_from_probs(
+            probs, sampling_rate=SR, threshold=threshold, min_speech_duration_ms=min_speech,
+            min_silence_duration_ms=min_silence, speech_pad_ms=pad, audio_length_samples=total)
+        mine = speech_timestamps(probs, total, threshold, min_speech, min_silence, pad)
+        assert mine == [(s["start"], s["end"]) for s in ref], (threshold, min_speech, min_silence, pad)
+        assert mine  # the sequence has speech: the comparison is not between two empty lists
+
+
+def test_the_decode_and_segment_stage_never_imports_torch(corpus):
+    """torch's import is about 2 s and 250 MB of every decode-and-segment worker; the VAD does not need it."""
+    import os
+    import subprocess
+    import sys
+
+    rec = read_jsonl(corpus / "long.jsonl")[0]
+    code = ("import sys; from krasr_batch.segment import analyse, segment_audio; "
+            "from krasr_batch.settings import SegmentOptions; "
+            f"p = analyse({str(corpus / rec['path'])!r}, SegmentOptions()); "
+            "n = sum(1 for _ in segment_audio(p)); assert n == len(p.segments) > 1, n; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(n)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0 and int(r.stdout.strip()) > 1, r.stderr[-2000:]
