@@ -225,14 +225,50 @@ def test_numpy_features_equal_transformers_feature_extractor(tiny_model):
 
 
 def test_a_ctranslate2_replica_and_its_model_check_never_import_torch(tiny_model):
-    """torch's import is about 2 s of every replica's start; the CTranslate2 engine does not need it."""
+    """torch's import is about 2 s of every replica's start, transformers' 1.5 to 3 s; the CTranslate2 engine
+    needs neither (the model check may use transformers' config reader)."""
     code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
             "from krasr_batch.settings import DecodeOptions; import numpy as np; "
             f"o = DecodeOptions(model={str(tiny_model)!r}); check_model(DecodeOptions(model={str(tiny_model)!r}, "
             "engine='ctranslate2')); d = load_decoder(o, 'cpu', 1); "
             "from krasr_batch.engines import SegmentInput; "
             "d.decode([SegmentInput(np.zeros(16000, np.float32), 'kazakh', 5)]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print(d.engine)")
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import krasr_batch.engines.ctranslate2 as e; sys.modules.pop('transformers', None); "
+            "e.CTranslate2Decoder(o, 'cpu', 1); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported by the replica'; print(d.engine)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ctranslate2", r.stderr[-2000:]
+
+
+def test_the_replicas_own_tokenizer_and_config_read_as_transformers(tiny_model):
+    """krasr_batch.engines.vocab (no transformers) gives the text, special tokens, language table and generation
+    config transformers gives, for ordinary, special, prompt and timestamp tokens."""
+    from transformers import GenerationConfig, WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    from krasr_batch.engines.vocab import LANGUAGES as MY_LANGUAGES
+    from krasr_batch.engines.vocab import TO_LANGUAGE_CODE as MY_CODES
+    from krasr_batch.engines.vocab import WhisperText, generation_config
+
+    assert MY_LANGUAGES == LANGUAGES and MY_CODES == TO_LANGUAGE_CODE
+    ref, mine = WhisperTokenizer.from_pretrained(str(tiny_model)), WhisperText(tiny_model)
+    assert mine.unk_token_id == ref.unk_token_id
+    specials = ["<|startoftranscript|>", "<|kk|>", "<|ru|>", "<|transcribe|>", "<|notimestamps|>", "<|endoftext|>",
+                "<|nospeech|>", "<|nocaptions|>", "<|startofprev|>", "<|no such token|>"]
+    assert [mine.convert_tokens_to_ids(t) for t in specials] == [ref.convert_tokens_to_ids(t) for t in specials]
+    rng = np.random.default_rng(0)
+    text_ids = ref.encode(" Өтінемін, терезені жабыңыз. Он долго искал ключи, но не нашёл их! It's 5 o'clock?",
+                          add_special_tokens=False)
+    start, prev = ref.convert_tokens_to_ids("<|startoftranscript|>"), ref.convert_tokens_to_ids("<|startofprev|>")
+    seqs = [text_ids, [start, ref.convert_tokens_to_ids("<|kk|>"), *text_ids, ref.eos_token_id],
+            [prev, *text_ids[:3], start, *text_ids[3:]], [prev, *text_ids], [],
+            [start, ref.convert_tokens_to_ids("<|notimestamps|>"), 50364, *text_ids[:4], 50400]]
+    seqs += [rng.integers(0, 50257, int(rng.integers(1, 60))).tolist() for _ in range(200)]
+    for ids in seqs:
+        for skip in (True, False):
+            assert mine.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (ids, skip)
+    gc, my_gc = GenerationConfig.from_pretrained(str(tiny_model)), generation_config(tiny_model)
+    for key in ("decoder_start_token_id", "eos_token_id", "no_timestamps_token_id", "lang_to_id", "task_to_id"):
+        assert getattr(my_gc, key) == getattr(gc, key), key

@@ -181,7 +181,8 @@ class CTranslate2Decoder(Decoder):
             raise RuntimeError("--device cuda was asked for, but CTranslate2 sees no CUDA device")
         super().__init__(options, device)
         t0 = time.perf_counter()
-        self._load_processor(numpy_features=True)  # no torch in a CTranslate2 replica
+        # no torch and no transformers in a CTranslate2 replica
+        self._load_processor(numpy_features=True, folder=local_model_dir(options.model))
         path = converted_model(options.model)
         self.compute_type = compute_type_for(options.dtype, device)
         try:
