@@ -26,7 +26,13 @@ FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous frame the model sees
 VAD_BLOCK_FRAMES = 512  # frames per ONNX call
 KEEP_AUDIO_S = 600.0  # files up to this long are kept in memory between VAD and cutting
-BREAK_FILL = 0.5
+# Where a window ends: at the longest pause of at least BREAK_MIN_PAUSE_S in its last fifth (the window then
+# holds at least BREAK_FILL of max_segment_s), else at the longest pause in its second half. Every encoder
+# pass costs the same 30 s whatever the window holds; on the archive set's long recordings windows held 23.4 s
+# on average when they ended at the longest pause of their second half, 26.7 s with this rule (83 -> 73
+# encoder passes; BENCHMARKS.md, issue 12).
+BREAK_FILL = 0.8
+BREAK_MIN_PAUSE_S = 0.3
 VAD_PAD_MS = 30  # Silero's own padding of each speech span
 
 
@@ -184,8 +190,9 @@ def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
     ``max_pause_s`` of itself (half after the speech before it, half before the speech after it) and
     loses its middle, so a window holds up to ``max_segment_s`` of speech rather than of silence, and a
     recording with long pauses needs fewer windows (one encoder pass each). Every window's audio is at most
-    ``opts.max_segment_s`` long; windows break at the longest pause available in the second half of a
-    window, and a stretch of speech with no pause is cut at its quietest frame. A file with any speech that
+    ``opts.max_segment_s`` long; a window ends at the longest clear pause (``BREAK_MIN_PAUSE_S``) in its last
+    fifth, else at the longest pause in its second half, and a stretch of speech with no pause is cut at its
+    quietest frame. A file with any speech that
     fits in one window (``whole_file_max_s``) is decoded whole, as the model card's usage does.
     """
     spans = speech_spans(probs, total_samples, opts)
@@ -196,6 +203,7 @@ def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
         return [[(0, total_samples)]], speech_s
     max_len = int(opts.max_segment_s * SAMPLE_RATE)
     keep = int(opts.max_pause_s * SAMPLE_RATE)
+    min_pause = int(BREAK_MIN_PAUSE_S * SAMPLE_RATE)
     pieces: list[tuple[int, int]] = []
     for span in spans:
         pieces.extend(_split_long(span, energy, max_len))
@@ -212,8 +220,9 @@ def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
             length += min(gap(j), keep) + pieces[j + 1][1] - pieces[j + 1][0]
             j += 1
             ends.append(length)
-        if j + 1 < len(pieces):  # must break somewhere in i..j: at the longest pause in the window's second half
-            candidates = [k for k in range(i, j + 1) if ends[k - i] >= max_len * BREAK_FILL] or [j]
+        if j + 1 < len(pieces):  # must break somewhere in i..j: see BREAK_FILL
+            full = [k for k in range(i, j + 1) if ends[k - i] >= max_len * BREAK_FILL and gap(k) >= min_pause]
+            candidates = full or [k for k in range(i, j + 1) if ends[k - i] >= max_len // 2] or [j]
             j = max(candidates, key=lambda k: (gap(k), k))
         groups.append((i, j))
         i = j + 1

@@ -172,3 +172,20 @@ def test_the_decode_and_segment_stage_never_imports_torch(corpus):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0 and int(r.stdout.strip()) > 1, r.stderr[-2000:]
+
+
+def test_a_window_ends_at_a_clear_pause_in_its_last_fifth_rather_than_half_empty():
+    # speech 0-16 s, pause 2 s, 18-26 s, pause 0.4 s, 26.4-40 s: the 2 s pause would leave the first window
+    # with 16 s of speech; the 0.4 s pause in the window's last fifth fills it with 25 s
+    probs = np.zeros(45 * SR // FRAME, np.float32)
+    for s, e in [(0, 16), (18, 26), (26.4, 40)]:
+        probs[int(s * SR / FRAME):int(e * SR / FRAME)] = 0.9
+    segs, _ = plan_segments(probs, probs.copy(), 45 * SR, SegmentOptions(whole_file_max_s=30))
+    bounds = [(round(s / SR, 2), round(e / SR, 2)) for s, e in segs]
+    assert len(bounds) == 2
+    assert 26.0 <= bounds[0][1] <= 26.4 and bounds[1][0] >= bounds[0][1]  # the cut is in the 0.4 s pause
+    # with no clear pause in the last fifth, the longest pause of the second half still decides
+    probs[int(26 * SR / FRAME):int(26.4 * SR / FRAME)] = 0.9  # speech runs on from 18 to 40 s
+    probs[int(26.4 * SR / FRAME):int(26.6 * SR / FRAME)] = 0.0  # only a 0.2 s pause there
+    segs, _ = plan_segments(probs, probs.copy(), 45 * SR, SegmentOptions(whole_file_max_s=30))
+    assert 16.0 <= segs[0][1] / SR <= 18.0
