@@ -26,7 +26,7 @@ class Feed:
 
     def _pull(self, ds) -> None:
         try:
-            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 if not self._put(("batch", b)):
                     return
             self._put(("done", None))
