@@ -60,9 +60,9 @@ def write_manifest(path: Path, rows: list[dict], base: Path | None = None) -> Pa
 def ray_local():
     """One local Ray for a module's tests that call the pipeline in-process, shut down after the module.
 
-    Not in a session with the loopback-cluster tests (test_cluster.py) before or after it: with Ray 2.60 an
-    in-process local Ray and an in-process connection to a token-authenticated cluster break each other
-    ("Authentication token is missing or incorrect"), in either order."""
+    Those modules run first (``pytest_collection_modifyitems``): the loopback-cluster tests leave this
+    process's Ray client holding their cluster's token settings, which an in-process ``ray.init`` of a new
+    local Ray afterwards cannot use (seen with Ray 2.60: "Authentication token is missing or incorrect")."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -90,7 +90,12 @@ E2E_ELSEWHERE = {
 }
 
 
+# modules whose tests start Ray in this process (the ray_local fixture): run before every other module
+IN_PROCESS_RAY_FIRST = ("test_inputs_e2e.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: 0 if item.path.name in IN_PROCESS_RAY_FIRST else 1)  # stable: else as collected
     for item in items:
         if f"{item.path.name}::{item.originalname}" in E2E_ELSEWHERE:
             item.add_marker(pytest.mark.e2e)
