@@ -1,4 +1,8 @@
-"""Shared test fixtures: models and corpus built once per machine by krasr_batch.testing, one Ray per session.
+"""Shared test fixtures: models and corpus built once per machine by krasr_batch.testing; the CLI in a subprocess.
+
+No test starts Ray in the pytest process: pipeline runs go through ``run_cli``. With Ray 2.60 an in-process
+local Ray and the loopback-cluster tests' in-process connection to a token-authenticated cluster
+(test_cluster.py) break each other within one session ("Authentication token is missing or incorrect").
 
 The fixtures live in ``$KRASR_TEST_CACHE`` (default ``~/.cache/krasr-batch-test``): ``models/tiny-random``,
 ``models/base`` and ``corpus``, each built on first use (see ``krasr_batch.testing``) with a ``BUILT`` marker
@@ -56,22 +60,6 @@ def write_manifest(path: Path, rows: list[dict], base: Path | None = None) -> Pa
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for a module's tests that call the pipeline in-process, shut down after the module.
-
-    Those modules run first (``pytest_collection_modifyitems``): the loopback-cluster tests leave this
-    process's Ray client holding their cluster's token settings, which an in-process ``ray.init`` of a new
-    local Ray afterwards cannot use (seen with Ray 2.60: "Authentication token is missing or incorrect")."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real ``krasr-batch`` command in its own process."""
     e = dict(os.environ)
@@ -90,12 +78,7 @@ E2E_ELSEWHERE = {
 }
 
 
-# modules whose tests start Ray in this process (the ray_local fixture): run before every other module
-IN_PROCESS_RAY_FIRST = ("test_inputs_e2e.py",)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: 0 if item.path.name in IN_PROCESS_RAY_FIRST else 1)  # stable: else as collected
     for item in items:
         if f"{item.path.name}::{item.originalname}" in E2E_ELSEWHERE:
             item.add_marker(pytest.mark.e2e)
