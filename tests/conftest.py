@@ -1,4 +1,8 @@
-"""Shared test fixtures: models and corpus built once per machine by krasr_batch.testing, one Ray per session.
+"""Shared test fixtures: models and corpus built once per machine by krasr_batch.testing; the CLI in a subprocess.
+
+No test starts Ray in the pytest process: pipeline runs go through ``run_cli``. With Ray 2.60 an in-process
+local Ray and the loopback-cluster tests' in-process connection to a token-authenticated cluster
+(test_cluster.py) break each other within one session ("Authentication token is missing or incorrect").
 
 The fixtures live in ``$KRASR_TEST_CACHE`` (default ``~/.cache/krasr-batch-test``): ``models/tiny-random``,
 ``models/base`` and ``corpus``, each built on first use (see ``krasr_batch.testing``) with a ``BUILT`` marker
@@ -54,22 +58,6 @@ def write_manifest(path: Path, rows: list[dict], base: Path | None = None) -> Pa
                 r["path"] = str(base / r["path"])
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for a module's tests that call the pipeline in-process, shut down after the module.
-
-    Not in a session with the loopback-cluster tests (test_cluster.py) before or after it: with Ray 2.60 an
-    in-process local Ray and an in-process connection to a token-authenticated cluster break each other
-    ("Authentication token is missing or incorrect"), in either order."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -280,8 +280,8 @@ def cluster():
         assert len(workers) == 2
         yield Cluster(f"127.0.0.1:{port}", dashboard, base, token_file, workers)
     finally:
-        # this process goes back to Ray's own authentication settings: a later in-process ray.init (the
-        # ray_local fixture) must not look for this cluster's token, which is deleted below
+        # this process goes back to Ray's own authentication settings: later tests' subprocesses (run_cli copies
+        # os.environ) and any Ray call left in this process must not look for this cluster's token, deleted below
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         if "mode_before" in locals():
             if mode_before is None:

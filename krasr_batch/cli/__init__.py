@@ -4,6 +4,7 @@ The root group is here; each command lives in its own module and is added below,
 (this package imports its commands, the commands import ``common`` and the library, never this module):
 
 - ``run``: transcribe a manifest (``cli/run.py``);
+- ``manifest``, ``plan``: what an input holds, before any model (``cli/inputs.py``);
 - ``submit``, ``status``, ``logs``: hand a run to a Ray cluster through the Jobs API (``cli/cluster.py``);
 - ``eval``, ``inspect``, ``export``: read a finished run's output (``cli/output.py``).
 
@@ -19,6 +20,7 @@ import click
 
 from krasr_batch import __version__
 from krasr_batch.cli.cluster import logs, status, submit
+from krasr_batch.cli.inputs import manifest_command, plan_command
 from krasr_batch.cli.output import eval_command, export_command, inspect_command
 from krasr_batch.cli.run import run
 
@@ -35,5 +37,6 @@ def main(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-for _command in (run, submit, status, logs, eval_command, inspect_command, export_command):
+for _command in (run, manifest_command, plan_command, submit, status, logs, eval_command, inspect_command,
+                 export_command):
     main.add_command(_command)

@@ -10,10 +10,16 @@ from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed
 from krasr_batch.cli.quiet import quiet_ray
 from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
 
+GLOB = click.option(
+    "--glob", "globs", multiple=True, metavar="PATTERN",
+    help="With a folder as input: take only the files whose path relative to it matches (fnmatch; * also "
+         "crosses /). Repeat for several.")
+
 
 @click.command()
 @click.argument("manifest", required=False)
 @click.option("-o", "--out", help="Output folder (local path or s3:// / gs:// URI).")
+@GLOB
 @click.option("--job", "job", type=click.Path(exists=True, dir_okay=False), help="A jobs/NAME.yaml preset; flags win over it.")
 @click.option("--model", help=f"Hub id or local folder (transformers format, safetensors). [default: {DEFAULT_MODEL}]")
 @click.option("--language", help="Language to force (default: kazakh); 'auto' lets Whisper detect it. A manifest line's own 'language' wins.")
@@ -61,8 +67,13 @@ from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, b
               help="Send this krasr_batch package to the cluster's workers with the run (Ray runtime_env "
                    "py_modules; `run` does so only with --address). Turn off when the nodes have this "
                    "version installed. [default: on]")
-def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool, **flags: Any) -> None:
-    """Transcribe every file of MANIFEST (JSON Lines) into Parquet under --out.
+def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool,
+        globs: tuple[str, ...], **flags: Any) -> None:
+    """Transcribe every file of MANIFEST into Parquet under --out.
+
+    MANIFEST is JSON Lines (krasr-batch's or NeMo's), a CSV or TSV file, a Parquet table, Hugging Face dataset
+    shards (a .parquet file or a pattern such as 'data/test-*.parquet'), or a folder / s3:// prefix of
+    recordings (a sidecar NAME.txt is the reference text).
 
     Rerunning the same command with the same --out continues where the last run stopped.
     """
@@ -97,7 +108,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     try:
         with quiet_ray(out, verbose) as console:
             stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress,
-                                 progress_stream=console.stream)
+                                 progress_stream=console.stream, globs=globs)
     except (ManifestError, SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:

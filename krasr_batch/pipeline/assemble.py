@@ -98,8 +98,9 @@ class Progress:
 class Assembler:
     """Collects segment and file rows as they stream back; hands over files whose segments are all in."""
 
-    def __init__(self, summary: ManifestSummary, stats: RunStats):
+    def __init__(self, summary: ManifestSummary, stats: RunStats, decoded: bool = True):
         self.summary = summary
+        self.decoded = decoded  # False for ``plan``: files get no text (None), as nothing was decoded
         self.stats = stats
         self.segments: dict[str, list[dict]] = {}
         self.file_rows: dict[str, dict] = {}
@@ -125,7 +126,8 @@ class Assembler:
         self.file_rows.pop(fid)
         self.segments.pop(fid, None)
         segs.sort(key=lambda r: r["segment_index"])
-        text = " ".join(s["text"] for s in segs if s["text"]) if row["status"] == "ok" else None
+        ok = row["status"] == "ok" and self.decoded
+        text = " ".join(s["text"] for s in segs if s["text"]) if ok else None
         out = file_row(row, text, len(segs))
         extra = json.loads(row["extra_json"]) if row["extra_json"] else {}
         for k, t in self.summary.extra_types.items():
@@ -150,8 +152,8 @@ class Assembler:
             if s["truncation"]:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
-        st.decode_s += sum(s["decode_s"] for s in segs)
-        st.model_s += sum(s["decode_s"] / max(s["batch_size"] or 1, 1) for s in segs)
+        st.decode_s += sum(s["decode_s"] or 0.0 for s in segs)
+        st.model_s += sum((s["decode_s"] or 0.0) / max(s["batch_size"] or 1, 1) for s in segs)
         st.segment_s += row["segment_wall_s"] or 0.0
 
     def take(self) -> tuple[list[dict], list[dict]]:

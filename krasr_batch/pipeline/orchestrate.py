@@ -114,8 +114,10 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, overwrite: bool) -> None:
-    fingerprint = settings.output_fingerprint()
+def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, overwrite: bool,
+                    fingerprint: str | None = None) -> None:
+    """Refuse an ``out`` made with other settings (``fingerprint``, the run's by default); stamp a new one."""
+    fingerprint = fingerprint or settings.output_fingerprint()
     stamp_path = join(layout.work, "settings.json")
     if overwrite:
         clear_output(layout)
@@ -135,8 +137,11 @@ def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, 
 
 
 def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
-        progress_stream=None) -> RunStats:
+        progress_stream=None, globs: tuple[str, ...] = ()) -> RunStats:
     """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
+
+    ``manifest`` is any input :mod:`krasr_batch.inputs` reads (a folder, CSV, Parquet, dataset shards, JSON
+    Lines); ``globs`` narrow a folder's files.
 
     Raises ModelUnavailable (local runs) or ManifestError before any work for a model that does not load or a
     bad manifest, SettingsMismatch for an ``out`` made with other settings, RunAborted when too many files fail.
@@ -149,7 +154,7 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     try:
         settings, why = _resolve_engine(settings)
         return _run(manifest, out, settings, overwrite, progress, progress_stream, t0,
-                    {"requested": requested, "chosen": settings.decode.engine, "why": why})
+                    {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
     finally:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()
@@ -178,7 +183,7 @@ def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
 
 
 def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: bool, progress_stream,
-         t0: float, engine: dict[str, Any]) -> RunStats:
+         t0: float, engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
     import ray
 
     layout = OutputLayout(out)
@@ -199,7 +204,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
     normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done)
+    summary = _normalize(manifest, normalized, done, globs)
     stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
     writer = PartWriter(layout, files_schema(summary.extra_schema()))
     todo = summary.num_files - stats.skipped_files
@@ -227,14 +232,14 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     return stats
 
 
-def _normalize(manifest: str, normalized: str, done: set[str]) -> ManifestSummary:
+def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = ()) -> ManifestSummary:
     """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``."""
     local_norm = None if is_uri(normalized) else normalized
     if local_norm is None:
         import tempfile
 
         local_norm = os.path.join(tempfile.mkdtemp(prefix="krasr-"), "manifest.parquet")
-    summary = normalize_manifest(manifest, local_norm, skip_ids=done)
+    summary = normalize_manifest(manifest, local_norm, skip_ids=done, globs=globs)
     if local_norm != normalized:
         from krasr_batch.storage import upload_file
 
@@ -376,7 +381,12 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
                         **stage_res)
-    asm = Assembler(summary, stats)
+    _drain(ds, Assembler(summary, stats), stats, writer, prog, settings)
+
+
+def _drain(ds, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progress, settings: RunSettings) -> None:
+    """Pull the pipeline's rows on the driver, assemble whole files and commit them (``run`` and ``plan``)."""
+    res = settings.resources
     watch = StallWatch(res.stall_timeout_s, res.actor_resource)
     last_flush = time.perf_counter()
     feed = Feed(ds)
@@ -402,5 +412,3 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         stats.files_committed += writer.write(*asm.take())  # what finished is kept, also when the run stops early
     if asm.pending:
         raise RunAborted(f"{asm.pending} file(s) did not come back complete from the pipeline")
-
-

@@ -44,10 +44,11 @@ def _file_fields(row: dict, language: str | None) -> dict[str, Any]:
 
 
 def segment_file(row: dict, segment_options: SegmentOptions, default_language: str,
-                 input_root: str | None, token_limit: str) -> Iterator[dict]:
+                 input_root: str | None, token_limit: str, cut_audio: bool = True) -> Iterator[dict]:
     """One manifest row in; its segments (with audio) out, then one file row (segment_index -1).
 
-    Never raises for a bad file: the file row carries status "error" and the cause.
+    Never raises for a bad file: the file row carries status "error" and the cause. Without ``cut_audio``
+    (``plan``) the segments come without their audio, and a long file is not decoded a second time.
     """
     t0 = time.perf_counter()
     language = row["language"] or default_language
@@ -61,8 +62,9 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
         plan = analyse(row["path"], segment_options)
         info.update(duration_s=plan.duration_s, speech_s=plan.speech_s, num_segments=len(plan.segments),
                     warning="; ".join(plan.warnings) or None)
-        for (s, e), audio in zip(plan.segments, segment_audio(plan)):
-            dur = len(audio) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
+        audios = segment_audio(plan) if cut_audio else (np.zeros(0, np.float32) for _ in plan.segments)
+        for k, ((s, e), audio) in enumerate(zip(plan.segments, audios)):
+            dur = plan.audio_samples(k) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
             yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
                    "audio_s": dur,
                    "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
@@ -79,6 +81,17 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "max_new_tokens": 0,
            "audio": b"", "segment_wall_s": time.perf_counter() - t0}
 
+
+
+def plan_file(row: dict, segment_options: SegmentOptions, default_language: str, input_root: str | None,
+              token_limit: str) -> Iterator[dict]:
+    """``krasr-batch plan``: :func:`segment_file` without the model, its rows in the stage schema with the
+    model's columns empty (no text), so the driver assembles and commits them as a run's."""
+    empty = {name: 0.0 if name == "decode_s" else None for name in MODEL_OUTPUT_NAMES}
+    for r in segment_file(row, segment_options, default_language, input_root, token_limit, cut_audio=False):
+        r.pop("audio")
+        r.update(empty)
+        yield r
 
 
 # ---------------------------------------------------------------- stage 2: the model (actor pool)
