@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from krasr_batch.audio import SAMPLE_RATE
 from krasr_batch.engines.base import (
     Decoder,
     SegmentOutput,
@@ -41,6 +42,7 @@ from krasr_batch.engines.base import (
     model_error,
     require_safetensors,
 )
+from krasr_batch.engines.timing import MEDIAN_FILTER_WIDTH, Word, num_frames, words_from_alignment
 from krasr_batch.settings import DecodeOptions
 from krasr_batch.storage import file_lock
 
@@ -189,7 +191,6 @@ class CTranslate2Decoder(Decoder):
         if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
             raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
         self.prompt_tail = [task, gc.no_timestamps_token_id]
-        self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
         self.batch_size = default_batch_size(options.batch_size, device)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
@@ -205,9 +206,12 @@ class CTranslate2Decoder(Decoder):
         t0 = time.perf_counter()
         feats = self._features(audios, "np")["input_features"]
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, dtype=np.float32))
-        if language is None:  # detect each segment's language from the first decoder step, as transformers does
-            features = self.model.encode(features, to_cpu=False)
-            codes = [ranked[0][0][2:-2] for ranked in self.model.detect_language(features)]
+        # the encoder once, for detection, generation and alignment; detection's first step also gives the
+        # probability of a forced language
+        features = self.model.encode(features, to_cpu=False)
+        scores = [self._language_scores(ranked) for ranked in self.model.detect_language(features)]
+        if language is None:  # detect each segment's language among the candidates (--languages, else all)
+            codes = [self.detect_language(s)[0] for s in scores]
         else:
             codes = [language_code(language)] * len(audios)
         prompts = [self._prompt(c) for c in codes]
@@ -216,17 +220,64 @@ class CTranslate2Decoder(Decoder):
             features, prompts, beam_size=o.beams, no_repeat_ngram_size=o.no_repeat_ngram_size,
             repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(limit, len(prompts[0])),
             return_scores=True, return_no_speech_prob=True)
+        tokens = [r.sequences_ids[0] for r in results]
+        words = self._align(features, codes, tokens, audios) if o.word_timestamps else [None] * len(audios)
         decode_s = time.perf_counter() - t0
         out = []
-        for code, r in zip(codes, results):
-            tokens = r.sequences_ids[0]
-            n = len(tokens)
+        for code, r, s, w in zip(codes, results, scores, words):
+            n = len(r.sequences_ids[0])
             ended = n < limit  # the end-of-text step counts toward the limit, so a full-length row never ended
             # CTranslate2's score is the summed log-probability (end-of-text included) over the text tokens;
             # Whisper's avg_logprob averages over the text tokens and end-of-text
             score = r.scores[0] if r.scores else None
             avg = None if score is None else float(score * n / (n + 1) if ended and n else score)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            out.append(SegmentOutput(text, code, n, not ended, decode_s, len(audios), avg, float(r.no_speech_prob)))
+            text = self.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip()
+            out.append(SegmentOutput(text, code, n, not ended, decode_s, len(audios), avg, float(r.no_speech_prob),
+                                     self.language_prob(s, code), w))
         return out
 
+    def _language_scores(self, ranked: list[tuple[str, float]]) -> np.ndarray:
+        """detect_language's (token, probability) pairs as log-probabilities indexed by token id (-inf for
+        every other token), the form :meth:`Decoder.detect_language` takes: restricting them to some languages
+        and taking the softmax renormalises their probabilities."""
+        out = np.full(max(self.lang_by_token) + 1, -np.inf)
+        for token, p in ranked:
+            tid = self.token_by_code.get(token[2:-2])
+            if tid is not None:
+                out[tid] = np.log(max(p, 1e-30))
+        return out
+
+    def _align(self, encoded, codes: list[str], tokens: list[list[int]], audios: list[np.ndarray]) -> list[tuple[Word, ...]]:
+        """Each row's words (see engines/timing.py) from ``Whisper.align`` over the encoder output, one call
+        per language in the batch (its start sequence holds the language token)."""
+        gc = self.generation_config
+        task = self.prompt_tail[0]
+        out: list[tuple[Word, ...]] = [()] * len(tokens)
+        by_code: dict[str, list[int]] = {}
+        for i, (code, t) in enumerate(zip(codes, tokens)):
+            if t:
+                by_code.setdefault(code, []).append(i)
+        for code, idx in by_code.items():
+            rows, keep = (encoded, None) if len(idx) == len(tokens) else self._rows(encoded, idx)
+            aligned = self.model.align(rows, [gc.decoder_start_token_id, self.token_by_code[code], task],
+                                       [tokens[i] for i in idx], [num_frames(len(audios[i])) for i in idx],
+                                       median_filter_width=MEDIAN_FILTER_WIDTH)
+            del keep
+            for i, a in zip(idx, aligned):
+                path = np.asarray(a.alignments, dtype=np.int64).reshape(-1, 2)
+                out[i] = tuple(words_from_alignment(
+                    tokens[i], path[:, 0], path[:, 1], a.text_token_probs, self._word_decode, self.eos, code,
+                    len(audios[i]) / SAMPLE_RATE))
+        return out
+
+    def _rows(self, encoded, idx: list[int]):
+        """The encoder output's rows ``idx`` as a new StorageView, and the array that holds its memory."""
+        import ctranslate2
+
+        if self.device == "cuda":
+            import torch
+
+            held = torch.as_tensor(encoded, device="cuda")[idx].contiguous()
+        else:
+            held = np.ascontiguousarray(np.asarray(encoded)[idx])
+        return ctranslate2.StorageView.from_array(held), held
