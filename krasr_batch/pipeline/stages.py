@@ -108,12 +108,17 @@ class ModelStage:
                                        None if lang == "auto" else lang, cols["max_new_tokens"][i]))
         for i, r in zip(idx, self.decoder.decode(inputs)):
             duration = cols["end_s"][i] - cols["start_s"][i]
+            start = cols["start_s"][i]
             values = {
-                "text": r.text, "language": r.language, "num_tokens": r.num_tokens, "truncated": r.truncated,
+                "text": r.text, "language": r.language, "language_prob": r.language_prob,
+                "num_tokens": r.num_tokens, "truncated": r.truncated,
                 "decode_s": r.decode_s, "batch_size": r.batch_size, "avg_logprob": r.avg_logprob,
                 "no_speech_prob": r.no_speech_prob, "compression_ratio": compression_ratio(r.text) if r.text else 0.0,
                 "suspect": is_suspect(r.text, duration, r.avg_logprob, r.no_speech_prob),
                 "truncation": truncation_cause(r.text, r.truncated),
+                "words": None if r.words is None else [
+                    {"word": w.word, "start_s": start + w.start_s, "end_s": start + w.end_s,
+                     "probability": w.probability} for w in r.words],
             }
             for name, value in values.items():
                 cols[name][i] = value
