@@ -224,7 +224,7 @@ def test_real_word_times_find_the_pause_between_two_sentences(engine, base_model
     rows = [r for r in read_jsonl(corpus / "clips.jsonl") if r["category"] == "ru"][:2]
     parts = []
     for r in rows:  # each clip's speech as Silero VAD finds it, no silence kept around it
-        plan = analyse(str(corpus / r["path"]), SegmentOptions(speech_pad_ms=0))
+        plan = analyse(str(corpus / r["path"]), SegmentOptions(speech_pad_ms=0, whole_file_max_s=1.0))
         parts.append(load_audio(str(corpus / r["path"]))[plan.segments[0][0]:plan.segments[-1][1]])
     gap = np.zeros(2 * SAMPLE_RATE, np.float32)
     audio = np.concatenate([parts[0], gap, parts[1]])
