@@ -2,6 +2,7 @@
 
     python -m benchmarks.words --corpus DIR --model DIR [--engines transformers,ctranslate2] [--repeat 1]
         [--write BENCHMARKS.md] [--json out.json] [--work DIR]
+    python -m benchmarks.words --from-json out.json --write BENCHMARKS.md      # report a saved run again
 
 Everything runs through the real pipeline (``krasr_batch.pipeline.run``, one local Ray for the whole script,
 each run a fresh ``--out``), so a run's wall time includes the model replicas' start and load.
@@ -131,7 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", help="folder for the runs' output (default: a temporary folder)")
     ap.add_argument("--write", help="BENCHMARKS.md to update")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--from-json", help="no runs: report (and --write) what an earlier --json holds")
     a = ap.parse_args(argv)
+    if a.from_json:
+        results = json.loads(Path(a.from_json).read_text())
+        _report(results, results["meta"], a.write)
+        return
     import ray
 
     corpus, engines, parts = Path(a.corpus), a.engines.split(","), a.parts.split(",")
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- device: cpu: {cpu_description()}; load average before the runs {load}; local Ray with "
             f"{a.num_cpus} CPUs, the default replicas (one single-threaded replica per core)\n"
             f"- model: {a.model}\n- versions: {versions()}\n- command: `{command}`\n")
-    results: dict = {"engines": engines}
+    results: dict = {"engines": engines, "meta": meta}
     ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         if "boundaries" in parts:
@@ -154,11 +160,14 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=str))
-    report = render(results, meta)
-    print(report)
-    if a.write:
+    _report(results, meta, a.write)
+
+
+def _report(results: dict, meta: str, write: str | None) -> None:
+    print(render(results, meta))
+    if write:
         for name, body in report_blocks(results, meta).items():
-            write_section(Path(a.write), name, body)
+            write_section(Path(write), name, body)
 
 
 def _boundaries_and_cost(corpus: Path, model: str, engines: list[str], repeat: int, work: Path) -> dict:
