@@ -95,8 +95,9 @@ def test_word_cues_respect_the_subtitle_limits():
         length = int(rng.integers(1, 14))
         dur = float(rng.uniform(0.1, 0.9))
         gap = float(rng.choice([0.0, 0.0, 0.3, 2.5]))
-        words.append(Word(" " + "ж" * length + ("," if i % 7 == 0 else ""), t + gap, t + gap + dur))
-        t += gap + dur
+        start = t + gap
+        t = start + dur
+        words.append(Word(" " + "ж" * length + ("," if i % 7 == 0 else ""), start, t))
     cues = word_cues(words)
     assert " ".join(line for _, _, lines in cues for line in lines) == " ".join(w.word.strip() for w in words)
     for start, end, lines in cues:
