@@ -38,6 +38,10 @@ class Row:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def summarize(system: str, runs: list[RunResult], items: list[dict]) -> Row:
     """One table row from a system's runs: median wall of the good runs, accuracy of the first good run."""
     audio = sum(it["duration_s"] for it in items)
@@ -63,15 +67,33 @@ def summarize(system: str, runs: list[RunResult], items: list[dict]) -> Row:
     return row
 
 
+def sample_items(items: list[dict], every: int) -> list[dict]:
+    """Every ``every``-th item, from the first: a sample that keeps the set's mix of clips and long files."""
+    return items[::every]
+
+
 def build_rows(systems: list[str], results: dict[str, list[RunResult]], skipped: dict[str, str],
-               items: list[dict]) -> list[Row]:
-    """Rows in the order asked for, with each RTFx relative to krasr-batch's."""
+               items: list[dict], samples: dict[str, int] | None = None) -> list[Row]:
+    """Rows in the order asked for, with each RTFx relative to krasr-batch's.
+
+    ``samples``: systems run on every K-th file only (``--sample SYSTEM=K``); their row's files, audio, RTFx
+    and error rates are the sample's, and its note gives krasr-batch's error rates on the same files.
+    """
+    samples = samples or {}
     rows = []
     for s in systems:
+        mine = sample_items(items, samples[s]) if s in samples else items
         if s in skipped:
-            rows.append(Row(s, len(items), sum(it["duration_s"] for it in items), note=f"skipped: {skipped[s]}"))
+            rows.append(Row(s, len(mine), sum(it["duration_s"] for it in mine), note=f"skipped: {skipped[s]}"))
         else:
-            rows.append(summarize(s, results[s], items))
+            rows.append(summarize(s, results[s], mine))
+        if s in samples and "krasr" in results and not skipped.get(s):
+            good = [r for r in results["krasr"] if r.error is None]
+            if good:
+                wer, cer = score(mine, good[0].texts)
+                rows[-1].note = "; ".join(filter(None, [
+                    f"every {samples[s]}-th file of the set ({len(mine)} files, {rows[-1].audio_s:.0f} s); "
+                    f"krasr-batch on the same files: WER {_pct(wer)} %, CER {_pct(cer)} %", rows[-1].note]))
     ref = next((r.rtfx for r in rows if r.system == "krasr"), None)
     for r in rows:
         if ref and r.rtfx:

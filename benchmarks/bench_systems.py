@@ -32,8 +32,10 @@ LABELS = {
     "faster-whisper": f"faster-whisper batched (bs {PEER_BATCH_SIZE})",
 }
 SETTINGS = {
-    "krasr": "`krasr-batch run` defaults (VAD windows ≤30 s at pauses, card's token-limit table, batches of "
-             "one language and limit), plus --krasr-args",
+    "krasr": "`krasr-batch run` defaults (--engine auto: CTranslate2 with int8 weights on CPUs, transformers on "
+             "GPUs; Silero VAD windows ≤30 s cut at pauses, pauses inside a window shortened to 1 s; token limit "
+             "fit: the card's table for a clip decoded whole, 12 tokens/s for windows of long recordings; "
+             "batches of 16 segments across files), plus --krasr-args",
     "krasr-tf": "as krasr-batch, with `--engine transformers` last (the card's own generate() call)",
     "card": "transformers pipeline per file; task=transcribe, language per file, num_beams=3, "
             "no_repeat_ngram_size=4, repetition_penalty=1.12, card's duration-based max_new_tokens; "
@@ -78,6 +80,7 @@ class Context:
     gpu_util: bool
     env: dict[str, str] = field(default_factory=dict)  # --env: set for every system's command
     ct2_model: str | None = None
+    manifests: dict[str, Path] = field(default_factory=dict)  # --sample: a system's own manifest of every K-th file
     runs: int = 0
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
 
@@ -115,12 +118,13 @@ def krasr_args(system: str, ctx: Context) -> list[str]:
 
 def command(system: str, ctx: Context, out: Path) -> list[str]:
     """The whole command that one run of ``system`` times, writing what it produces under ``out``."""
+    manifest = ctx.manifests.get(system, ctx.manifest)
     if system in KRASR_SYSTEMS:
         device = ["--device", ctx.device] if ctx.device else []
-        return [sys.executable, "-m", "krasr_batch", "run", str(ctx.manifest), "--out", str(out),
+        return [sys.executable, "-m", "krasr_batch", "run", str(manifest), "--out", str(out),
                 "--model", ctx.model, "--no-progress", *device, *krasr_args(system, ctx)]
     model = ctx.ct2_model if system == "faster-whisper" else ctx.model
-    return [sys.executable, "-m", "benchmarks.baselines", system, str(ctx.manifest), "--model", str(model),
+    return [sys.executable, "-m", "benchmarks.baselines", system, str(manifest), "--model", str(model),
             "--device", ctx.device, "--result", str(out / "result.json")]
 
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.compare --corpus DIR --model DIR [--set clips|long|all] [--device cpu|cuda]
         [--limit N] [--systems krasr,krasr-tf,card,chunked,faster-whisper] [--krasr-args "..."] [--repeat K]
+        [--sample SYSTEM=K ...]
         [--env KEY=VALUE ...] [--gpu-util] [--write BENCHMARKS.md --section NAME] [--json OUT.json]
         [--work DIR]
 
@@ -56,7 +57,15 @@ from benchmarks.bench_measure import (  # noqa: F401 - the harness's names, as t
     versions,
     write_manifest,
 )
-from benchmarks.bench_report import Row, build_rows, metadata, render_report, render_table, write_section  # noqa: F401
+from benchmarks.bench_report import (  # noqa: F401
+    Row,
+    build_rows,
+    metadata,
+    render_report,
+    render_table,
+    sample_items,
+    write_section,
+)
 from benchmarks.bench_systems import (  # noqa: F401
     KRASR_SYSTEMS,
     LABELS,
@@ -82,6 +91,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=0, help="only the first N files of the set")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ",".join(SYSTEMS))
     ap.add_argument("--krasr-args", default="", help="extra arguments for `krasr-batch run`, one string")
+    ap.add_argument("--sample", action="append", default=[], metavar="SYSTEM=K",
+                    help="run SYSTEM on every K-th file of the set only (e.g. card=4: the card's file-by-file usage "
+                         "takes 20 minutes an hour of audio on 2 cores); its row says so and gives krasr-batch's "
+                         "error rates on the same files; repeatable")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each system, interleaved; the median wall counts")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="set for every system's command (e.g. OMP_WAIT_POLICY=PASSIVE on a shared CPU); repeatable")
@@ -105,6 +118,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--env wants KEY=VALUE, got {bad_env}")
     a.systems = systems
     a.env = dict(e.split("=", 1) for e in a.env)
+    try:
+        a.sample = {k: int(v) for k, v in (x.split("=", 1) for x in a.sample)}
+    except ValueError:
+        ap.error(f"--sample wants SYSTEM=K, got {a.sample}")
+    if any(k not in systems or v < 1 for k, v in a.sample.items()):
+        ap.error(f"--sample: each SYSTEM must be among --systems and K at least 1, got {a.sample}")
     return a
 
 
@@ -131,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(write_manifest(items, scratch / "manifest.jsonl"), str(Path(a.model).resolve()),
                       resolve_device(a.device), scratch, Path(a.work), shlex.split(a.krasr_args), a.gpu_util,
                       a.env)
+        for system, every in a.sample.items():
+            ctx.manifests[system] = write_manifest(sample_items(items, every), scratch / f"manifest-{system}.jsonl")
         results, skipped = run_all(a.systems, ctx, a.repeat)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    rows = build_rows(a.systems, results, skipped, items)
+    rows = build_rows(a.systems, results, skipped, items, a.sample)
     meta = metadata(a, argv, items, a.systems, ctx)
     report = render_report(render_table(rows, a.gpu_util and ctx.device == "cuda"), meta)
     print(report)

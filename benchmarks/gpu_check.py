@@ -144,7 +144,9 @@ def prepare(corpus: Path, data: Path, model_files: Path, clips: int, longs: int)
             audio = load_audio(str(src))
             write_wav(data / "wav" / f"{it['id']}.wav", audio)
             row = dict(id=it["id"], kind=kind, language=it.get("language") or "kazakh", wav=f"wav/{it['id']}.wav",
-                       duration_s=len(audio) / SR, segments=[list(s) for s in plan.segments],
+                       duration_s=len(audio) / SR,
+                       # each window as its stretches of the source (a window skips the middles of long pauses)
+                       segments=[[list(p) for p in plan.window_pieces(k)] for k in range(len(plan.segments))],
                        whole=plan.segments == [(0, len(audio))], source=it["path"])
             if kind == "long":
                 dest = data / "long" / Path(it["path"]).name
@@ -215,9 +217,11 @@ class Corpus:
         out = []
         for f in files if files is not None else self.files:
             a = self.audio[f["id"]]
-            for s, e in f["segments"]:
-                d = (e - s) / SR
-                out.append(dict(file=f["id"], kind=f["kind"], language=f["language"], audio=a[s:e], duration_s=d,
+            for window in f["segments"]:
+                parts = [window] if isinstance(window[0], int) else window  # plans written before windows had parts
+                audio = np.concatenate([a[s:e] for s, e in parts])
+                d = len(audio) / SR
+                out.append(dict(file=f["id"], kind=f["kind"], language=f["language"], audio=audio, duration_s=d,
                                 whole=f["whole"], limit=token_limit(d, f["whole"], self.policy)))
         return out
 
@@ -888,7 +892,7 @@ def _feed_task(path: str) -> dict:
 def _feed_parts(path: str) -> dict:
     """One recording's stage split into its parts, in this process: decode+resample, VAD, plan, cut."""
     from krasr_batch.audio import DecodeReport, iter_audio
-    from krasr_batch.segment import VadStream, plan_segments
+    from krasr_batch.segment import VadStream, plan_windows
     from krasr_batch.settings import SegmentOptions
 
     t0 = time.perf_counter()
@@ -899,10 +903,10 @@ def _feed_parts(path: str) -> dict:
         vad.feed(b)
     probs, energy = vad.finish()
     t2 = time.perf_counter()
-    segs, _ = plan_segments(probs, energy, vad.samples, SegmentOptions())
+    windows, _ = plan_windows(probs, energy, vad.samples, SegmentOptions())
     t3 = time.perf_counter()
     audio = np.concatenate(blocks)
-    cut = [audio[s:e].copy() for s, e in segs]
+    cut = [np.concatenate([audio[s:e] for s, e in w]) for w in windows]
     t4 = time.perf_counter()
     return dict(file=os.path.basename(path), audio_s=round(vad.samples / SR, 1), decode_resample_s=round(t1 - t0, 3),
                 vad_s=round(t2 - t1, 3), plan_s=round(t3 - t2, 3), cut_s=round(t4 - t3, 4), segments=len(cut))

@@ -71,8 +71,9 @@ def measure(corpus: Path, tokenizer, max_segment_s: float) -> dict:
         plan = analyse(str(corpus / rec["path"]), SegmentOptions(max_segment_s=max_segment_s))
         windows = [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in plan.segments]
         whole_file = len(plan.segments) == 1 and plan.segments[0] == (0, round(plan.duration_s * SAMPLE_RATE))
-        for (ws, we), (tokens, whole) in zip(windows, window_references(windows, spans.get(rec["id"], []), count)):
-            d = we - ws
+        refs = window_references(windows, spans.get(rec["id"], []), count)
+        for k, (tokens, whole) in enumerate(refs):
+            d = plan.audio_samples(k) / SAMPLE_RATE  # the audio the model hears: the span less skipped pauses
             rows.append({"id": rec["id"], "duration_s": d, "tokens": tokens, "whole": whole,
                          "card": segment_token_limit(d, whole_file, "card"),
                          "fit": segment_token_limit(d, whole_file, "fit")})

@@ -7,6 +7,7 @@ Decoders under-read without raising, so the decoded length is compared with what
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import struct
@@ -16,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from krasr_batch.shards import RowAudio, ShardRowError, parse_ref, read_row_audio, resolve_beside
 from krasr_batch.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,21 @@ class DecodeReport:
 
 
 def check_path(path: str, input_root: str | None = None) -> None:
-    """Raise AudioError for a local path that cannot be read as a file (before any decoder sees it)."""
+    """Raise AudioError for a local path that cannot be read as a file (before any decoder sees it).
+
+    A dataset shard's row (``SHARD.parquet#row=N``, :mod:`krasr_batch.shards`): the shard is checked as a
+    file, then the row for audio bytes (or, where the dataset stores none, the file its ``path`` names)."""
+    ref = parse_ref(path)
+    if ref is not None:
+        check_path(ref[0], input_root)
+        row = _shard_row(path, ref)
+        if row.data is None:
+            if not row.path:
+                raise AudioError("no_audio", f"neither audio bytes nor a path in {path}")
+            check_path(resolve_beside(ref[0], row.path), input_root)
+        elif not row.data:
+            raise AudioError("empty_file", f"zero audio bytes in {path}")
+        return
     if is_uri(path):
         if input_root is not None and not path.startswith(input_root.rstrip("/") + "/"):
             raise AudioError("outside_input_root", f"{path} is outside --input-root {input_root}")
@@ -116,7 +132,22 @@ def _check_object(uri: str) -> None:
         raise AudioError("empty_file", f"zero-byte object: {uri}")
 
 
+def _shard_row(path: str, ref: tuple[str, int]) -> RowAudio:
+    try:
+        return read_row_audio(*ref)
+    except ShardRowError as e:
+        raise AudioError("not_found", f"{e}: {path}") from e
+    except (OSError, ValueError) as e:  # unreadable or not Parquet (ArrowInvalid)
+        raise AudioError("unreadable", f"cannot read the dataset shard of {path}: {e}") from e
+
+
 def _open_binary(path: str):
+    ref = parse_ref(path)
+    if ref is not None:  # a dataset shard's row: its bytes, decoded from memory
+        row = _shard_row(path, ref)
+        if row.data is not None:
+            return io.BytesIO(row.data)
+        return _open_binary(resolve_beside(ref[0], row.path or ""))
     if is_uri(path):
         from krasr_batch.storage import open_input_file
 

@@ -1,9 +1,11 @@
-"""The manifest: JSON Lines, one audio file per line, validated line by line before any work starts.
+"""The manifest: one entry per audio file, validated entry by entry before any work starts.
 
-Each line is an object with ``path`` (required; relative paths are relative to the manifest's folder),
-``id`` (optional, defaults to ``path``), ``language`` (optional, overrides the run's language),
-``text`` (optional reference transcript) and any other fields, carried into the files table (a field
-named like one of krasr-batch's own columns, e.g. ``duration_s``, becomes ``manifest_duration_s``).
+Entries come from any input shape :mod:`krasr_batch.inputs` reads (JSON Lines, NeMo JSON Lines, CSV/TSV,
+Parquet, dataset shards, a folder). Each has ``path`` (required, NeMo's ``audio_filepath`` also does; relative
+paths are relative to the manifest's folder), ``id`` (optional, defaults to ``path``), ``language`` (optional,
+overrides the run's language), ``text`` (optional reference transcript) and any other fields, carried into
+the files table (a field named like one of krasr-batch's own columns, e.g. ``duration_s``, becomes
+``manifest_duration_s``).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from krasr_batch.inputs import PATH_COLUMNS, ManifestError, Record, iter_records
 from krasr_batch.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -28,14 +31,6 @@ FILES_COLUMNS = {
     "file_id", "path", "status", "error", "error_kind", "warning", "duration_s", "speech_s", "num_segments",
     "text", "reference_text", "language",
 }
-
-
-class ManifestError(ValueError):
-    """A manifest line that cannot be used; names the file and line."""
-
-    def __init__(self, manifest: str, line: int, message: str):
-        super().__init__(f"{manifest}, line {line}: {message}")
-        self.manifest, self.line, self.message = manifest, line, message
 
 
 @dataclass(frozen=True)
@@ -61,72 +56,49 @@ def _resolve(path: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, path))
 
 
-def _open_text(manifest: str):
-    if is_uri(manifest):
-        import io
-
-        from krasr_batch.storage import open_input_stream
-
-        return io.TextIOWrapper(open_input_stream(manifest), encoding="utf-8")
-    return open(manifest, encoding="utf-8")
+def _text_field(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def iter_manifest(manifest: str) -> Iterator[FileJob]:
-    """Parse and validate the manifest line by line; raise ManifestError at the first bad line.
+def _job(rec: Record, seen: dict[str, tuple[int, str]]) -> FileJob:
+    """Validate one record into a FileJob (``seen``: id -> where it was first, for duplicates)."""
+    obj = rec.fields
+    key = next((k for k in PATH_COLUMNS if k in obj), None)
+    if key is None:
+        raise rec.error("missing required field 'path'")
+    path = obj[key]
+    if not isinstance(path, str) or not path.strip():
+        raise rec.error(f"'{key}' must be a non-empty string")
+    if key == "audio_filepath" and obj.get("offset") not in (None, 0, 0.0, "0", "0.0"):
+        raise rec.error("NeMo 'offset' (a slice of the recording) is not supported: give one file per line")
+    file_id = _text_field(obj.get("id", path))
+    if not isinstance(file_id, str) or not file_id:
+        raise rec.error("'id' must be a non-empty string")
+    if file_id in seen:
+        line, unit = seen[file_id]
+        raise rec.error(f"duplicate id {file_id!r} (first on {unit} {line})")
+    seen[file_id] = (rec.position, rec.unit)
+    language = obj.get("language")
+    if language is not None and (not isinstance(language, str) or not language):
+        raise rec.error("'language' must be a non-empty string")
+    text = obj.get("text")
+    if text is not None and not isinstance(text, str):
+        raise rec.error("'text' must be a string")
+    # other fields are carried into the files table; one named like a column krasr-batch writes
+    # itself (duration_s, status, ...) is kept as manifest_<name>
+    extra = {(f"manifest_{k}" if k in FILES_COLUMNS else k): v for k, v in obj.items()
+             if k not in RESERVED and k != key}
+    resolved = path if rec.resolved else _resolve(path, rec.base_dir)
+    return FileJob(file_id, resolved, rec.position, language, text, extra)
 
-    Blank lines are skipped. A duplicate id is an error that names both lines.
+
+def iter_manifest(manifest: str, globs: Sequence[str] = ()) -> Iterator[FileJob]:
+    """Read and validate an input of any shape (:mod:`krasr_batch.inputs`) entry by entry; raise
+    ManifestError at the first bad one. Blank lines are skipped. A duplicate id is an error naming both places.
     """
-    if is_uri(manifest):
-        base_dir = manifest.rsplit("/", 1)[0]
-    else:
-        base_dir = os.path.dirname(os.path.abspath(manifest))
-    seen: dict[str, int] = {}
-    try:
-        fh = _open_text(manifest)
-    except OSError as e:
-        raise ManifestError(manifest, 0, f"cannot open the manifest: {e.strerror or e}") from e
-    with fh:
-        lineno = 0
-        while True:
-            try:
-                raw = fh.readline()
-            except UnicodeDecodeError as e:
-                raise ManifestError(manifest, lineno + 1, f"not UTF-8 text ({e.reason})") from e
-            if not raw:
-                break
-            lineno += 1
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(manifest, lineno, f"not valid JSON: {e.msg} at column {e.colno}") from e
-            if not isinstance(obj, dict):
-                raise ManifestError(manifest, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            path = obj.get("path")
-            if path is None:
-                raise ManifestError(manifest, lineno, "missing required field 'path'")
-            if not isinstance(path, str) or not path.strip():
-                raise ManifestError(manifest, lineno, "'path' must be a non-empty string")
-            file_id = obj.get("id", path)
-            if isinstance(file_id, (int, float)) and not isinstance(file_id, bool):
-                file_id = str(file_id)
-            if not isinstance(file_id, str) or not file_id:
-                raise ManifestError(manifest, lineno, "'id' must be a non-empty string")
-            if file_id in seen:
-                raise ManifestError(manifest, lineno, f"duplicate id {file_id!r} (first on line {seen[file_id]})")
-            seen[file_id] = lineno
-            language = obj.get("language")
-            if language is not None and (not isinstance(language, str) or not language):
-                raise ManifestError(manifest, lineno, "'language' must be a non-empty string")
-            text = obj.get("text")
-            if text is not None and not isinstance(text, str):
-                raise ManifestError(manifest, lineno, "'text' must be a string")
-            # other fields are carried into the files table; one named like a column krasr-batch writes
-            # itself (duration_s, status, ...) is kept as manifest_<name>
-            extra = {(f"manifest_{k}" if k in FILES_COLUMNS else k): v for k, v in obj.items() if k not in RESERVED}
-            yield FileJob(file_id, _resolve(path, base_dir), lineno, language, text, extra)
+    seen: dict[str, tuple[int, str]] = {}
+    for rec in iter_records(manifest, globs):
+        yield _job(rec, seen)
 
 
 @dataclass
@@ -172,7 +144,7 @@ def convert_extra(value: Any, dtype: pa.DataType) -> Any:
     if value is None:
         return None
     if pa.types.is_string(dtype):
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     if pa.types.is_floating(dtype):
         return float(value)
     return value
@@ -189,7 +161,7 @@ NORMALIZED_SCHEMA = pa.schema([
 
 
 def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = None,
-                       rows_per_group: int = 50_000) -> ManifestSummary:
+                       rows_per_group: int = 50_000, globs: Sequence[str] = ()) -> ManifestSummary:
     """Validate the whole manifest and write it as Parquet (``dest``) in the stable schema the pipeline reads.
 
     Rows whose id is in ``skip_ids`` (already finished in an earlier run) are validated but not written.
@@ -206,7 +178,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
                 v.clear()
 
     try:
-        for job in iter_manifest(manifest):
+        for job in iter_manifest(manifest, globs):
             n += 1
             for k, v in job.extra.items():
                 kinds.setdefault(k, set()).add(_json_kind(v))
@@ -217,7 +189,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
             buf["line"].append(job.line)
             buf["language"].append(job.language)
             buf["reference_text"].append(job.reference_text)
-            buf["extra_json"].append(json.dumps(job.extra, ensure_ascii=False) if job.extra else None)
+            buf["extra_json"].append(json.dumps(job.extra, ensure_ascii=False, default=str) if job.extra else None)
             if len(buf["file_id"]) >= rows_per_group:
                 flush()
         flush()

@@ -21,6 +21,8 @@ SEGMENTS_SCHEMA = pa.schema([
     ("segment_index", pa.int32()),
     ("start_s", pa.float64()),
     ("end_s", pa.float64()),
+    # seconds of audio the model decoded: end_s - start_s less the middles of long pauses the window skips
+    ("audio_s", pa.float64()),
     ("text", pa.string()),
     ("language", pa.string()),  # the Whisper code of the language decoded with
     ("language_prob", pa.float64()),  # its probability at the detection step (engines.base.SegmentOutput)
@@ -118,11 +120,13 @@ def word_rows(stage_row: dict) -> list[dict]:
 
 
 def language_seconds(segments: Iterable[dict]) -> dict[str, float]:
-    """``files/`` ``language_s``: seconds of segments with text, by the language each was decoded in."""
+    """``files/`` ``language_s``: seconds of audio of segments with text (``audio_s``: pauses a window skips do
+    not count), by the language each was decoded in."""
     out: dict[str, float] = {}
     for s in segments:
         if s["text"] and s["language"]:
-            out[s["language"]] = out.get(s["language"], 0.0) + (s["end_s"] - s["start_s"])
+            secs = s["audio_s"] if s.get("audio_s") is not None else s["end_s"] - s["start_s"]
+            out[s["language"]] = out.get(s["language"], 0.0) + secs
     return out
 
 

@@ -131,49 +131,79 @@ def _split_long(span: tuple[int, int], energy: np.ndarray, max_len: int) -> list
     return out
 
 
-def plan_segments(probs: np.ndarray, energy: np.ndarray, total_samples: int,
-                  opts: SegmentOptions) -> tuple[list[tuple[int, int]], float]:
-    """Turn per-frame VAD values into model windows.
+def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
+                 opts: SegmentOptions) -> tuple[list[list[tuple[int, int]]], float]:
+    """Turn per-frame VAD values into model windows, each a list of stretches of the source.
 
-    Returns ([(start, end)] in samples, seconds of detected speech). Every window is at most
+    Returns ([[(start, end), ...] per window] in samples, seconds of detected speech). A window's audio is
+    its stretches back to back: a pause inside a window longer than ``opts.max_pause_s`` keeps
+    ``max_pause_s`` of itself (half after the speech before it, half before the speech after it) and
+    loses its middle, so a window holds up to ``max_segment_s`` of speech rather than of silence, and a
+    recording with long pauses needs fewer windows (one encoder pass each). Every window's audio is at most
     ``opts.max_segment_s`` long; windows break at the longest pause available in the second half of a
-    window, and a stretch of speech with no pause is cut at its quietest frame. A file with any speech
-    that fits in one window (``whole_file_max_s``) is decoded whole, as the model card's usage does.
+    window, and a stretch of speech with no pause is cut at its quietest frame. A file with any speech that
+    fits in one window (``whole_file_max_s``) is decoded whole, as the model card's usage does.
     """
     spans = speech_spans(probs, total_samples, opts)
     speech_s = sum(e - s for s, e in spans) / SAMPLE_RATE
     if not spans:
         return [], 0.0
     if total_samples <= opts.whole_file_max_s * SAMPLE_RATE:
-        return [(0, total_samples)], speech_s
+        return [[(0, total_samples)]], speech_s
     max_len = int(opts.max_segment_s * SAMPLE_RATE)
+    keep = int(opts.max_pause_s * SAMPLE_RATE)
     pieces: list[tuple[int, int]] = []
     for span in spans:
         pieces.extend(_split_long(span, energy, max_len))
+
+    def gap(k: int) -> int:  # the pause after piece k
+        return pieces[k + 1][0] - pieces[k][1]
+
     groups: list[tuple[int, int]] = []
     i = 0
     while i < len(pieces):
-        start = pieces[i][0]
-        j = i
-        while j + 1 < len(pieces) and pieces[j + 1][1] - start <= max_len:
+        j, length = i, pieces[i][1] - pieces[i][0]
+        ends = [length]  # the window's audio length if it ended after piece i, i+1, ...
+        while j + 1 < len(pieces) and length + min(gap(j), keep) + pieces[j + 1][1] - pieces[j + 1][0] <= max_len:
+            length += min(gap(j), keep) + pieces[j + 1][1] - pieces[j + 1][0]
             j += 1
+            ends.append(length)
         if j + 1 < len(pieces):  # must break somewhere in i..j: at the longest pause in the window's second half
-            candidates = [k for k in range(i, j + 1) if pieces[k][1] - start >= max_len // 2] or [j]
-            j = max(candidates, key=lambda k: (pieces[k + 1][0] - pieces[k][1], k))
-        groups.append((start, pieces[j][1]))
+            candidates = [k for k in range(i, j + 1) if ends[k - i] >= max_len // 2] or [j]
+            j = max(candidates, key=lambda k: (gap(k), k))
+        groups.append((i, j))
         i = j + 1
+
+    windows: list[list[tuple[int, int]]] = []
+    for i, j in groups:
+        parts = [list(pieces[i])]
+        for k in range(i, j):
+            if gap(k) <= keep:  # a short pause stays whole: one stretch
+                parts[-1][1] = pieces[k + 1][1]
+            else:
+                parts[-1][1] = pieces[k][1] + keep // 2
+                parts.append([pieces[k + 1][0] - (keep - keep // 2), pieces[k + 1][1]])
+        windows.append([(a, b) for a, b in parts])
     pad = int(opts.speech_pad_ms * SAMPLE_RATE / 1000)
-    out: list[tuple[int, int]] = []
-    for n, (s, e) in enumerate(groups):
+    for n, parts in enumerate(windows):
         # padding comes out of the pauses beside a window, never the neighbour's speech; a pause goes
         # first to the window before it (speech ends fade out, onsets are sharp), windows never overlap
-        prev_end = out[-1][1] if out else 0
-        next_start = groups[n + 1][0] if n + 1 < len(groups) else total_samples
-        room = max(0, max_len - (e - s))
+        prev_end = windows[n - 1][-1][1] if n else 0
+        next_start = windows[n + 1][0][0] if n + 1 < len(windows) else total_samples
+        room = max(0, max_len - sum(b - a for a, b in parts))
+        s, e = parts[0][0], parts[-1][1]
         left = max(0, min(pad, s - prev_end, room // 2))
         right = max(0, min(pad, next_start - e, room - left))
-        out.append((s - left, e + right))
-    return out, speech_s
+        parts[0] = (s - left, parts[0][1])
+        parts[-1] = (parts[-1][0], e + right)
+    return windows, speech_s
+
+
+def plan_segments(probs: np.ndarray, energy: np.ndarray, total_samples: int,
+                  opts: SegmentOptions) -> tuple[list[tuple[int, int]], float]:
+    """:func:`plan_windows` as each window's (start, end) in the source, in samples; and the speech seconds."""
+    windows, speech_s = plan_windows(probs, energy, total_samples, opts)
+    return [(w[0][0], w[-1][1]) for w in windows], speech_s
 
 
 @dataclass
@@ -183,10 +213,19 @@ class FilePlan:
     path: str
     duration_s: float
     speech_s: float
-    segments: list[tuple[int, int]]  # [(start, end)] in samples at 16 kHz
+    segments: list[tuple[int, int]]  # [(start, end)] in samples at 16 kHz: where each window lies in the source
     warnings: list[str] = field(default_factory=list)
     backend: str = "soundfile"
     audio: np.ndarray | None = None  # kept for files up to KEEP_AUDIO_S
+    # each window's stretches of the source (its audio is them back to back); None: one stretch per window
+    pieces: list[list[tuple[int, int]]] | None = None
+
+    def window_pieces(self, k: int) -> list[tuple[int, int]]:
+        return self.pieces[k] if self.pieces is not None else [self.segments[k]]
+
+    def audio_samples(self, k: int) -> int:
+        """Length of window ``k``'s audio in samples (its span less the pauses it skips)."""
+        return sum(e - s for s, e in self.window_pieces(k))
 
     @property
     def whole_file(self) -> bool:
@@ -219,18 +258,21 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
     """
     report, (vad, kept) = decode_with_fallback(path, _VadPass(keep_audio_s))
     probs, energy = vad.finish()
-    segments, speech_s = plan_segments(probs, energy, vad.samples, opts)
+    windows, speech_s = plan_windows(probs, energy, vad.samples, opts)
     audio = np.concatenate(kept) if kept else (np.zeros(0, np.float32) if kept is not None else None)
-    return FilePlan(path, vad.samples / SAMPLE_RATE, speech_s, segments, report.warnings(), report.backend, audio)
+    return FilePlan(path, vad.samples / SAMPLE_RATE, speech_s, [(w[0][0], w[-1][1]) for w in windows],
+                    report.warnings(), report.backend, audio, windows)
 
 
 def segment_audio(plan: FilePlan) -> Iterator[np.ndarray]:
-    """Yield each planned segment's samples in order; decodes the file a second time when it was not kept."""
+    """Yield each planned window's samples in order (its stretches back to back); decodes the file a second
+    time when it was not kept."""
+    n = len(plan.segments)
     if plan.audio is not None:
-        for s, e in plan.segments:
-            yield plan.audio[s:e]
+        for k in range(n):
+            yield _join([plan.audio[s:e] for s, e in plan.window_pieces(k)])
         return
-    if not plan.segments:
+    if not n:
         return
     backend = "pyav" if plan.backend == "pyav" else None
     buf = np.zeros(0, np.float32)
@@ -238,14 +280,16 @@ def segment_audio(plan: FilePlan) -> Iterator[np.ndarray]:
     k = 0
     for block in iter_audio(plan.path, DecodeReport(), backend=backend):
         buf = np.concatenate([buf, block])
-        while k < len(plan.segments) and offset + len(buf) >= plan.segments[k][1]:
-            s, e = plan.segments[k]
-            yield buf[s - offset:e - offset].copy()
+        while k < n and offset + len(buf) >= plan.segments[k][1]:
+            yield _join([buf[s - offset:e - offset] for s, e in plan.window_pieces(k)])
             k += 1
-        keep_from = plan.segments[k][0] if k < len(plan.segments) else offset + len(buf)
-        drop = max(0, keep_from - offset)
+        keep_from = plan.segments[k][0] if k < n else offset + len(buf)
+        drop = min(max(0, keep_from - offset), len(buf))  # never past what has been decoded so far
         buf, offset = buf[drop:], offset + drop
-    while k < len(plan.segments):  # the second pass came out shorter: hand over what there is
-        s, e = plan.segments[k]
-        yield buf[max(0, s - offset):max(0, e - offset)].copy()
+    while k < n:  # the second pass came out shorter: hand over what there is
+        yield _join([buf[max(0, s - offset):max(0, e - offset)] for s, e in plan.window_pieces(k)])
         k += 1
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)

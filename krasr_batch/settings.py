@@ -18,7 +18,7 @@ from krasr_batch.storage import is_uri
 
 DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
 MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
-ENGINES = ("transformers", "ctranslate2")
+ENGINES = ("auto", "transformers", "ctranslate2")  # auto: krasr_batch.engines.choose_engine
 # How max_new_tokens is set (krasr_batch.engines.segment_token_limit): "fit" the card's table for a file decoded
 # whole and a per-second budget for windows cut from longer recordings; "card" the card's table everywhere;
 # "none" the model's own limit.
@@ -36,9 +36,12 @@ class DecodeOptions:
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.12
     token_limit: str = "fit"  # a TOKEN_LIMIT_POLICIES name; True/False (older presets) mean "card"/"none"
-    batch_size: int = 0  # segments per model call; 0 picks 16 on a GPU, 1 on a CPU
+    batch_size: int = 0  # segments per model call; 0: the engine's default for the device (engines.base.default_batch_size)
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; int8: int8 linear layers
-    engine: str = "transformers"  # transformers: the card's own call; ctranslate2: the same weights, converted
+    # auto: the fastest engine that keeps the card's accuracy on the device (krasr_batch.engines.choose_engine),
+    # resolved by the driver before anything is fingerprinted; transformers: the card's own call;
+    # ctranslate2: the same weights, converted
+    engine: str = "auto"
     word_timestamps: bool = False  # a words/ table: each word's times from the alignment heads (DTW)
     # with language "auto": detect each segment's language among these Whisper codes only; (): all of Whisper's
     languages: tuple[str, ...] = ()
@@ -101,12 +104,17 @@ class SegmentOptions:
     min_silence_duration_ms: int = 100
     speech_pad_ms: int = 400  # silence kept around each window, taken from the pauses beside it
     whole_file_max_s: float = MAX_WINDOW_S  # a file with speech no longer than this is one segment, as the card decodes it
+    # a pause inside a window keeps at most this much of itself (its middle is skipped), so windows hold
+    # speech, not silence: fewer windows, one encoder pass each (segment.plan_windows)
+    max_pause_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.max_segment_s <= MAX_WINDOW_S:
             raise ValueError(f"max_segment_s must be between 1 and {MAX_WINDOW_S:g}, got {self.max_segment_s:g}")
         if not 0.0 < self.vad_threshold < 1.0:
             raise ValueError(f"vad_threshold must be between 0 and 1, got {self.vad_threshold}")
+        if not 0.0 <= self.max_pause_s <= MAX_WINDOW_S:
+            raise ValueError(f"max_pause_s must be between 0 and {MAX_WINDOW_S:g}, got {self.max_pause_s:g}")
         if self.whole_file_max_s > self.max_segment_s:
             object.__setattr__(self, "whole_file_max_s", self.max_segment_s)
 
@@ -142,6 +150,8 @@ class RunSettings:
         d.pop("batch_size")  # batching does not change what is decoded
         if d["token_limit"] in ("card", "none"):  # as runs made before the "fit" policy stamped them
             d["token_limit"] = d["token_limit"] == "card"
+        if d["engine"] == "auto":
+            raise ValueError("--engine auto must be resolved (krasr_batch.engines.choose_engine) before fingerprinting")
         if d["engine"] == "transformers":
             d.pop("engine")  # the fingerprint of runs made before there was a choice of engine
         for name in ("word_timestamps", "languages"):  # off: the fingerprint of runs made before they existed
@@ -152,6 +162,10 @@ class RunSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_engine(self, engine: str) -> RunSettings:
+        """These settings with ``--engine auto`` replaced by the engine it resolved to."""
+        return dataclasses.replace(self, decode=dataclasses.replace(self.decode, engine=engine))
 
 
 # Preset keys (the CLI flag names with dashes or underscores) mapped to the option they set.
@@ -171,6 +185,7 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "max_segment_s": ("segment", "max_segment_s"),
     "vad_threshold": ("segment", "vad_threshold"),
     "speech_pad_ms": ("segment", "speech_pad_ms"),
+    "max_pause_s": ("segment", "max_pause_s"),
     "min_silence_duration_ms": ("segment", "min_silence_duration_ms"),
     "min_speech_duration_ms": ("segment", "min_speech_duration_ms"),
     "address": ("resources", "address"),

@@ -62,9 +62,10 @@ def test_token_limit_policy_settings():
 def test_card_policy_keeps_the_fingerprint_of_runs_made_before_the_policies():
     from krasr_batch.settings import RunSettings
 
-    old_style = RunSettings(decode=DecodeOptions(token_limit=True))
-    assert old_style.output_fingerprint() == RunSettings(decode=DecodeOptions(token_limit="card")).output_fingerprint()
-    assert RunSettings().output_fingerprint() != old_style.output_fingerprint()
+    old_style = RunSettings(decode=DecodeOptions(token_limit=True, engine="transformers"))
+    card = RunSettings(decode=DecodeOptions(token_limit="card", engine="transformers"))
+    assert old_style.output_fingerprint() == card.output_fingerprint()
+    assert RunSettings().with_engine("transformers").output_fingerprint() != old_style.output_fingerprint()
 
 
 def test_language_codes():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -45,17 +47,34 @@ def test_max_length_gives_exactly_the_cards_limit(tiny_model):
 
 def test_decoder_groups_languages_and_reports_signals(tiny_model):
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2), "cpu", 1)
-    assert dec.engine == "ctranslate2" and dec.compute_type == "float32"
+    assert dec.engine == "ctranslate2" and dec.compute_type == "int8"  # --dtype auto on a CPU
     rng = np.random.default_rng(0)
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
-              for d, lang in [(3, "kazakh"), (12, "russian"), (3, "kazakh"), (3, None), (3, "kazakh")]]
+              for d, lang in [(3, "kazakh"), (12, "russian"), (3, "russian"), (3, None), (3, "kazakh")]]
     out = dec.decode(inputs)
+    # forced languages share a batch (one prompt per row), limits do not; detection has its own batch
     assert [o.batch_size for o in out] == [2, 1, 2, 1, 1]
-    assert [o.language for o in out][:3] == ["kk", "ru", "kk"] and out[4].language == "kk"
+    assert [o.language for o in out] == ["kk", "ru", "ru", out[3].language, "kk"]
     assert out[3].language in dec.token_by_code  # detected
     for o in out:
         assert o.avg_logprob is not None and o.avg_logprob <= 0 and 0 <= o.no_speech_prob <= 1
         assert o.decode_s > 0
+
+
+def test_windows_of_several_budgets_share_a_batch_and_are_cut_at_their_own(tiny_model):
+    """Windows cut from long recordings (exact_limit False) decode together up to the largest budget; each
+    row is cut at its own. Files decoded whole keep batches of their own limit."""
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=8), "cpu", 1)
+    audio = np.random.default_rng(2).normal(0, 0.1, 16000 * 20).astype(np.float32)
+    windows = [SegmentInput(audio, "kazakh", n, exact_limit=False) for n in (6, 12, 30)]
+    clips = [SegmentInput(audio, "kazakh", n) for n in (5, 9)]
+    out = dec.decode(windows + clips)
+    assert [o.batch_size for o in out] == [3, 3, 3, 1, 1]
+    for o, x in zip(out, windows + clips):
+        assert o.num_tokens <= x.max_new_tokens
+    # random weights rarely end a row: the shorter windows ran past their budget and were cut at it
+    cut = [o for o, x in zip(out[:2], windows) if o.num_tokens == x.max_new_tokens]
+    assert cut and all(o.truncated and o.avg_logprob is None for o in cut)
 
 
 def test_conversion_is_cached_and_shared_by_concurrent_replicas(tiny_model, own_cache):
@@ -103,7 +122,8 @@ def test_only_safetensors_are_converted(tiny_model, tmp_path, own_cache):
 
 
 def test_compute_types():
-    assert engine.compute_type_for("auto", "cpu") == "float32"
+    assert engine.compute_type_for("auto", "cpu") == "int8"  # int8 weights on CPUs: same accuracy, faster
+    assert engine.compute_type_for("float32", "cpu") == "float32"
     assert engine.compute_type_for("auto", "cuda") == "float16"
     assert engine.compute_type_for("int8", "cpu") == "int8"
     assert engine.compute_type_for("int8", "cuda") == "int8_float16"
@@ -111,10 +131,11 @@ def test_compute_types():
 
 
 def test_engine_is_part_of_the_output_fingerprint():
-    base = RunSettings()
+    base = RunSettings(decode=DecodeOptions(engine="transformers"))
     other = RunSettings(decode=DecodeOptions(engine="ctranslate2"))
     assert base.output_fingerprint() != other.output_fingerprint()
-    # the default engine leaves the fingerprint as it was before engines existed, so older outputs resume
+    # transformers (the default before --engine auto) leaves the fingerprint as it was before engines
+    # existed, so older outputs resume
     import dataclasses
     import hashlib
 
@@ -172,7 +193,8 @@ def test_run_with_the_ctranslate2_engine(tmp_path, corpus, tiny_model):
     segs = pads.dataset(out / "segments", format="parquet").to_table().to_pylist()
     assert segs and all(s["num_tokens"] <= s["max_new_tokens"] and s["avg_logprob"] <= 0 for s in segs)
     # the transformers engine decodes differently: resuming this output with it is refused
-    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--no-progress"])
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--no-progress",
+                 "--engine", "transformers"])
     assert r.returncode == 2 and "other model or decoding settings" in r.stderr
 
 
@@ -189,3 +211,30 @@ def test_a_model_that_cannot_load_stops_before_any_output(tmp_path, corpus, tiny
             r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(model), "--engine", eng])
             assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
             assert not os.path.exists(out)
+
+
+def test_numpy_features_equal_transformers_feature_extractor(tiny_model):
+    from transformers import WhisperFeatureExtractor
+
+    from krasr_batch.engines.base import NumpyLogMel
+
+    rng = np.random.default_rng(3)
+    audios = [rng.normal(0, 0.1, n).astype(np.float32) for n in (16000 * 3, 16000 * 29, 16000 * 31)]
+    ref = WhisperFeatureExtractor.from_pretrained(tiny_model)(audios, sampling_rate=16000, return_tensors="np")
+    mine = NumpyLogMel.from_pretrained(str(tiny_model))(audios, sampling_rate=16000)
+    assert mine["input_features"].shape == ref["input_features"].shape
+    np.testing.assert_allclose(mine["input_features"], ref["input_features"], atol=2e-5)
+
+
+def test_a_ctranslate2_replica_and_its_model_check_never_import_torch(tiny_model):
+    """torch's import is about 2 s of every replica's start; the CTranslate2 engine does not need it."""
+    code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
+            "from krasr_batch.settings import DecodeOptions; import numpy as np; "
+            f"o = DecodeOptions(model={str(tiny_model)!r}); check_model(DecodeOptions(model={str(tiny_model)!r}, "
+            "engine='ctranslate2')); d = load_decoder(o, 'cpu', 1); "
+            "from krasr_batch.engines import SegmentInput; "
+            "d.decode([SegmentInput(np.zeros(16000, np.float32), 'kazakh', 5)]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(d.engine)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0 and r.stdout.strip() == "ctranslate2", r.stderr[-2000:]

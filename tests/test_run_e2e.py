@@ -40,6 +40,22 @@ def test_exit_status_and_summary(corpus_run):
     assert info["settings"]["decode"]["repetition_penalty"] == 1.12
     assert info["audio_s"] > 400 and info["rtfx"] > 0
     assert "transformers" in info["versions"] and "ray" in info["versions"]
+    # --engine auto on this CPU: CTranslate2, recorded with the reason
+    assert info["engine"]["requested"] == "auto" and info["engine"]["chosen"] == "ctranslate2" and info["engine"]["why"]
+    assert info["settings"]["decode"]["engine"] == "ctranslate2"
+    tl = info["profile"]["timeline_s"]
+    assert 0 < tl["ray_ready"] <= tl["first_result"] <= tl["last_result"] <= tl["written"] <= info["wall_s"] + 1e-6
+    assert info["profile"]["model_s"] > 0 and info["profile"]["segment_s"] > 0
+
+
+def test_the_terminal_shows_only_krasr_batch_lines(corpus_run):
+    """Ray's own lines (token-authentication notice, core_worker.cc, Ray Data's executor) go to the run's log."""
+    _, out, _, r = corpus_run
+    foreign = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("files ", "krasr-batch"))]
+    assert foreign == [], foreign[:5]
+    logs = list((out / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and f"Ray's messages: {logs[0]}" in r.stdout
+    assert logs[0].read_text().strip()  # Ray said things: to the log, not the terminal
 
 
 def test_every_manifest_line_exactly_once(corpus_run):
@@ -74,8 +90,8 @@ def test_segment_rows(corpus_run, corpus):
     cur = con.execute(f"select * from '{out}/segments/*.parquet' order by file_id, segment_index")
     cols = [c[0] for c in cur.description]
     segs = cur.fetchall()
-    assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "text", "language", "language_prob",
-                    "max_new_tokens",
+    assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "audio_s", "text", "language",
+                    "language_prob", "max_new_tokens",
                     "num_tokens", "truncated", "decode_s", "batch_size", "worker", "avg_logprob",
                     "compression_ratio", "no_speech_prob", "suspect", "truncation"]
     files = {f["file_id"]: f for f in pads.dataset(out / "files", format="parquet").to_table().to_pylist()}
@@ -89,9 +105,9 @@ def test_segment_rows(corpus_run, corpus):
         assert [s["segment_index"] for s in mine] == list(range(len(mine)))
         for s in mine:
             assert 0 <= s["start_s"] < s["end_s"] <= f["duration_s"] + 1e-6
-            assert s["end_s"] - s["start_s"] <= 30.0 + 1e-6
+            assert 0 < s["audio_s"] <= min(30.0, s["end_s"] - s["start_s"]) + 1e-6
             whole = len(mine) == 1 and s["start_s"] == 0.0 and abs(s["end_s"] - f["duration_s"]) < 1e-6
-            assert s["max_new_tokens"] == segment_token_limit(s["end_s"] - s["start_s"], whole, "fit")
+            assert s["max_new_tokens"] == segment_token_limit(s["audio_s"], whole, "fit")
             assert s["truncation"] == (truncation_cause(s["text"], True) if s["truncated"] else None)
             assert s["decode_s"] > 0 and s["batch_size"] >= 1 and s["worker"]
             assert s["avg_logprob"] is None or s["avg_logprob"] <= 0
@@ -99,7 +115,9 @@ def test_segment_rows(corpus_run, corpus):
         if f["status"] == "ok":
             assert f["text"] == " ".join(s["text"] for s in mine if s["text"])
     longs = [r["id"] for r in read_jsonl(corpus / "long.jsonl")]
-    assert all(files[i]["num_segments"] >= 6 for i in longs)
+    assert all(files[i]["num_segments"] >= 4 for i in longs)
+    # windows skip the middles of long pauses: some span more of the recording than the audio they decode
+    assert any(s["end_s"] - s["start_s"] > s["audio_s"] + 1 for i in longs for s in by_file[i])
     assert any(s["max_new_tokens"] > 128 for i in longs for s in by_file[i])  # long windows get the fit budget
     clips = [r["id"] for r in read_jsonl(corpus / "clips.jsonl")]
     assert all(s["max_new_tokens"] in (40, 64, 80, 96, 112, 128) for i in clips for s in by_file.get(i, []))

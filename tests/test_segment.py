@@ -18,21 +18,42 @@ def test_long_recordings_spans_inside_segments(corpus, max_segment_s):
         assert abs(plan.duration_s - rec["duration_s"]) < 0.1
         segs = [(s / SR, e / SR) for s, e in plan.segments]
         assert segs, rec["id"]
-        assert all(e - s <= max_segment_s + 1e-9 for s, e in segs)
+        assert all(plan.audio_samples(k) <= max_segment_s * SR for k in range(len(segs)))
         assert all(b[0] >= a[1] - 1e-9 for a, b in zip(segs, segs[1:])), "segments overlap or are out of order"
         assert 0 <= segs[0][0] and segs[-1][1] <= plan.duration_s + 1e-9
+        stretches = [(s / SR, e / SR) for k in range(len(segs)) for s, e in plan.window_pieces(k)]
+        assert all(b[0] >= a[1] for a, b in zip(stretches, stretches[1:])), "stretches overlap"
         mine = [x for x in spans if x["id"] == rec["id"]]
         assert mine
-        # every spoken sentence lies inside one segment. The reference spans hold the synthesizer's
-        # trailing silence too; 50 ms of slack covers where that silence meets the next sentence.
-        outside = [x for x in mine if not any(s - 0.05 <= x["start_s"] and x["end_s"] <= e + 0.05 for s, e in segs)]
+        # every spoken sentence lies inside one stretch of one window: no skipped pause and no window edge
+        # cuts it. The reference spans hold the synthesizer's trailing silence too; 50 ms of slack covers
+        # where that silence meets the next sentence.
+        outside = [x for x in mine
+                   if not any(s - 0.05 <= x["start_s"] and x["end_s"] <= e + 0.05 for s, e in stretches)]
         if max_segment_s == 30.0:
             assert outside == []
         else:  # shorter windows: a long mixed sentence may need a cut, at a pause inside it
             assert len(outside) <= len(mine) // 10
-        # and the audio handed over is exactly the planned stretch
-        for (s, e), audio in zip(plan.segments, segment_audio(plan)):
-            assert len(audio) == e - s
+        # and the audio handed over is exactly the planned stretches, back to back
+        for k, audio in enumerate(segment_audio(plan)):
+            assert len(audio) == plan.audio_samples(k)
+
+
+def test_long_pauses_inside_a_window_are_shortened_and_windows_hold_speech(corpus):
+    """A pause longer than max_pause_s keeps max_pause_s of itself, so the corpus's long recordings (pauses
+    of up to 8 s) need fewer windows than with every pause whole, each full of speech."""
+    rec = read_jsonl(corpus / "long.jsonl")[0]
+    compact = analyse(str(corpus / rec["path"]), SegmentOptions())
+    whole = analyse(str(corpus / rec["path"]), SegmentOptions(max_pause_s=30.0))
+    assert all(len(whole.window_pieces(k)) == 1 for k in range(len(whole.segments)))
+    assert len(compact.segments) < len(whole.segments)
+    for k in range(len(compact.segments)):
+        parts = compact.window_pieces(k)
+        # stretches are split only where a pause was longer than max_pause_s, and some of it was skipped
+        assert all(b[0] - a[1] > 0 for a, b in zip(parts, parts[1:]))
+        assert sum(e - s for s, e in parts) <= 30 * SR
+    a, b = next(iter(segment_audio(compact))), compact.window_pieces(0)
+    assert len(a) == sum(e - s for s, e in b)
 
 
 def test_long_files_are_not_kept_in_memory(corpus):
@@ -106,8 +127,21 @@ def test_a_clip_decoded_whole_keeps_the_cards_limit_and_long_windows_get_the_bud
     long_rows = _segment_rows(corpus, read_jsonl(corpus / "long.jsonl")[0], "fit")
     assert len(long_rows) > 1
     for r in long_rows:
-        assert r["max_new_tokens"] == segment_token_limit(r["end_s"] - r["start_s"], False, "fit")
-    assert any(r["max_new_tokens"] > max_new_tokens_for(r["end_s"] - r["start_s"]) for r in long_rows)
+        assert r["max_new_tokens"] == segment_token_limit(len(r["audio"]) / 4 / SR, False, "fit")  # the audio decoded
+    assert any(r["max_new_tokens"] > max_new_tokens_for(r["audio_s"]) for r in long_rows)
+    assert all(r["audio_s"] == len(r["audio"]) / 4 / SR for r in long_rows)
     card_rows = _segment_rows(corpus, read_jsonl(corpus / "long.jsonl")[0], "card")
     assert [(r["start_s"], r["end_s"]) for r in card_rows] == [(r["start_s"], r["end_s"]) for r in long_rows]
-    assert all(r["max_new_tokens"] == max_new_tokens_for(r["end_s"] - r["start_s"]) for r in card_rows)
+    assert all(r["max_new_tokens"] == max_new_tokens_for(len(r["audio"]) / 4 / SR) for r in card_rows)
+
+
+def test_word_times_map_from_a_window_that_skips_a_pause_to_the_source():
+    import json
+
+    from krasr_batch.pipeline.stages import source_time
+
+    # two stretches: 10.0-12.0 s and 20.0-21.5 s of the source (the 8 s between them lost their middle)
+    to_source = source_time(json.dumps([[10.0, 12.0], [20.0, 21.5]]), 10.0)
+    assert to_source(0.5) == 10.5 and to_source(2.0) == 12.0
+    assert abs(to_source(2.5) - 20.5) < 1e-9 and to_source(9.0) == 21.5
+    assert source_time(None, 3.0)(1.25) == 4.25  # a window of one stretch: its start plus the offset

@@ -4,6 +4,7 @@ The root group is here; each command lives in its own module and is added below,
 (this package imports its commands, the commands import ``common`` and the library, never this module):
 
 - ``run``: transcribe a manifest (``cli/run.py``);
+- ``manifest``, ``plan``: what an input holds, before any model (``cli/inputs.py``);
 - ``submit``, ``status``, ``logs``: hand a run to a Ray cluster through the Jobs API (``cli/cluster.py``);
 - ``eval``, ``inspect``, ``export``: read a finished run's output (``cli/output.py``).
 
@@ -19,13 +20,15 @@ import click
 
 from krasr_batch import __version__
 from krasr_batch.cli.cluster import logs, status, submit
+from krasr_batch.cli.inputs import manifest_command, plan_command
 from krasr_batch.cli.output import eval_command, export_command, inspect_command
 from krasr_batch.cli.run import run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KRASR_BATCH"})
 @click.version_option(__version__, prog_name="krasr-batch")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More log output (-v info, -vv debug); with -v, `run` shows Ray's own messages instead of logging them under --out.")
 def main(verbose: int) -> None:
     """Transcribe Kazakh / Russian audio archives with KRASR Whisper on Ray, into Parquet."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -34,5 +37,6 @@ def main(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-for _command in (run, submit, status, logs, eval_command, inspect_command, export_command):
+for _command in (run, manifest_command, plan_command, submit, status, logs, eval_command, inspect_command,
+                 export_command):
     main.add_command(_command)

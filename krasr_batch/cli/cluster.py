@@ -86,18 +86,29 @@ def _cluster_path(flag: str, value: str, must_exist_here: bool = False) -> str:
     return path
 
 
-def ship_manifest(manifest: str, dest_dir: str) -> tuple[str, int, int]:
+def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> tuple[str, int, int]:
     """Validate a local manifest and write a copy into ``dest_dir`` whose lines run anywhere.
 
     Each line keeps its fields and line number; ``path`` becomes the resolved absolute path or URI (relative
     paths were relative to the manifest's folder) and ``id`` is written out (it defaulted to the original
-    ``path``), so the job's output equals a local run's. Returns (copy, lines, lines with local paths).
-    Raises ManifestError for a bad manifest, before anything is submitted.
+    ``path``), so the job's output equals a local run's. An input of another shape (a folder, CSV, Parquet,
+    dataset shards; ``globs`` applied) is written as the JSON Lines manifest it stands for. Returns (copy,
+    lines, lines with local paths). Raises ManifestError for a bad manifest, before anything is submitted.
     """
+    from krasr_batch.inputs import input_kind
     from krasr_batch.manifest import iter_manifest
 
-    for _ in iter_manifest(manifest):  # the whole file first: a bad line stops here, with its number
+    for _ in iter_manifest(manifest, globs):  # the whole input first: a bad line stops here, with its number
         pass
+    if input_kind(manifest) != "jsonl":
+        dest = os.path.join(dest_dir, "manifest.jsonl")
+        n = local = 0
+        with open(dest, "w", encoding="utf-8") as out:
+            for job in iter_manifest(manifest, globs):
+                out.write(json.dumps(job_line(job), ensure_ascii=False) + "\n")
+                n += 1
+                local += not is_uri(job.path)
+        return dest, n, local
     dest = os.path.join(dest_dir, os.path.basename(manifest) or "manifest.jsonl")
     n = local = 0
     jobs = iter_manifest(manifest)
@@ -113,6 +124,17 @@ def ship_manifest(manifest: str, dest_dir: str) -> tuple[str, int, int]:
             n += 1
             local += not is_uri(job.path)
     return dest, n, local
+
+
+def job_line(job) -> dict[str, Any]:
+    """A FileJob as a JSON Lines manifest entry: id, path, then language, text and its other fields."""
+    obj: dict[str, Any] = {"id": job.file_id, "path": job.path}
+    if job.language is not None:
+        obj["language"] = job.language
+    if job.reference_text is not None:
+        obj["text"] = job.reference_text
+    obj.update(job.extra)
+    return obj
 
 
 def _job_preset(job: str, dest_dir: str) -> tuple[dict[str, Any], str]:
@@ -221,7 +243,7 @@ def _job_inputs(opts: dict[str, Any], workdir: str) -> tuple[str, str, str, str 
     if is_uri(manifest):
         return manifest, out, manifest, job_file
     try:
-        shipped, lines, local = ship_manifest(manifest, workdir)
+        shipped, lines, local = ship_manifest(manifest, workdir, opts.get("globs") or ())
     except ManifestError as e:
         raise BadUsage(str(e)) from None
     except OSError as e:
@@ -241,7 +263,9 @@ def _entrypoint(ctx: click.Context, opts: dict[str, Any], job_manifest: str, out
         argv += ["--job", os.path.basename(job_file)]
     for param in _submit_params():
         name = param.name
-        if name in ("manifest", "job", "out", "ship_code") or not _given(ctx, name):
+        # --glob: a local folder was shipped as the manifest it stands for, already narrowed
+        if name in ("manifest", "job", "out", "ship_code") or not _given(ctx, name) or (
+                name == "globs" and not is_uri(job_manifest)):
             continue
         value = opts[name]
         if name == "model":

@@ -86,13 +86,34 @@ def inspect_command(out_dir: str, fmt: str) -> None:
 
 @click.command("export")
 @OUT_DIR
-@click.option("--format", "fmt", type=click.Choice(["srt", "vtt", "txt", "jsonl"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["srt", "vtt", "txt", "jsonl", "dataset"]), required=True,
+              help="srt, vtt, txt, jsonl: one file per source file. dataset: the segments as Hugging Face "
+                   "dataset Parquet shards (FLAC audio, text, timing, quality signals) for training.")
 @click.option("--to", "to", metavar="DIR", help="Output folder. [default: OUT_DIR/export/<format>/]")
-def export_command(out_dir: str, fmt: str, to: str | None) -> None:
-    """One subtitle or text file per ok source file, named after its id, from the segment timings."""
+@click.option("--where", metavar="SQL",
+              help="With --format dataset: only segments this DuckDB expression selects, over the segment's "
+                   "columns and its file's (e.g. \"not suspect and avg_logprob > -0.6\").")
+def export_command(out_dir: str, fmt: str, to: str | None, where: str | None) -> None:
+    """One subtitle or text file per ok source file, named after its id, from the segment timings; or, with
+    --format dataset, the segments with their audio as a training dataset."""
+    output = _open(out_dir)
+    if fmt == "dataset":
+        from krasr_batch.export_dataset import ExportError, export_dataset
+
+        try:
+            result = export_dataset(output, to, where)
+        except ExportError as e:
+            raise BadUsage(str(e)) from None
+        except OSError as e:
+            raise RunFailed(f"cannot write the export: {e}") from None
+        skipped = f"; {result.failed_files} source files could not be decoded again" if result.failed_files else ""
+        click.echo(f"exported {result.segments} segments of {result.files} files in {len(result.shards)} "
+                   f"shards to {result.directory}{skipped}")
+        return
+    if where:
+        raise BadUsage("--where selects segments for --format dataset only")
     from krasr_batch.export import export
 
-    output = _open(out_dir)
     try:
         result = export(output, fmt, to)
     except OSError as e:

@@ -7,12 +7,19 @@ from typing import Any
 import click
 
 from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed
+from krasr_batch.cli.quiet import quiet_ray
 from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
+
+GLOB = click.option(
+    "--glob", "globs", multiple=True, metavar="PATTERN",
+    help="With a folder as input: take only the files whose path relative to it matches (fnmatch; * also "
+         "crosses /). Repeat for several.")
 
 
 @click.command()
 @click.argument("manifest", required=False)
 @click.option("-o", "--out", help="Output folder (local path or s3:// / gs:// URI).")
+@GLOB
 @click.option("--job", "job", type=click.Path(exists=True, dir_okay=False), help="A jobs/NAME.yaml preset; flags win over it.")
 @click.option("--model", help=f"Hub id or local folder (transformers format, safetensors). [default: {DEFAULT_MODEL}]")
 @click.option("--language", help="Language to force (default: kazakh); 'auto' lets Whisper detect it. A manifest line's own 'language' wins.")
@@ -32,7 +39,10 @@ from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, b
 @click.option("--no-token-limit", "no_token_limit", is_flag=True, default=None, hidden=True,
               help="The same as --token-limit none.")
 @click.option("--max-segment-s", type=click.FloatRange(1.0, 30.0), help="Longest model window in seconds (never above 30). [default: 30]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU, 1 on a CPU]")
+@click.option("--max-pause-s", type=click.FloatRange(0.0, 30.0),
+              help="A pause inside a window keeps at most this many seconds of itself (its middle is skipped), so "
+                   "windows hold speech rather than silence; 30 keeps every pause whole. [default: 1.0]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU; on a CPU 16 with ctranslate2, 1 with transformers]")
 @click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
 @click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU, or one on a CPU-only cluster]")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
@@ -41,9 +51,11 @@ from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, b
               help="Model precision: auto is float16 on CUDA, float32 on CPU; int8 quantizes the linear layers "
                    "(faster, text may differ from the card's). [default: auto]")
 @click.option("--engine", type=click.Choice(ENGINES),
-              help="transformers: the model card's own generate() call. ctranslate2: the same weights converted "
-                   "once to CTranslate2 (cached), the same settings; several times faster on a CPU, text may "
-                   "differ from the card's (needs the ctranslate2 package). [default: transformers]")
+              help="auto: the fastest engine that keeps the card's accuracy on the device (ctranslate2 on CPUs, "
+                   "transformers on GPUs; README, Engines). transformers: the model card's own generate() call, "
+                   "its output byte for byte. ctranslate2: the same weights converted once to CTranslate2 "
+                   "(cached), the same settings; several times faster on a CPU, text may differ from the "
+                   "card's on uncertain audio. [default: auto]")
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
               help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")
@@ -62,8 +74,13 @@ from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, b
               help="Send this krasr_batch package to the cluster's workers with the run (Ray runtime_env "
                    "py_modules; `run` does so only with --address). Turn off when the nodes have this "
                    "version installed. [default: on]")
-def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool, **flags: Any) -> None:
-    """Transcribe every file of MANIFEST (JSON Lines) into Parquet under --out.
+def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool,
+        globs: tuple[str, ...], **flags: Any) -> None:
+    """Transcribe every file of MANIFEST into Parquet under --out.
+
+    MANIFEST is JSON Lines (krasr-batch's or NeMo's), a CSV or TSV file, a Parquet table, Hugging Face dataset
+    shards (a .parquet file or a pattern such as 'data/test-*.parquet'), or a folder / s3:// prefix of
+    recordings (a sidecar NAME.txt is the reference text).
 
     Rerunning the same command with the same --out continues where the last run stopped.
     """
@@ -93,17 +110,36 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         settings = build_settings(options)
     except (TypeError, ValueError) as e:
         raise BadUsage(str(e)) from None
+    verbose = click.get_current_context().find_root().params.get("verbose", 0) > 0
+    console = None
     try:
-        stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress)
+        with quiet_ray(out, verbose) as console:
+            stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress,
+                                 progress_stream=console.stream, globs=globs)
     except (ManifestError, SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:
+        _ray_problems(console)
         raise RunFailed(str(e)) from None
     except KeyboardInterrupt:
         raise Interrupted("interrupted; finished files are kept, rerun the same command to continue") from None
-    _summary(stats, out)
+    except BaseException:
+        _ray_problems(console)
+        raise
+    _summary(stats, out, console.log_path)
+    _ray_problems(console)
     if stats.output_failed:
         raise FilesFailed()
+
+
+def _ray_problems(console) -> None:
+    """One line for what Ray logged that looks like a real problem (the whole log is in the file it names)."""
+    if console is None or not console.log_path:
+        return
+    if console.problems:
+        more = f" (and {len(console.problems) - 1} more such lines)" if len(console.problems) > 1 else ""
+        click.echo(f"krasr-batch: Ray reported a problem: {console.problems[0][:300]}{more}; "
+                   f"see {console.log_path}", err=True)
 
 
 def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
@@ -114,7 +150,7 @@ def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
     return f"{truncated} stopped at the token limit: {loops} repetition loops, {unfit} did not fit"
 
 
-def _summary(stats, out: str) -> None:
+def _summary(stats, out: str, log_path: str | None = None) -> None:
     echo = click.echo
     echo("")
     echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
@@ -129,3 +165,5 @@ def _summary(stats, out: str) -> None:
         shown = ", ".join(ids[:5]) + (f", … ({len(ids) - 5} more)" if len(ids) > 5 else "")
         echo(f"  failed ({kind}): {len(ids)}: {shown}")
     echo(f"  written: {out}/segments/, {out}/files/, {out}/run.json")
+    if log_path:
+        echo(f"  Ray's messages: {log_path} (-v shows them here)")

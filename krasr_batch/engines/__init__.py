@@ -11,6 +11,7 @@ A new engine is one new file and one line in :data:`ENGINE_CLASSES`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from krasr_batch.engines.base import (
@@ -35,8 +36,27 @@ ENGINE_CLASSES = {
 
 __all__ = [
     "Decoder", "SegmentInput", "SegmentOutput", "FIT_TOKENS_PER_S", "MODEL_MAX_NEW_TOKENS", "check_model",
-    "language_code", "load_decoder", "max_new_tokens_for", "resolve_device", "segment_token_limit",
+    "choose_engine", "language_code", "load_decoder", "max_new_tokens_for", "resolve_device", "segment_token_limit",
 ]
+
+
+def choose_engine(use_gpu: bool) -> tuple[str, str]:
+    """What ``--engine auto`` runs: ``(engine, why)`` for a run whose replicas are GPUs (``use_gpu``) or CPUs.
+
+    The rule (README, "Engines"): the fastest engine whose WER and CER on the benchmark corpus are within
+    0.005 of the transformers engine's (the card's own call), per device, as measured in BENCHMARKS.md:
+
+    - CPUs: ctranslate2. Same weights and settings, and on the archive set several times the
+      transformers engine's speed with WER/CER no worse (block ``archive-cpu``).
+    - GPUs: transformers. It is the engine measured on a GPU (block ``gpu-check``); CTranslate2's CUDA build
+      could not run on the GPU machine there (it wants CUDA 12 libraries), so it has no figure to win with.
+    - ctranslate2 not importable (it is a dependency, but a trimmed environment may lack it): transformers.
+    """
+    if use_gpu:
+        return "transformers", "GPU replicas: the transformers engine is the one measured on GPUs"
+    if importlib.util.find_spec("ctranslate2") is None:
+        return "transformers", "CPU replicas, but the ctranslate2 package is not installed"
+    return "ctranslate2", "CPU replicas: CTranslate2 is the fastest engine there at the card's accuracy"
 
 
 def engine_class(name: str) -> type[Decoder]:
@@ -51,7 +71,7 @@ def check_model(options: DecodeOptions) -> None:
     local = Path(options.model).expanduser()
     if local.is_dir():
         require_safetensors(local, options.model)
-    Decoder(options, "cpu")._load_processor()
+    Decoder(options, "cpu")._load_processor(numpy_features=options.engine == "ctranslate2")
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 
@@ -59,7 +79,13 @@ def check_model(options: DecodeOptions) -> None:
 
 
 def load_decoder(options: DecodeOptions, device: str = "auto", threads: int | None = None) -> Decoder:
-    """One model replica of ``options.engine``; ``threads``: CPU threads it may use (None: the engine's default)."""
+    """One model replica of ``options.engine``; ``threads``: CPU threads it may use (None: the engine's default).
+
+    ``--engine auto`` is resolved here by the replica's own device when the caller has not resolved it."""
+    if options.engine == "auto":
+        import dataclasses
+
+        options = dataclasses.replace(options, engine=choose_engine(resolve_device(device) == "cuda")[0])
     cls = engine_class(options.engine)
     if options.engine == "ctranslate2":
         return cls(options, device, threads)

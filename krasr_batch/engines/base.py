@@ -73,11 +73,18 @@ def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit"
 
 @dataclass(frozen=True)
 class SegmentInput:
-    """One segment to decode: 16 kHz mono float32 samples and the language to force (None: detect)."""
+    """One segment to decode: 16 kHz mono float32 samples and the language to force (None: detect).
+
+    ``exact_limit``: the segment must be decoded with ``max_new_tokens`` as the batch's own limit (a file
+    decoded whole keeps the card's call). False for a window cut from a longer recording, whose limit is a
+    budget against runaway loops: an engine may decode it in a batch with a larger limit and cut its tokens
+    at its own (``Decoder.flexible_limits``).
+    """
 
     audio: np.ndarray
     language: str | None
     max_new_tokens: int
+    exact_limit: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,18 @@ def language_code(language: str | None) -> str:
     return lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang, lang)
 
 
+def no_nvidia_gpu() -> bool:
+    """True when this machine certainly has no NVIDIA GPU (no driver files and no CUDA_VISIBLE_DEVICES), so
+    that ``--device auto`` need not import torch (about 2 s) to learn that it runs on CPUs."""
+    import glob
+
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/proc/driver/nvidia")
+                or os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"))
+
+
 def resolve_device(device: str = "auto") -> str:
+    if device == "cpu" or (device == "auto" and no_nvidia_gpu()):
+        return "cpu"
     import torch
 
     if device == "auto":
@@ -132,13 +150,24 @@ def default_dtype_name(dtype: str, device: str) -> str:
     return ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
 
 
-def default_batch_size(batch_size: int, device: str) -> int:
-    """Segments per model call: ``--batch-size``, else 16 on a GPU and 1 on a CPU.
+# Segments per CTranslate2 call on a CPU replica, and the threads of one such replica: chosen by measurement
+# (benchmarks/ct2_layout.py; BENCHMARKS.md, block ct2-cpu-layout). CTranslate2's C++ beam search turns a batch
+# into matrix-matrix products, so unlike transformers' generate() it gains from batching on a CPU.
+CT2_CPU_BATCH = 16
+
+
+def default_batch_size(batch_size: int, device: str, engine: str = "transformers") -> int:
+    """Segments per model call: ``--batch-size``, else 16 on a GPU, and on a CPU :data:`CT2_CPU_BATCH` with
+    CTranslate2 and 1 with transformers.
 
     On a CPU, batching beam search measured no gain in transformers (1 thread, whisper-base: 41.3 s for 16
-    clips one by one, 44.6 s in fours), so CPU replicas decode one segment at a time; GPUs want wide batches.
+    clips one by one, 44.6 s in fours), so its CPU replicas decode one segment at a time; GPUs want wide batches.
     """
-    return batch_size or (16 if device == "cuda" else 1)
+    if batch_size:
+        return batch_size
+    if device == "cuda":
+        return 16
+    return CT2_CPU_BATCH if engine == "ctranslate2" else 1
 
 
 def require_safetensors(folder, model: str) -> None:
@@ -146,6 +175,52 @@ def require_safetensors(folder, model: str) -> None:
     if not any(Path(folder).glob("*.safetensors")):
         raise RuntimeError(f"cannot load the model {model!r}: the folder holds no .safetensors weights "
                            "(krasr-batch loads safetensors only)")
+
+
+class NumpyLogMel:
+    """Whisper's log-mel features in numpy, as transformers' WhisperFeatureExtractor computes them without torch
+    (its own ``_np_extract_fbank_features``, with its mel filters, window and spectrogram from
+    ``transformers.audio_utils``): 30 s windows, zero-padded. Within 2e-6 of the torch path (tested)."""
+
+    def __init__(self, feature_size: int = 80, sampling_rate: int = SAMPLE_RATE, hop_length: int = 160,
+                 chunk_length: int = 30, n_fft: int = 400, **_):
+        from transformers.audio_utils import mel_filter_bank, window_function
+
+        self.feature_size, self.sampling_rate, self.hop_length, self.n_fft = feature_size, sampling_rate, hop_length, n_fft
+        self.n_samples = chunk_length * sampling_rate
+        self.window = window_function(n_fft, "hann")
+        self.mel_filters = mel_filter_bank(
+            num_frequency_bins=1 + n_fft // 2, num_mel_filters=feature_size, min_frequency=0.0,
+            max_frequency=sampling_rate / 2, sampling_rate=sampling_rate, norm="slaney", mel_scale="slaney")
+
+    @classmethod
+    def from_pretrained(cls, model: str) -> NumpyLogMel:
+        from transformers.utils import cached_file
+
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            path = cached_file(model, name, _raise_exceptions_for_missing_entries=False)
+            if path:
+                import json
+
+                config = json.loads(Path(path).read_text())
+                return cls(**config.get("feature_extractor", config))
+        raise OSError(f"{model} has no preprocessor_config.json (the feature extractor's settings)")
+
+    def __call__(self, audios, sampling_rate: int = SAMPLE_RATE, return_tensors: str = "np", **_) -> dict:
+        from transformers.audio_utils import spectrogram
+
+        if sampling_rate != self.sampling_rate:
+            raise ValueError(f"features need {self.sampling_rate} Hz audio, got {sampling_rate}")
+        out = np.empty((len(audios), self.feature_size, self.n_samples // self.hop_length), np.float32)
+        for k, audio in enumerate(audios):
+            padded = np.zeros(self.n_samples, np.float32)
+            n = min(len(audio), self.n_samples)
+            padded[:n] = audio[:n]
+            spec = spectrogram(padded, self.window, frame_length=self.n_fft, hop_length=self.hop_length, power=2.0,
+                               mel_filters=self.mel_filters, log_mel="log10")[:, :-1]
+            spec = np.maximum(spec, spec.max() - 8.0)
+            out[k] = (spec + 4.0) / 4.0
+        return {"input_features": out}
 
 
 class Decoder:
@@ -164,20 +239,32 @@ class Decoder:
         self.batch_size = 1
         self.load_s = 0.0
 
-    def _load_processor(self) -> None:
-        """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id)."""
-        from transformers import GenerationConfig, WhisperProcessor
+    def _load_processor(self, numpy_features: bool = False) -> None:
+        """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id).
+
+        ``numpy_features``: log-mel features from :class:`NumpyLogMel` instead of transformers'
+        WhisperFeatureExtractor, and the tokenizer and generation config imported without torch: an engine
+        that does not run on torch (CTranslate2) starts about 3 s sooner.
+        """
+        from transformers.generation.configuration_utils import GenerationConfig
+        from transformers.models.whisper.tokenization_whisper import WhisperTokenizer
 
         model = self.options.model
         if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise RuntimeError(f"cannot load the model {model!r}: no such folder")
         try:
-            self.processor = WhisperProcessor.from_pretrained(model)
+            if numpy_features:
+                self.tokenizer = WhisperTokenizer.from_pretrained(model)
+                self.feature_extractor = NumpyLogMel.from_pretrained(model)
+            else:
+                from transformers import WhisperProcessor
+
+                self.processor = WhisperProcessor.from_pretrained(model)
+                self.tokenizer = self.processor.tokenizer
+                self.feature_extractor = self.processor.feature_extractor
             gc = GenerationConfig.from_pretrained(model)
         except (OSError, ValueError) as e:
             raise model_error(model, e) from e
-        self.tokenizer = self.processor.tokenizer
-        self.feature_extractor = self.processor.feature_extractor
         self.generation_config = gc
         self.eos = gc.eos_token_id
         self.lang_by_token = {v: k[2:-2] for k, v in (getattr(gc, "lang_to_id", None) or {}).items()}
@@ -226,18 +313,35 @@ class Decoder:
         """How a run of tokens reads, as the segment's text is decoded (special tokens dropped)."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    # An engine whose batch can hold several languages (each row its own prompt) sets this.
+    mixed_languages = False
+    # An engine that can decode windows of several token limits in one batch (``exact_limit`` False) at the
+    # largest and cut each row at its own sets this.
+    flexible_limits = False
+
+    def _group_key(self, x: SegmentInput) -> tuple:
+        language = None if self.mixed_languages and x.language is not None else x.language
+        limit = "budget" if self.flexible_limits and not x.exact_limit else x.max_new_tokens
+        return (language is None and x.language is not None, str(language), str(limit))
+
     def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
-        """Decode segments in batches that share one token limit and one language; results in input order."""
-        groups: dict[tuple[str | None, int], list[int]] = defaultdict(list)
+        """Decode segments in batches of one token limit and one language (or as the engine's
+        ``mixed_languages`` and ``flexible_limits`` allow), fullest groups first; results in input order."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, x in enumerate(inputs):
-            groups[(x.language, x.max_new_tokens)].append(i)
+            groups[self._group_key(x)].append(i)
         out: list[SegmentOutput | None] = [None] * len(inputs)
-        for (language, limit), idx in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
+        for _, idx in sorted(groups.items(), key=lambda kv: kv[0]):
+            idx.sort(key=lambda i: inputs[i].max_new_tokens)  # similar limits share a batch
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]
-                for i, r in zip(chunk, self._generate([inputs[i].audio for i in chunk], language, limit)):
+                for i, r in zip(chunk, self._generate_batch([inputs[i] for i in chunk])):
                     out[i] = r
         return out  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:
+        """One model batch (one group of :meth:`decode`); by default one language and one limit."""
+        return self._generate([x.audio for x in batch], batch[0].language, batch[0].max_new_tokens)
 
     def _features(self, audios: list[np.ndarray], tensors: str):
         """Whisper's log-mel features of each segment, padded to 30 s, as the card's pipeline computes them."""

@@ -49,7 +49,7 @@ from krasr_batch.storage import file_lock
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "KRASR_BATCH_CACHE"
-INSTALL_HINT = "pip install 'krasr-batch[ctranslate2]' (or: pip install ctranslate2)"
+INSTALL_HINT = "pip install ctranslate2 (a dependency of krasr-batch; this environment lacks it)"
 # files the converted folder carries besides model.bin, so that it also loads in faster-whisper
 _COPIED = ("tokenizer.json", "preprocessor_config.json")
 
@@ -149,9 +149,14 @@ def _safetensors_converter(ct2, path: str, copy_files: list[str]):
 
 
 def compute_type_for(dtype: str, device: str) -> str:
-    """CTranslate2's compute type for ``--dtype``: auto is float16 on CUDA and float32 on a CPU, as in the
-    transformers engine; int8 is int8 weights with float16 (CUDA) or float32 (CPU) activations."""
-    if dtype == "int8":
+    """CTranslate2's compute type for ``--dtype``.
+
+    auto: float16 on CUDA, as in the transformers engine; int8 weights on a CPU, where beam search is bound by
+    reading the weights each step and int8 decoded the benchmark corpus 1.7x faster than float32 with error
+    rates within 0.005 (BENCHMARKS.md, blocks ct2-cpu-layout and archive-cpu). int8 is int8 weights with
+    float16 (CUDA) or float32 (CPU) activations; float32 keeps the stored weights.
+    """
+    if dtype == "int8" or (dtype == "auto" and device != "cuda"):
         return "int8_float16" if device == "cuda" else "int8"
     return default_dtype_name(dtype, device)
 
@@ -178,7 +183,7 @@ class CTranslate2Decoder(Decoder):
             raise RuntimeError("--device cuda was asked for, but CTranslate2 sees no CUDA device")
         super().__init__(options, device)
         t0 = time.perf_counter()
-        self._load_processor()
+        self._load_processor(numpy_features=True)  # no torch in a CTranslate2 replica
         path = converted_model(options.model)
         self.compute_type = compute_type_for(options.dtype, device)
         try:
@@ -191,7 +196,8 @@ class CTranslate2Decoder(Decoder):
         if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
             raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
         self.prompt_tail = [task, gc.no_timestamps_token_id]
-        self.batch_size = default_batch_size(options.batch_size, device)
+        self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
+        self.batch_size = default_batch_size(options.batch_size, device, self.engine)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
 
@@ -200,9 +206,23 @@ class CTranslate2Decoder(Decoder):
             raise ValueError(f"the model has no language token for {code!r}")
         return [self.generation_config.decoder_start_token_id, self.token_by_code[code], *self.prompt_tail]
 
-    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+    # one prompt per row: languages share a batch; windows' token budgets share one too (cut per row)
+    mixed_languages = True
+    flexible_limits = True
+
+    def _generate_batch(self, batch: list) -> list[SegmentOutput]:
+        return self._generate([x.audio for x in batch], [x.language for x in batch],
+                              [x.max_new_tokens for x in batch])
+
+    def _generate(self, audios: list[np.ndarray], language, limit) -> list[SegmentOutput]:
+        """Decode one batch. ``language`` and ``limit``: one for every row, or a list with one per row (None:
+        detect that row's language). The batch decodes up to its largest limit; a row that ran past its own
+        is cut there and counts as truncated, as if it had been decoded with its own limit."""
         import ctranslate2
 
+        n_rows = len(audios)
+        languages = list(language) if isinstance(language, list) else [language] * n_rows
+        limits = list(limit) if isinstance(limit, list) else [limit] * n_rows
         t0 = time.perf_counter()
         feats = self._features(audios, "np")["input_features"]
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, dtype=np.float32))
@@ -210,30 +230,36 @@ class CTranslate2Decoder(Decoder):
         # probability of a forced language
         features = self.model.encode(features, to_cpu=False)
         scores = [self._language_scores(ranked) for ranked in self.model.detect_language(features)]
-        if language is None:  # detect each segment's language among the candidates (--languages, else all)
-            codes = [self.detect_language(s)[0] for s in scores]
-        else:
-            codes = [language_code(language)] * len(audios)
+        # a forced language is decoded as asked; the others are detected among the candidates (--languages)
+        codes = [language_code(x) if x is not None else self.detect_language(sc)[0] for x, sc in zip(languages, scores)]
         prompts = [self._prompt(c) for c in codes]
         o = self.options
+        top = max(limits)
         results = self.model.generate(
             features, prompts, beam_size=o.beams, no_repeat_ngram_size=o.no_repeat_ngram_size,
-            repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(limit, len(prompts[0])),
+            repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(top, len(prompts[0])),
             return_scores=True, return_no_speech_prob=True)
-        tokens = [r.sequences_ids[0] for r in results]
-        words = self._align(features, codes, tokens, audios) if o.word_timestamps else [None] * len(audios)
+        rows = []
+        for own, r in zip(limits, results):
+            tokens = r.sequences_ids[0]
+            n = len(tokens)
+            ended = n < top  # the end-of-text step counts toward the limit, so a full-length row never ended
+            score = r.scores[0] if r.scores else None
+            if n >= own and own < top:  # past its own limit: cut there, as a decode with that limit stops
+                tokens, n, ended = tokens[:own], own, False
+                score = None  # the score covers tokens this row no longer has
+            rows.append((tokens, n, ended, score))
+        words = (self._align(features, codes, [t for t, *_ in rows], audios) if o.word_timestamps
+                 else [None] * n_rows)
         decode_s = time.perf_counter() - t0
         out = []
-        for code, r, s, w in zip(codes, results, scores, words):
-            n = len(r.sequences_ids[0])
-            ended = n < limit  # the end-of-text step counts toward the limit, so a full-length row never ended
+        for code, r, sc, w, (tokens, n, ended, score) in zip(codes, results, scores, words, rows):
             # CTranslate2's score is the summed log-probability (end-of-text included) over the text tokens;
             # Whisper's avg_logprob averages over the text tokens and end-of-text
-            score = r.scores[0] if r.scores else None
             avg = None if score is None else float(score * n / (n + 1) if ended and n else score)
-            text = self.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip()
-            out.append(SegmentOutput(text, code, n, not ended, decode_s, len(audios), avg, float(r.no_speech_prob),
-                                     self.language_prob(s, code), w))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            out.append(SegmentOutput(text, code, n, not ended, decode_s, n_rows, avg, float(r.no_speech_prob),
+                                     self.language_prob(sc, code), w))
         return out
 
     def _language_scores(self, ranked: list[tuple[str, float]]) -> np.ndarray:

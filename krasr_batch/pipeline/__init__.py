@@ -4,6 +4,7 @@
 - ``assemble``: the driver's assembly of finished files, the run's counts, the progress line (no Ray);
 - ``watch``: the driver waiting on Ray (the batch feed, the stall watch);
 - ``orchestrate``: Ray init, placement, the Ray Data graph, the commit loop, ``run.json``;
+- ``plan``: ``krasr-batch plan``, the same graph without the model, and its summary;
 - ``errors``: why a run stops.
 
 Row shapes are in :mod:`krasr_batch.schema`; the output folder in :mod:`krasr_batch.output`.
@@ -12,5 +13,6 @@ Row shapes are in :mod:`krasr_batch.schema`; the output folder in :mod:`krasr_ba
 from krasr_batch.pipeline.assemble import RunStats
 from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, RunStalled, SettingsMismatch
 from krasr_batch.pipeline.orchestrate import run
+from krasr_batch.pipeline.plan import PlanReport, format_plan, plan
 
-__all__ = ["run", "RunStats", "ModelUnavailable", "RunAborted", "RunStalled", "SettingsMismatch"]
+__all__ = ["run", "plan", "PlanReport", "format_plan", "RunStats", "ModelUnavailable", "RunAborted", "RunStalled", "SettingsMismatch"]

@@ -37,7 +37,11 @@ class RunStats:
     truncated_by_cause: dict[str, int] = field(default_factory=dict)  # quality.TRUNCATION_CAUSES
     suspect_segments: int = 0
     decode_s: float = 0.0
+    model_s: float = 0.0  # seconds replicas spent in model calls: each segment's share of its batch's call
+    segment_s: float = 0.0  # seconds the decode-and-segment tasks spent (audio decoding, resampling, VAD, cutting)
     wall_s: float = 0.0
+    # seconds from the run's start to each step: model_checked, ray_ready, first_result, last_result, written
+    timeline: dict[str, float] = field(default_factory=dict)
     # the whole output, earlier runs included (what the exit status and the summary's failures describe)
     output_ok: int = 0
     output_failed: int = 0
@@ -94,8 +98,9 @@ class Progress:
 class Assembler:
     """Collects segment and file rows as they stream back; hands over files whose segments are all in."""
 
-    def __init__(self, summary: ManifestSummary, stats: RunStats):
+    def __init__(self, summary: ManifestSummary, stats: RunStats, decoded: bool = True):
         self.summary = summary
+        self.decoded = decoded  # False for ``plan``: files get no text (None), as nothing was decoded
         self.stats = stats
         self.segments: dict[str, list[dict]] = {}
         self.words: dict[str, list[dict]] = {}
@@ -127,7 +132,7 @@ class Assembler:
         words = self.words.pop(fid, [])
         segs.sort(key=lambda r: r["segment_index"])
         words.sort(key=lambda r: (r["segment_index"], r["word_index"]))
-        ok = row["status"] == "ok"
+        ok = row["status"] == "ok" and self.decoded
         text = " ".join(s["text"] for s in segs if s["text"]) if ok else None
         out = file_row(row, text, len(segs), language_seconds(segs) if ok else None)
         extra = json.loads(row["extra_json"]) if row["extra_json"] else {}
@@ -154,7 +159,9 @@ class Assembler:
             if s["truncation"]:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
-        st.decode_s += sum(s["decode_s"] for s in segs)
+        st.decode_s += sum(s["decode_s"] or 0.0 for s in segs)
+        st.model_s += sum((s["decode_s"] or 0.0) / max(s["batch_size"] or 1, 1) for s in segs)
+        st.segment_s += row["segment_wall_s"] or 0.0
 
     def take(self) -> tuple[list[dict], list[dict], list[dict]]:
         """The finished files' (segment rows, file rows, word rows), handed over once."""

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from krasr_batch import __version__
-from krasr_batch.engines import FIT_TOKENS_PER_S, check_model
+from krasr_batch.engines import FIT_TOKENS_PER_S, check_model, choose_engine
 from krasr_batch.manifest import ManifestSummary, normalize_manifest
 from krasr_batch.output import (
     OutputError,
@@ -114,8 +114,10 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, overwrite: bool) -> None:
-    fingerprint = settings.output_fingerprint()
+def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, overwrite: bool,
+                    fingerprint: str | None = None) -> None:
+    """Refuse an ``out`` made with other settings (``fingerprint``, the run's by default); stamp a new one."""
+    fingerprint = fingerprint or settings.output_fingerprint()
     stamp_path = join(layout.work, "settings.json")
     if overwrite:
         clear_output(layout)
@@ -135,8 +137,11 @@ def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, 
 
 
 def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
-        progress_stream=None) -> RunStats:
+        progress_stream=None, globs: tuple[str, ...] = ()) -> RunStats:
     """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
+
+    ``manifest`` is any input :mod:`krasr_batch.inputs` reads (a folder, CSV, Parquet, dataset shards, JSON
+    Lines); ``globs`` narrow a folder's files.
 
     Raises ModelUnavailable (local runs) or ManifestError before any work for a model that does not load or a
     bad manifest, SettingsMismatch for an ``out`` made with other settings, RunAborted when too many files fail.
@@ -144,48 +149,118 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     import ray
 
     t0 = time.perf_counter()
+    requested = settings.decode.engine
+    ray_was_up = ray.is_initialized()  # a caller's own Ray session is left running
+    try:
+        settings, why = _resolve_engine(settings)
+        return _run(manifest, out, settings, overwrite, progress, progress_stream, t0,
+                    {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+
+
+def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
+    """``--engine auto`` resolved for the device the replicas will run on: (settings, why). Done before the
+    output's fingerprint, so that a rerun on the same machine resumes; on a cluster it connects to Ray."""
+    if settings.decode.engine != "auto":
+        return settings, "asked for with --engine"
+    res = settings.resources
+    if res.device in ("cpu", "cuda"):
+        use_gpu = res.device == "cuda"
+    elif res.address:  # the cluster's nodes decide, as plan_placement will
+        import ray
+
+        _init_ray(settings)
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    else:
+        from krasr_batch.engines import resolve_device
+
+        use_gpu = resolve_device("auto") == "cuda"
+    engine, why = choose_engine(use_gpu)
+    log.info("--engine auto: %s (%s)", engine, why)
+    return settings.with_engine(engine), why
+
+
+def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: bool, progress_stream,
+         t0: float, engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
+    import ray
+
+    layout = OutputLayout(out)
     if not settings.resources.address:  # on a cluster the nodes load the model; here it must load before any work
+        # the check (reading the tokenizer and configs, about 4 s with its imports) runs while the embedded Ray
+        # starts (about 5 s), unless the output says the job is finished (a rerun that needs no Ray at all)
+        check = _InBackground(check_model, settings.decode)
+        if not ray.is_initialized() and read_text(layout.success) is None:
+            _init_ray(settings)
         try:
-            check_model(settings.decode)
+            check.result()
         except RuntimeError as e:
             raise ModelUnavailable(str(e)) from e
-    layout = OutputLayout(out)
+    timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
     normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done)
+    summary = _normalize(manifest, normalized, done, globs)
     stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
     writer = PartWriter(layout, files_schema(summary.extra_schema()), words=settings.decode.word_timestamps)
     todo = summary.num_files - stats.skipped_files
     log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
 
-    started_ray = _init_ray(settings) if todo else False
+    if todo and not ray.is_initialized():
+        _init_ray(settings)
+    timeline["ray_ready"] = time.perf_counter() - t0
+    stats.timeline = timeline
     prog = Progress(stats, progress, progress_stream)
     try:
         if todo:
             _execute(normalized, settings, summary, stats, writer, prog)
     finally:
         prog.close()
-        if started_ray:
-            ray.shutdown()
     stats.wall_s = time.perf_counter() - t0
+    timeline["written"] = stats.wall_s
+    timeline.update({k: v - t0 for k, v in stats.timeline.items() if k in ("first_result", "last_result")})
     final_ids = recover(layout)
     if len(final_ids) != summary.num_files:
         raise RunAborted(f"the run ended with {len(final_ids)} of {summary.num_files} files committed")
     _tally_output(out, stats)
-    write_run_json(layout, _run_info(manifest, out, settings, stats))
+    write_run_json(layout, {**_run_info(manifest, out, settings, stats), "engine": engine})
     mark_success(layout)
     return stats
 
 
-def _normalize(manifest: str, normalized: str, done: set[str]) -> ManifestSummary:
+class _InBackground:
+    """``fn(*args)`` in a thread; ``result()`` waits and returns its value or raises its exception."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._value, self._error = None, None
+
+        def target():
+            try:
+                self._value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
+                self._error = e
+
+        self._thread = threading.Thread(target=target, name="krasr-model-check", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = ()) -> ManifestSummary:
     """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``."""
     local_norm = None if is_uri(normalized) else normalized
     if local_norm is None:
         import tempfile
 
         local_norm = os.path.join(tempfile.mkdtemp(prefix="krasr-"), "manifest.parquet")
-    summary = normalize_manifest(manifest, local_norm, skip_ids=done)
+    summary = normalize_manifest(manifest, local_norm, skip_ids=done, globs=globs)
     if local_norm != normalized:
         from krasr_batch.storage import upload_file
 
@@ -209,6 +284,10 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
+        # where the wall time went (benchmarks/run_profile.py reads it): seconds from the start to each step,
+        # and the seconds replicas spent in model calls and tasks in decoding and segmenting audio
+        "profile": {"timeline_s": {k: round(v, 3) for k, v in stats.timeline.items()},
+                    "model_s": round(stats.model_s, 3), "segment_s": round(stats.segment_s, 3)},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -260,6 +339,20 @@ def _sized(ds, num_cpus: float):
     return ds
 
 
+def block_rows(dec, use_gpu: bool) -> int:
+    """Segments per model-stage block (one ``map_batches`` call on a replica).
+
+    A replica groups a block's segments into model batches of one token limit and one language. On a GPU a
+    block holds four batches, so that batches fill. On CPUs a block is one batch: there are several
+    replicas, and a larger block would leave the others idle at the end of a small job (CTranslate2 gains
+    from full batches, transformers decodes one segment at a time and gets blocks of two).
+    """
+    from krasr_batch.engines.base import default_batch_size
+
+    per_call = default_batch_size(dec.batch_size, "cuda" if use_gpu else "cpu", dec.engine)
+    return per_call * 4 if use_gpu else max(per_call, 2)
+
+
 def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
              writer: PartWriter, prog: Progress) -> None:
     import ray
@@ -277,7 +370,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
-    batch = (dec.batch_size or 16) * 4 if use_gpu else (dec.batch_size or 1) * 2
+    batch = block_rows(dec, use_gpu)
     log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
              cluster.get("GPU", 0), place.describe())
     if place.problem:
@@ -296,7 +389,12 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
                         **stage_res)
-    asm = Assembler(summary, stats)
+    _drain(ds, Assembler(summary, stats), stats, writer, prog, settings)
+
+
+def _drain(ds, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progress, settings: RunSettings) -> None:
+    """Pull the pipeline's rows on the driver, assemble whole files and commit them (``run`` and ``plan``)."""
+    res = settings.resources
     watch = StallWatch(res.stall_timeout_s, res.actor_resource)
     last_flush = time.perf_counter()
     feed = Feed(ds)
@@ -304,6 +402,8 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         for b in feed:
             now = time.perf_counter()
             if b is not None:
+                stats.timeline.setdefault("first_result", now)
+                stats.timeline["last_result"] = now
                 asm.add(b)
                 watch.progress(now)
                 if len(asm.ready_files) >= res.flush_files or (asm.ready_files and now - last_flush >= res.flush_s):
@@ -320,5 +420,3 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         stats.files_committed += writer.write(*asm.take())  # what finished is kept, also when the run stops early
     if asm.pending:
         raise RunAborted(f"{asm.pending} file(s) did not come back complete from the pipeline")
-
-

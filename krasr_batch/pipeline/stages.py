@@ -44,10 +44,11 @@ def _file_fields(row: dict, language: str | None) -> dict[str, Any]:
 
 
 def segment_file(row: dict, segment_options: SegmentOptions, default_language: str,
-                 input_root: str | None, token_limit: str) -> Iterator[dict]:
+                 input_root: str | None, token_limit: str, cut_audio: bool = True) -> Iterator[dict]:
     """One manifest row in; its segments (with audio) out, then one file row (segment_index -1).
 
-    Never raises for a bad file: the file row carries status "error" and the cause.
+    Never raises for a bad file: the file row carries status "error" and the cause. Without ``cut_audio``
+    (``plan``) the segments come without their audio, and a long file is not decoded a second time.
     """
     t0 = time.perf_counter()
     language = row["language"] or default_language
@@ -61,9 +62,11 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
         plan = analyse(row["path"], segment_options)
         info.update(duration_s=plan.duration_s, speech_s=plan.speech_s, num_segments=len(plan.segments),
                     warning="; ".join(plan.warnings) or None)
-        for (s, e), audio in zip(plan.segments, segment_audio(plan)):
-            dur = (e - s) / SAMPLE_RATE
+        audios = segment_audio(plan) if cut_audio else (np.zeros(0, np.float32) for _ in plan.segments)
+        for k, ((s, e), audio) in enumerate(zip(plan.segments, audios)):
+            dur = plan.audio_samples(k) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
             yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
+                   "audio_s": dur, "stretches": _stretches(plan, k),
                    "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
                    "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
             n += 1
@@ -75,9 +78,49 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     except Exception as e:  # noqa: BLE001 - one file must never stop the job
         log.exception("unexpected failure on %s", row["path"])
         info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
-    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "max_new_tokens": 0,
+    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "max_new_tokens": 0,
            "audio": b"", "segment_wall_s": time.perf_counter() - t0}
 
+
+
+def plan_file(row: dict, segment_options: SegmentOptions, default_language: str, input_root: str | None,
+              token_limit: str) -> Iterator[dict]:
+    """``krasr-batch plan``: :func:`segment_file` without the model, its rows in the stage schema with the
+    model's columns empty (no text), so the driver assembles and commits them as a run's."""
+    empty = {name: 0.0 if name == "decode_s" else None for name in MODEL_OUTPUT_NAMES}
+    for r in segment_file(row, segment_options, default_language, input_root, token_limit, cut_audio=False):
+        r.pop("audio")
+        r.update(empty)
+        yield r
+
+
+def _stretches(plan, k: int) -> str:
+    """Window ``k``'s stretches of the source, in seconds, as JSON (for word times; not an output column)."""
+    import json
+
+    return json.dumps([[s / SAMPLE_RATE, e / SAMPLE_RATE] for s, e in plan.window_pieces(k)])
+
+
+def source_time(stretches_json: str | None, start_s: float):
+    """A function from a time in a window's audio (its stretches back to back) to the source file's timeline.
+
+    A window skips the middles of long pauses (segment.plan_windows), so a word after a skipped pause lies
+    that much later in the source than its offset in the window's audio."""
+    import json
+
+    parts = json.loads(stretches_json) if stretches_json else None
+    if not parts:
+        return lambda t: start_s + t
+
+    def to_source(t: float) -> float:
+        offset = 0.0
+        for s, e in parts:
+            if t <= offset + (e - s) + 1e-9:
+                return s + max(0.0, t - offset)
+            offset += e - s
+        return parts[-1][1]
+
+    return to_source
 
 
 # ---------------------------------------------------------------- stage 2: the model (actor pool)
@@ -104,11 +147,14 @@ class ModelStage:
         inputs = []
         for i in idx:
             lang = cols["req_language"][i]
+            # a file decoded whole keeps its card limit exactly; a window's limit is a budget (SegmentInput)
+            whole = cols["num_segments"][i] == 1 and cols["start_s"][i] == 0.0 and \
+                abs(cols["end_s"][i] - (cols["duration_s"][i] or 0.0)) < 1e-6
             inputs.append(SegmentInput(np.frombuffer(audio[i].as_py(), np.float32),
-                                       None if lang == "auto" else lang, cols["max_new_tokens"][i]))
-        for i, r in zip(idx, self.decoder.decode(inputs)):
-            duration = cols["end_s"][i] - cols["start_s"][i]
-            start = cols["start_s"][i]
+                                       None if lang == "auto" else lang, cols["max_new_tokens"][i], whole))
+        for i, x, r in zip(idx, inputs, self.decoder.decode(inputs)):
+            duration = len(x.audio) / SAMPLE_RATE  # the audio decoded (its span less the pauses it skips)
+            to_source = source_time(cols["stretches"][i] if "stretches" in cols else None, cols["start_s"][i])
             values = {
                 "text": r.text, "language": r.language, "language_prob": r.language_prob,
                 "num_tokens": r.num_tokens, "truncated": r.truncated,
@@ -117,7 +163,7 @@ class ModelStage:
                 "suspect": is_suspect(r.text, duration, r.avg_logprob, r.no_speech_prob),
                 "truncation": truncation_cause(r.text, r.truncated),
                 "words": None if r.words is None else [
-                    {"word": w.word, "start_s": start + w.start_s, "end_s": start + w.end_s,
+                    {"word": w.word, "start_s": to_source(w.start_s), "end_s": to_source(w.end_s),
                      "probability": w.probability} for w in r.words],
             }
             for name, value in values.items():

@@ -1,0 +1,353 @@
+"""The shapes an input comes in, each read as a stream of records for :mod:`krasr_batch.manifest` to validate.
+
+An input is detected from what it is, then from its extension, then from its columns:
+
+- a folder, or an object-storage prefix (``s3://bucket/prefix/``): the tree is walked, each folder's entries in
+  name order, depth first; audio and video files (:data:`MEDIA_EXTENSIONS`) are taken, ``globs`` narrow them
+  (``fnmatch`` on the path relative to the folder, where ``*`` also crosses ``/``). A file's id is that relative
+  path; a sidecar ``NAME.txt`` beside ``NAME.wav`` is its reference text. Hidden entries (``.name``) are skipped.
+  One folder's listing is held at a time, never the whole tree's;
+- ``*.csv`` / ``*.tsv``: a header line, then one row per file (``path``; ``id``, ``language``, ``text`` when
+  present; empty cells count as absent);
+- ``*.parquet``: a table with the same columns, or a Hugging Face dataset shard, told by its ``audio`` struct
+  column (``bytes``, ``path``): each row becomes the path ``SHARD#row=N`` (:mod:`krasr_batch.shards`), its id the
+  audio's ``path``, else its row number counted over all the shards given;
+- a glob (``data/test-*.parquet``): the matching files in name order, each read by its own shape;
+- anything else: JSON Lines, krasr-batch's own or NeMo's (``audio_filepath``, ``text``, ``duration``).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob as globlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from krasr_batch.shards import AUDIO_COLUMN, is_audio_struct, shard_ref
+from krasr_batch.storage import filesystem, is_uri, open_input_stream
+
+log = logging.getLogger(__name__)
+
+# what a folder walk takes: audio, and video whose audio stream PyAV decodes
+MEDIA_EXTENSIONS = frozenset({
+    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aiff", ".aif", ".amr", ".3gp",
+    ".wv", ".ac3", ".mka", ".caf", ".au", ".webm", ".mp4", ".m4v", ".mkv", ".mov", ".avi", ".mpg", ".mpeg", ".ts",
+    ".flv",
+})
+SIDECAR_EXTENSION = ".txt"
+PATH_COLUMNS = ("path", "audio_filepath")  # krasr-batch's name, and NeMo's
+SIDECAR_READERS = 16  # sidecar texts read at once from object storage
+GLOB_CHARS = "*?["
+
+
+class ManifestError(ValueError):
+    """An input that cannot be used; names the file and the line (or row) at fault, 0 for the whole file."""
+
+    def __init__(self, manifest: str, line: int | None, message: str, unit: str = "line"):
+        whole = line is None or (line == 0 and unit == "line")  # 0: the whole file (rows count from 0)
+        super().__init__(f"{manifest}: {message}" if whole else f"{manifest}, {unit} {line}: {message}")
+        self.manifest, self.line, self.message, self.unit = manifest, line, message, unit
+
+
+@dataclass(frozen=True)
+class Record:
+    """One entry of an input, before validation: its fields, and where it came from (for errors)."""
+
+    fields: dict[str, Any]
+    source: str  # the file it was read from (the folder, for a walk)
+    position: int  # line of a JSONL or CSV file, row of a Parquet file (from 0), entry of a walk (from 1)
+    unit: str = "line"
+    base_dir: str = ""  # what relative paths are relative to
+    resolved: bool = field(default=False)  # the path is already absolute (walks, shards)
+
+    def error(self, message: str) -> ManifestError:
+        return ManifestError(self.source, self.position, message, self.unit)
+
+
+# ---------------------------------------------------------------- which shape
+
+def is_glob(source: str) -> bool:
+    return any(c in source.rsplit("/", 1)[-1] for c in GLOB_CHARS)
+
+
+def is_folder(source: str) -> bool:
+    """A local folder, or a URI that names a prefix (ends in ``/``) or a directory of its filesystem."""
+    if not is_uri(source):
+        return os.path.isdir(os.path.expanduser(source))
+    if source.endswith("/"):
+        return True
+    try:
+        fs, p = filesystem(source)
+        return fs.get_file_info(p).type == pafs.FileType.Directory
+    except (OSError, ValueError):
+        return False
+
+
+def input_kind(source: str) -> str:
+    """``folder``, ``glob``, ``csv``, ``tsv``, ``parquet`` or ``jsonl`` (the default)."""
+    if is_folder(source):
+        return "folder"
+    if is_glob(source):
+        return "glob"
+    lower = source.lower()
+    for ext in ("csv", "tsv", "parquet"):
+        if lower.endswith(f".{ext}"):
+            return ext
+    return "jsonl"
+
+
+def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
+    """Every entry of ``source`` in order, as it is read (streamed: nothing is held for the whole input)."""
+    if not is_uri(source):
+        source = os.path.expanduser(source)
+    kind = input_kind(source)
+    if globs and kind != "folder":
+        raise ManifestError(source, 0, "--glob narrows a folder input; this is not a folder")
+    if kind == "folder":
+        yield from walk_folder(source, globs)
+    elif kind == "glob":
+        files = expand_glob(source)
+        if not files:
+            raise ManifestError(source, 0, "no file matches this pattern")
+        counter = [0]
+        for f in files:
+            yield from _read_file(f, input_kind(f), counter)
+    else:
+        yield from _read_file(source, kind, [0])
+
+
+def _read_file(source: str, kind: str, counter: list[int]) -> Iterator[Record]:
+    if kind == "csv" or kind == "tsv":
+        return read_csv(source, "," if kind == "csv" else "\t")
+    if kind == "parquet":
+        return read_parquet(source, counter)
+    if kind in ("folder", "glob"):
+        raise ManifestError(source, 0, "a pattern's matches must be files")
+    return read_jsonl(source)
+
+
+def _base_dir(source: str) -> str:
+    return source.rsplit("/", 1)[0] if is_uri(source) else os.path.dirname(os.path.abspath(source))
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """The files matching ``pattern`` (wildcards in its last part only, for a URI), sorted."""
+    if not is_uri(pattern):
+        return sorted(p for p in globlib.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+    head, _, name = pattern.rpartition("/")
+    if is_glob(head):
+        raise ManifestError(pattern, 0, "on object storage, only the last part of a pattern may hold wildcards")
+    scheme = head.split("://", 1)[0]
+    fs, p = filesystem(head)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(f"{scheme}://{i.path}" for i in infos
+                  if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, name))
+
+
+def _open_text(source: str):
+    if is_uri(source):
+        return io.TextIOWrapper(open_input_stream(source), encoding="utf-8", newline="")
+    return open(os.path.expanduser(source), encoding="utf-8", newline="")
+
+
+def _open_or_fail(source: str):
+    try:
+        return _open_text(source)
+    except OSError as e:
+        raise ManifestError(source, 0, f"cannot open it: {e.strerror or e}") from e
+
+
+# ---------------------------------------------------------------- JSON Lines (krasr-batch's and NeMo's)
+
+def read_jsonl(source: str) -> Iterator[Record]:
+    base = _base_dir(source)
+    with _open_or_fail(source) as fh:
+        lineno = 0
+        while True:
+            try:
+                raw = fh.readline()
+            except UnicodeDecodeError as e:
+                raise ManifestError(source, lineno + 1, f"not UTF-8 text ({e.reason})") from e
+            if not raw:
+                break
+            lineno += 1
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(source, lineno, f"not valid JSON: {e.msg} at column {e.colno}") from e
+            if not isinstance(obj, dict):
+                raise ManifestError(source, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield Record(obj, source, lineno, "line", base)
+
+
+# ---------------------------------------------------------------- CSV / TSV
+
+def _missing_path_column(columns: Sequence[str]) -> str:
+    return f"no 'path' column (NeMo's 'audio_filepath' also does); columns: {', '.join(columns) or 'none'}"
+
+
+def read_csv(source: str, delimiter: str) -> Iterator[Record]:
+    base = _base_dir(source)
+    with _open_or_fail(source) as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        try:
+            header = reader.fieldnames
+            if not header:
+                raise ManifestError(source, 0, "empty: a header line naming the columns comes first")
+            if not any(c in header for c in PATH_COLUMNS):
+                raise ManifestError(source, 1, _missing_path_column(header))
+            for row in reader:
+                if None in row:
+                    raise ManifestError(source, reader.line_num, f"more fields than the header's {len(header)}")
+                yield Record({k: v for k, v in row.items() if v not in (None, "")}, source, reader.line_num,
+                             "line", base)
+        except UnicodeDecodeError as e:
+            raise ManifestError(source, reader.line_num + 1, f"not UTF-8 text ({e.reason})") from e
+        except csv.Error as e:
+            raise ManifestError(source, reader.line_num, f"not valid CSV: {e}") from e
+
+
+# ---------------------------------------------------------------- Parquet: a table, or dataset shards
+
+PARQUET_BATCH_ROWS = 10_000
+
+
+def read_parquet(source: str, counter: list[int]) -> Iterator[Record]:
+    """A Parquet manifest: a table of paths, or a dataset shard (``counter`` numbers rows over all shards)."""
+    fs, p = filesystem(source)
+    try:
+        f = fs.open_input_file(p)
+        pf = pq.ParquetFile(f)
+    except (OSError, ValueError) as e:  # ArrowInvalid (not Parquet) is a ValueError
+        raise ManifestError(source, 0, f"cannot read it as Parquet: {e}") from e
+    with f:
+        schema = pf.schema_arrow
+        audio = schema.get_field_index(AUDIO_COLUMN)
+        if audio >= 0 and is_audio_struct(schema.field(audio)):
+            yield from _read_shard(source, pf, counter)
+            return
+        if not any(c in schema.names for c in PATH_COLUMNS):
+            hint = "" if audio < 0 else " ('audio' is not a struct of bytes and path, so this is no dataset shard)"
+            raise ManifestError(source, 0, _missing_path_column(schema.names) + hint)
+        base, row = _base_dir(source), 0
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for obj in batch.to_pylist():
+                yield Record({k: v for k, v in obj.items() if v is not None}, source, row, "row", base)
+                row += 1
+
+
+def _read_shard(source: str, pf: pq.ParquetFile, counter: list[int]) -> Iterator[Record]:
+    """Rows of a dataset shard, without their audio bytes: ``audio.path`` is read, the bytes stay in the file."""
+    shard = source if is_uri(source) else os.path.abspath(os.path.expanduser(source))
+    names = [n for n in pf.schema_arrow.names if n != AUDIO_COLUMN]
+    # two aligned streams of the same row batches: the other columns, and only the path inside the audio struct
+    rows = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=names) if names else None
+    paths = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[f"{AUDIO_COLUMN}.path"])
+    row = 0
+    for path_batch in paths:
+        audio = path_batch.column(0)  # the struct, holding only its path
+        audio_paths = (audio.field("path") if audio.type.num_fields else audio).to_pylist()
+        others = next(rows).to_pylist() if rows is not None else [{}] * len(audio_paths)
+        for obj, audio_path in zip(others, audio_paths):
+            obj = {k: v for k, v in obj.items() if v is not None}
+            obj.pop("path", None)  # the audio is the row itself; a column of that name is not its location
+            obj.setdefault("id", audio_path or str(counter[0]))
+            if audio_path:
+                obj.setdefault("audio_path", audio_path)
+            obj["path"] = shard_ref(shard, row)
+            yield Record(obj, source, row, "row", resolved=True)
+            row += 1
+            counter[0] += 1
+
+
+# ---------------------------------------------------------------- a folder or prefix
+
+def _matches(rel: str, globs: Sequence[str]) -> bool:
+    return not globs or any(fnmatch.fnmatchcase(rel, g) for g in globs)
+
+
+def _read_sidecar(fs: pafs.FileSystem, path: str, shown: str) -> str:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ManifestError(shown, 0, f"sidecar text is not UTF-8 ({e.reason})") from e
+    except OSError as e:
+        raise ManifestError(shown, 0, f"cannot read the sidecar text: {e}") from e
+
+
+def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
+    """The media files under ``root``, each folder's entries in name order, depth first (see the module)."""
+    fs, base = filesystem(root)
+    base = base.rstrip("/") or "/"
+    prefix = root.split("://", 1)[0] + "://" if is_uri(root) else ""
+    seen_dirs: set[str] = set()
+    position = [0]
+
+    def full(path: str) -> str:
+        return prefix + path
+
+    def level(directory: str) -> Iterator[Record]:
+        if not prefix:  # a symlinked folder loop on a local disk is walked once
+            real = os.path.realpath(directory)
+            if real in seen_dirs:
+                return
+            seen_dirs.add(real)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        except OSError as e:
+            raise ManifestError(full(directory), 0, f"cannot list this folder: {e}") from e
+        infos.sort(key=lambda i: i.base_name)
+        names = {i.base_name for i in infos if i.type == pafs.FileType.File}
+        media = []
+        for info in infos:
+            if info.base_name.startswith("."):
+                continue
+            if info.type == pafs.FileType.Directory:
+                yield from _flush(media)
+                media = []
+                yield from level(info.path)
+                continue
+            stem, ext = os.path.splitext(info.base_name)
+            if ext.lower() not in MEDIA_EXTENSIONS:
+                continue
+            rel = info.path[len(base):].lstrip("/")
+            if not _matches(rel, globs):
+                continue
+            sidecar = stem + SIDECAR_EXTENSION
+            media.append((info.path, rel, f"{directory.rstrip('/')}/{sidecar}" if sidecar in names else None))
+        yield from _flush(media)
+
+    def _flush(media: list[tuple[str, str, str | None]]) -> Iterator[Record]:
+        if not media:
+            return
+        sidecars = [s for _, _, s in media if s]
+        if prefix and len(sidecars) > 1:  # object storage: one request each, so several at once
+            with ThreadPoolExecutor(SIDECAR_READERS) as ex:
+                texts = dict(zip(sidecars, ex.map(lambda s: _read_sidecar(fs, s, full(s)), sidecars)))
+        else:
+            texts = {s: _read_sidecar(fs, s, full(s)) for s in sidecars}
+        for path, rel, sidecar in media:
+            position[0] += 1
+            obj: dict[str, Any] = {"id": rel, "path": full(path)}
+            if sidecar:
+                obj["text"] = texts[sidecar]
+            yield Record(obj, root, position[0], "entry", resolved=True)
+
+    info = fs.get_file_info(base)
+    if info.type != pafs.FileType.Directory and not prefix:
+        raise ManifestError(root, 0, "not a folder")
+    yield from level(base)

@@ -1,0 +1,34 @@
+"""--engine auto: the fastest engine that keeps the card's accuracy, per device (engines.choose_engine)."""
+
+import pytest
+
+from krasr_batch.engines import choose_engine, load_decoder
+from krasr_batch.engines.base import CT2_CPU_BATCH, default_batch_size
+from krasr_batch.settings import DecodeOptions, RunSettings, build_settings
+
+
+def test_auto_is_the_default_and_resolves_per_device():
+    assert DecodeOptions().engine == "auto"
+    assert choose_engine(use_gpu=False)[0] == "ctranslate2"  # ctranslate2 is a regular dependency
+    assert choose_engine(use_gpu=True)[0] == "transformers"
+
+
+def test_an_unresolved_auto_is_never_fingerprinted():
+    with pytest.raises(ValueError, match="resolved"):
+        RunSettings().output_fingerprint()
+    # resolved to transformers it is the fingerprint of the runs made before engines were a choice
+    old = build_settings({"engine": "transformers"}).output_fingerprint()
+    assert RunSettings().with_engine("transformers").output_fingerprint() == old
+    assert RunSettings().with_engine("ctranslate2").output_fingerprint() != old
+
+
+def test_batch_defaults_follow_engine_and_device():
+    assert default_batch_size(0, "cpu", "ctranslate2") == CT2_CPU_BATCH > 1
+    assert default_batch_size(0, "cpu", "transformers") == 1
+    assert default_batch_size(0, "cuda", "ctranslate2") == default_batch_size(0, "cuda") == 16
+    assert default_batch_size(5, "cpu", "ctranslate2") == 5
+
+
+def test_a_replica_resolves_auto_by_its_own_device(tiny_model):
+    dec = load_decoder(DecodeOptions(model=str(tiny_model)), "cpu", 1)
+    assert dec.engine == "ctranslate2" and dec.batch_size == CT2_CPU_BATCH

@@ -1,0 +1,231 @@
+"""Every input shape read into the same manifest entries: folders, CSV/TSV, Parquet, NeMo JSONL, dataset shards.
+
+No Ray and no model: the records, their validation, their one-line errors, and decoding a dataset shard's
+audio from memory, compared with decoding the file it was made from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from krasr_batch.audio import AudioError, check_path, load_audio
+from krasr_batch.cli import main
+from krasr_batch.inputs import input_kind
+from krasr_batch.manifest import ManifestError, iter_manifest, normalize_manifest
+from krasr_batch.shards import parse_ref
+
+CLIPS = ["ru_000.wav", "ru_001.flac", "ru_002.ogg", "ru_003.mp3"]
+
+
+@pytest.fixture()
+def tree(tmp_path, corpus) -> Path:
+    """A folder of recordings: sidecar texts, a subfolder, a hidden folder, files that are not audio."""
+    root = tmp_path / "archive"
+    (root / "b" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    shutil.copy(corpus / "clips" / "ru_000.wav", root / "a.wav")
+    (root / "a.txt").write_text("  Текст первый.\n", encoding="utf-8")
+    shutil.copy(corpus / "clips" / "ru_001.flac", root / "b" / "x.FLAC")
+    shutil.copy(corpus / "clips" / "ru_003.mp3", root / "b" / "deeper" / "y.mp3")
+    (root / "b" / "deeper" / "y.txt").write_text("екінші мәтін", encoding="utf-8")
+    shutil.copy(corpus / "clips" / "ru_002.ogg", root / ".hidden" / "z.ogg")
+    (root / "notes.pdf").write_bytes(b"%PDF")
+    (root / "c.txt").write_text("a sidecar without its recording", encoding="utf-8")
+    return root
+
+
+def test_a_folder_is_walked_in_order_with_sidecar_texts(tree):
+    jobs = list(iter_manifest(str(tree)))
+    assert [j.file_id for j in jobs] == ["a.wav", "b/deeper/y.mp3", "b/x.FLAC"]
+    assert [j.path for j in jobs] == [str(tree / j.file_id) for j in jobs]
+    assert [j.reference_text for j in jobs] == ["Текст первый.", "екінші мәтін", None]
+    assert [j.line for j in jobs] == [1, 2, 3]
+    assert input_kind(str(tree)) == "folder"
+
+
+def test_glob_narrows_a_folder_and_only_a_folder(tree, corpus):
+    assert [j.file_id for j in iter_manifest(str(tree), ["b/*"])] == ["b/deeper/y.mp3", "b/x.FLAC"]
+    assert [j.file_id for j in iter_manifest(str(tree), ["*.wav", "*.mp3"])] == ["a.wav", "b/deeper/y.mp3"]
+    assert list(iter_manifest(str(tree), ["*.opus"])) == []
+    with pytest.raises(ManifestError, match="--glob narrows a folder input"):
+        list(iter_manifest(str(corpus / "clips.jsonl"), ["*.wav"]))
+
+
+def test_manifest_command_writes_what_run_reads(tree, tmp_path):
+    r = CliRunner().invoke(main, ["manifest", str(tree)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.splitlines()]
+    assert lines[0] == {"id": "a.wav", "path": str(tree / "a.wav"), "text": "Текст первый."}
+    written = tmp_path / "m.jsonl"
+    written.write_text(r.output, encoding="utf-8")
+    assert list(iter_manifest(str(written))) == list(iter_manifest(str(tree)))
+    bad = CliRunner().invoke(main, ["manifest", str(tmp_path / "none.csv")])
+    assert bad.exit_code == 2 and "none.csv: cannot open it" in bad.output
+
+
+def test_csv_and_tsv_with_a_header(tmp_path, corpus):
+    for sep, ext in ((",", "csv"), ("\t", "tsv")):
+        f = tmp_path / f"m.{ext}"
+        rows = [["path", "id", "language", "text", "speaker"],
+                [str(corpus / "clips" / "ru_000.wav"), "one", "russian", "Первый, с запятой.", "s1"],
+                ["clips/ru_001.flac", "", "", "", "s2"]]
+        import csv
+
+        with open(f, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh, delimiter=sep).writerows(rows)
+        jobs = list(iter_manifest(str(f)))
+        assert [(j.file_id, j.language, j.reference_text, j.extra, j.line) for j in jobs] == [
+            ("one", "russian", "Первый, с запятой.", {"speaker": "s1"}, 2),
+            ("clips/ru_001.flac", None, None, {"speaker": "s2"}, 3)]
+        assert jobs[1].path == str(tmp_path / "clips" / "ru_001.flac")  # relative to the CSV's folder
+
+
+def test_csv_errors_are_one_line_naming_the_file(tmp_path):
+    f = tmp_path / "m.csv"
+    f.write_text("file,text\na.wav,x\n", encoding="utf-8")
+    with pytest.raises(ManifestError) as e:
+        list(iter_manifest(str(f)))
+    assert str(e.value) == f"{f}, line 1: no 'path' column (NeMo's 'audio_filepath' also does); columns: file, text"
+    f.write_text("path,id\na.wav,x\nb.wav,x\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"line 3: duplicate id 'x' \(first on line 2\)"):
+        list(iter_manifest(str(f)))
+    f.write_text("path,id\na.wav,x,extra\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 2: more fields than the header's 2"):
+        list(iter_manifest(str(f)))
+
+
+def test_parquet_table(tmp_path, corpus):
+    f = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["clips/ru_000.wav", str(corpus / "clips" / "ru_001.flac")],
+                             "text": ["первый", None], "duration": [3.2, 2.9]}), f)
+    jobs = list(iter_manifest(str(f)))
+    assert [(j.file_id, j.reference_text, j.extra, j.line) for j in jobs] == [
+        ("clips/ru_000.wav", "первый", {"duration": 3.2}, 0), (str(corpus / "clips" / "ru_001.flac"), None, {"duration": 2.9}, 1)]
+    pq.write_table(pa.table({"file": ["a.wav"]}), f)
+    with pytest.raises(ManifestError) as e:
+        list(iter_manifest(str(f)))
+    assert str(e.value) == f"{f}: no 'path' column (NeMo's 'audio_filepath' also does); columns: file"
+
+
+def test_nemo_jsonl(tmp_path, corpus):
+    f = tmp_path / "nemo.json"
+    f.write_text(json.dumps({"audio_filepath": str(corpus / "clips" / "ru_000.wav"), "text": "первый",
+                             "duration": 3.2}) + "\n", encoding="utf-8")
+    [job] = iter_manifest(str(f))
+    assert (job.file_id, job.path, job.reference_text, job.extra) == (
+        str(corpus / "clips" / "ru_000.wav"), str(corpus / "clips" / "ru_000.wav"), "первый", {"duration": 3.2})
+    f.write_text(json.dumps({"audio_filepath": "a.wav", "offset": 2.5, "duration": 1.0}) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 1: NeMo 'offset'"):
+        list(iter_manifest(str(f)))
+    f.write_text(json.dumps({"text": "no audio"}) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 1: missing required field 'path'"):
+        list(iter_manifest(str(f)))
+
+
+def _shard(path: Path, corpus: Path, names: list[str], with_paths: bool = True, **columns) -> Path:
+    """A dataset shard as the `datasets` library writes one: an Audio column holding the files' bytes."""
+    from datasets import Audio, Dataset
+
+    audio = [{"bytes": (corpus / "clips" / n).read_bytes(), "path": n if with_paths else None} for n in names]
+    ds = Dataset.from_dict({"audio": audio, **columns}).cast_column("audio", Audio())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(path))
+    return path
+
+
+def test_dataset_shards_decode_from_memory_as_the_files_do(tmp_path, corpus):
+    shard = _shard(tmp_path / "data" / "test-00000.parquet", corpus, CLIPS, text=["a", "b", "c", "d"],
+                   language=["russian"] * 4)
+    assert input_kind(str(shard)) == "parquet"
+    jobs = list(iter_manifest(str(shard)))
+    assert [j.file_id for j in jobs] == CLIPS
+    assert [j.reference_text for j in jobs] == ["a", "b", "c", "d"] and {j.language for j in jobs} == {"russian"}
+    assert [parse_ref(j.path) for j in jobs] == [(str(shard), i) for i in range(4)]
+    for job, name in zip(jobs, CLIPS):
+        check_path(job.path)
+        assert (load_audio(job.path) == load_audio(str(corpus / "clips" / name))).all()
+    with pytest.raises(AudioError) as e:
+        check_path(f"{shard}#row=4")
+    assert e.value.kind == "not_found" and "has 4 rows, no row 4" in str(e.value)
+
+
+def test_several_shards_count_rows_across_them_when_the_audio_has_no_path(tmp_path, corpus):
+    _shard(tmp_path / "d" / "train-00000.parquet", corpus, CLIPS[:2], with_paths=False, text=["a", "b"])
+    _shard(tmp_path / "d" / "train-00001.parquet", corpus, CLIPS[2:], with_paths=False, text=["c", "d"])
+    jobs = list(iter_manifest(str(tmp_path / "d" / "train-*.parquet")))
+    assert [j.file_id for j in jobs] == ["0", "1", "2", "3"]
+    assert [parse_ref(j.path)[1] for j in jobs] == [0, 1, 0, 1]
+    normalize_manifest(str(tmp_path / "d" / "train-*.parquet"), str(tmp_path / "n.parquet"))
+    assert pq.read_table(tmp_path / "n.parquet").column("file_id").to_pylist() == ["0", "1", "2", "3"]
+    with pytest.raises(ManifestError, match="no file matches this pattern"):
+        list(iter_manifest(str(tmp_path / "d" / "test-*.parquet")))
+
+
+def test_a_shard_whose_audio_is_not_a_struct_of_bytes_says_so(tmp_path):
+    f = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"audio": ["a.wav"], "text": ["t"]}), f)
+    with pytest.raises(ManifestError, match="'audio' is not a struct of bytes and path"):
+        list(iter_manifest(str(f)))
+
+
+def test_duplicate_ids_in_a_shard_name_both_rows(tmp_path, corpus):
+    shard = _shard(tmp_path / "s.parquet", corpus, ["ru_000.wav", "ru_000.wav"])
+    with pytest.raises(ManifestError, match=r"row 1: duplicate id 'ru_000.wav' \(first on row 0\)"):
+        list(iter_manifest(str(shard)))
+
+
+def test_walk_follows_a_symlink_loop_once(tmp_path, corpus):
+    root = tmp_path / "loop"
+    root.mkdir()
+    shutil.copy(corpus / "clips" / "ru_000.wav", root / "a.wav")
+    os.symlink(root, root / "again")
+    assert [j.file_id for j in iter_manifest(str(root))] == ["a.wav"]
+
+
+def test_an_s3_prefix_is_walked_and_its_shards_read(tmp_path, corpus, monkeypatch):
+    """The walk and a shard's bytes over object storage (moto's S3 on 127.0.0.1), as on a local disk."""
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    from krasr_batch import storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(k, v)
+        storage._filesystem.cache_clear()
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket="krasr-inputs")
+        client.upload_file(str(corpus / "clips" / "ru_000.wav"), "krasr-inputs", "in/a.wav")
+        client.put_object(Bucket="krasr-inputs", Key="in/a.txt", Body="первый".encode())
+        client.upload_file(str(corpus / "clips" / "ru_001.flac"), "krasr-inputs", "in/sub/b.flac")
+        client.put_object(Bucket="krasr-inputs", Key="in/sub/notes.md", Body=b"x")
+        shard = _shard(tmp_path / "s.parquet", corpus, ["ru_002.ogg"], text=["c"])
+        client.upload_file(str(shard), "krasr-inputs", "shards/test-00000.parquet")
+
+        jobs = list(iter_manifest("s3://krasr-inputs/in/"))
+        assert [(j.file_id, j.path, j.reference_text) for j in jobs] == [
+            ("a.wav", "s3://krasr-inputs/in/a.wav", "первый"), ("sub/b.flac", "s3://krasr-inputs/in/sub/b.flac", None)]
+        assert [j.file_id for j in iter_manifest("s3://krasr-inputs/in", ["sub/*"])] == ["sub/b.flac"]
+        [job] = iter_manifest("s3://krasr-inputs/shards/test-*.parquet")
+        assert job.path == "s3://krasr-inputs/shards/test-00000.parquet#row=0" and job.reference_text == "c"
+        check_path(job.path)
+        assert (load_audio(job.path) == load_audio(str(corpus / "clips" / "ru_002.ogg"))).all()
+    finally:
+        server.stop()
+        storage._filesystem.cache_clear()
