@@ -122,14 +122,15 @@ def test_languages_option():
 
 
 def test_word_timestamps_and_languages_change_the_fingerprint_and_only_when_set():
-    base = RunSettings()
-    words = RunSettings(decode=DecodeOptions(word_timestamps=True))
-    langs = RunSettings(decode=DecodeOptions(language="auto", languages="kk,ru"))
-    auto = RunSettings(decode=DecodeOptions(language="auto"))
+    base = RunSettings(decode=DecodeOptions(engine="transformers"))  # --engine auto is resolved before stamping
+    words = RunSettings(decode=DecodeOptions(word_timestamps=True, engine="transformers"))
+    langs = RunSettings(decode=DecodeOptions(language="auto", languages="kk,ru", engine="transformers"))
+    auto = RunSettings(decode=DecodeOptions(language="auto", engine="transformers"))
     assert len({base.output_fingerprint(), words.output_fingerprint(), langs.output_fingerprint(),
                 auto.output_fingerprint()}) == 4
     # runs made before these options keep their fingerprint (the stamp of the defaults is unchanged)
-    assert base.output_fingerprint() == RunSettings(decode=DecodeOptions(word_timestamps=False, languages=())).output_fingerprint()
+    assert base.output_fingerprint() == RunSettings(decode=DecodeOptions(
+        word_timestamps=False, languages=(), engine="transformers")).output_fingerprint()
     d = dataclasses.asdict(base.decode)
     for k in ("batch_size", "engine", "word_timestamps", "languages"):
         d.pop(k)
