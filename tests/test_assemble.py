@@ -199,7 +199,7 @@ def test_segment_file_rows_are_the_stage_rows_less_the_models_columns(corpus):
     row = {"file_id": "c", "path": str(corpus / "clips" / sorted((corpus / "clips").iterdir())[0].name),
            "line": 1, "language": None, "reference_text": None, "extra_json": None}
     rows = list(segment_file(row, SegmentOptions(), "kazakh", None, "fit"))
-    expected = (set(STAGE_SCHEMA.names) - set(MODEL_OUTPUT_NAMES)) | {"audio", "stretches"}  # stretches: for word times
+    expected = (set(STAGE_SCHEMA.names) - set(MODEL_OUTPUT_NAMES)) | {"audio", "stretches", "speech"}  # for word times
     assert all(set(r) == expected for r in rows)
     assert rows[-1]["segment_index"] == FILE_ROW and rows[-1]["status"] == "ok"
     assert [r["segment_index"] for r in rows[:-1]] == list(range(rows[-1]["num_segments"]))

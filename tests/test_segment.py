@@ -34,6 +34,13 @@ def test_long_recordings_spans_inside_segments(corpus, max_segment_s):
             assert outside == []
         else:  # shorter windows: a long mixed sentence may need a cut, at a pause inside it
             assert len(outside) <= len(mine) // 10
+        # each window knows the VAD's speech inside it (word times are trimmed to it): in order, inside the
+        # window, and every sentence starts where some speech starts (the synthesizer starts on the sound)
+        speech = [(a / SR, b / SR) for k in range(len(segs)) for a, b in plan.window_speech(k)]
+        assert all(s <= a < b <= e for k, (s, e) in enumerate(segs) for a, b in
+                   [(x / SR, y / SR) for x, y in plan.window_speech(k)])
+        assert all(b[0] >= a[1] for a, b in zip(speech, speech[1:]))
+        assert all(min(abs(x["start_s"] - a) for a, _ in speech) < 0.1 for x in mine)
         # and the audio handed over is exactly the planned stretches, back to back
         for k, audio in enumerate(segment_audio(plan)):
             assert len(audio) == plan.audio_samples(k)

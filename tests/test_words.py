@@ -14,7 +14,7 @@ import pytest
 
 from krasr_batch.audio import SAMPLE_RATE, load_audio
 from krasr_batch.engines import SegmentInput, check_model, load_decoder
-from krasr_batch.engines.timing import FRAMES_PER_S, split_to_word_tokens, words_from_alignment
+from krasr_batch.engines.timing import FRAMES_PER_S, fit_to_speech, split_to_word_tokens, words_from_alignment
 from krasr_batch.export import MAX_CUE_LINES, MAX_CUE_S, MAX_LINE_CHARS, Word, word_cues
 from krasr_batch.settings import DecodeOptions, RunSettings, SegmentOptions, build_settings, parse_languages
 from tests.conftest import read_jsonl
@@ -72,6 +72,37 @@ def test_word_times_follow_the_path(tokenizer):
     # clamped to the segment's audio
     clamped = words_from_alignment(tokens, rows, frames, [0.9, 0.4], _decode(tokenizer), eot, "ru", 1.5)
     assert [(w.start_s, w.end_s) for w in clamped] == [(0.2, 1.2), (1.2, 1.5)]
+
+
+def test_word_times_are_trimmed_to_the_detected_speech():
+    speech = [(1.0, 2.0), (3.0, 4.0), (6.0, 7.0)]
+    times = [
+        (0.8, 1.5),  # starts in the pause before the speech it reaches: starts with it
+        (1.5, 2.6),  # ends in the pause after its speech: ends with it
+        (2.6, 3.4),  # both
+        (3.4, 6.5),  # ends in the next speech, past the pause: ends where its own speech ends
+        (6.5, 6.9),  # inside the speech: unchanged
+        (7.2, 7.5),  # wholly in a pause (speech the VAD missed): unchanged
+        (7.5, 7.5),
+    ]
+    got = fit_to_speech(times, speech)
+    assert got == [(1.0, 1.5), (1.5, 2.0), (3.0, 3.4), (3.4, 4.0), (6.5, 6.9), (7.2, 7.5), (7.5, 7.5)]
+    # every word stays within its own times, so order, non-overlap and the segment's bounds hold
+    assert all(s0 <= s <= e <= e0 for (s0, e0), (s, e) in zip(times, got))
+    assert fit_to_speech(times, []) == times
+
+
+def test_stage_words_are_in_the_source_timeline_and_trimmed_to_its_speech():
+    from krasr_batch.engines.timing import Word as TimedWord
+    from krasr_batch.pipeline.stages import _source_words, source_time
+
+    # a window of two stretches, 10-12 s and 20-21.5 s of the source; speech 10.4-11.6 and 20.5-21.3
+    to_source = source_time(json.dumps([[10.0, 12.0], [20.0, 21.5]]), 10.0)
+    words = [TimedWord(" а", 0.1, 1.0, 0.9), TimedWord(" б", 1.0, 2.3, 0.8), TimedWord(" в", 2.3, 3.5, 0.7)]
+    got = _source_words(words, to_source, [[10.4, 11.6], [20.5, 21.3]])
+    assert [(w["word"], w["start_s"], w["end_s"]) for w in got] == [
+        (" а", 10.4, 11.0), (" б", 11.0, 11.6), (" в", pytest.approx(20.5), pytest.approx(21.3))]
+    assert [w["end_s"] for w in _source_words(words, to_source, None)] == [11.0, 20.3, pytest.approx(21.5)]
 
 
 def test_a_sequence_cut_mid_letter_still_joins_to_its_text(tokenizer):

@@ -190,3 +190,30 @@ def _truncate_long_words(alignment: list[_Timing]) -> None:
                 a.end = a.start + max_duration
             elif alignment[i - 1].word in SENTENCE_END_MARKS:
                 a.start = a.end - max_duration
+
+
+def fit_to_speech(times: Sequence[tuple[float, float]],
+                  speech: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Word times trimmed to the detected speech: a word that starts in a pause and reaches the speech after
+    it starts where that speech starts; a word that ends in (or past) the pause after the speech it starts in
+    ends where that speech ends.
+
+    Why: the alignment places a word's edges only as finely as the attention separates them, and a word next
+    to a pause takes part of the pause (on the corpus, sentences' first words started 0.2 s early). The VAD
+    says where the speech is (Silero's spans, 30 ms of padding included); no word is spoken in a pause. A word
+    that lies wholly in a pause (speech the VAD missed) keeps its times. ``times`` and ``speech`` are in one
+    timeline, ``speech`` sorted and non-overlapping; every word stays within its own times, so words stay in
+    order, non-overlapping and inside their segment.
+    """
+    out = []
+    ends = [b for _, b in speech]
+    for s, e in times:
+        k = int(np.searchsorted(ends, s, side="right"))  # the first span that ends after the word starts
+        if k < len(speech):
+            a, b = speech[k]
+            if s < a < e:
+                s = a
+            if a <= s and e > b:
+                e = max(s, b)
+        out.append((s, e))
+    return out
