@@ -2,7 +2,8 @@
 
     python -m benchmarks.words --corpus DIR --model DIR [--engines transformers,ctranslate2] [--repeat 1]
         [--write BENCHMARKS.md] [--json out.json] [--work DIR]
-    python -m benchmarks.words --from-json out.json --write BENCHMARKS.md      # report a saved run again
+    python -m benchmarks.words --from-json out.json [more.json ...] --write BENCHMARKS.md
+        # report saved runs again (several: one report, e.g. engines measured apart)
 
 Everything runs through the real pipeline (``krasr_batch.pipeline.run``, one local Ray for the whole script,
 each run a fresh ``--out``), so a run's wall time includes the model replicas' start and load.
@@ -13,7 +14,10 @@ each run a fresh ``--out``), so a run's wall time includes the model replicas' s
   words are matched to sentences by time, not by text: each word goes to the sentence whose span holds its
   midpoint (else the nearest span); a sentence's error is |first word's start - span start| and |last
   word's end - span end|. Median and 90th percentile per engine; the engines' agreement is the median
-  |difference| of their boundaries, sentence by sentence.
+  |difference| of their boundaries, sentence by sentence. A span of ``spans.jsonl`` is where the
+  synthesizer's output for the sentence lies, and espeak-ng ends each with about 0.4 s of silence; so the
+  errors are also given against each span's sound (the span trimmed to its 10 ms frames above three times
+  the recording's noise floor), and signed (word time - reference: negative is early).
 - **cost** (block ``words-cost``): the same recordings without and with ``--word-timestamps``, ``--repeat``
   times, alternating; the median wall seconds of each, and of the model's own seconds (the segments'
   ``decode_s``, once per batch), and the texts compared (they must be equal).
@@ -95,28 +99,87 @@ def sentence_boundaries(words: list[dict], spans: list[dict]) -> list[tuple[floa
     return [(min(w["start_s"] for w in g), max(w["end_s"] for w in g)) if g else (None, None) for g in got]
 
 
-def boundary_errors(out: Path, spans_by_file: dict[str, list[dict]]) -> dict[str, list]:
+FRAME_S = 0.01
+
+
+def sound_bounds(audio: np.ndarray, spans: list[dict], sr: int = 16000) -> list[tuple[float, float]]:
+    """Each span trimmed to its sound: its first and last 10 ms frame whose RMS is above three times the
+    recording's noise floor (the 10th percentile of its frames' RMS; the corpus adds noise to its pauses)
+    and above 1 % of the span's loudest frame."""
+    n = int(sr * FRAME_S)
+    rms = np.sqrt(np.mean(np.square(audio[:len(audio) // n * n].reshape(-1, n), dtype=np.float64), axis=1))
+    floor = 3 * float(np.percentile(rms, 10))
+    out = []
+    for sp in spans:
+        a, b = int(round(sp["start_s"] / FRAME_S)), int(round(sp["end_s"] / FRAME_S))
+        seg = rms[a:b]
+        loud = np.flatnonzero(seg > max(floor, 0.01 * float(seg.max()))) if len(seg) else []
+        out.append((a * FRAME_S + loud[0] * FRAME_S, a * FRAME_S + (loud[-1] + 1) * FRAME_S) if len(loud)
+                   else (sp["start_s"], sp["end_s"]))
+    return out
+
+
+def boundary_errors(out: Path, spans_by_file: dict[str, list[dict]],
+                    sound: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, list]:
+    """Signed errors (word time - reference) of each sentence's first start and last end, against the spans
+    and, with ``sound``, against each span's sound."""
     words_by_file: dict[str, list[dict]] = {}
     for w in _table(out, "words"):
         if w["word"].strip():
             words_by_file.setdefault(w["file_id"], []).append(w)
-    found, start_err, end_err, missing = {}, [], [], 0
+    found, missing = {}, 0
+    err: dict[str, list[float]] = {"start": [], "end": [], "sound_start": [], "sound_end": []}
     for fid, spans in spans_by_file.items():
         b = sentence_boundaries(words_by_file.get(fid, []), spans)
         found[fid] = b
-        for (s, e), span in zip(b, spans):
+        heard = (sound or {}).get(fid) or [None] * len(spans)
+        for (s, e), span, h in zip(b, spans, heard):
             if s is None:
                 missing += 1
                 continue
-            start_err.append(abs(s - span["start_s"]))
-            end_err.append(abs(e - span["end_s"]))
-    return {"found": found, "start": start_err, "end": end_err, "missing": missing}
+            err["start"].append(s - span["start_s"])
+            err["end"].append(e - span["end_s"])
+            if h is not None:
+                err["sound_start"].append(s - h[0])
+                err["sound_end"].append(e - h[1])
+    return {"found": found, "missing": missing, **err}
 
 
 def _stats(xs: list[float]) -> dict[str, float | None]:
+    """Median and 90th percentile of |x|, and the median of x itself (signed)."""
     if not xs:
-        return {"median": None, "p90": None, "n": 0}
-    return {"median": float(np.median(xs)), "p90": float(np.percentile(xs, 90)), "n": len(xs)}
+        return {"median": None, "p90": None, "signed": None, "n": 0}
+    a = np.abs(xs)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "signed": float(np.median(xs)),
+            "n": len(xs)}
+
+
+def agreement(found: dict[str, dict]) -> dict | None:
+    """Median |difference| of two engines' sentence boundaries (``found``: engine -> file -> boundaries)."""
+    if len(found) != 2:
+        return None
+    a, b = found.values()
+    return _stats([x - y for fid in a if fid in b for pa_, pb in zip(a[fid], b[fid]) for x, y in zip(pa_, pb)
+                   if x is not None and y is not None])
+
+
+def merge(runs: list[dict]) -> dict:
+    """Several saved runs (--json) as one: engines and parts measured apart reported together."""
+    out: dict = {"engines": [], "meta": ""}
+    for r in runs:
+        out["engines"] += [e for e in r["engines"] if e not in out["engines"]]
+        if r["meta"] not in out["meta"]:
+            out["meta"] += r["meta"]
+        for key, value in r.items():
+            if key in ("engines", "meta", "agreement"):
+                continue
+            if isinstance(value, dict) and isinstance(out.get(key), dict):  # by engine: boundaries, cost, found, ...
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    if "found" in out:
+        out["agreement"] = agreement(out["found"])
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -132,10 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", help="folder for the runs' output (default: a temporary folder)")
     ap.add_argument("--write", help="BENCHMARKS.md to update")
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--from-json", help="no runs: report (and --write) what an earlier --json holds")
+    ap.add_argument("--from-json", nargs="+", help="no runs: report (and --write) what earlier --json files hold")
     a = ap.parse_args(argv)
     if a.from_json:
-        results = json.loads(Path(a.from_json).read_text())
+        results = merge([json.loads(Path(f).read_text()) for f in a.from_json])
         _report(results, results["meta"], a.write)
         return
     import ray
@@ -179,7 +242,10 @@ def _boundaries_and_cost(corpus: Path, model: str, engines: list[str], repeat: i
     audio_s = sum(r["duration_s"] for r in longs)
     out: dict = {"audio_s": audio_s, "files": len(longs), "sentences": sum(len(v) for v in spans.values()),
                  "boundaries": {}, "cost": {}}
-    found = {}
+    from krasr_batch.audio import load_audio
+
+    sound = {r["id"]: sound_bounds(load_audio(str(corpus / r["path"])), spans[r["id"]]) for r in longs}
+    found = out["found"] = {}
     for engine in engines:
         walls: dict[bool, list[float]] = {False: [], True: []}
         model_s: dict[bool, list[float]] = {False: [], True: []}
@@ -196,15 +262,14 @@ def _boundaries_and_cost(corpus: Path, model: str, engines: list[str], repeat: i
                                "model_plain_s": m0, "model_words_s": m1, "model_pct": 100 * (m1 - m0) / m0,
                                "runs": repeat, "same_text": texts[False] == texts[True],
                                "walls": walls, "model_s": model_s}
-        err = boundary_errors(work / f"long-{engine}-True", spans)
+        err = boundary_errors(work / f"long-{engine}-True", spans, sound)
         found[engine] = err.pop("found")
         out["boundaries"][engine] = {"start": _stats(err["start"]), "end": _stats(err["end"]),
-                                     "both": _stats(err["start"] + err["end"]), "missing": err["missing"]}
-    if len(engines) == 2:
-        a, b = (found[e] for e in engines)
-        diffs = [abs(x - y) for fid in a for pa_, pb in zip(a[fid], b[fid]) for x, y in zip(pa_, pb)
-                 if x is not None and y is not None]
-        out["agreement"] = _stats(diffs)
+                                     "both": _stats(err["start"] + err["end"]),
+                                     "sound_start": _stats(err["sound_start"]), "sound_end": _stats(err["sound_end"]),
+                                     "sound_both": _stats(err["sound_start"] + err["sound_end"]),
+                                     "missing": err["missing"]}
+    out["agreement"] = agreement(found)
     return out
 
 
@@ -237,12 +302,17 @@ def _f(x: float | None, spec: str = ".2f") -> str:
 def report_blocks(r: dict, meta: str) -> dict[str, str]:
     blocks = {}
     if "boundaries" in r:
-        rows = ["| engine | sentences timed | start error median / p90 s | end error median / p90 s | "
-                "both ends median / p90 s |", "|---|---|---|---|---|"]
+        rows = ["| engine | reference | sentences timed | start error median / p90 s | end error median / p90 s | "
+                "both ends median / p90 s | signed median start / end s |", "|---|---|---|---|---|---|---|"]
         for e, b in r["boundaries"].items():
-            rows.append(f"| {e} | {b['both']['n'] // 2 if b['both']['n'] else 0} of {r['sentences']} | "
-                        f"{_f(b['start']['median'])} / {_f(b['start']['p90'])} | {_f(b['end']['median'])} / "
-                        f"{_f(b['end']['p90'])} | {_f(b['both']['median'])} / {_f(b['both']['p90'])} |")
+            for ref, key in (("spans.jsonl", ""), ("the span's sound", "sound_")):
+                if key + "both" not in b:
+                    continue
+                st, en, both = b[key + "start"], b[key + "end"], b[key + "both"]
+                rows.append(f"| {e} | {ref} | {both['n'] // 2 if both['n'] else 0} of {r['sentences']} | "
+                            f"{_f(st['median'])} / {_f(st['p90'])} | {_f(en['median'])} / {_f(en['p90'])} | "
+                            f"**{_f(both['median'])}** / {_f(both['p90'])} | "
+                            f"{_f(st.get('signed'), '+.2f')} / {_f(en.get('signed'), '+.2f')} |")
         agree = r.get("agreement")
         blocks["words-boundaries"] = (
             "### words-boundaries\n\n" + "\n".join(rows) + "\n\n"
@@ -251,19 +321,21 @@ def report_blocks(r: dict, meta: str) -> dict[str, str]:
             + f"- corpus: {r['files']} long recordings ({r['audio_s']:.1f} s), {r['sentences']} sentences with their "
               "spans (spans.jsonl); manifest language (kazakh), `--word-timestamps`, other settings the defaults\n"
             + "- method: words matched to sentences by time (a word goes to the span holding its midpoint, else the "
-              "nearest); error = |first word's start - span start| and |last word's end - span end|\n" + meta)
+              "nearest); error = |first word's start - span start| and |last word's end - span end|; signed = "
+              "word time - reference (negative: early). The span's sound: the span trimmed to its 10 ms frames "
+              "above 3x the recording's noise floor (espeak-ng ends each sentence with about 0.4 s of silence, "
+              "which spans.jsonl counts in)\n" + meta)
     if "cost" in r:
-        rows = ["| engine | wall without / with s | wall cost | model s without / with | model cost | text equal |",
-                "|---|---|---|---|---|---|"]
+        rows = ["| engine | runs each | wall without / with s | wall cost | model s without / with | model cost | "
+                "text equal |", "|---|---|---|---|---|---|---|"]
         for e, c in r["cost"].items():
-            rows.append(f"| {e} | {c['wall_plain_s']:.1f} / {c['wall_words_s']:.1f} | {c['wall_pct']:+.1f} % | "
-                        f"{c['model_plain_s']:.1f} / {c['model_words_s']:.1f} | {c['model_pct']:+.1f} % | "
-                        f"{'yes' if c['same_text'] else 'NO'} |")
-        runs = next(iter(r["cost"].values()))["runs"]
+            rows.append(f"| {e} | {c['runs']} | {c['wall_plain_s']:.1f} / {c['wall_words_s']:.1f} | "
+                        f"{c['wall_pct']:+.1f} % | {c['model_plain_s']:.1f} / {c['model_words_s']:.1f} | "
+                        f"{c['model_pct']:+.1f} % | {'yes' if c['same_text'] else 'NO'} |")
         blocks["words-cost"] = (
             "### words-cost\n\n" + "\n".join(rows) + "\n\n"
-            + f"- the long recordings ({r['audio_s']:.1f} s) without and with `--word-timestamps`, median of {runs} "
-              "alternating run(s) each; wall = `krasr_batch.pipeline.run` (replica start, model load, "
+            + f"- the long recordings ({r['audio_s']:.1f} s) without and with `--word-timestamps`, the median of the "
+              "runs each, alternating; wall = `krasr_batch.pipeline.run` (replica start, model load, "
               "transcription, commit; one Ray for the script); model s = the batches' decode_s summed (the "
               "model calls, alignment included)\n" + meta)
     if "language_id" in r:

@@ -40,7 +40,7 @@ def test_long_recordings_spans_inside_segments(corpus, max_segment_s):
         assert all(s <= a < b <= e for k, (s, e) in enumerate(segs) for a, b in
                    [(x / SR, y / SR) for x, y in plan.window_speech(k)])
         assert all(b[0] >= a[1] for a, b in zip(speech, speech[1:]))
-        assert all(min(abs(x["start_s"] - a) for a, _ in speech) < 0.1 for x in mine)
+        assert all(min(abs(x["start_s"] - a) for a, _ in speech) < 0.15 for x in mine)
         # and the audio handed over is exactly the planned stretches, back to back
         for k, audio in enumerate(segment_audio(plan)):
             assert len(audio) == plan.audio_samples(k)

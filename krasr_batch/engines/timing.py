@@ -9,7 +9,8 @@ warping from tokens to encoder frames (20 ms each). CTranslate2 does all of it i
 transformers engine runs the pass and uses transformers' own median filter and DTW. Each gives, per segment,
 the path as ``(text_indices, time_indices)`` over the text tokens and end-of-text, and each text token's
 probability (softmax over the text vocabulary), which :func:`words_from_alignment` turns into :class:`Word` s
-as openai/whisper's ``timing.py`` does (faster-whisper does the same).
+as openai/whisper's ``timing.py`` does (faster-whisper does the same). The model stage then trims the words,
+in the source's timeline, to the VAD's speech (:func:`fit_to_speech`), in both engines alike.
 """
 
 from __future__ import annotations
