@@ -168,8 +168,11 @@ def merge(runs: list[dict]) -> dict:
     out: dict = {"engines": [], "meta": ""}
     for r in runs:
         out["engines"] += [e for e in r["engines"] if e not in out["engines"]]
-        if r["meta"] not in out["meta"]:
-            out["meta"] += r["meta"]
+        if len(runs) == 1:
+            out["meta"] = r["meta"]
+        else:  # each run's metadata under the engines it measured
+            out["meta"] += f"- {', '.join(r['engines'])} rows:\n" + "".join(
+                f"  {line}\n" for line in r["meta"].splitlines() if line.strip())
         for key, value in r.items():
             if key in ("engines", "meta", "agreement"):
                 continue
@@ -186,8 +189,8 @@ def merge(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--corpus", help="the test corpus (required unless --from-json)")
+    ap.add_argument("--model", help="the model folder (required unless --from-json)")
     ap.add_argument("--engines", default="transformers,ctranslate2")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each setting for the cost (median)")
     ap.add_argument("--parts", default="boundaries,language", help="boundaries (with the cost), language")
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         results = merge([json.loads(Path(f).read_text()) for f in a.from_json])
         _report(results, results["meta"], a.write)
         return
+    if not (a.corpus and a.model):
+        ap.error("--corpus and --model are required (unless --from-json)")
     import ray
 
     corpus, engines, parts = Path(a.corpus), a.engines.split(","), a.parts.split(",")
