@@ -163,16 +163,23 @@ def agreement(found: dict[str, dict]) -> dict | None:
                    if x is not None and y is not None])
 
 
+# which block each part of a saved run goes to, and the engines it holds rows for
+_BLOCKS = {"boundaries": "words-boundaries", "cost": "words-cost", "language_id": "words-language-id"}
+
+
+def _engines_in(key: str, value: dict) -> list[str]:
+    if key == "language_id":
+        return list(dict.fromkeys(k.split("|")[0] for k in value if "|" in k))
+    return list(value)
+
+
 def merge(runs: list[dict]) -> dict:
-    """Several saved runs (--json) as one: engines and parts measured apart reported together."""
-    out: dict = {"engines": [], "meta": ""}
+    """Several saved runs (--json) as one: engines and parts measured apart reported together. A later run's
+    figures replace an earlier one's for the same engine and part, and each block's metadata names, for each
+    engine, the run its rows come from (``block_meta``), so that a replaced run's date never stays behind."""
+    out: dict = {"engines": [], "meta": "", "block_meta": {}}
     for r in runs:
         out["engines"] += [e for e in r["engines"] if e not in out["engines"]]
-        if len(runs) == 1:
-            out["meta"] = r["meta"]
-        else:  # each run's metadata under the engines it measured
-            out["meta"] += f"- {', '.join(r['engines'])} rows:\n" + "".join(
-                f"  {line}\n" for line in r["meta"].splitlines() if line.strip())
         for key, value in r.items():
             if key in ("engines", "meta", "agreement"):
                 continue
@@ -180,9 +187,26 @@ def merge(runs: list[dict]) -> dict:
                 out[key] = {**out[key], **value}
             else:
                 out[key] = value
+            if key in _BLOCKS and isinstance(value, dict):
+                for e in _engines_in(key, value):
+                    out["block_meta"].setdefault(_BLOCKS[key], {})[e] = r["meta"]
     if "found" in out:
         out["agreement"] = agreement(out["found"])
+    out["block_meta"] = {block: _meta_by_engine(by_engine) for block, by_engine in out["block_meta"].items()}
+    metas = set(out["block_meta"].values())
+    out["meta"] = metas.pop() if len(metas) == 1 else ""
     return out
+
+
+def _meta_by_engine(by_engine: dict[str, str]) -> str:
+    """One run's metadata as it is; several runs' each under the engines whose rows come from it."""
+    groups: dict[str, list[str]] = {}
+    for e, m in by_engine.items():
+        groups.setdefault(m, []).append(e)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "".join(f"- {', '.join(es)} rows:\n" + "".join(f"  {line}\n" for line in m.splitlines() if line.strip())
+                   for m, es in groups.items())
 
 
 # ---------------------------------------------------------------- main
@@ -193,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="the model folder (required unless --from-json)")
     ap.add_argument("--engines", default="transformers,ctranslate2")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each setting for the cost (median)")
-    ap.add_argument("--parts", default="boundaries,language", help="boundaries (with the cost), language")
+    ap.add_argument("--parts", default="boundaries,language",
+                    help="boundaries (with the cost), cost (the same runs, only the cost kept), language")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--work", help="folder for the runs' output (default: a temporary folder)")
     ap.add_argument("--write", help="BENCHMARKS.md to update")
@@ -220,8 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"engines": engines, "meta": meta}
     ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        if "boundaries" in parts:
-            results.update(_boundaries_and_cost(corpus, a.model, engines, a.repeat, work))
+        if "boundaries" in parts or "cost" in parts:
+            measured = _boundaries_and_cost(corpus, a.model, engines, a.repeat, work)
+            if "boundaries" not in parts:  # the cost alone: its boundaries stay out of what --from-json merges
+                for key in ("boundaries", "found", "agreement"):
+                    measured.pop(key)
+            results.update(measured)
         if "language" in parts:
             results["language_id"] = _language_id(corpus, a.model, engines, work)
     finally:
@@ -306,6 +335,7 @@ def _f(x: float | None, spec: str = ".2f") -> str:
 
 def report_blocks(r: dict, meta: str) -> dict[str, str]:
     blocks = {}
+    block_meta = r.get("block_meta", {})
     if "boundaries" in r:
         rows = ["| engine | reference | sentences timed | start error median / p90 s | end error median / p90 s | "
                 "both ends median / p90 s | signed median start / end s |", "|---|---|---|---|---|---|---|"]
@@ -329,7 +359,7 @@ def report_blocks(r: dict, meta: str) -> dict[str, str]:
               "nearest); error = |first word's start - span start| and |last word's end - span end|; signed = "
               "word time - reference (negative: early). The span's sound: the span trimmed to its 10 ms frames "
               "above 3x the recording's noise floor (espeak-ng ends each sentence with about 0.4 s of silence, "
-              "which spans.jsonl counts in)\n" + meta)
+              "which spans.jsonl counts in)\n" + block_meta.get("words-boundaries", meta))
     if "cost" in r:
         rows = ["| engine | runs each | wall without / with s | wall cost | model s without / with | model cost | "
                 "text equal |", "|---|---|---|---|---|---|---|"]
@@ -342,7 +372,7 @@ def report_blocks(r: dict, meta: str) -> dict[str, str]:
             + f"- the long recordings ({r['audio_s']:.1f} s) without and with `--word-timestamps`, the median of the "
               "runs each, alternating; wall = `krasr_batch.pipeline.run` (replica start, model load, "
               "transcription, commit; one Ray for the script); model s = the batches' decode_s summed (the "
-              "model calls, alignment included)\n" + meta)
+              "model calls, alignment included)\n" + block_meta.get("words-cost", meta))
     if "language_id" in r:
         li = r["language_id"]
         rows = ["| engine | detection | accuracy | ru correct | kk correct | languages chosen |", "|---|---|---|---|---|---|"]
@@ -356,7 +386,8 @@ def report_blocks(r: dict, meta: str) -> dict[str, str]:
         blocks["words-language-id"] = (
             "### words-language-id\n\n" + "\n".join(rows) + "\n\n"
             + f"- corpus: the {li['clips']} `ru` and `kk` clips of clips.jsonl, manifest without languages; a clip's "
-              "language = the language of most of its speech (files/ language_s)\n" + meta)
+              "language = the language of most of its speech (files/ language_s)\n"
+            + block_meta.get("words-language-id", meta))
     return blocks
 
 

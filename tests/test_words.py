@@ -336,3 +336,33 @@ def test_a_word_timed_run_keeps_the_text_and_writes_words_languages_and_cues(tmp
     lines = [json.loads(x) for p in (outs[True] / "export" / "jsonl").glob("*.jsonl")
              for x in p.read_text(encoding="utf-8").splitlines()]
     assert lines and all("words" in x and "".join(w["word"] for w in x["words"]).strip() == x["text"] for x in lines)
+
+
+# ---------------------------------------------------------------- the benchmark's saved runs
+
+def test_saved_runs_merge_with_each_block_naming_the_run_its_rows_come_from():
+    from benchmarks.words import merge, report_blocks
+
+    def cost(pct):
+        return {"wall_plain_s": 10.0, "wall_words_s": 10.0 + pct / 10, "wall_pct": pct, "model_plain_s": 8.0,
+                "model_words_s": 8.5, "model_pct": 6.25, "runs": 1, "same_text": True}
+
+    both = {"start": {"median": 0.1, "p90": 0.2, "signed": 0.0, "n": 2}}
+    bounds = {k: both["start"] for k in ("start", "end", "both", "sound_start", "sound_end", "sound_both")}
+    old_tf = {"engines": ["transformers"], "meta": "- run A\n", "cost": {"transformers": cost(8.0)}}
+    ct2 = {"engines": ["ctranslate2"], "meta": "- run B\n", "audio_s": 1.0, "files": 1, "sentences": 2,
+           "boundaries": {"ctranslate2": bounds}, "cost": {"ctranslate2": cost(14.8)},
+           "found": {"ctranslate2": {"f": [(0.0, 1.0), (2.0, 3.0)]}}}
+    new_tf = {"engines": ["transformers"], "meta": "- run C\n", "audio_s": 1.0, "files": 1, "sentences": 2,
+              "boundaries": {"transformers": bounds}, "cost": {"transformers": cost(5.0)},
+              "found": {"transformers": {"f": [(0.1, 1.0), (2.0, 3.3)]}}}
+    ct2_cost = {"engines": ["ctranslate2"], "meta": "- run D\n", "audio_s": 1.0, "files": 1,
+                "cost": {"ctranslate2": cost(9.0)}}
+    r = merge([old_tf, ct2, new_tf, ct2_cost])
+    assert r["cost"]["transformers"]["wall_pct"] == 5.0 and r["cost"]["ctranslate2"]["wall_pct"] == 9.0
+    assert r["agreement"]["n"] == 4 and r["agreement"]["median"] == pytest.approx(0.05)
+    blocks = report_blocks(r, r["meta"])
+    assert "run B" in blocks["words-boundaries"] and "run C" in blocks["words-boundaries"]
+    assert "run A" not in blocks["words-cost"] and "run B" not in blocks["words-cost"]
+    assert "- transformers rows:\n  - run C" in blocks["words-cost"] and "- ctranslate2 rows:\n  - run D" in blocks["words-cost"]
+    assert "Engines agree" in blocks["words-boundaries"]
