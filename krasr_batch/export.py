@@ -3,7 +3,11 @@
 Formats: ``srt`` (numbered cues, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``), ``vtt`` (``WEBVTT`` header,
 ``HH:MM:SS.mmm``), ``txt`` (the segment texts joined by spaces, as ``files/`` ``text``) and ``jsonl`` (one
 segment a line: ``file_id``, ``segment_index``, ``start_s``, ``end_s``, ``text``, ``language``,
-``truncated``, and ``suspect`` where that column exists).
+``truncated``, and ``suspect``, ``language_prob`` and ``words`` where the run has them).
+
+Subtitle cues: a segment with word times (a run with ``--word-timestamps``) is cut into cues at common
+subtitle limits (:data:`MAX_LINE_CHARS` characters a line, :data:`MAX_CUE_LINES` lines, :data:`MAX_CUE_S`
+seconds a cue), each cue timed by its first and last word; a segment without words is one cue.
 
 Only ``ok`` files are exported, every one of them (a file with no speech gets an empty file, a VTT file
 just its header). Segments are taken in ``segment_index`` order; empty texts are skipped. Cue times are
@@ -24,7 +28,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from krasr_batch.output.reader import RunOutput
 from krasr_batch.storage import filesystem, join
@@ -37,7 +41,22 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wm
                   ".aiff", ".aif", ".amr", ".3gp")
 _UNSAFE = re.compile(r"[^\w.\-]+")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-SEGMENT_COLUMNS = ("file_id", "segment_index", "start_s", "end_s", "text", "language", "truncated", "suspect")
+SEGMENT_COLUMNS = ("file_id", "segment_index", "start_s", "end_s", "text", "language", "truncated", "suspect",
+                   "language_prob")
+# common subtitle limits (e.g. the BBC's and Netflix's guidelines: about 42 characters a line, two lines, 7 s)
+MAX_LINE_CHARS = 42
+MAX_CUE_LINES = 2
+MAX_CUE_S = 7.0
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a segment as ``words/`` holds it (``word`` with Whisper's leading space)."""
+
+    word: str
+    start_s: float
+    end_s: float
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,8 @@ class Segment:
     language: str | None = None
     truncated: bool | None = None
     suspect: bool | None = None
+    language_prob: float | None = None
+    words: tuple[Word, ...] | None = None  # None: the run has no word times
 
 
 @dataclass(frozen=True)
@@ -127,12 +148,56 @@ def _cue_times(seg: Segment, duration_s: float | None) -> tuple[float, float]:
     return start, max(end, start)
 
 
+def word_cues(words: Iterable[Word], max_line_chars: int = MAX_LINE_CHARS, max_lines: int = MAX_CUE_LINES,
+              max_cue_s: float = MAX_CUE_S) -> list[tuple[float, float, list[str]]]:
+    """Words into subtitle cues ``(start_s, end_s, lines)``: words fill a line up to ``max_line_chars``, a cue
+    up to ``max_lines`` lines and ``max_cue_s`` seconds (first word's start to last word's end). Only a single
+    word longer than a line, or lasting longer than a cue, exceeds them (it gets a cue of its own)."""
+    cues: list[tuple[float, float, list[str]]] = []
+    lines: list[list[str]] = []
+    start = end = 0.0
+    for w in words:
+        text = _one_line(w.word)
+        if not text:
+            continue
+        if lines:
+            in_time = w.end_s - start <= max_cue_s
+            if in_time and len(" ".join([*lines[-1], text])) <= max_line_chars:
+                lines[-1].append(text)
+                end = w.end_s
+                continue
+            if in_time and len(lines) < max_lines:
+                lines.append([text])
+                end = w.end_s
+                continue
+            cues.append((start, end, [" ".join(line) for line in lines]))
+        lines, start, end = [[text]], w.start_s, w.end_s
+    if lines:
+        cues.append((start, end, [" ".join(line) for line in lines]))
+    return cues
+
+
+def _cues(seg: Segment, duration_s: float | None) -> list[tuple[float, float, list[str]]]:
+    """A segment's cues: from its words when it has them, else the whole segment on one line; times clamped
+    to ``[0, duration_s]``."""
+    if seg.words:
+        cues = word_cues(seg.words)
+    else:
+        cues = [(seg.start_s, seg.end_s, [_one_line(seg.text)])]
+    out = []
+    for start, end, lines in cues:
+        start, end = _cue_times(replace(seg, start_s=start, end_s=end), duration_s)
+        out.append((start, end, lines))
+    return out
+
+
 def render_srt(segments: list[Segment], duration_s: float | None = None) -> str:
     """SubRip: numbered cues from 1."""
     blocks = []
-    for n, seg in enumerate(segments, 1):
-        start, end = _cue_times(seg, duration_s)
-        blocks.append(f"{n}\n{timestamp(start)} --> {timestamp(end)}\n{_one_line(seg.text)}\n")
+    cues = [c for seg in segments for c in _cues(seg, duration_s)]
+    for n, (start, end, lines) in enumerate(cues, 1):
+        text = "\n".join(lines)
+        blocks.append(f"{n}\n{timestamp(start)} --> {timestamp(end)}\n{text}\n")
     return "\n".join(blocks)
 
 
@@ -145,8 +210,9 @@ def render_vtt(segments: list[Segment], duration_s: float | None = None) -> str:
     """WebVTT: the header, then one cue a segment (text escaped for ``&``, ``<``, ``>``)."""
     blocks = ["WEBVTT\n"]
     for seg in segments:
-        start, end = _cue_times(seg, duration_s)
-        blocks.append(f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{_vtt_text(seg.text)}\n")
+        for start, end, lines in _cues(seg, duration_s):
+            text = "\n".join(_vtt_text(line) for line in lines)
+            blocks.append(f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n")
     return "\n".join(blocks)
 
 
@@ -164,6 +230,11 @@ def render_jsonl(segments: list[Segment], duration_s: float | None = None) -> st
                "end_s": seg.end_s, "text": seg.text, "language": seg.language, "truncated": seg.truncated}
         if seg.suspect is not None:
             row["suspect"] = seg.suspect
+        if seg.language_prob is not None:
+            row["language_prob"] = seg.language_prob
+        if seg.words is not None:
+            row["words"] = [{"word": w.word, "start_s": w.start_s, "end_s": w.end_s, "probability": w.probability}
+                            for w in seg.words]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     return "".join(lines)
 
@@ -213,7 +284,7 @@ class _Writer:
         with self.fs.open_output_stream(path) as f:
             f.write(render(self.fmt, kept, target.duration_s).encode("utf-8"))
         self.written.add(file_id)
-        self.cues += len(kept)
+        self.cues += sum(len(_cues(s, target.duration_s)) for s in kept) if self.fmt in ("srt", "vtt") else len(kept)
 
     def finish(self) -> None:
         """Write the files whose segment count never reached ``num_segments``, and those without segments."""
@@ -232,15 +303,22 @@ def _targets(output: RunOutput) -> dict[str, _Target]:
     return {r["file_id"]: _Target(names[r["file_id"]], r.get("duration_s"), r.get("num_segments") or 0) for r in ok}
 
 
-def _segments(batch) -> Iterable[Segment]:
+def _segments(batch, words: dict[tuple[str, int], list[dict]] | None = None, has_words: bool = False) -> Iterable[Segment]:
+    """Segments of a batch; ``words``: the words of its part by (file_id, segment_index), and ``has_words``:
+    the run timed words (a segment with none then gets an empty tuple)."""
     cols = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
     n = batch.num_rows
     get = lambda name: cols.get(name) or [None] * n
     fids, idx, starts, ends, texts = get("file_id"), get("segment_index"), get("start_s"), get("end_s"), get("text")
-    langs, trunc, susp = get("language"), get("truncated"), get("suspect")
+    langs, trunc, susp, lprob = get("language"), get("truncated"), get("suspect"), get("language_prob")
     for i in range(n):
-        yield Segment(fids[i], idx[i] if idx[i] is not None else i, starts[i] or 0.0, ends[i] or 0.0,
-                      texts[i] or "", langs[i], trunc[i], susp[i])
+        index = idx[i] if idx[i] is not None else i
+        seg_words = None
+        if has_words:
+            seg_words = tuple(Word(w["word"], w["start_s"], w["end_s"], w["probability"])
+                              for w in (words or {}).get((fids[i], index), []))
+        yield Segment(fids[i], index, starts[i] or 0.0, ends[i] or 0.0, texts[i] or "", langs[i], trunc[i], susp[i],
+                      lprob[i], seg_words)
 
 
 def export(output: RunOutput, fmt: str, to: str | None = None) -> ExportResult:
@@ -249,9 +327,14 @@ def export(output: RunOutput, fmt: str, to: str | None = None) -> ExportResult:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     directory = to or join(output.out, "export", fmt)
     writer = _Writer(fmt, directory, _targets(output))
-    for batch in output.segment_batches(SEGMENT_COLUMNS):
-        for seg in _segments(batch):
-            writer.add(seg)
+    if output.words_parts:  # part by part, each with the words committed beside it
+        for part, table in output.segment_parts(SEGMENT_COLUMNS):
+            for seg in _segments(table, output.words_of_part(part), has_words=True):
+                writer.add(seg)
+    else:
+        for batch in output.segment_batches(SEGMENT_COLUMNS):
+            for seg in _segments(batch):
+                writer.add(seg)
     writer.finish()
     log.info("exported %d files (%d cues) to %s", len(writer.written), writer.cues, directory)
     return ExportResult(directory, fmt, len(writer.written), writer.cues)

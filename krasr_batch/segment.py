@@ -196,11 +196,16 @@ def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
     fits in one window (``whole_file_max_s``) is decoded whole, as the model card's usage does.
     """
     spans = speech_spans(probs, total_samples, opts)
-    speech_s = sum(e - s for s, e in spans) / SAMPLE_RATE
+    return windows_from_spans(spans, energy, total_samples, opts), sum(e - s for s, e in spans) / SAMPLE_RATE
+
+
+def windows_from_spans(spans: list[tuple[int, int]], energy: np.ndarray, total_samples: int,
+                       opts: SegmentOptions) -> list[list[tuple[int, int]]]:
+    """:func:`plan_windows` from the VAD's speech spans (:func:`speech_spans`): the windows only."""
     if not spans:
-        return [], 0.0
+        return []
     if total_samples <= opts.whole_file_max_s * SAMPLE_RATE:
-        return [[(0, total_samples)]], speech_s
+        return [[(0, total_samples)]]
     max_len = int(opts.max_segment_s * SAMPLE_RATE)
     keep = int(opts.max_pause_s * SAMPLE_RATE)
     min_pause = int(BREAK_MIN_PAUSE_S * SAMPLE_RATE)
@@ -249,7 +254,7 @@ def plan_windows(probs: np.ndarray, energy: np.ndarray, total_samples: int,
         right = max(0, min(pad, next_start - e, room - left))
         parts[0] = (s - left, parts[0][1])
         parts[-1] = (parts[-1][0], e + right)
-    return windows, speech_s
+    return windows
 
 
 def plan_segments(probs: np.ndarray, energy: np.ndarray, total_samples: int,
@@ -272,9 +277,19 @@ class FilePlan:
     audio: np.ndarray | None = None  # kept for files up to KEEP_AUDIO_S
     # each window's stretches of the source (its audio is them back to back); None: one stretch per window
     pieces: list[list[tuple[int, int]]] | None = None
+    # the VAD's speech spans in the source ([(start, end)] in samples, Silero's 30 ms padding included);
+    # None: not known (word times are then left as the model gives them)
+    speech: list[tuple[int, int]] | None = None
 
     def window_pieces(self, k: int) -> list[tuple[int, int]]:
         return self.pieces[k] if self.pieces is not None else [self.segments[k]]
+
+    def window_speech(self, k: int) -> list[tuple[int, int]] | None:
+        """The speech spans inside window ``k``'s span of the source (cut at its ends), in order."""
+        if self.speech is None:
+            return None
+        s, e = self.segments[k]
+        return [(max(a, s), min(b, e)) for a, b in self.speech if a < e and b > s]
 
     def audio_samples(self, k: int) -> int:
         """Length of window ``k``'s audio in samples (its span less the pauses it skips)."""
@@ -311,10 +326,12 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
     """
     report, (vad, kept) = decode_with_fallback(path, _VadPass(keep_audio_s))
     probs, energy = vad.finish()
-    windows, speech_s = plan_windows(probs, energy, vad.samples, opts)
+    spans = speech_spans(probs, vad.samples, opts)
+    windows = windows_from_spans(spans, energy, vad.samples, opts)
+    speech_s = sum(e - s for s, e in spans) / SAMPLE_RATE
     audio = np.concatenate(kept) if kept else (np.zeros(0, np.float32) if kept is not None else None)
     return FilePlan(path, vad.samples / SAMPLE_RATE, speech_s, [(w[0][0], w[-1][1]) for w in windows],
-                    report.warnings(), report.backend, audio, windows)
+                    report.warnings(), report.backend, audio, windows, spans)
 
 
 def segment_audio(plan: FilePlan) -> Iterator[np.ndarray]:

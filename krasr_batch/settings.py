@@ -42,8 +42,12 @@ class DecodeOptions:
     # resolved by the driver before anything is fingerprinted; transformers: the card's own call;
     # ctranslate2: the same weights, converted
     engine: str = "auto"
+    word_timestamps: bool = False  # a words/ table: each word's times from the alignment heads (DTW)
+    # with language "auto": detect each segment's language among these Whisper codes only; (): all of Whisper's
+    languages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "languages", parse_languages(self.languages))
         if isinstance(self.token_limit, bool):
             object.__setattr__(self, "token_limit", "card" if self.token_limit else "none")
         if self.token_limit not in TOKEN_LIMIT_POLICIES:
@@ -64,6 +68,30 @@ class DecodeOptions:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not self.language:
             raise ValueError("language must not be empty (use 'auto' to let Whisper detect it)")
+
+
+def parse_languages(value: str | list | tuple | None) -> tuple[str, ...]:
+    """``--languages``: "kk,ru", "russian, kazakh" or a list -> Whisper codes, sorted: ("kk", "ru").
+
+    Raises ValueError naming a language Whisper does not know. (transformers' own table, imported here only
+    when there is something to parse.)
+    """
+    if not value:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    items = [v.strip().lower().strip("<|>") for v in items if v.strip()]
+    if not items:
+        return ()
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    codes: list[str] = []
+    for v in items:
+        code = v if v in LANGUAGES else TO_LANGUAGE_CODE.get(v)
+        if code is None:
+            raise ValueError(f"languages: Whisper knows no language {v!r} (give codes or names: kk,ru or kazakh,russian)")
+        if code not in codes:
+            codes.append(code)
+    return tuple(sorted(codes))  # the order says nothing: one fingerprint for one set
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,9 @@ class RunSettings:
             raise ValueError("--engine auto must be resolved (krasr_batch.engines.choose_engine) before fingerprinting")
         if d["engine"] == "transformers":
             d.pop("engine")  # the fingerprint of runs made before there was a choice of engine
+        for name in ("word_timestamps", "languages"):  # off: the fingerprint of runs made before they existed
+            if not d[name]:
+                d.pop(name)
         payload = json.dumps({"decode": d, "segment": dataclasses.asdict(self.segment)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -149,6 +180,8 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "batch_size": ("decode", "batch_size"),
     "dtype": ("decode", "dtype"),
     "engine": ("decode", "engine"),
+    "word_timestamps": ("decode", "word_timestamps"),
+    "languages": ("decode", "languages"),
     "max_segment_s": ("segment", "max_segment_s"),
     "vad_threshold": ("segment", "vad_threshold"),
     "speech_pad_ms": ("segment", "speech_pad_ms"),

@@ -13,7 +13,7 @@ from krasr_batch.manifest import ManifestSummary
 from krasr_batch.pipeline import RunAborted
 from krasr_batch.pipeline.assemble import Assembler, RunStats, check_failures
 from krasr_batch.pipeline.stages import ModelStage
-from krasr_batch.schema import FILE_ROW, FILES_BASE_SCHEMA, SEGMENTS_SCHEMA, STAGE_SCHEMA, files_schema
+from krasr_batch.schema import FILE_ROW, FILES_BASE_SCHEMA, SEGMENTS_SCHEMA, STAGE_SCHEMA, WORDS_SCHEMA, files_schema
 from krasr_batch.settings import DecodeOptions
 
 SUMMARY = ManifestSummary(num_files=0, extra_types={"speaker": pa.string(), "take": pa.int64()})
@@ -46,19 +46,19 @@ def assembler() -> Assembler:
 def test_a_file_is_handed_over_only_once_all_its_segments_are_in():
     asm = assembler()
     asm.add(table([stage_row("a", FILE_ROW, num_segments=3), stage_row("a", 2, "three")]))
-    assert asm.take() == ([], [])
+    assert asm.take() == ([], [], [])
     asm.add(table([stage_row("a", 0, "one")]))
-    assert asm.take() == ([], []) and asm.pending == 2
+    assert asm.take() == ([], [], []) and asm.pending == 2
     asm.add(table([stage_row("a", 1, "two")]))
-    segments, files = asm.take()
+    segments, files, _ = asm.take()
     assert [s["segment_index"] for s in segments] == [0, 1, 2] and len(files) == 1
-    assert asm.pending == 0 and asm.take() == ([], [])
+    assert asm.pending == 0 and asm.take() == ([], [], [])
 
 
 def test_segments_that_come_before_their_file_row_wait_for_it():
     asm = assembler()
     asm.add(table([stage_row("a", 0, "one"), stage_row("a", 1, "two")]))
-    assert asm.take() == ([], []) and asm.pending == 1
+    assert asm.take() == ([], [], []) and asm.pending == 1
     asm.add(table([stage_row("a", FILE_ROW, num_segments=2)]))
     assert len(asm.take()[1]) == 1
 
@@ -70,7 +70,7 @@ def test_segments_in_any_order_come_out_in_order_and_the_text_joins_them():
     asm = assembler()
     for r in rows:
         asm.add(table([r]))
-    segments, files = asm.take()
+    segments, files, _ = asm.take()
     assert [s["segment_index"] for s in segments] == list(range(6))
     assert files[0]["text"] == "w0 w1 w3 w4 w5"
 
@@ -78,9 +78,9 @@ def test_segments_in_any_order_come_out_in_order_and_the_text_joins_them():
 def test_rows_of_several_files_interleaved_each_file_whole():
     asm = assembler()
     asm.add(table([stage_row("a", 0, "a0"), stage_row("b", 1, "b1"), stage_row("b", FILE_ROW, num_segments=2)]))
-    assert asm.take() == ([], [])
+    assert asm.take() == ([], [], [])
     asm.add(table([stage_row("a", FILE_ROW, num_segments=1), stage_row("b", 0, "b0")]))
-    segments, files = asm.take()
+    segments, files, _ = asm.take()
     assert [f["file_id"] for f in files] == ["a", "b"]
     assert [(s["file_id"], s["segment_index"]) for s in segments] == [("a", 0), ("b", 0), ("b", 1)]
 
@@ -88,7 +88,7 @@ def test_rows_of_several_files_interleaved_each_file_whole():
 def test_rows_are_the_output_tables_shapes():
     asm = assembler()
     asm.add(table([stage_row("a", 0, "hi"), stage_row("a", FILE_ROW, num_segments=1)]))
-    segments, files = asm.take()
+    segments, files, _ = asm.take()
     assert list(segments[0]) == SEGMENTS_SCHEMA.names
     assert list(files[0]) == files_schema(SUMMARY.extra_schema()).names
     assert segments[0]["language"] == "kk"  # the language decoded with ...
@@ -99,13 +99,35 @@ def test_rows_are_the_output_tables_shapes():
     pa.Table.from_pylist(files, schema=files_schema(SUMMARY.extra_schema()))
 
 
+def test_words_come_out_with_their_file_and_seconds_by_language_are_summed():
+    def words(index, *texts):
+        return [{"word": f" {t}", "start_s": index * 10 + k, "end_s": index * 10 + k + 0.5, "probability": 0.5}
+                for k, t in enumerate(texts)]
+
+    asm = assembler()
+    asm.add(table([stage_row("a", 1, "c", language="ru", words=words(1, "c")),
+                   stage_row("a", 0, "a b", words=words(0, "a", "b")),
+                   stage_row("a", 2, "", language="en", words=[]),  # no text: no words, no seconds
+                   stage_row("b", 0, "x", words=words(0, "x"))]))
+    assert asm.take() == ([], [], [])
+    asm.add(table([stage_row("a", FILE_ROW, num_segments=3)]))
+    segments, files, word_rows = asm.take()
+    assert [(w["segment_index"], w["word_index"], w["word"]) for w in word_rows] == [(0, 0, " a"), (0, 1, " b"), (1, 0, " c")]
+    assert list(word_rows[0]) == WORDS_SCHEMA.names
+    pa.Table.from_pylist(word_rows, schema=WORDS_SCHEMA)
+    assert files[0]["language_s"] == {"kk": 10.0, "ru": 10.0}
+    assert "words" not in segments[0]
+    asm.add(table([stage_row("b", FILE_ROW, num_segments=1)]))
+    assert [w["file_id"] for w in asm.take()[2]] == ["b"]
+
+
 def test_a_failed_file_has_no_text_and_is_counted_by_kind():
     asm = assembler()
     asm.add(table([stage_row("bad", FILE_ROW, status="error", error="no such file", error_kind="not_found"),
                    stage_row("odd", FILE_ROW, status="error", error="?"),
                    stage_row("ok", 0, "fine", truncated=True, truncation="did_not_fit", suspect=True),
                    stage_row("ok", FILE_ROW, num_segments=1)]))
-    _, files = asm.take()
+    _, files, _ = asm.take()
     by_id = {f["file_id"]: f for f in files}
     assert by_id["bad"]["text"] is None and by_id["bad"]["error_kind"] == "not_found"
     st = asm.stats
@@ -125,7 +147,8 @@ def test_too_many_failures_stop_the_run_only_past_the_minimum():
 
 
 def test_files_rows_take_every_base_column_from_the_stage_row():
-    assert set(FILES_BASE_SCHEMA.names) - {"text", "language"} <= set(STAGE_SCHEMA.names)
+    # text and language_s are made from the file's segments, language from req_language
+    assert set(FILES_BASE_SCHEMA.names) - {"text", "language", "language_s"} <= set(STAGE_SCHEMA.names)
     assert set(SEGMENTS_SCHEMA.names) <= set(STAGE_SCHEMA.names)
 
 
@@ -176,7 +199,7 @@ def test_segment_file_rows_are_the_stage_rows_less_the_models_columns(corpus):
     row = {"file_id": "c", "path": str(corpus / "clips" / sorted((corpus / "clips").iterdir())[0].name),
            "line": 1, "language": None, "reference_text": None, "extra_json": None}
     rows = list(segment_file(row, SegmentOptions(), "kazakh", None, "fit"))
-    expected = (set(STAGE_SCHEMA.names) - set(MODEL_OUTPUT_NAMES)) | {"audio"}
+    expected = (set(STAGE_SCHEMA.names) - set(MODEL_OUTPUT_NAMES)) | {"audio", "stretches", "speech"}  # for word times
     assert all(set(r) == expected for r in rows)
     assert rows[-1]["segment_index"] == FILE_ROW and rows[-1]["status"] == "ok"
     assert [r["segment_index"] for r in rows[:-1]] == list(range(rows[-1]["num_segments"]))

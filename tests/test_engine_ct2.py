@@ -142,6 +142,8 @@ def test_engine_is_part_of_the_output_fingerprint():
     d = dataclasses.asdict(base.decode)
     d.pop("batch_size")
     d.pop("engine")
+    d.pop("word_timestamps")  # off, and --languages unset: not stamped either (issue 14)
+    d.pop("languages")
     payload = json.dumps({"decode": d, "segment": dataclasses.asdict(base.segment)}, sort_keys=True)
     assert base.output_fingerprint() == hashlib.sha256(payload.encode()).hexdigest()[:16]
     with pytest.raises(ValueError, match="engine"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - pa.parquet
 
 from krasr_batch.output import (
     OutputLayout,
@@ -67,3 +68,24 @@ def test_failures_are_grouped_by_kind_in_order():
     failures_by_kind(rows[1:2], into=into)
     assert into == {"not_found": ["z", "b"]}
     assert failures_by_kind(rows, value=lambda r: r["path"]) == {"not_found": ["/b", "/d"], "error": ["/c"]}
+
+
+def test_words_are_committed_with_their_segments_and_orphans_are_removed(tmp_path):
+    from krasr_batch.schema import WORDS_SCHEMA
+
+    layout = OutputLayout(str(tmp_path / "out"))
+    w = PartWriter(layout, files_schema(EXTRA), words=True)
+    word = {"file_id": "a", "segment_index": 0, "word_index": 0, "word": " a0", "start_s": 0.1, "end_s": 0.4,
+            "probability": 0.9}
+    assert w.write([seg("a", 0)], [file_row("a")], [word]) == 1
+    assert w.write([seg("b", 0)], [file_row("b", "error", "not_found")], []) == 1  # a part with no words
+    names = [p.rsplit("/", 1)[1] for p in list_parts(layout.files)]
+    assert [p.rsplit("/", 1)[1] for p in list_parts(layout.words)] == names
+    out = open_output(layout.out)
+    assert out.words_of_part(out.segments_parts[0]) == {("a", 0): [word]}
+    assert out.words_of_part(out.segments_parts[1]) == {}
+    # a kill after the words part but before the files part: the words part goes, like a segments part
+    orphan = tmp_path / "out" / "words" / "part-dead-000000.parquet"
+    pa.parquet.write_table(pa.Table.from_pylist([word], schema=WORDS_SCHEMA), orphan)
+    assert recover(layout) == {"a", "b"}
+    assert not orphan.exists() and len(list_parts(layout.words)) == 2

@@ -84,7 +84,7 @@ def job(tmp_path_factory, corpus, tiny_model):
     manifest = tmp / "m.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     args = ["--model", str(tiny_model), "--batch-size", "1", "--flush-s", "0.3", "--no-progress",
-            "--max-failed-fraction", "0.5"]
+            "--max-failed-fraction", "0.5", "--word-timestamps"]  # words/ follows the commit protocol too
     ref = tmp / "reference"
     p = start(["run", str(manifest), "--out", str(ref), *args])
     out, _ = p.communicate(timeout=900)
@@ -118,7 +118,10 @@ def test_sigkill_at_three_points_then_rerun_equals_uninterrupted(job, tmp_path):
     assert f"{seen[2]} already done by an earlier run" in log
     assert table(out, "files", ["file_id"]) == table(ref, "files", ["file_id"])
     assert table(out, "segments", ["file_id", "segment_index"]) == table(ref, "segments", ["file_id", "segment_index"])
-    assert not list((out / "files").glob(".tmp-*")) and not list((out / "segments").glob(".tmp-*"))
+    words = ["file_id", "segment_index", "word_index"]
+    assert table(out, "words", words) == table(ref, "words", words) and table(ref, "words", words)
+    for d in ("files", "segments", "words"):
+        assert not list((out / d).glob(".tmp-*"))
     assert (out / "_SUCCESS").exists()
 
 

@@ -90,7 +90,8 @@ def test_segment_rows(corpus_run, corpus):
     cur = con.execute(f"select * from '{out}/segments/*.parquet' order by file_id, segment_index")
     cols = [c[0] for c in cur.description]
     segs = cur.fetchall()
-    assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "audio_s", "text", "language", "max_new_tokens",
+    assert cols == ["file_id", "path", "segment_index", "start_s", "end_s", "audio_s", "text", "language",
+                    "language_prob", "max_new_tokens",
                     "num_tokens", "truncated", "decode_s", "batch_size", "worker", "avg_logprob",
                     "compression_ratio", "no_speech_prob", "suspect", "truncation"]
     files = {f["file_id"]: f for f in pads.dataset(out / "files", format="parquet").to_table().to_pylist()}

@@ -34,6 +34,13 @@ def test_long_recordings_spans_inside_segments(corpus, max_segment_s):
             assert outside == []
         else:  # shorter windows: a long mixed sentence may need a cut, at a pause inside it
             assert len(outside) <= len(mine) // 10
+        # each window knows the VAD's speech inside it (word times are trimmed to it): in order, inside the
+        # window, and every sentence starts where some speech starts (the synthesizer starts on the sound)
+        speech = [(a / SR, b / SR) for k in range(len(segs)) for a, b in plan.window_speech(k)]
+        assert all(s <= a < b <= e for k, (s, e) in enumerate(segs) for a, b in
+                   [(x / SR, y / SR) for x, y in plan.window_speech(k)])
+        assert all(b[0] >= a[1] for a, b in zip(speech, speech[1:]))
+        assert all(min(abs(x["start_s"] - a) for a, _ in speech) < 0.15 for x in mine)
         # and the audio handed over is exactly the planned stretches, back to back
         for k, audio in enumerate(segment_audio(plan)):
             assert len(audio) == plan.audio_samples(k)
@@ -189,3 +196,15 @@ def test_a_window_ends_at_a_clear_pause_in_its_last_fifth_rather_than_half_empty
     probs[int(26.4 * SR / FRAME):int(26.6 * SR / FRAME)] = 0.0  # only a 0.2 s pause there
     segs, _ = plan_segments(probs, probs.copy(), 45 * SR, SegmentOptions(whole_file_max_s=30))
     assert 16.0 <= segs[0][1] / SR <= 18.0
+
+
+def test_word_times_map_from_a_window_that_skips_a_pause_to_the_source():
+    import json
+
+    from krasr_batch.pipeline.stages import source_time
+
+    # two stretches: 10.0-12.0 s and 20.0-21.5 s of the source (the 8 s between them lost their middle)
+    to_source = source_time(json.dumps([[10.0, 12.0], [20.0, 21.5]]), 10.0)
+    assert to_source(0.5) == 10.5 and to_source(2.0) == 12.0
+    assert abs(to_source(2.5) - 20.5) < 1e-9 and to_source(9.0) == 21.5
+    assert source_time(None, 3.0)(1.25) == 4.25  # a window of one stretch: its start plus the offset

@@ -23,6 +23,13 @@ GLOB = click.option(
 @click.option("--job", "job", type=click.Path(exists=True, dir_okay=False), help="A jobs/NAME.yaml preset; flags win over it.")
 @click.option("--model", help=f"Hub id or local folder (transformers format, safetensors). [default: {DEFAULT_MODEL}]")
 @click.option("--language", help="Language to force (default: kazakh); 'auto' lets Whisper detect it. A manifest line's own 'language' wins.")
+@click.option("--languages", metavar="CODES",
+              help="With --language auto: detect each segment's language among these only (comma-separated "
+                   "Whisper codes or names, e.g. kk,ru); segments record language and language_prob. "
+                   "[default: all of Whisper's languages]")
+@click.option("--word-timestamps/--no-word-timestamps", "word_timestamps", default=None,
+              help="Also time every word (the model's alignment heads, DTW over cross-attention) into a words/ "
+                   "table; the text stays the same. [default: off]")
 @click.option("--beams", type=click.IntRange(min=1), help="Beam size. [default: 3]")
 @click.option("--token-limit", type=click.Choice(TOKEN_LIMIT_POLICIES),
               help="max_new_tokens per segment. fit: the card's duration table for a file decoded whole, and at "

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from krasr_batch.audio import SAMPLE_RATE
+from krasr_batch.engines.timing import Word
 from krasr_batch.settings import MAX_WINDOW_S, TOKEN_LIMIT_POLICIES, DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,15 @@ class SegmentOutput:
     batch_size: int
     avg_logprob: float | None = None  # mean log-probability of the text tokens and end-of-text, as Whisper reports it
     no_speech_prob: float | None = None  # probability of <|nospeech|> right after <|startoftranscript|>
+    # probability of ``language`` at the detection step (right after <|startoftranscript|>), among --languages
+    # when given and ``language`` is one of them, else among all the model's languages
+    language_prob: float | None = None
+    words: tuple[Word, ...] | None = None  # with word timestamps: the words, times from the segment's start
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
 
 
 def model_error(model: str, cause: Exception) -> RuntimeError:
@@ -311,6 +321,45 @@ class Decoder:
                            *self.lang_by_token, *self.task_ids.values()} - {None}
         no_speech = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
         self.no_speech_id = next((t for t in no_speech if t is not None and t != self.tokenizer.unk_token_id), None)
+        self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
+        missing = [c for c in self.options.languages if c not in self.token_by_code]
+        if missing:
+            raise RuntimeError(f"--languages: the model {model!r} has no language token for {', '.join(missing)}")
+        self.alignment_heads = [tuple(h) for h in (getattr(gc, "alignment_heads", None) or [])]
+        if self.options.word_timestamps and not self.alignment_heads:
+            raise RuntimeError(
+                f"--word-timestamps needs the model's alignment heads (the cross-attention heads that follow the "
+                f"audio), and the generation config of {model!r} lists none (no 'alignment_heads' in "
+                "generation_config.json). Add them to that file (openai/whisper lists them for each size), or run "
+                "without --word-timestamps.")
+
+    def _language_candidates(self, code: str | None = None) -> list[str]:
+        """The languages detection chooses among: --languages, else all the model's; a forced language outside
+        --languages is weighed against all."""
+        langs = list(self.options.languages)
+        return langs if langs and (code is None or code in langs) else list(self.token_by_code)
+
+    def detect_language(self, scores: np.ndarray) -> tuple[str, float]:
+        """(code, probability) of the likeliest candidate language from one row of first-step scores: the
+        decoder's logits right after <|startoftranscript|> (or log-probabilities), indexed by token id;
+        softmax over the candidates only, as Whisper's detection masks every other token."""
+        codes = self._language_candidates()
+        p = _softmax(np.asarray(scores, np.float64)[[self.token_by_code[c] for c in codes]])
+        k = int(np.argmax(p))
+        return codes[k], float(p[k])
+
+    def language_prob(self, scores: np.ndarray, code: str) -> float | None:
+        """The probability of ``code`` among its candidates (see :meth:`detect_language`), or None for a code
+        the model has no token for."""
+        if code not in self.token_by_code:
+            return None
+        codes = self._language_candidates(code)
+        p = _softmax(np.asarray(scores, np.float64)[[self.token_by_code[c] for c in codes]])
+        return float(p[codes.index(code)])
+
+    def _word_decode(self, tokens: list[int]) -> str:
+        """How a run of tokens reads, as the segment's text is decoded (special tokens dropped)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     # An engine whose batch can hold several languages (each row its own prompt) sets this.
     mixed_languages = False

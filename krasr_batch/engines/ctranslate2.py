@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from krasr_batch.audio import SAMPLE_RATE
 from krasr_batch.engines.base import (
     Decoder,
     SegmentOutput,
@@ -41,6 +42,7 @@ from krasr_batch.engines.base import (
     model_error,
     require_safetensors,
 )
+from krasr_batch.engines.timing import MEDIAN_FILTER_WIDTH, Word, num_frames, words_from_alignment
 from krasr_batch.settings import DecodeOptions
 from krasr_batch.storage import file_lock
 
@@ -225,11 +227,12 @@ class CTranslate2Decoder(Decoder):
         t0 = time.perf_counter()
         feats = self._features(audios, "np")["input_features"]
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, dtype=np.float32))
-        codes = [language_code(x) if x is not None else None for x in languages]
-        if any(c is None for c in codes):  # detect those rows' language from the first decoder step, as transformers does
-            features = self.model.encode(features, to_cpu=False)
-            detected = [ranked[0][0][2:-2] for ranked in self.model.detect_language(features)]
-            codes = [c if c is not None else d for c, d in zip(codes, detected)]
+        # the encoder once, for detection, generation and alignment; detection's first step also gives the
+        # probability of a forced language
+        features = self.model.encode(features, to_cpu=False)
+        scores = [self._language_scores(ranked) for ranked in self.model.detect_language(features)]
+        # a forced language is decoded as asked; the others are detected among the candidates (--languages)
+        codes = [language_code(x) if x is not None else self.detect_language(sc)[0] for x, sc in zip(languages, scores)]
         prompts = [self._prompt(c) for c in codes]
         o = self.options
         top = max(limits)
@@ -237,9 +240,8 @@ class CTranslate2Decoder(Decoder):
             features, prompts, beam_size=o.beams, no_repeat_ngram_size=o.no_repeat_ngram_size,
             repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(top, len(prompts[0])),
             return_scores=True, return_no_speech_prob=True)
-        decode_s = time.perf_counter() - t0
-        out = []
-        for code, own, r in zip(codes, limits, results):
+        rows = []
+        for own, r in zip(limits, results):
             tokens = r.sequences_ids[0]
             n = len(tokens)
             ended = n < top  # the end-of-text step counts toward the limit, so a full-length row never ended
@@ -247,9 +249,62 @@ class CTranslate2Decoder(Decoder):
             if n >= own and own < top:  # past its own limit: cut there, as a decode with that limit stops
                 tokens, n, ended = tokens[:own], own, False
                 score = None  # the score covers tokens this row no longer has
+            rows.append((tokens, n, ended, score))
+        words = (self._align(features, codes, [t for t, *_ in rows], audios) if o.word_timestamps
+                 else [None] * n_rows)
+        decode_s = time.perf_counter() - t0
+        out = []
+        for code, r, sc, w, (tokens, n, ended, score) in zip(codes, results, scores, words, rows):
             # CTranslate2's score is the summed log-probability (end-of-text included) over the text tokens;
             # Whisper's avg_logprob averages over the text tokens and end-of-text
             avg = None if score is None else float(score * n / (n + 1) if ended and n else score)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            out.append(SegmentOutput(text, code, n, not ended, decode_s, n_rows, avg, float(r.no_speech_prob)))
+            out.append(SegmentOutput(text, code, n, not ended, decode_s, n_rows, avg, float(r.no_speech_prob),
+                                     self.language_prob(sc, code), w))
         return out
+
+    def _language_scores(self, ranked: list[tuple[str, float]]) -> np.ndarray:
+        """detect_language's (token, probability) pairs as log-probabilities indexed by token id (-inf for
+        every other token), the form :meth:`Decoder.detect_language` takes: restricting them to some languages
+        and taking the softmax renormalises their probabilities."""
+        out = np.full(max(self.lang_by_token) + 1, -np.inf)
+        for token, p in ranked:
+            tid = self.token_by_code.get(token[2:-2])
+            if tid is not None:
+                out[tid] = np.log(max(p, 1e-30))
+        return out
+
+    def _align(self, encoded, codes: list[str], tokens: list[list[int]], audios: list[np.ndarray]) -> list[tuple[Word, ...]]:
+        """Each row's words (see engines/timing.py) from ``Whisper.align`` over the encoder output, one call
+        per language in the batch (its start sequence holds the language token)."""
+        gc = self.generation_config
+        task = self.prompt_tail[0]
+        out: list[tuple[Word, ...]] = [()] * len(tokens)
+        by_code: dict[str, list[int]] = {}
+        for i, (code, t) in enumerate(zip(codes, tokens)):
+            if t:
+                by_code.setdefault(code, []).append(i)
+        for code, idx in by_code.items():
+            rows, keep = (encoded, None) if len(idx) == len(tokens) else self._rows(encoded, idx)
+            aligned = self.model.align(rows, [gc.decoder_start_token_id, self.token_by_code[code], task],
+                                       [tokens[i] for i in idx], [num_frames(len(audios[i])) for i in idx],
+                                       median_filter_width=MEDIAN_FILTER_WIDTH)
+            del keep
+            for i, a in zip(idx, aligned):
+                path = np.asarray(a.alignments, dtype=np.int64).reshape(-1, 2)
+                out[i] = tuple(words_from_alignment(
+                    tokens[i], path[:, 0], path[:, 1], a.text_token_probs, self._word_decode, self.eos, code,
+                    len(audios[i]) / SAMPLE_RATE))
+        return out
+
+    def _rows(self, encoded, idx: list[int]):
+        """The encoder output's rows ``idx`` as a new StorageView, and the array that holds its memory."""
+        import ctranslate2
+
+        if self.device == "cuda":
+            import torch
+
+            held = torch.as_tensor(encoded, device="cuda")[idx].contiguous()
+        else:
+            held = np.ascontiguousarray(np.asarray(encoded)[idx])
+        return ctranslate2.StorageView.from_array(held), held

@@ -7,11 +7,13 @@ generate() settings, and the segment's ``max_new_tokens``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
 import numpy as np
 
+from krasr_batch.audio import SAMPLE_RATE
 from krasr_batch.engines.base import (
     Decoder,
     SegmentOutput,
@@ -21,6 +23,7 @@ from krasr_batch.engines.base import (
     model_error,
     resolve_device,
 )
+from krasr_batch.engines.timing import MEDIAN_FILTER_WIDTH, Word, num_frames, words_from_alignment
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,11 @@ class WhisperDecoder(Decoder):
             self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self._encoded = None
         self.model.model.encoder.register_forward_hook(self._keep_encoder_output)
+        self._auto_config = None  # detection among --languages: the generation config with only their tokens
+        if options.languages:
+            self._auto_config = copy.deepcopy(self.model.generation_config)
+            keep = {self.token_by_code[c] for c in options.languages}
+            self._auto_config.lang_to_id = {k: v for k, v in self._auto_config.lang_to_id.items() if v in keep}
         self.batch_size = default_batch_size(options.batch_size, self.device)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
@@ -71,6 +79,8 @@ class WhisperDecoder(Decoder):
                       repetition_penalty=self.options.repetition_penalty, max_new_tokens=limit)
         if language is not None:
             kwargs["language"] = language
+        elif self._auto_config is not None:  # transformers' detection masks every token not in lang_to_id
+            kwargs["generation_config"] = self._auto_config
         with torch.inference_mode():
             from transformers import LogitsProcessorList
 
@@ -92,13 +102,72 @@ class WhisperDecoder(Decoder):
             rows = seqs.tolist()
             spans = [self._split(row) for row in rows]
             signals = self._signals(out, encoded, seqs, spans, recorder)
+            words = [None] * len(spans)
+            if self.options.word_timestamps:
+                if encoded is None or encoded.shape[0] != len(spans):  # not kept by the hook: encode again
+                    encoded = self.model.model.encoder(features).last_hidden_state
+                words = self._align(encoded, seqs, spans, audios)
         decode_s = time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(seqs.cpu(), skip_special_tokens=True)
         results = []
-        for text, (start, end, ended, lang), (avg_lp, nsp) in zip(texts, spans, signals):
-            results.append(SegmentOutput(text.strip(), lang or language_code(language), end - start, not ended,
-                                         decode_s, len(audios), avg_lp, nsp))
+        for text, (start, end, ended, lang), (avg_lp, nsp, first), w in zip(texts, spans, signals, words):
+            code = lang or language_code(language)
+            lang_p = self.language_prob(first, code) if first is not None else None
+            results.append(SegmentOutput(text.strip(), code, end - start, not ended, decode_s, len(audios), avg_lp,
+                                         nsp, lang_p, w))
         return results
+
+    def _align(self, encoded, seqs, spans, audios: list[np.ndarray]) -> list[tuple[Word, ...] | None]:
+        """Each row's words (see engines/timing.py): one teacher-forced decoder pass over the chosen tokens and
+        end-of-text, keeping the alignment heads' cross-attention (eager attention for this pass only: SDPA
+        gives no weights), then transformers' own median filter and DTW, as openai/whisper's find_alignment."""
+        import torch
+        from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
+
+        n = len(spans)
+        width = max(end for _, end, _, _ in spans) + 1
+        ids = torch.full((n, width), self.eos, dtype=torch.long, device=seqs.device)
+        for b, (_, end, _, _) in enumerate(spans):
+            ids[b, :end] = seqs[b, :end]  # prompt and text, then end-of-text (padding after it is causal-safe)
+        heads = self.alignment_heads
+        layers = sorted({layer for layer, _ in heads})
+        kept: dict[int, object] = {}
+
+        def keep(layer: int):
+            picks = [h for ll, h in heads if ll == layer]
+            return lambda module, args, output: kept.__setitem__(layer, output[1][:, picks])
+
+        decoder = self.model.model.decoder
+        hooks = [decoder.layers[layer].encoder_attn.register_forward_hook(keep(layer)) for layer in layers]
+        config = self.model.config
+        attn = config._attn_implementation
+        try:
+            config._attn_implementation = "eager"
+            hidden = decoder(input_ids=ids, encoder_hidden_states=encoded, use_cache=False).last_hidden_state
+        finally:
+            config._attn_implementation = attn
+            for h in hooks:
+                h.remove()
+        by_layer = {layer: iter(range(kept[layer].shape[1])) for layer in layers}
+        weights = torch.stack([kept[layer][:, next(by_layer[layer])] for layer, _ in heads], dim=1).float()
+        out: list[tuple[Word, ...] | None] = []
+        for b, (start, end, _, lang) in enumerate(spans):
+            text = seqs[b, start:end].tolist()
+            if not text:
+                out.append(())
+                continue
+            frames = num_frames(len(audios[b])) // 2
+            w = weights[b, :, :end + 1, :frames]  # (heads, prompt + text + end-of-text, frames)
+            std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+            w = _median_filter((w - mean) / std, MEDIAN_FILTER_WIDTH)
+            matrix = w.mean(dim=0)[start - 1:end]  # the rows that predict each text token and end-of-text
+            text_idx, time_idx = _dynamic_time_warping(-matrix.double().cpu().numpy())
+            logits = self.model.proj_out(hidden[b, start - 1:end - 1]).float()[:, :self.eos]
+            probs = torch.softmax(logits, dim=-1).cpu().numpy()
+            token_p = [float(probs[k, t]) if t < self.eos else 0.0 for k, t in enumerate(text)]
+            out.append(tuple(words_from_alignment(text, np.asarray(text_idx), np.asarray(time_idx), token_p,
+                                                  self._word_decode, self.eos, lang, len(audios[b]) / SAMPLE_RATE)))
+        return out
 
     def _keep_encoder_output(self, module, args, output) -> None:
         """Forward hook: keep the encoder's output of the generate() call for the no-speech step."""
@@ -113,8 +182,9 @@ class WhisperDecoder(Decoder):
         end = row.index(self.eos, k) if self.eos in row[k:] else len(row)
         return k, end, end < len(row), lang
 
-    def _signals(self, out, encoded, seqs, spans, recorder: _StepRecorder) -> list[tuple[float | None, float | None]]:
-        """Whisper's avg_logprob and no_speech_prob for each output row, at almost no cost.
+    def _signals(self, out, encoded, seqs, spans, recorder: _StepRecorder) -> list[tuple]:
+        """Whisper's avg_logprob and no_speech_prob for each output row, and the logits of the step after
+        <|startoftranscript|> (the language detection step, as numpy), at almost no cost.
 
         avg_logprob: the mean log-probability of the text tokens and end-of-text as the decoder scored them
         when it chose them (Whisper's own definition; the scores are after the card's logits processors, so a
@@ -127,6 +197,7 @@ class WhisperDecoder(Decoder):
         n = len(spans)
         avg: list[float | None] = [None] * n
         nsp: list[float | None] = [None] * n
+        first: list = [None] * n
         prompt = spans[0][0]
         if recorder.ids and prompt and all(sp[0] == prompt for sp in spans):
             ids = torch.stack(recorder.ids)  # (steps, rows, k)
@@ -145,12 +216,14 @@ class WhisperDecoder(Decoder):
                 hit = ids[t, rows] == tokens[:, None]  # (m, k): the chosen token among the row's best k
                 if hit.any(dim=1).all():
                     avg[b] = float((vals[t, rows] * hit).sum() / m)
-        if encoded is not None and self.no_speech_id is not None and encoded.shape[0] == seqs.shape[0]:
+        if encoded is not None and encoded.shape[0] == seqs.shape[0]:
             hidden = self.model.model.decoder(input_ids=seqs[:, :1], encoder_hidden_states=encoded,
                                               use_cache=False).last_hidden_state
-            probs = torch.softmax(self.model.proj_out(hidden[:, 0]).float(), dim=-1)[:, self.no_speech_id]
-            nsp = [float(x) for x in probs.cpu()]
-        return list(zip(avg, nsp))
+            logits = self.model.proj_out(hidden[:, 0]).float()
+            if self.no_speech_id is not None:
+                nsp = [float(x) for x in torch.softmax(logits, dim=-1)[:, self.no_speech_id].cpu()]
+            first = list(logits.cpu().numpy())
+        return list(zip(avg, nsp, first))
 
 
 class _StepRecorder:

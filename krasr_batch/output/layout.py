@@ -24,6 +24,10 @@ class OutputLayout:
         return join(self.out, "segments")
 
     @property
+    def words(self) -> str:
+        return join(self.out, "words")
+
+    @property
     def files(self) -> str:
         return join(self.out, "files")
 

@@ -1,7 +1,7 @@
 """Reading a run's output folder: :func:`open_output` and :class:`RunOutput`.
 
 :func:`open_output` checks that a folder (local path or ``s3://``/``gs://`` URI) holds krasr-batch output
-and returns a :class:`RunOutput` that reads ``files/``, ``segments/`` and ``run.json``. Only committed
+and returns a :class:`RunOutput` that reads ``files/``, ``segments/``, ``words/`` and ``run.json``. Only committed
 ``part-*.parquet`` files are read (never the hidden ``.tmp-…`` files of a run in progress), and their
 schemas are unified, so parts written with and without newer columns (``suspect``, ``avg_logprob``, …)
 read together, the missing values as nulls. :func:`suspect_flags` tells suspect segments also in parts
@@ -51,6 +51,7 @@ class RunOutput:
     fs: pafs.FileSystem
     files_parts: tuple[str, ...]
     segments_parts: tuple[str, ...]
+    words_parts: tuple[str, ...] = ()  # words/ parts (runs with --word-timestamps), named as their segments/ twins
 
     @cached_property
     def files_schema(self) -> pa.Schema:
@@ -83,6 +84,27 @@ class RunOutput:
                           format="parquet")
         yield from ds.to_batches(columns=[c for c in columns if c in self.segments_schema.names])
 
+    def segment_parts(self, columns: Iterable[str]) -> Iterator[tuple[str, pa.Table]]:
+        """Each ``segments/`` part (path, rows with the ``columns`` that exist), one at a time."""
+        names = [c for c in columns if c in self.segments_schema.names]
+        for part in self.segments_parts:
+            ds = pads.dataset([part], schema=self.segments_schema, filesystem=self.fs, format="parquet")
+            yield part, ds.to_table(columns=names)
+
+    def words_of_part(self, segments_part: str) -> dict[tuple[str, int], list[dict]]:
+        """The words committed with one ``segments/`` part (its ``words/`` twin), by (file_id, segment_index),
+        each list in word order; {} when the run has no words."""
+        name = segments_part.rsplit("/", 1)[-1]
+        part = next((p for p in self.words_parts if p.rsplit("/", 1)[-1] == name), None)
+        if part is None:
+            return {}
+        out: dict[tuple[str, int], list[dict]] = {}
+        for r in pq.read_table(part, filesystem=self.fs).to_pylist():
+            out.setdefault((r["file_id"], r["segment_index"]), []).append(r)
+        for words in out.values():
+            words.sort(key=lambda r: r["word_index"])
+        return out
+
     def run_info(self) -> dict[str, Any] | None:
         """run.json, or None when the run has not finished (or the file is unreadable)."""
         text = read_text(OutputLayout(self.out).run_json)
@@ -112,7 +134,7 @@ def open_output(out: str) -> RunOutput:
     if not files_parts:
         raise OutputError(f"{out} holds no files/part-*.parquet: not a krasr-batch output folder, "
                           "or no file has been committed yet")
-    return RunOutput(out, fs, tuple(files_parts), tuple(list_parts(layout.segments)))
+    return RunOutput(out, fs, tuple(files_parts), tuple(list_parts(layout.segments)), tuple(list_parts(layout.words)))
 
 
 # ---------------------------------------------------------------- suspect segments

@@ -1,8 +1,9 @@
 """Writing a run's output: atomic part files, ``run.json`` and ``_SUCCESS``.
 
 Commit protocol (what makes reruns exact and readers safe):
-- A file's rows are written only once all its segments are decoded; each flush writes
-  ``segments/part-<run>-<seq>.parquet`` and then ``files/part-<run>-<seq>.parquet``, each first to a hidden
+- A file's rows are written only once all its segments are decoded; each flush writes (with word timestamps)
+  ``words/part-<run>-<seq>.parquet``, then ``segments/part-<run>-<seq>.parquet`` and then
+  ``files/part-<run>-<seq>.parquet``, each first to a hidden
   temporary name (``.tmp-part-….parquet.<random>``, skipped by pyarrow, DuckDB globs, pandas and Spark)
   and then renamed into place.
 - A file counts as done when its row is in ``files/``. A rerun reads the done ids and skips them; a
@@ -21,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from krasr_batch.output.layout import TMP_PREFIX, OutputLayout, list_parts, list_tmp
-from krasr_batch.schema import SEGMENTS_SCHEMA
+from krasr_batch.schema import SEGMENTS_SCHEMA, WORDS_SCHEMA
 from krasr_batch.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,27 @@ def write_bytes_atomic(data: bytes, dest: str) -> None:
 
 
 class PartWriter:
-    """Writes finished files' rows as matching ``segments/`` and ``files/`` part files."""
+    """Writes finished files' rows as matching ``segments/`` and ``files/`` part files, and ``words/`` parts
+    when ``words`` (--word-timestamps)."""
 
-    def __init__(self, layout: OutputLayout, files_schema: pa.Schema):
+    def __init__(self, layout: OutputLayout, files_schema: pa.Schema, words: bool = False):
         self.layout = layout
         self.files_schema = files_schema
+        self.words = words
         self.run_tag = uuid.uuid4().hex[:8]
         self.seq = 0
-        for d in (layout.segments, layout.files, layout.work):
+        for d in (layout.segments, layout.files, layout.work, *([layout.words] if words else [])):
             fs, p = filesystem(d)
             fs.create_dir(p, recursive=True)
 
-    def write(self, segment_rows: list[dict], file_rows: list[dict]) -> int:
+    def write(self, segment_rows: list[dict], file_rows: list[dict], word_rows: list[dict] | None = None) -> int:
         """Commit finished files; returns how many."""
         if not file_rows:
             return 0
         name = f"part-{self.run_tag}-{self.seq:06d}.parquet"
         self.seq += 1
+        if self.words:  # first: a file is done once its files/ row is in, and then all its rows must be
+            _write_atomic_table(pa.Table.from_pylist(word_rows or [], schema=WORDS_SCHEMA), join(self.layout.words, name))
         _write_atomic_table(pa.Table.from_pylist(segment_rows, schema=SEGMENTS_SCHEMA), join(self.layout.segments, name))
         _write_atomic_table(pa.Table.from_pylist(file_rows, schema=self.files_schema), join(self.layout.files, name))
         return len(file_rows)
@@ -73,14 +78,14 @@ class PartWriter:
 def recover(layout: OutputLayout) -> set[str]:
     """Make ``out`` consistent after an interrupted run; return the ids of files already done."""
     fs, _ = filesystem(layout.out)
-    for d in (layout.segments, layout.files, layout.out):
+    for d in (layout.segments, layout.words, layout.files, layout.out):
         for tmp in list_tmp(d):
             fs.delete_file(tmp)
     files_parts = {p.rsplit("/", 1)[1] for p in list_parts(layout.files)}
-    for seg in list_parts(layout.segments):
-        if seg.rsplit("/", 1)[1] not in files_parts:
-            log.warning("removing %s: written by a run that stopped before committing its files", seg)
-            fs.delete_file(seg)
+    for part in list_parts(layout.segments) + list_parts(layout.words):
+        if part.rsplit("/", 1)[1] not in files_parts:
+            log.warning("removing %s: written by a run that stopped before committing its files", part)
+            fs.delete_file(part)
     if not files_parts:
         return set()
     fs_files, p = filesystem(layout.files)
@@ -100,7 +105,7 @@ def mark_success(layout: OutputLayout) -> None:
 def clear_output(layout: OutputLayout) -> None:
     """Remove what krasr-batch wrote in ``out`` (for --overwrite)."""
     fs, p = filesystem(layout.out)
-    for d in (layout.segments, layout.files, layout.work):
+    for d in (layout.segments, layout.words, layout.files, layout.work):
         _, dp = filesystem(d)
         try:
             fs.delete_dir(dp)

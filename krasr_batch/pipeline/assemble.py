@@ -18,7 +18,7 @@ import pyarrow as pa
 from krasr_batch.manifest import ManifestSummary, convert_extra
 from krasr_batch.output.layout import failures_by_kind
 from krasr_batch.pipeline.errors import RunAborted
-from krasr_batch.schema import FILE_ROW, file_row, segment_row
+from krasr_batch.schema import FILE_ROW, file_row, language_seconds, segment_row, word_rows
 
 
 @dataclass
@@ -103,15 +103,19 @@ class Assembler:
         self.decoded = decoded  # False for ``plan``: files get no text (None), as nothing was decoded
         self.stats = stats
         self.segments: dict[str, list[dict]] = {}
+        self.words: dict[str, list[dict]] = {}
         self.file_rows: dict[str, dict] = {}
         self.ready_segments: list[dict] = []
         self.ready_files: list[dict] = []
+        self.ready_words: list[dict] = []
 
     def add(self, batch: pa.Table) -> None:
         for row in batch.to_pylist():
             fid = row["file_id"]
             if row["segment_index"] != FILE_ROW:
                 self.segments.setdefault(fid, []).append(segment_row(row))
+                if row.get("words"):
+                    self.words.setdefault(fid, []).extend(word_rows(row))
             else:
                 self.file_rows[fid] = row
             self._maybe_complete(fid)
@@ -125,14 +129,17 @@ class Assembler:
             return
         self.file_rows.pop(fid)
         self.segments.pop(fid, None)
+        words = self.words.pop(fid, [])
         segs.sort(key=lambda r: r["segment_index"])
+        words.sort(key=lambda r: (r["segment_index"], r["word_index"]))
         ok = row["status"] == "ok" and self.decoded
         text = " ".join(s["text"] for s in segs if s["text"]) if ok else None
-        out = file_row(row, text, len(segs))
+        out = file_row(row, text, len(segs), language_seconds(segs) if ok else None)
         extra = json.loads(row["extra_json"]) if row["extra_json"] else {}
         for k, t in self.summary.extra_types.items():
             out[k] = convert_extra(extra.get(k), t)
         self.ready_segments.extend(segs)
+        self.ready_words.extend(words)
         self.ready_files.append(out)
         self._count(row, segs)
 
@@ -156,10 +163,11 @@ class Assembler:
         st.model_s += sum((s["decode_s"] or 0.0) / max(s["batch_size"] or 1, 1) for s in segs)
         st.segment_s += row["segment_wall_s"] or 0.0
 
-    def take(self) -> tuple[list[dict], list[dict]]:
-        segs, files = self.ready_segments, self.ready_files
-        self.ready_segments, self.ready_files = [], []
-        return segs, files
+    def take(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """The finished files' (segment rows, file rows, word rows), handed over once."""
+        segs, files, words = self.ready_segments, self.ready_files, self.ready_words
+        self.ready_segments, self.ready_files, self.ready_words = [], [], []
+        return segs, files, words
 
     @property
     def pending(self) -> int:

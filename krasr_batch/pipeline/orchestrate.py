@@ -206,7 +206,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     normalized = join(layout.work, "manifest.parquet")
     summary = _normalize(manifest, normalized, done, globs)
     stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
-    writer = PartWriter(layout, files_schema(summary.extra_schema()))
+    writer = PartWriter(layout, files_schema(summary.extra_schema()), words=settings.decode.word_timestamps)
     todo = summary.num_files - stats.skipped_files
     log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
 

@@ -9,6 +9,7 @@ their input rows, testable without Ray.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from krasr_batch.audio import SAMPLE_RATE, AudioError, check_path
 from krasr_batch.engines import SegmentInput, load_decoder, segment_token_limit
+from krasr_batch.engines.timing import fit_to_speech
 from krasr_batch.quality import compression_ratio, truncation_cause
 from krasr_batch.quality import suspect as is_suspect
 from krasr_batch.schema import FILE_ROW, MODEL_OUTPUT_NAMES, STAGE_SCHEMA
@@ -66,7 +68,7 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
         for k, ((s, e), audio) in enumerate(zip(plan.segments, audios)):
             dur = plan.audio_samples(k) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
             yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
-                   "audio_s": dur,
+                   "audio_s": dur, "stretches": _stretches(plan, k), "speech": _speech(plan, k),
                    "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
                    "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
             n += 1
@@ -78,7 +80,8 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     except Exception as e:  # noqa: BLE001 - one file must never stop the job
         log.exception("unexpected failure on %s", row["path"])
         info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
-    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "max_new_tokens": 0,
+    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "stretches": None, "speech": None,
+           "max_new_tokens": 0,
            "audio": b"", "segment_wall_s": time.perf_counter() - t0}
 
 
@@ -92,6 +95,42 @@ def plan_file(row: dict, segment_options: SegmentOptions, default_language: str,
         r.pop("audio")
         r.update(empty)
         yield r
+
+
+def _stretches(plan, k: int) -> str:
+    """Window ``k``'s stretches of the source, in seconds, as JSON (for word times; not an output column)."""
+    import json
+
+    return json.dumps([[s / SAMPLE_RATE, e / SAMPLE_RATE] for s, e in plan.window_pieces(k)])
+
+
+def _speech(plan, k: int) -> str | None:
+    """The VAD's speech spans inside window ``k``, in seconds of the source, as JSON (word times are trimmed
+    to them: engines.timing.fit_to_speech; not an output column)."""
+    spans = plan.window_speech(k)
+    return None if spans is None else json.dumps([[s / SAMPLE_RATE, e / SAMPLE_RATE] for s, e in spans])
+
+
+def source_time(stretches_json: str | None, start_s: float):
+    """A function from a time in a window's audio (its stretches back to back) to the source file's timeline.
+
+    A window skips the middles of long pauses (segment.plan_windows), so a word after a skipped pause lies
+    that much later in the source than its offset in the window's audio."""
+    import json
+
+    parts = json.loads(stretches_json) if stretches_json else None
+    if not parts:
+        return lambda t: start_s + t
+
+    def to_source(t: float) -> float:
+        offset = 0.0
+        for s, e in parts:
+            if t <= offset + (e - s) + 1e-9:
+                return s + max(0.0, t - offset)
+            offset += e - s
+        return parts[-1][1]
+
+    return to_source
 
 
 # ---------------------------------------------------------------- stage 2: the model (actor pool)
@@ -125,15 +164,28 @@ class ModelStage:
                                        None if lang == "auto" else lang, cols["max_new_tokens"][i], whole))
         for i, x, r in zip(idx, inputs, self.decoder.decode(inputs)):
             duration = len(x.audio) / SAMPLE_RATE  # the audio decoded (its span less the pauses it skips)
+            to_source = source_time(cols["stretches"][i] if "stretches" in cols else None, cols["start_s"][i])
+            speech = json.loads(cols["speech"][i]) if cols.get("speech") and cols["speech"][i] else None
             values = {
-                "text": r.text, "language": r.language, "num_tokens": r.num_tokens, "truncated": r.truncated,
+                "text": r.text, "language": r.language, "language_prob": r.language_prob,
+                "num_tokens": r.num_tokens, "truncated": r.truncated,
                 "decode_s": r.decode_s, "batch_size": r.batch_size, "avg_logprob": r.avg_logprob,
                 "no_speech_prob": r.no_speech_prob, "compression_ratio": compression_ratio(r.text) if r.text else 0.0,
                 "suspect": is_suspect(r.text, duration, r.avg_logprob, r.no_speech_prob),
                 "truncation": truncation_cause(r.text, r.truncated),
+                "words": None if r.words is None else _source_words(r.words, to_source, speech),
             }
             for name, value in values.items():
                 cols[name][i] = value
+
+
+def _source_words(words, to_source, speech: list | None) -> list[dict]:
+    """A segment's words in the source's timeline, trimmed to the VAD's speech where it is known."""
+    times = [(to_source(w.start_s), to_source(w.end_s)) for w in words]
+    if speech:
+        times = fit_to_speech(times, [(a, b) for a, b in speech])
+    return [{"word": w.word, "start_s": s, "end_s": e, "probability": w.probability}
+            for w, (s, e) in zip(words, times)]
 
 
 def model_stage_class(options: DecodeOptions, device: str, threads: int | None) -> type:
