@@ -159,7 +159,8 @@ def test_garbage_in_the_middle_of_a_compressed_stream(tmp_path, corpus, which):
     plan = analyse(str(path), SegmentOptions())
     assert plan.duration_s > 0.95 * rec["duration_s"]  # the second half is not lost
     assert plan.warnings and any("corrupt" in w or "truncated" in w for w in plan.warnings)
-    assert len(plan.segments) >= 5
+    # speech is found on both sides of the damage: windows run to the end of the recording
+    assert len(plan.segments) >= 3 and plan.segments[-1][1] > 0.9 * plan.duration_s * 16000
 
 
 @pytest.mark.parametrize("uri, kind", [
