@@ -8,6 +8,7 @@ imports engines lazily. Nothing here imports torch, transformers or ctranslate2 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -203,6 +204,20 @@ def mel_filters(n_fft: int, n_mels: int, sampling_rate: int) -> np.ndarray:
     return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))[None, :]
 
 
+FEATURE_CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def feature_extractor_config(model: Path) -> dict | None:
+    """The feature extractor's settings from either file transformers writes (faster-whisper reads n_mels)."""
+    pre = model / FEATURE_CONFIG_FILES[0]
+    if pre.exists():
+        return json.loads(pre.read_text())
+    proc = model / FEATURE_CONFIG_FILES[1]
+    if proc.exists():
+        return json.loads(proc.read_text()).get("feature_extractor")
+    return None
+
+
 class NumpyLogMel:
     """Whisper's log-mel features in numpy, as transformers' WhisperFeatureExtractor computes them without torch
     (its ``_np_extract_fbank_features``: a centred STFT with a periodic Hann window, Slaney mel filters, log10,
@@ -219,25 +234,19 @@ class NumpyLogMel:
     @classmethod
     def from_pretrained(cls, model: str) -> NumpyLogMel:
         folder = Path(model).expanduser()
-        if folder.is_dir():
-            paths = [folder / name for name in ("preprocessor_config.json", "processor_config.json")]
-        else:  # a hub id
+        if not folder.is_dir():  # a hub id: its config files, in their snapshot folder
             from huggingface_hub import hf_hub_download
             from huggingface_hub.errors import EntryNotFoundError
 
-            paths = []
-            for name in ("preprocessor_config.json", "processor_config.json"):
+            for name in FEATURE_CONFIG_FILES:
                 try:
-                    paths.append(Path(hf_hub_download(model, name)))
+                    folder = Path(hf_hub_download(model, name)).parent
                 except EntryNotFoundError:
                     continue
-        for path in paths:
-            if path.exists():
-                import json
-
-                config = json.loads(path.read_text())
-                return cls(**config.get("feature_extractor", config))
-        raise OSError(f"{model} has no preprocessor_config.json (the feature extractor's settings)")
+        config = feature_extractor_config(folder) if folder.is_dir() else None
+        if config is None:
+            raise OSError(f"{model} has no preprocessor_config.json (the feature extractor's settings)")
+        return cls(**config)
 
     def _log_mel(self, audio: np.ndarray) -> np.ndarray:
         half = self.n_fft // 2

@@ -38,6 +38,7 @@ from krasr_batch.engines.base import (
     SegmentOutput,
     default_batch_size,
     default_dtype_name,
+    feature_extractor_config,
     language_code,
     model_error,
     require_safetensors,
@@ -90,17 +91,6 @@ def _cache_key(src: Path, quantization: str | None) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return f"{src.name or 'model'}-{h.hexdigest()[:12]}" + (f"-{quantization}" if quantization else "")
-
-
-def feature_extractor_config(model: Path) -> dict | None:
-    """The feature extractor's settings from either file transformers writes (faster-whisper reads n_mels)."""
-    pre = model / "preprocessor_config.json"
-    if pre.exists():
-        return json.loads(pre.read_text())
-    proc = model / "processor_config.json"
-    if proc.exists():
-        return json.loads(proc.read_text()).get("feature_extractor")
-    return None
 
 
 def converted_model(model: str, cache_dir: str | Path | None = None, quantization: str | None = None) -> Path:
