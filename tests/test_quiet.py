@@ -58,9 +58,24 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path, capfd):
     assert console.log_path is None and not (tmp_path / "out").exists()
 
 
-def test_a_run_refused_before_writing_leaves_out_untouched(tmp_path):
+def test_a_run_refused_before_writing_leaves_out_untouched(tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the log waits until --out exists
     out = tmp_path / "never-made"
     with quiet_ray(str(out), verbose=False) as console:
         os.write(2, b"ray noise\n")
-    assert not out.exists() and os.path.exists(console.log_path)
+    # and leaves no temporary log behind when Ray said nothing worth reading (a refused run is common in scripts)
+    assert not out.exists() and console.log_path is None
+    assert not any(temp.iterdir())
+
+
+def test_a_refused_run_keeps_its_log_when_ray_reported_a_problem(tmp_path):
+    out = tmp_path / "never-made"
+    with quiet_ray(str(out), verbose=False) as console:
+        os.write(2, b"[2026-11-26 16:00:00,000 E 1 2] core_worker.cc:1: something broke in C++\n")
+    assert not out.exists() and console.problems and os.path.exists(console.log_path)
+    assert "something broke" in open(console.log_path).read()
     os.remove(console.log_path)

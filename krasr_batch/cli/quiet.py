@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from krasr_batch.storage import is_uri
@@ -105,3 +105,7 @@ def quiet_ray(out: str, verbose: bool):
             os.makedirs(os.path.dirname(final), exist_ok=True)
             shutil.move(path, final)
             console.log_path = final
+        elif not is_uri(out) and not console.problems:  # refused before --out existed, nothing worth keeping
+            with suppress(OSError):
+                os.remove(path)
+            console.log_path = None
