@@ -102,6 +102,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--write", help="Markdown file whose bench block to replace or append (e.g. BENCHMARKS.md)")
     ap.add_argument("--section", help="name of the bench block (with --write)")
     ap.add_argument("--json", help="also write rows and metadata as JSON here")
+    ap.add_argument("--texts", help="also write each system's transcript of each file (its last run) and the "
+                                    "references as JSON here, to see where the error rates differ")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "krasr-batch-bench"),
                     help="cache for CTranslate2 conversions")
     a = ap.parse_args(argv)
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.write:
         write_section(Path(a.write), a.section, f"### {a.section}\n\n{report}")
         log.info("wrote block %r of %s", a.section, a.write)
+    if a.texts:
+        refs = {it["id"]: it.get("text") or it.get("reference_text") or "" for it in items}
+        Path(a.texts).write_text(json.dumps({"references": refs, **{s: r[-1].texts for s, r in results.items() if r}},
+                                            ensure_ascii=False, indent=1), encoding="utf-8")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "metadata": meta},
                                            ensure_ascii=False, indent=1), encoding="utf-8")
