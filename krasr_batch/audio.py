@@ -177,20 +177,6 @@ def wav_declared_frames(head: bytes) -> int | None:
     return None
 
 
-def header_duration_s(path: str) -> float | None:
-    """A local file's duration from its header (libsndfile's formats), or None where that is not known
-    cheaply (object storage, dataset shards, formats only PyAV reads, a broken header). No decoding."""
-    if is_uri(path) or parse_ref(path) is not None:
-        return None
-    try:
-        import soundfile as sf
-
-        info = sf.info(path)
-    except Exception:  # noqa: BLE001 - unknown is an answer here; decoding reports real problems later
-        return None
-    return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
-
-
 def _mono(block: np.ndarray) -> np.ndarray:
     """(frames, channels) or (frames,) float -> (frames,) float32, the plain channel average."""
     if block.ndim == 2:

@@ -1,9 +1,8 @@
 """Every row shape, declared once: the ``segments/`` and ``files/`` tables, and the pipeline's stage rows.
 
 A stage row is what flows from the decode-and-segment tasks through the model actors to the driver: the
-file's fields on every row, then the segment's. The row that closes a file carries its final status: an
-ok file's last segment (``closes_file``), else a file row (``segment_index`` -1, no segment; see
-:func:`closes_file`). The ``segments/`` row is the projection of a stage row
+file's fields on every row, then the segment's (``segment_index`` -1 marks the one file row of each file,
+which carries the file's status and no segment). The ``segments/`` row is the projection of a stage row
 onto :data:`SEGMENTS_SCHEMA`; the ``files/`` row takes the stage's file fields, with ``language`` from
 ``req_language`` (what was asked, not what a segment decoded with), plus the joined text, the seconds by language and the
 manifest's extra columns (:func:`files_schema`). With word timestamps a segment's stage row also carries its
@@ -99,21 +98,11 @@ MODEL_OUTPUT_NAMES = ("text", "language", "language_prob", "num_tokens", "trunca
 
 STAGE_SCHEMA = pa.schema(
     list(SEGMENTS_SCHEMA)[:2] + list(STAGE_FILE_INPUT) + list(STAGE_FILE_RESULT) + list(SEGMENTS_SCHEMA)[2:]
-    + [("words", pa.list_(WORD_TYPE)), ("closes_file", pa.bool_())])
-"""What the model stage returns and the driver assembles: one row per segment, the last one of a file closing
-it, or a file row for a file without segments or with an error; ``words`` (null without --word-timestamps)
-holds the segment's words in the source file's timeline."""
+    + [("words", pa.list_(WORD_TYPE))])
+"""What the model stage returns and the driver assembles: one row per segment and one file row per file;
+``words`` (null without --word-timestamps) holds the segment's words in the source file's timeline."""
 
 FILE_ROW = -1  # segment_index of a file row
-
-
-def closes_file(stage_row: dict) -> bool:
-    """Whether a stage row carries its file's final status (and so completes it once all segments are in).
-
-    An ok file's last segment closes it: a separate file row would take a place in the model stage's blocks
-    (a block of 16 clips' rows would hold 8 clips). A file with an error or with no segment ends with a file
-    row (``segment_index`` FILE_ROW)."""
-    return stage_row["segment_index"] == FILE_ROW or bool(stage_row.get("closes_file"))
 
 # files/ columns that a stage row holds under another name
 FILES_FROM_STAGE = {"language": "req_language"}

@@ -48,7 +48,7 @@ def test_a_file_is_handed_over_only_once_all_its_segments_are_in():
     asm.add(table([stage_row("a", FILE_ROW, num_segments=3), stage_row("a", 2, "three")]))
     assert asm.take() == ([], [], [])
     asm.add(table([stage_row("a", 0, "one")]))
-    assert asm.take() == ([], [], []) and asm.pending == 1
+    assert asm.take() == ([], [], []) and asm.pending == 2
     asm.add(table([stage_row("a", 1, "two")]))
     segments, files, _ = asm.take()
     assert [s["segment_index"] for s in segments] == [0, 1, 2] and len(files) == 1
@@ -201,36 +201,5 @@ def test_segment_file_rows_are_the_stage_rows_less_the_models_columns(corpus):
     rows = list(segment_file(row, SegmentOptions(), "kazakh", None, "fit"))
     expected = (set(STAGE_SCHEMA.names) - set(MODEL_OUTPUT_NAMES)) | {"audio", "stretches", "speech"}  # for word times
     assert all(set(r) == expected for r in rows)
-    # an ok file has no file row: its last segment closes it, with the file's fields
-    assert [r["segment_index"] for r in rows] == list(range(rows[-1]["num_segments"])) and rows
-    assert [r["closes_file"] for r in rows] == [False] * (len(rows) - 1) + [True]
-    assert rows[-1]["status"] == "ok" and rows[-1]["segment_wall_s"] > 0 and rows[-1]["duration_s"] > 0
-
-
-def test_segment_file_ends_a_file_without_segments_or_with_an_error_with_a_file_row(tmp_path):
-    import soundfile as sf
-
-    from krasr_batch.pipeline.stages import segment_file
-    from krasr_batch.settings import SegmentOptions
-
-    sf.write(tmp_path / "quiet.wav", np.zeros(16000 * 3, np.float32), 16000)
-    (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
-    by_file = {}
-    for name in ("quiet.wav", "bad.wav", "missing.wav"):
-        row = {"file_id": name, "path": str(tmp_path / name), "line": 1, "language": None,
-               "reference_text": None, "extra_json": None}
-        by_file[name] = list(segment_file(row, SegmentOptions(), "kazakh", None, "fit"))
-    for name, rows in by_file.items():
-        assert len(rows) == 1 and rows[0]["segment_index"] == FILE_ROW and rows[0]["closes_file"], name
-    assert by_file["quiet.wav"][0]["status"] == "ok" and by_file["quiet.wav"][0]["num_segments"] == 0
-    assert by_file["bad.wav"][0]["status"] == "error" and by_file["missing.wav"][0]["status"] == "error"
-
-
-def test_a_files_closing_segment_completes_it_without_a_file_row():
-    asm = assembler()
-    asm.add(table([stage_row("a", 1, "two", num_segments=2, closes_file=True, segment_wall_s=2.5)]))
-    assert asm.take() == ([], [], []) and asm.pending == 1
-    asm.add(table([stage_row("a", 0, "one", num_segments=2)]))
-    segments, files, _ = asm.take()
-    assert [s["segment_index"] for s in segments] == [0, 1] and asm.pending == 0
-    assert files[0]["text"] == "one two" and files[0]["segment_wall_s"] == 2.5 and files[0]["num_segments"] == 2
+    assert rows[-1]["segment_index"] == FILE_ROW and rows[-1]["status"] == "ok"
+    assert [r["segment_index"] for r in rows[:-1]] == list(range(rows[-1]["num_segments"]))

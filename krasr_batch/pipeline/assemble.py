@@ -18,7 +18,7 @@ import pyarrow as pa
 from krasr_batch.manifest import ManifestSummary, convert_extra
 from krasr_batch.output.layout import failures_by_kind
 from krasr_batch.pipeline.errors import RunAborted
-from krasr_batch.schema import FILE_ROW, closes_file, file_row, language_seconds, segment_row, word_rows
+from krasr_batch.schema import FILE_ROW, file_row, language_seconds, segment_row, word_rows
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Assembler:
                 self.segments.setdefault(fid, []).append(segment_row(row))
                 if row.get("words"):
                     self.words.setdefault(fid, []).extend(word_rows(row))
-            if closes_file(row):
+            else:
                 self.file_rows[fid] = row
             self._maybe_complete(fid)
 
@@ -171,8 +171,7 @@ class Assembler:
 
     @property
     def pending(self) -> int:
-        """Files with rows in but not yet complete."""
-        return len(self.file_rows.keys() | self.segments.keys())
+        return len(self.file_rows) + len(self.segments)
 
 
 def check_failures(stats: RunStats, max_fraction: float, min_files: int) -> None:

@@ -2,8 +2,7 @@
 
     read_parquet(normalized manifest)          one row per file
       .repartition(target_num_rows_per_block)  small blocks, so many files are segmented at once
-      .flat_map(segment_file)                  CPU tasks: decode, VAD, cut; one row per segment (the last closes
-                                               its file), a file row for a file with an error or no segment
+      .flat_map(segment_file)                  CPU tasks: decode, VAD, cut; one row per segment + one per file
       .map_batches(ModelStage, concurrency=N)  actor pool, one model replica per actor (num_gpus=1 on GPUs)
       .iter_batches() on the driver            assemble finished files, commit them as Parquet parts
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -334,36 +332,6 @@ def block_rows(dec, use_gpu: bool) -> int:
     return per_call * 4 if use_gpu else max(per_call, 2)
 
 
-def small_job_block_rows(paths: list[str], actors: int, rows: int, window_s: float) -> int:
-    """Model-stage block rows for a job too small to give every replica a full block.
-
-    Blocks of ``rows`` segments are right when there are many more segments than replicas. A small job's
-    segments would share one block and one replica while the others sit idle (the demo's 3 clips in one
-    batch of one replica): its blocks hold its estimated segments (each file's header duration over
-    ``window_s``, rounded up) spread over the replicas. Where a duration is not known from its header the
-    file counts as a full block, so a few long recordings keep wide batches.
-    """
-    from krasr_batch.audio import header_duration_s
-
-    if actors <= 1 or len(paths) >= actors * rows:
-        return rows
-    segments = 0
-    for p in paths:
-        d = header_duration_s(p)
-        segments += rows if d is None else max(1, math.ceil(d / window_s))
-        if segments >= actors * rows:
-            return rows
-    return max(1, min(rows, math.ceil(segments / actors)))
-
-
-def _manifest_paths(normalized: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    fs, p = filesystem(normalized)
-    with fs.open_input_file(p) as f:
-        return pq.read_table(f, columns=["path"]).column("path").to_pylist()
-
-
 def blocks_in_flight(use_gpu: bool) -> int:
     """Blocks Ray Data may hand one model replica before it has finished the one it is decoding.
 
@@ -394,8 +362,6 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
     batch = block_rows(dec, use_gpu)
-    if stats.total_files - stats.skipped_files < actors * batch:  # a small job: spread its segments over the replicas
-        batch = small_job_block_rows(_manifest_paths(normalized), actors, batch, settings.segment.max_segment_s)
     log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
              cluster.get("GPU", 0), place.describe())
     if place.problem:

@@ -1,8 +1,7 @@
 """What runs on Ray's workers: the decode-and-segment task and the model stage.
 
-``segment_file`` (CPU tasks, ``flat_map``) turns one manifest row into its segments, each with its audio, the
-last one closing the file; a file with an error or without segments ends with a file row (``segment_index``
--1) with the file's status instead; it never raises for a bad file.
+``segment_file`` (CPU tasks, ``flat_map``) turns one manifest row into its segments, each with its audio,
+then one file row (``segment_index`` -1) with the file's status; it never raises for a bad file.
 ``ModelStage`` (the actor pool, ``map_batches``) decodes the segment rows of each batch with one model
 replica and returns them as :data:`krasr_batch.schema.STAGE_SCHEMA` rows. Both are pure functions of
 their input rows, testable without Ray.
@@ -48,9 +47,7 @@ def _file_fields(row: dict, language: str | None) -> dict[str, Any]:
 
 def segment_file(row: dict, segment_options: SegmentOptions, default_language: str,
                  input_root: str | None, token_limit: str, cut_audio: bool = True) -> Iterator[dict]:
-    """One manifest row in; its segments (with audio) out, the last one closing the file (``closes_file``,
-    with the file's final fields); a file with an error or without segments ends with a file row
-    (segment_index -1) instead.
+    """One manifest row in; its segments (with audio) out, then one file row (segment_index -1).
 
     Never raises for a bad file: the file row carries status "error" and the cause. Without ``cut_audio``
     (``plan``) the segments come without their audio, and a long file is not decoded a second time.
@@ -62,7 +59,6 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     info = {"status": "ok", "error": None, "error_kind": None, "warning": None, "duration_s": None,
             "speech_s": None, "num_segments": 0}
     n = 0
-    last = None  # the newest segment row, held back until it is known whether it closes the file
     try:
         check_path(row["path"], input_root)
         plan = analyse(row["path"], segment_options)
@@ -71,13 +67,10 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
         audios = segment_audio(plan) if cut_audio else (np.zeros(0, np.float32) for _ in plan.segments)
         for k, ((s, e), audio) in enumerate(zip(plan.segments, audios)):
             dur = plan.audio_samples(k) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
-            if last is not None:
-                yield last
-            last = {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
-                    "audio_s": dur, "stretches": _stretches(plan, k), "speech": _speech(plan, k),
-                    "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
-                    "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0,
-                    "closes_file": False}
+            yield {**base, **info, "segment_index": n, "start_s": s / SAMPLE_RATE, "end_s": e / SAMPLE_RATE,
+                   "audio_s": dur, "stretches": _stretches(plan, k), "speech": _speech(plan, k),
+                   "max_new_tokens": segment_token_limit(dur, plan.whole_file, token_limit),
+                   "audio": np.ascontiguousarray(audio, np.float32).tobytes(), "segment_wall_s": 0.0}
             n += 1
         if n != len(plan.segments):
             raise AudioError("decode_mismatch", f"second decoding pass of {row['path']} gave {n} of "
@@ -87,14 +80,10 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     except Exception as e:  # noqa: BLE001 - one file must never stop the job
         log.exception("unexpected failure on %s", row["path"])
         info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
-    if last is not None and info["status"] == "ok":
-        yield {**last, "closes_file": True, "segment_wall_s": time.perf_counter() - t0}
-        return
-    if last is not None:
-        yield last
-    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "stretches": None,
-           "speech": None, "max_new_tokens": 0, "audio": b"", "segment_wall_s": time.perf_counter() - t0,
-           "closes_file": True}
+    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "stretches": None, "speech": None,
+           "max_new_tokens": 0,
+           "audio": b"", "segment_wall_s": time.perf_counter() - t0}
+
 
 
 def plan_file(row: dict, segment_options: SegmentOptions, default_language: str, input_root: str | None,
