@@ -238,9 +238,10 @@ class NumpyLogMel:
             from huggingface_hub import hf_hub_download
             from huggingface_hub.errors import EntryNotFoundError
 
-            for name in FEATURE_CONFIG_FILES:
+            for name in FEATURE_CONFIG_FILES:  # in feature_extractor_config's order: the first found is read
                 try:
                     folder = Path(hf_hub_download(model, name)).parent
+                    break
                 except EntryNotFoundError:
                     continue
         config = feature_extractor_config(folder) if folder.is_dir() else None
