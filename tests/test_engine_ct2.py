@@ -47,7 +47,8 @@ def test_max_length_gives_exactly_the_cards_limit(tiny_model):
 
 def test_decoder_groups_languages_and_reports_signals(tiny_model):
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2), "cpu", 1)
-    assert dec.engine == "ctranslate2" and dec.compute_type == "int8"  # --dtype auto on a CPU
+    assert dec.engine == "ctranslate2"  # --dtype auto on a CPU: int8 weights, the encoder by the CPU
+    assert dec.compute_type == ("int8, encoder bfloat16 (torch)" if engine.cpu_bf16_encoder("auto", "cpu") else "int8")
     rng = np.random.default_rng(0)
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
               for d, lang in [(3, "kazakh"), (12, "russian"), (3, "russian"), (3, None), (3, "kazakh")]]
@@ -226,16 +227,20 @@ def test_numpy_features_equal_transformers_feature_extractor(tiny_model):
     np.testing.assert_allclose(mine["input_features"], ref["input_features"], atol=2e-5)
 
 
-def test_a_ctranslate2_replica_and_its_model_check_never_import_torch(tiny_model):
+@pytest.mark.parametrize("dtype", ["int8", "auto"])
+def test_a_ctranslate2_replica_imports_torch_only_for_its_bf16_encoder(tiny_model, dtype):
     """torch's import is about 2 s of every replica's start, transformers' 1.5 to 3 s; the CTranslate2 engine
-    needs neither (the model check may use transformers' config reader)."""
+    needs neither (the model check may use transformers' config reader), except torch where the replica runs
+    the encoder in bfloat16 (--dtype auto on a CPU with bfloat16 matrix units: engines/encoder.py)."""
+    wants_torch = engine.cpu_bf16_encoder(dtype, "cpu")
     code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
             "from krasr_batch.settings import DecodeOptions; import numpy as np; "
-            f"o = DecodeOptions(model={str(tiny_model)!r}); check_model(DecodeOptions(model={str(tiny_model)!r}, "
-            "engine='ctranslate2')); d = load_decoder(o, 'cpu', 1); "
+            f"o = DecodeOptions(model={str(tiny_model)!r}, dtype={dtype!r}); "
+            f"check_model(DecodeOptions(model={str(tiny_model)!r}, engine='ctranslate2')); "
+            "d = load_decoder(o, 'cpu', 1); "
             "from krasr_batch.engines import SegmentInput; "
             "d.decode([SegmentInput(np.zeros(16000, np.float32), 'kazakh', 5)]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            f"assert ('torch' in sys.modules) is {wants_torch}, 'torch imported: ' + str('torch' in sys.modules); "
             "import krasr_batch.engines.ctranslate2 as e; sys.modules.pop('transformers', None); "
             "e.CTranslate2Decoder(o, 'cpu', 1); "
             "assert 'transformers' not in sys.modules, 'transformers was imported by the replica'; print(d.engine)")

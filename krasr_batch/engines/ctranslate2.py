@@ -12,7 +12,9 @@ the model's generation config, and the duration-based token limit, exactly.
 
 What differs, so the text can differ on uncertain audio: CTranslate2 applies the repetition penalty to the
 logits (transformers applies it to the log-probabilities), and its beam search stops once ``beams``
-hypotheses have ended (transformers keeps going while a running beam could still win).
+hypotheses have ended (transformers keeps going while a running beam could still win). With ``--dtype auto``
+on a CPU the weights are int8, and where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16) the encoder
+runs in torch bfloat16 (engines/encoder.py), 3 to 4 times faster than CTranslate2's own int8 encoder there.
 
 The converted model is cached per node under ``$KRASR_BATCH_CACHE/ct2`` (default ``~/.cache/krasr-batch``),
 keyed by the checkpoint's files and the ctranslate2 version; concurrent replicas take a file lock, so one
@@ -151,6 +153,18 @@ def compute_type_for(dtype: str, device: str) -> str:
     return default_dtype_name(dtype, device)
 
 
+def cpu_bf16_encoder(dtype: str, device: str) -> bool:
+    """Whether a CTranslate2 replica runs Whisper's encoder in torch bfloat16 (engines/encoder.py): with
+    ``--dtype auto`` on a CPU that multiplies bfloat16 natively (AMX or AVX512-BF16), where it ran the encoder
+    3 to 4 times faster than CTranslate2's int8 with the corpus' error rates within 0.005 (BENCHMARKS.md,
+    block ``cpu-encoder``). ``--dtype int8`` or ``float32`` keep CTranslate2's own encoder."""
+    if dtype != "auto" or device != "cpu":
+        return False
+    from krasr_batch.engines.encoder import cpu_has_bf16_matmul
+
+    return cpu_has_bf16_matmul()
+
+
 def ct2_max_length(max_new_tokens: int, prompt_len: int) -> int:
     """The ``max_length`` that makes CTranslate2's Whisper decode at most ``max_new_tokens`` steps.
 
@@ -189,6 +203,13 @@ class CTranslate2Decoder(Decoder):
         self.prompt_tail = [task, gc.no_timestamps_token_id]
         self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
         self.batch_size = default_batch_size(options.batch_size, device, self.engine)
+        # the encoder in torch bfloat16 where the CPU multiplies bfloat16 natively (engines/encoder.py)
+        self.torch_encoder = None
+        if cpu_bf16_encoder(options.dtype, device):
+            from krasr_batch.engines.encoder import TorchEncoder
+
+            self.torch_encoder = TorchEncoder(local_model_dir(options.model), "bfloat16", threads)
+            self.compute_type += ", encoder bfloat16 (torch)"
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
 
@@ -216,10 +237,14 @@ class CTranslate2Decoder(Decoder):
         limits = list(limit) if isinstance(limit, list) else [limit] * n_rows
         t0 = time.perf_counter()
         feats = self._features(audios, "np")["input_features"]
-        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, dtype=np.float32))
         # the encoder once, for detection, generation and alignment; detection's first step also gives the
         # probability of a forced language
-        features = self.model.encode(features, to_cpu=False)
+        if self.torch_encoder is not None:
+            encoded = self.torch_encoder(feats)  # float32 numpy; the StorageView below does not copy it
+            features = ctranslate2.StorageView.from_array(encoded)
+        else:
+            features = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, dtype=np.float32))
+            features = self.model.encode(features, to_cpu=False)
         scores = [self._language_scores(ranked) for ranked in self.model.detect_language(features)]
         # a forced language is decoded as asked; the others are detected among the candidates (--languages)
         codes = [language_code(x) if x is not None else self.detect_language(sc)[0] for x, sc in zip(languages, scores)]

@@ -1,0 +1,141 @@
+"""Whisper's encoder in torch, in bfloat16, for CTranslate2 replicas on CPUs with bfloat16 matrix units.
+
+Why: on a CPU a segment's encoder pass over its 30 s window is half of a CTranslate2 replica's model time
+(BENCHMARKS.md, profile-cpu-archive-sample). On CPUs with AMX or AVX512-BF16, oneDNN runs the encoder's
+matrices in bfloat16 three to four times faster than CTranslate2's int8 encoder (whisper-base, one thread,
+a Sapphire Rapids core: 0.31 s a window against 1.1 to 1.3 s; `benchmarks/encoder_cost.py`). CTranslate2 then
+decodes from that encoder output (``Whisper.generate`` accepts encoded features), so beam search stays in
+C++.
+
+Why not transformers' ``WhisperEncoder``: importing transformers' Whisper modeling costs a replica about
+3.7 s of start-up here, on top of torch's 1.8 s; the encoder is 40 lines of torch. tests/test_encoder.py
+holds this module's output equal to transformers' ``WhisperEncoder`` in float32 on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX-BF16 or AVX512-BF16), which torch's oneDNN
+    kernels use. Read from /proc/cpuinfo, so that asking costs no torch import; False where it is absent."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _module(config: dict):
+    import torch.nn.functional as F
+    from torch import nn
+
+    d, heads = config["d_model"], config["encoder_attention_heads"]
+    if config.get("activation_function", "gelu") != "gelu":
+        raise ValueError(f"unsupported encoder activation {config.get('activation_function')!r}")
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(d, d)
+            self.k_proj = nn.Linear(d, d, bias=False)
+            self.v_proj = nn.Linear(d, d)
+            self.out_proj = nn.Linear(d, d)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+
+            def split(y):
+                return y.view(b, t, heads, d // heads).transpose(1, 2)
+
+            y = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+            return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attention()
+            self.self_attn_layer_norm = nn.LayerNorm(d)
+            self.fc1 = nn.Linear(d, config["encoder_ffn_dim"])
+            self.fc2 = nn.Linear(config["encoder_ffn_dim"], d)
+            self.final_layer_norm = nn.LayerNorm(d)
+
+        def forward(self, x):
+            x = x + self.self_attn(self.self_attn_layer_norm(x))
+            return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv1d(config["num_mel_bins"], d, kernel_size=3, padding=1)
+            self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+            self.embed_positions = nn.Embedding(config["max_source_positions"], d)
+            self.layers = nn.ModuleList(Layer() for _ in range(config["encoder_layers"]))
+            self.layer_norm = nn.LayerNorm(d)
+
+        def forward(self, features):
+            x = F.gelu(self.conv2(F.gelu(self.conv1(features)))).permute(0, 2, 1)
+            x = x + self.embed_positions.weight[: x.shape[1]]
+            for layer in self.layers:
+                x = layer(x)
+            return self.layer_norm(x)
+
+    return Encoder()
+
+
+class TorchEncoder:
+    """Whisper's encoder from a transformers model folder's safetensors, on the CPU, in ``dtype``.
+
+    ``encoder(features)`` takes log-mel features ``(batch, mels, 3000)`` as a float32 numpy array and returns
+    the encoder output ``(batch, 1500, d_model)`` as a float32 numpy array.
+    """
+
+    def __init__(self, folder: str | Path, dtype: str = "bfloat16", threads: int | None = None):
+        import torch
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        self.dtype = getattr(torch, dtype)
+        self.encoder = _module(config)
+        state = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    # WhisperForConditionalGeneration's names, or a bare WhisperModel's
+                    for prefix in ("model.encoder.", "encoder."):
+                        if key.startswith(prefix):
+                            state[key[len(prefix):]] = st.get_tensor(key)
+        try:
+            missing, unexpected = self.encoder.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape that is not this config's
+            missing, unexpected = [str(e).splitlines()[-1].strip()], []
+        if missing or unexpected:
+            raise RuntimeError(f"{folder}: the encoder's weights do not match Whisper's encoder "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.encoder.to(self.dtype).eval()
+        if threads:
+            torch.set_num_threads(threads)
+
+    # windows per encoder call: bounds the attention's working memory (batch x heads x 1500 x 1500) at no cost
+    # in speed, as a CPU's encoder time is linear in the batch
+    chunk = 4
+
+    def __call__(self, features):
+        import numpy as np
+        import torch
+
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        with torch.inference_mode():
+            parts = [self.encoder(torch.from_numpy(features[i:i + self.chunk]).to(self.dtype)).float().numpy()
+                     for i in range(0, len(features), self.chunk)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)

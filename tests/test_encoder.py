@@ -1,0 +1,79 @@
+"""Whisper's encoder in torch (engines/encoder.py), which CTranslate2 replicas run in bfloat16 on CPUs with
+bfloat16 matrix units: equal to transformers' encoder, and wired into the CTranslate2 engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from krasr_batch.engines import SegmentInput, load_decoder
+from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
+from krasr_batch.settings import DecodeOptions
+
+from .conftest import read_jsonl
+
+ct2_engine = pytest.importorskip("krasr_batch.engines.ctranslate2")
+
+
+def _reference(model, features: np.ndarray) -> np.ndarray:
+    from transformers import WhisperForConditionalGeneration
+
+    ref = WhisperForConditionalGeneration.from_pretrained(str(model), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return ref.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
+
+
+def test_float32_equals_transformers_encoder(tiny_model):
+    features = np.random.default_rng(0).normal(0, 0.5, (5, 80, 3000)).astype(np.float32)  # 5: two chunks of 4
+    ref = _reference(tiny_model, features)
+    mine = TorchEncoder(tiny_model, "float32")(features)
+    assert mine.dtype == np.float32 and mine.shape == ref.shape
+    np.testing.assert_allclose(mine, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_stays_close_to_float32(base_model):
+    """bfloat16 keeps 8 bits of mantissa: the real weights' encoder output moves by about 1 % of its size."""
+    features = np.random.default_rng(1).normal(0, 0.5, (2, 80, 3000)).astype(np.float32)
+    ref = TorchEncoder(base_model, "float32")(features)
+    mine = TorchEncoder(base_model, "bfloat16")(features)
+    rel = np.abs(mine - ref).mean() / np.abs(ref).mean()
+    assert rel < 0.03, rel
+
+
+def test_weights_that_are_not_whispers_encoder_are_refused(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copy(tiny_model / "config.json", tmp_path)
+    save_file({"model.encoder.conv1.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="do not match Whisper's encoder"):
+        TorchEncoder(tmp_path, "float32")
+
+
+def test_when_a_ctranslate2_replica_uses_it():
+    native = cpu_has_bf16_matmul()
+    assert ct2_engine.cpu_bf16_encoder("auto", "cpu") is native
+    for dtype, device in [("int8", "cpu"), ("float32", "cpu"), ("auto", "cuda"), ("float16", "cuda")]:
+        assert ct2_engine.cpu_bf16_encoder(dtype, device) is False
+
+
+def test_the_ctranslate2_engine_decodes_from_the_torch_encoder(base_model, corpus):
+    """The torch encoder in float32 in place of CTranslate2's own float32 encoder: the same text, token for
+    token, on real speech; in bfloat16 (what --dtype auto runs on such CPUs) the decoder runs from its output."""
+    clips = read_jsonl(corpus / "clips.jsonl")[:4]
+    from krasr_batch.audio import load_audio
+
+    inputs = [SegmentInput(load_audio(str(corpus / c["path"])), c["language"], 40) for c in clips]
+    dec = load_decoder(DecodeOptions(model=str(base_model), engine="ctranslate2", dtype="float32"), "cpu", 1)
+    assert dec.torch_encoder is None
+    own = dec.decode(inputs)
+    dec.torch_encoder = TorchEncoder(base_model, "float32", 1)
+    torch_out = dec.decode(inputs)
+    assert [o.text for o in torch_out] == [o.text for o in own]
+    assert [o.num_tokens for o in torch_out] == [o.num_tokens for o in own]
+    dec.torch_encoder = TorchEncoder(base_model, "bfloat16", 1)
+    bf16 = dec.decode(inputs)
+    assert [o.language for o in bf16] == [o.language for o in own]
+    assert sum(o.text == a.text for o, a in zip(bf16, own)) >= 2  # measured 3 of 4
