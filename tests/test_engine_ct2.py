@@ -48,7 +48,8 @@ def test_max_length_gives_exactly_the_cards_limit(tiny_model):
 def test_decoder_groups_languages_and_reports_signals(tiny_model):
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2), "cpu", 1)
     assert dec.engine == "ctranslate2"  # --dtype auto on a CPU: int8 weights, the encoder by the CPU
-    assert dec.compute_type == ("int8, encoder bfloat16 (torch)" if engine.cpu_bf16_encoder("auto", "cpu") else "int8")
+    bf16 = engine.cpu_bf16_encoder("auto", "cpu")
+    assert dec.compute_type == ("float32, encoder bfloat16 (torch)" if bf16 else "int8")
     rng = np.random.default_rng(0)
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
               for d, lang in [(3, "kazakh"), (12, "russian"), (3, "russian"), (3, None), (3, "kazakh")]]
@@ -123,7 +124,8 @@ def test_only_safetensors_are_converted(tiny_model, tmp_path, own_cache):
 
 
 def test_compute_types():
-    assert engine.compute_type_for("auto", "cpu") == "int8"  # int8 weights on CPUs: same accuracy, faster
+    # on CPUs: float32 decoding beside a bfloat16 encoder where the CPU has bfloat16 units, else int8 weights
+    assert engine.compute_type_for("auto", "cpu") == ("float32" if engine.cpu_bf16_encoder("auto", "cpu") else "int8")
     assert engine.compute_type_for("float32", "cpu") == "float32"
     assert engine.compute_type_for("auto", "cuda") == "float16"
     assert engine.compute_type_for("int8", "cpu") == "int8"

@@ -13,8 +13,9 @@ the model's generation config, and the duration-based token limit, exactly.
 What differs, so the text can differ on uncertain audio: CTranslate2 applies the repetition penalty to the
 logits (transformers applies it to the log-probabilities), and its beam search stops once ``beams``
 hypotheses have ended (transformers keeps going while a running beam could still win). With ``--dtype auto``
-on a CPU the weights are int8, and where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16) the encoder
-runs in torch bfloat16 (engines/encoder.py), 3 to 4 times faster than CTranslate2's own int8 encoder there.
+on a CPU that multiplies bfloat16 natively (AMX, AVX512-BF16) the encoder runs in torch bfloat16
+(engines/encoder.py), 3 to 4 times faster than CTranslate2's own int8 encoder there, and the decoder keeps
+float32 weights; on other CPUs both run with int8 weights.
 
 The converted model is cached per node under ``$KRASR_BATCH_CACHE/ct2`` (default ``~/.cache/krasr-batch``),
 keyed by the checkpoint's files and the ctranslate2 version; concurrent replicas take a file lock, so one
@@ -143,11 +144,16 @@ def _safetensors_converter(ct2, path: str, copy_files: list[str]):
 def compute_type_for(dtype: str, device: str) -> str:
     """CTranslate2's compute type for ``--dtype``.
 
-    auto: float16 on CUDA, as in the transformers engine; int8 weights on a CPU, where beam search is bound by
-    reading the weights each step and int8 decoded the benchmark corpus 1.7x faster than float32 with error
-    rates within 0.005 (BENCHMARKS.md, blocks ct2-cpu-layout and archive-cpu). int8 is int8 weights with
-    float16 (CUDA) or float32 (CPU) activations; float32 keeps the stored weights.
+    auto: float16 on CUDA, as in the transformers engine. On a CPU whose encoder runs in torch bfloat16
+    (:func:`cpu_bf16_encoder`) the decoder runs with float32 weights: with the encoder's time cut to a
+    third, float32 decoding costs 25 % of the run's wall and buys WER/CER 96.0 / 45.8 % against int8's
+    96.6 / 46.5 % on the archive set (BENCHMARKS.md, block ``archive-all``). On other CPUs, int8 weights, where
+    beam search is bound by reading the weights each step and int8 decoded 1.24x faster than float32 with
+    error rates within 0.005 (block ``archive-clips-float32``). int8 is int8 weights with float16 (CUDA) or
+    float32 (CPU) activations; float32 keeps the stored weights.
     """
+    if dtype == "auto" and device == "cpu":
+        return "float32" if cpu_bf16_encoder(dtype, device) else "int8"
     if dtype == "int8" or (dtype == "auto" and device != "cuda"):
         return "int8_float16" if device == "cuda" else "int8"
     return default_dtype_name(dtype, device)
@@ -156,8 +162,8 @@ def compute_type_for(dtype: str, device: str) -> str:
 def cpu_bf16_encoder(dtype: str, device: str) -> bool:
     """Whether a CTranslate2 replica runs Whisper's encoder in torch bfloat16 (engines/encoder.py): with
     ``--dtype auto`` on a CPU that multiplies bfloat16 natively (AMX or AVX512-BF16), where it ran the encoder
-    3 to 4 times faster than CTranslate2's int8 with the corpus' error rates within 0.005 (BENCHMARKS.md,
-    block ``cpu-encoder``). ``--dtype int8`` or ``float32`` keep CTranslate2's own encoder."""
+    3 to 4 times faster than CTranslate2's int8 encoder (BENCHMARKS.md, block ``cpu-encoder``). ``--dtype
+    int8`` or ``float32`` keep CTranslate2's own encoder."""
     if dtype != "auto" or device != "cpu":
         return False
     from krasr_batch.engines.encoder import cpu_has_bf16_matmul
