@@ -82,20 +82,35 @@ def test_options_are_checked():
         DecodeOptions(task="summarize")
 
 
-def test_decoder_groups_by_limit_and_language(tiny_model):
+def test_decoder_groups_by_limit_and_shares_batches_across_languages(tiny_model):
     dec = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=2), device="cpu")
     rng = np.random.default_rng(0)
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
               for d, lang in [(3, "kazakh"), (12, "russian"), (3, "kazakh"), (3, "russian"), (3, "kazakh")]]
     out = dec.decode(inputs)
     assert len(out) == 5
-    # kazakh/40 has three segments: one batch of 2 and one of 1; the others are alone in their group
-    assert [o.batch_size for o in out] == [2, 1, 2, 1, 1]
+    # limit 40 has four segments of two languages (one prompt per row): two batches of 2; 64 is alone
+    assert [o.batch_size for o in out] == [2, 1, 2, 2, 2]
     assert [o.language for o in out] == ["kk", "ru", "kk", "ru", "kk"]
     for o, x in zip(out, inputs):
         assert 0 <= o.num_tokens <= x.max_new_tokens
         assert o.truncated == (o.num_tokens >= x.max_new_tokens)
         assert o.avg_logprob is not None and o.avg_logprob <= 0 and 0 <= o.no_speech_prob <= 1
+
+
+def test_a_row_of_a_mixed_language_batch_decodes_as_in_a_batch_of_its_own_language(tiny_model):
+    rng = np.random.default_rng(5)
+    audios = [rng.normal(0, 0.1, 16000 * 3).astype(np.float32) for _ in range(4)]
+    langs = ["kazakh", "russian", "kazakh", "russian"]
+    mixed = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=4), device="cpu")
+    out = mixed.decode([SegmentInput(a, x, 12) for a, x in zip(audios, langs)])
+    assert [o.batch_size for o in out] == [4] * 4 and [o.language for o in out] == ["kk", "ru", "kk", "ru"]
+    pairs = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=2), device="cpu")
+    for lang in ("kazakh", "russian"):
+        idx = [i for i, x in enumerate(langs) if x == lang]
+        alone = pairs._generate([audios[i] for i in idx], lang, 12)
+        assert [o.text for o in alone] == [out[i].text for i in idx]
+        assert [o.num_tokens for o in alone] == [out[i].num_tokens for i in idx]
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -69,7 +69,19 @@ class WhisperDecoder(Decoder):
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
 
-    def _generate(self, audios: list[np.ndarray], language: str | None, limit: int) -> list[SegmentOutput]:
+    # Forced languages share a batch: generate(language=[...]) gives each row its own prompt (of one length), so
+    # a row decodes as in a batch of its language alone. A GPU batch then fills across languages; a CPU replica
+    # decodes one segment at a time anyway.
+    mixed_languages = True
+
+    def _generate_batch(self, batch: list) -> list[SegmentOutput]:
+        languages = [x.language for x in batch]
+        language = languages[0] if len(set(languages)) == 1 else languages
+        return self._generate([x.audio for x in batch], language, batch[0].max_new_tokens)
+
+    def _generate(self, audios: list[np.ndarray], language: str | list[str] | None, limit: int) -> list[SegmentOutput]:
+        """Decode one batch with one token limit; ``language``: one for every row, a list with one forced
+        language per row, or None (detect)."""
         import torch
 
         t0 = time.perf_counter()
@@ -98,7 +110,8 @@ class WhisperDecoder(Decoder):
             if seqs.shape[0] != len(audios) and len(audios) > 1:  # seen with random weights: decode one by one
                 log.warning("generate() returned %d rows for %d inputs; decoding them one at a time",
                             seqs.shape[0], len(audios))
-                return [r for a in audios for r in self._generate([a], language, limit)]
+                per_row = language if isinstance(language, list) else [language] * len(audios)
+                return [r for a, x in zip(audios, per_row) for r in self._generate([a], x, limit)]
             rows = seqs.tolist()
             spans = [self._split(row) for row in rows]
             signals = self._signals(out, encoded, seqs, spans, recorder)
@@ -110,8 +123,9 @@ class WhisperDecoder(Decoder):
         decode_s = time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(seqs.cpu(), skip_special_tokens=True)
         results = []
-        for text, (start, end, ended, lang), (avg_lp, nsp, first), w in zip(texts, spans, signals, words):
-            code = lang or language_code(language)
+        asked = language if isinstance(language, list) else [language] * len(spans)
+        for text, (start, end, ended, lang), (avg_lp, nsp, first), w, x in zip(texts, spans, signals, words, asked):
+            code = lang or language_code(x)
             lang_p = self.language_prob(first, code) if first is not None else None
             results.append(SegmentOutput(text.strip(), code, end - start, not ended, decode_s, len(audios), avg_lp,
                                          nsp, lang_p, w))
