@@ -1,0 +1,82 @@
+"""What Whisper's encoder pass over a 30 s window costs on this CPU, by backend and precision.
+
+    python -m benchmarks.encoder_cost MODEL_DIR AUDIO [--windows 4] [--repeat 5] [--threads 1]
+
+Cuts ``--windows`` consecutive 30 s windows from AUDIO (from its 60th second on; a long recording), computes
+their log-mel features once, and times, interleaved ``--repeat`` times, the encoder of:
+
+- CTranslate2 with int8 weights (the CTranslate2 engine's own encoder on CPUs before engines/encoder.py);
+- CTranslate2 with float32 weights;
+- krasr-batch's torch encoder (engines/encoder.py) in float32 and in bfloat16.
+
+It reports the median seconds per window and how far each output is from CTranslate2's float32 encoder (mean
+absolute difference over the output's mean absolute value). This is the measurement behind running the encoder
+in torch bfloat16 on CPUs with bfloat16 matrix units (AMX, AVX512-BF16): ``--dtype auto`` does so where
+``/proc/cpuinfo`` lists ``amx_bf16`` or ``avx512_bf16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("audio")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    import ctranslate2
+    import torch
+
+    from krasr_batch.audio import load_audio
+    from krasr_batch.engines.base import NumpyLogMel
+    from krasr_batch.engines.ctranslate2 import converted_model
+    from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
+
+    torch.set_num_threads(a.threads)
+    path = converted_model(a.model)
+    audio = load_audio(a.audio)
+    windows = [audio[(60 + 30 * i) * 16000:(90 + 30 * i) * 16000] for i in range(a.windows)]
+    feats = np.ascontiguousarray(NumpyLogMel.from_pretrained(a.model)(windows)["input_features"], dtype=np.float32)
+
+    def ct2_encoder(ctype: str):
+        model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type=ctype, intra_threads=a.threads)
+        x = ctranslate2.StorageView.from_array(feats)
+        return lambda: np.array(model.encode(x))
+
+    systems = {
+        "CTranslate2 int8": ct2_encoder("int8"),
+        "CTranslate2 float32": ct2_encoder("float32"),
+        "torch float32": TorchEncoder(a.model, "float32", a.threads),
+        "torch bfloat16": TorchEncoder(a.model, "bfloat16", a.threads),
+    }
+    outputs = {name: (fn() if name.startswith("CTranslate2") else fn(feats)) for name, fn in systems.items()}  # warm
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(a.repeat):
+        for name, fn in systems.items():
+            t0 = time.perf_counter()
+            fn() if name.startswith("CTranslate2") else fn(feats)
+            times[name].append(time.perf_counter() - t0)
+    ref = outputs["CTranslate2 float32"]
+    scale = float(np.abs(ref).mean())
+    base = statistics.median(times["CTranslate2 int8"])
+    print(f"{a.windows} windows of 30 s, {a.threads} thread(s), median of {a.repeat} interleaved runs; "
+          f"{platform.processor() or platform.machine()}, bfloat16 matrix units: {cpu_has_bf16_matmul()}\n")
+    print("| encoder | s / window | vs CTranslate2 int8 | difference from CTranslate2 float32 |")
+    print("|---|---|---|---|")
+    for name in systems:
+        med = statistics.median(times[name])
+        diff = float(np.abs(outputs[name] - ref).mean()) / scale
+        print(f"| {name} | {med / a.windows:.3f} | {base / med:.2f}x | {100 * diff:.2f} % |")
+
+
+if __name__ == "__main__":
+    main()
