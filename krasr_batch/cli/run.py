@@ -48,8 +48,10 @@ GLOB = click.option(
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),
-              help="Model precision: auto is float16 on CUDA, float32 on CPU; int8 quantizes the linear layers "
-                   "(faster, text may differ from the card's). [default: auto]")
+              help="Model precision: auto is float16 on CUDA; on a CPU float32 with transformers, and with "
+                   "ctranslate2 a bfloat16 encoder and float32 decoder where the CPU has bfloat16 units (AMX, "
+                   "AVX512-BF16), else int8; int8 quantizes the linear layers (faster, text may differ from the "
+                   "card's). [default: auto]")
 @click.option("--engine", type=click.Choice(ENGINES),
               help="auto: the fastest engine that keeps the card's accuracy on the device (ctranslate2 on CPUs, "
                    "transformers on GPUs; README, Engines). transformers: the model card's own generate() call, "
