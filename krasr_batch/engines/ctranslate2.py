@@ -14,7 +14,7 @@ What differs, so the text can differ on uncertain audio: CTranslate2 applies the
 logits (transformers applies it to the log-probabilities), and its beam search stops once ``beams``
 hypotheses have ended (transformers keeps going while a running beam could still win). With ``--dtype auto``
 on a CPU that multiplies bfloat16 natively (AMX, AVX512-BF16) the encoder runs in torch bfloat16
-(engines/encoder.py), 3 to 4 times faster than CTranslate2's own int8 encoder there, and the decoder keeps
+(engines/encoder.py), 3.1 times faster than CTranslate2's own int8 encoder there, and the decoder runs with
 float32 weights; on other CPUs both run with int8 weights.
 
 The converted model is cached per node under ``$KRASR_BATCH_CACHE/ct2`` (default ``~/.cache/krasr-batch``),
@@ -162,7 +162,7 @@ def compute_type_for(dtype: str, device: str) -> str:
 def cpu_bf16_encoder(dtype: str, device: str) -> bool:
     """Whether a CTranslate2 replica runs Whisper's encoder in torch bfloat16 (engines/encoder.py): with
     ``--dtype auto`` on a CPU that multiplies bfloat16 natively (AMX or AVX512-BF16), where it ran the encoder
-    3 to 4 times faster than CTranslate2's int8 encoder (BENCHMARKS.md, block ``cpu-encoder``). ``--dtype
+    3.1 times faster than CTranslate2's int8 encoder (BENCHMARKS.md, issue 12's "Fourth round"). ``--dtype
     int8`` or ``float32`` keep CTranslate2's own encoder."""
     if dtype != "auto" or device != "cpu":
         return False

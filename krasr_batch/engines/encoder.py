@@ -2,8 +2,8 @@
 
 Why: on a CPU a segment's encoder pass over its 30 s window is half of a CTranslate2 replica's model time
 (BENCHMARKS.md, profile-cpu-archive-sample). On CPUs with AMX or AVX512-BF16, oneDNN runs the encoder's
-matrices in bfloat16 three to four times faster than CTranslate2's int8 encoder (whisper-base, one thread,
-a Sapphire Rapids core: 0.31 s a window against 1.1 to 1.3 s; `benchmarks/encoder_cost.py`). CTranslate2 then
+matrices in bfloat16 about three times faster than CTranslate2's int8 encoder (whisper-base, one thread,
+a Sapphire Rapids core: 0.335 s a window against 1.038 s; `benchmarks/encoder_cost.py`). CTranslate2 then
 decodes from that encoder output (``Whisper.generate`` accepts encoded features), so beam search stays in
 C++.
 
