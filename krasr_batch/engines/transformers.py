@@ -85,6 +85,7 @@ class WhisperDecoder(Decoder):
         import torch
 
         t0 = time.perf_counter()
+        asked = language if isinstance(language, list) else [language] * len(audios)  # one per row
         feats = self._features(audios, "pt")
         # the card's no_repeat_ngram_size, applied by NoRepeatNGramBan rather than transformers' own processor
         kwargs = dict(task=self.options.task, num_beams=self.options.beams, no_repeat_ngram_size=0,
@@ -110,8 +111,7 @@ class WhisperDecoder(Decoder):
             if seqs.shape[0] != len(audios) and len(audios) > 1:  # seen with random weights: decode one by one
                 log.warning("generate() returned %d rows for %d inputs; decoding them one at a time",
                             seqs.shape[0], len(audios))
-                per_row = language if isinstance(language, list) else [language] * len(audios)
-                return [r for a, x in zip(audios, per_row) for r in self._generate([a], x, limit)]
+                return [r for a, x in zip(audios, asked) for r in self._generate([a], x, limit)]
             rows = seqs.tolist()
             spans = [self._split(row) for row in rows]
             signals = self._signals(out, encoded, seqs, spans, recorder)
@@ -123,7 +123,6 @@ class WhisperDecoder(Decoder):
         decode_s = time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(seqs.cpu(), skip_special_tokens=True)
         results = []
-        asked = language if isinstance(language, list) else [language] * len(spans)
         for text, (start, end, ended, lang), (avg_lp, nsp, first), w, x in zip(texts, spans, signals, words, asked):
             code = lang or language_code(x)
             lang_p = self.language_prob(first, code) if first is not None else None
