@@ -14,6 +14,7 @@ holds this module's output equal to transformers' ``WhisperEncoder`` in float32 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -21,9 +22,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AMX-BF16 or AVX512-BF16), which torch's oneDNN
-    kernels use. Read from /proc/cpuinfo, so that asking costs no torch import; False where it is absent."""
+    kernels use. Read from /proc/cpuinfo once per process (a replica asks for its compute type and its
+    encoder), so that asking costs no torch import; False where it is absent."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
