@@ -33,7 +33,8 @@ LABELS = {
 }
 SETTINGS = {
     "krasr": "`krasr-batch run` defaults (--engine auto: CTranslate2 on CPUs, with a torch bfloat16 encoder and "
-             "float32 decoding where the CPU has bfloat16 units, else int8 weights; transformers on GPUs; Silero VAD windows ≤30 s cut at pauses, pauses inside a window shortened to 1 s; token limit "
+             "float32 decoding where the CPU has bfloat16 units, else int8 weights; transformers on GPUs; "
+             "Silero VAD windows ≤30 s cut at pauses, pauses inside a window shortened to 1 s; token limit "
              "fit: the card's table for a clip decoded whole, 12 tokens/s for windows of long recordings; "
              "batches of 16 segments across files), plus --krasr-args",
     "krasr-tf": "as krasr-batch, with `--engine transformers` last (the card's own generate() call)",

@@ -47,7 +47,7 @@ def test_max_length_gives_exactly_the_cards_limit(tiny_model):
 
 def test_decoder_groups_languages_and_reports_signals(tiny_model):
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2), "cpu", 1)
-    assert dec.engine == "ctranslate2"  # --dtype auto on a CPU: int8 weights, the encoder by the CPU
+    assert dec.engine == "ctranslate2"  # --dtype auto on a CPU: chosen by the CPU's bfloat16 units
     bf16 = engine.cpu_bf16_encoder("auto", "cpu")
     assert dec.compute_type == ("float32, encoder bfloat16 (torch)" if bf16 else "int8")
     rng = np.random.default_rng(0)

@@ -80,10 +80,9 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     except Exception as e:  # noqa: BLE001 - one file must never stop the job
         log.exception("unexpected failure on %s", row["path"])
         info.update(status="error", error=f"{type(e).__name__}: {e}", error_kind="internal", num_segments=n)
-    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0, "stretches": None, "speech": None,
-           "max_new_tokens": 0,
-           "audio": b"", "segment_wall_s": time.perf_counter() - t0}
-
+    yield {**base, **info, "segment_index": FILE_ROW, "start_s": 0.0, "end_s": 0.0, "audio_s": 0.0,
+           "stretches": None, "speech": None, "max_new_tokens": 0, "audio": b"",
+           "segment_wall_s": time.perf_counter() - t0}
 
 
 def plan_file(row: dict, segment_options: SegmentOptions, default_language: str, input_root: str | None,
