@@ -127,7 +127,7 @@ def test_every_job_preset_builds_settings(preset):
     settings = build_settings(options)
     assert settings.decode.beams == 3 and settings.decode.repetition_penalty == 1.12
     if preset.name == "cpu.yaml":
-        assert settings.decode.engine == "ctranslate2" and settings.resources.device == "cpu"
+        assert settings.decode.engine == "auto" and settings.resources.device == "cpu"
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])

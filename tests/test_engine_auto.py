@@ -2,14 +2,16 @@
 
 import pytest
 
-from krasr_batch.engines import choose_engine, load_decoder
+from krasr_batch.engines import choose_engine, encoder, load_decoder
 from krasr_batch.engines.base import CT2_CPU_BATCH, default_batch_size
 from krasr_batch.settings import DecodeOptions, RunSettings, build_settings
 
 
-def test_auto_is_the_default_and_resolves_per_device():
+def test_auto_is_the_default_and_resolves_per_device(monkeypatch):
     assert DecodeOptions().engine == "auto"
-    assert choose_engine(use_gpu=False)[0] == "ctranslate2"  # ctranslate2 is a regular dependency
+    # a CPU without bfloat16 units: ctranslate2, a regular dependency (with them: tests/test_torch_beam.py)
+    monkeypatch.setattr(encoder, "cpu_has_bf16_matmul", lambda: False)
+    assert choose_engine(use_gpu=False)[0] == "ctranslate2"
     assert choose_engine(use_gpu=True)[0] == "transformers"
 
 
@@ -29,6 +31,7 @@ def test_batch_defaults_follow_engine_and_device():
     assert default_batch_size(5, "cpu", "ctranslate2") == 5
 
 
-def test_a_replica_resolves_auto_by_its_own_device(tiny_model):
+def test_a_replica_resolves_auto_by_its_own_device(tiny_model, monkeypatch):
+    monkeypatch.setattr(encoder, "cpu_has_bf16_matmul", lambda: False)
     dec = load_decoder(DecodeOptions(model=str(tiny_model)), "cpu", 1)
     assert dec.engine == "ctranslate2" and dec.batch_size == CT2_CPU_BATCH

@@ -168,7 +168,7 @@ def test_accuracy_matches_the_transformers_engine(base_model, corpus):
         audio = load_audio(str(corpus / c["path"]))
         inputs.append(SegmentInput(audio, c["language"], max_new_tokens_for(len(audio) / 16000)))
     ct = load_decoder(DecodeOptions(model=str(base_model), engine="ctranslate2"), "cpu", 2).decode(inputs)
-    tf = load_decoder(DecodeOptions(model=str(base_model)), "cpu", 2).decode(inputs)
+    tf = load_decoder(DecodeOptions(model=str(base_model), engine="transformers"), "cpu", 2).decode(inputs)
     refs = [normalize(c["text"]) for c in clips]
     wer_ct = jiwer.wer(refs, [normalize(o.text) for o in ct])
     wer_tf = jiwer.wer(refs, [normalize(o.text) for o in tf])
@@ -237,7 +237,7 @@ def test_a_ctranslate2_replica_imports_torch_only_for_its_bf16_encoder(tiny_mode
     wants_torch = engine.cpu_bf16_encoder(dtype, "cpu")
     code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
             "from krasr_batch.settings import DecodeOptions; import numpy as np; "
-            f"o = DecodeOptions(model={str(tiny_model)!r}, dtype={dtype!r}); "
+            f"o = DecodeOptions(model={str(tiny_model)!r}, dtype={dtype!r}, engine='ctranslate2'); "
             f"check_model(DecodeOptions(model={str(tiny_model)!r}, engine='ctranslate2')); "
             "d = load_decoder(o, 'cpu', 1); "
             "from krasr_batch.engines import SegmentInput; "

@@ -6,7 +6,7 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 
-from krasr_batch.engines import segment_token_limit
+from krasr_batch.engines import choose_engine, segment_token_limit
 from krasr_batch.quality import truncation_cause
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -40,9 +40,11 @@ def test_exit_status_and_summary(corpus_run):
     assert info["settings"]["decode"]["repetition_penalty"] == 1.12
     assert info["audio_s"] > 400 and info["rtfx"] > 0
     assert "transformers" in info["versions"] and "ray" in info["versions"]
-    # --engine auto on this CPU: CTranslate2, recorded with the reason
-    assert info["engine"]["requested"] == "auto" and info["engine"]["chosen"] == "ctranslate2" and info["engine"]["why"]
-    assert info["settings"]["decode"]["engine"] == "ctranslate2"
+    # --engine auto on this CPU (torch with bfloat16 units, else CTranslate2), recorded with the reason
+    chosen = choose_engine(use_gpu=False)[0]
+    assert chosen in ("torch", "ctranslate2")
+    assert info["engine"]["requested"] == "auto" and info["engine"]["chosen"] == chosen and info["engine"]["why"]
+    assert info["settings"]["decode"]["engine"] == chosen
     tl = info["profile"]["timeline_s"]
     assert 0 < tl["ray_ready"] <= tl["first_result"] <= tl["last_result"] <= tl["written"] <= info["wall_s"] + 1e-3  # run.json rounds to ms
     assert info["profile"]["model_s"] > 0 and info["profile"]["segment_s"] > 0

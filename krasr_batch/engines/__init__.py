@@ -2,7 +2,8 @@
 
 - ``base.py``: segment records, token limits, language codes, errors and defaults shared by every engine;
 - ``transformers.py``: ``WhisperForConditionalGeneration.generate()``, the card's own call;
-- ``ctranslate2.py``: the same weights converted once to CTranslate2, decoded in C++.
+- ``ctranslate2.py``: the same weights converted once to CTranslate2, decoded in C++;
+- ``torch_beam.py``: Whisper and a batched beam search in plain torch, for CPUs with bfloat16 units.
 
 This module is the only place that imports an engine, lazily, so that choosing one never loads another.
 A new engine is one new file and one line in :data:`ENGINE_CLASSES`.
@@ -32,6 +33,7 @@ from krasr_batch.settings import DecodeOptions
 ENGINE_CLASSES = {
     "transformers": ("krasr_batch.engines.transformers", "WhisperDecoder"),
     "ctranslate2": ("krasr_batch.engines.ctranslate2", "CTranslate2Decoder"),
+    "torch": ("krasr_batch.engines.torch_beam", "TorchBeamDecoder"),
 }
 
 __all__ = [
@@ -40,13 +42,18 @@ __all__ = [
 ]
 
 
-def choose_engine(use_gpu: bool) -> tuple[str, str]:
+def choose_engine(use_gpu: bool, word_timestamps: bool = False, dtype: str = "auto") -> tuple[str, str]:
     """What ``--engine auto`` runs: ``(engine, why)`` for a run whose replicas are GPUs (``use_gpu``) or CPUs.
 
     The rule (README, "Engines"): the fastest engine whose WER and CER on the benchmark corpus are within
     0.005 of the transformers engine's (the card's own call), per device, as measured in BENCHMARKS.md:
 
-    - CPUs: ctranslate2. Same weights and settings, and on the archive set several times the
+    - CPUs that multiply bfloat16 natively (AMX or AVX512-BF16, read from this machine's /proc/cpuinfo): torch
+      (engines/torch_beam.py), 1.4 to 1.9 times CTranslate2's speed there with the same error rates (issue
+      12's "Fifth round"). It has no word timestamps and no int8: with ``--word-timestamps`` or a ``--dtype``
+      other than auto and bfloat16, ctranslate2 (as measured before it). A node of a cluster whose CPU lacks
+      those units runs the torch engine in float32, at about CTranslate2's speed.
+    - Other CPUs: ctranslate2. Same weights and settings, and on the archive set several times the
       transformers engine's speed with WER/CER no worse (block ``archive-cpu``).
     - GPUs: transformers. It is the engine measured on a GPU (block ``gpu-check``); CTranslate2's CUDA build
       could not run on the GPU machine there (it wants CUDA 12 libraries), so it has no figure to win with.
@@ -54,6 +61,11 @@ def choose_engine(use_gpu: bool) -> tuple[str, str]:
     """
     if use_gpu:
         return "transformers", "GPU replicas: the transformers engine is the one measured on GPUs"
+    from krasr_batch.engines.encoder import cpu_has_bf16_matmul
+
+    if cpu_has_bf16_matmul() and not word_timestamps and dtype in ("auto", "bfloat16"):
+        return "torch", ("CPU replicas with bfloat16 units: the torch engine's batched beam search is the fastest "
+                         "there at the card's accuracy")
     if importlib.util.find_spec("ctranslate2") is None:
         return "transformers", "CPU replicas, but the ctranslate2 package is not installed"
     return "ctranslate2", "CPU replicas: CTranslate2 is the fastest engine there at the card's accuracy"
@@ -71,7 +83,7 @@ def check_model(options: DecodeOptions) -> None:
     local = Path(options.model).expanduser()
     if local.is_dir():
         require_safetensors(local, options.model)
-    Decoder(options, "cpu")._load_processor(numpy_features=options.engine == "ctranslate2")
+    Decoder(options, "cpu")._load_processor(numpy_features=options.engine in ("ctranslate2", "torch"))
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 
@@ -85,9 +97,10 @@ def load_decoder(options: DecodeOptions, device: str = "auto", threads: int | No
     if options.engine == "auto":
         import dataclasses
 
-        options = dataclasses.replace(options, engine=choose_engine(resolve_device(device) == "cuda")[0])
+        engine = choose_engine(resolve_device(device) == "cuda", options.word_timestamps, options.dtype)[0]
+        options = dataclasses.replace(options, engine=engine)
     cls = engine_class(options.engine)
-    if options.engine == "ctranslate2":
+    if options.engine in ("ctranslate2", "torch"):
         return cls(options, device, threads)
     if threads:
         import torch

@@ -168,7 +168,7 @@ def default_batch_size(batch_size: int, device: str, engine: str = "transformers
         return batch_size
     if device == "cuda":
         return 16
-    return CT2_CPU_BATCH if engine == "ctranslate2" else 1
+    return CT2_CPU_BATCH if engine in ("ctranslate2", "torch") else 1
 
 
 def require_safetensors(folder, model: str) -> None:

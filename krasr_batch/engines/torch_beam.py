@@ -1,0 +1,375 @@
+"""The torch engine (``--engine torch``): Whisper's encoder, decoder and beam search in plain torch, built for
+batch decoding on CPUs with bfloat16 matrix units.
+
+Why: on a CPU, beam search over 30 s windows is bound by memory. Each step reads, for every row, its window's
+cross-attention keys and values (1500 frames x d_model x 2 per layer: 37 MB in float32 for whisper-base), and
+CTranslate2 (``--engine ctranslate2``) keeps one float32 copy per beam. Here a window's beams share one copy, in
+bfloat16, and their queries are multiplied with it together: a step reads a sixth of those bytes. On CPUs with
+AMX or AVX512-BF16 the weights run in bfloat16 through oneDNN too (BENCHMARKS.md, issue 12's "Fifth round").
+
+The beam search is Whisper's (openai-whisper's ``BeamSearchDecoder`` with CTranslate2's logits processing),
+batched over windows of any languages and token limits:
+- each step, per row: the repetition penalty on the logits of tokens already in the row (divided when positive,
+  multiplied when negative, as CTranslate2 applies it), no token that would repeat an n-gram of the row
+  (``no_repeat_ngram_size``), the generation config's suppressed tokens, and its begin-suppressed tokens at the
+  first step; then log-softmax;
+- per window, the ``2 x beams`` best (beam, token) continuations: an end-of-text one ends a hypothesis (up to
+  ``beams`` of them), the first ``beams`` others go on. A window is done once ``beams`` hypotheses have ended,
+  or at its own token limit (the end-of-text step counts toward it), where its running beams join as cut short;
+  it then leaves the batch, so the batch shrinks as its windows end;
+- the result is the hypothesis with the best summed log-probability over its length in text tokens.
+
+With ``dtype="float32"`` it gives CTranslate2's float32 tokens on most windows (tests/test_torch_beam.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from krasr_batch.engines.base import (
+    Decoder,
+    SegmentInput,
+    SegmentOutput,
+    language_code,
+    require_safetensors,
+)
+from krasr_batch.settings import DecodeOptions
+
+log = logging.getLogger(__name__)
+
+# rows of one model call on a CPU: 16 windows share the weights' read each step (as CT2_CPU_BATCH)
+TORCH_CPU_BATCH = 16
+
+
+# the rows a step multiplies (16 windows x 3 beams): oneDNN lays the weights out for it once (any count works)
+PACK_ROWS = 48
+
+
+def _pack(weight, rows: int):
+    """``weight`` (out x in) laid out once for oneDNN's linear kernels (``torch.ops.mkldnn``, as torch's own
+    compiler does on CPUs): 1.5 to 1.9 times faster than ``F.linear`` at a beam step's 48 rows in bfloat16.
+    Where this torch build has no oneDNN, the transposed weight for ``torch.mm``."""
+    import torch
+
+    try:
+        if torch.backends.mkldnn.is_available():
+            return "mkldnn", torch.ops.mkldnn._reorder_linear_weight(weight, rows), weight.shape[0]
+    except (RuntimeError, AttributeError):  # an older or trimmed build: plain matrix products
+        pass
+    return "mm", weight.t().contiguous(), weight.shape[0]
+
+
+def _apply(packed, x, bias=None):
+    import torch
+
+    kind, w, out = packed
+    if kind == "mkldnn":
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.mm(flat, w) if bias is None else torch.addmm(bias, flat, w)
+    return y.view(*x.shape[:-1], out)
+
+
+def _weights(folder: Path, prefixes: tuple[str, ...]) -> dict:
+    """The tensors of ``folder``'s safetensors whose names start with one of ``prefixes``, prefix removed."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                for p in prefixes:
+                    if key.startswith(p):
+                        out[key[len(p):]] = st.get_tensor(key)
+    return out
+
+
+class WhisperDecoderStack:
+    """Whisper's decoder from a transformers model folder, weights held transposed for ``x @ W``.
+
+    ``cross(encoded)`` computes each layer's cross-attention keys (transposed) and values once per window;
+    ``step(tokens, pos, cache, cross, beams)`` runs ``tokens`` (rows x t, rows = windows x beams, a window's
+    beams adjacent) at positions ``pos..pos+t-1`` and returns the logits of the last position (in ``dtype``).
+    """
+
+    def __init__(self, folder: str | Path, dtype: str = "bfloat16"):
+        import torch
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("activation_function", "gelu") != "gelu":
+            raise ValueError(f"unsupported decoder activation {config.get('activation_function')!r}")
+        self.d = config["d_model"]
+        self.heads = config["decoder_attention_heads"]
+        self.head_dim = self.d // self.heads
+        self.layers = config["decoder_layers"]
+        self.max_positions = config["max_target_positions"]
+        self.dtype = getattr(torch, dtype)
+        raw = _weights(folder, ("model.decoder.", "decoder."))
+        expected = ["embed_tokens.weight", "embed_positions.weight", "layer_norm.weight"] + [
+            f"layers.{i}.{n}.weight" for i in range(self.layers)
+            for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                      "encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj",
+                      "fc1", "fc2", "self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")]
+        missing = [k for k in expected if k not in raw]
+        if missing:
+            raise RuntimeError(f"{folder}: the decoder's weights are not Whisper's (missing {missing[:3]})")
+        scale = self.head_dim ** -0.5
+        w = {}
+        for key, t in raw.items():
+            t = t.float()
+            if key.endswith(("q_proj.weight", "q_proj.bias")):
+                t = t * scale  # transformers scales the queries after the projection
+            w[key] = t.contiguous().to(self.dtype)
+        linears = [k[:-len(".weight")] for k in w if k.endswith(("_proj.weight", "fc1.weight", "fc2.weight"))]
+        self.packed = {name: _pack(w.pop(name + ".weight"), PACK_ROWS) for name in linears}
+        self.w = w
+        self.embed = w["embed_tokens.weight"]  # (vocab, d): the input embedding
+        self.logits = _pack(self.embed, PACK_ROWS)  # the tied output projection
+
+    def _linear(self, name: str, x):
+        return _apply(self.packed[name], x, self.w.get(name + ".bias"))
+
+    def _norm(self, name: str, x):
+        import torch.nn.functional as F
+
+        return F.layer_norm(x, (self.d,), self.w[name + ".weight"], self.w[name + ".bias"])
+
+    def cross(self, encoded) -> list:
+        b, t, _ = encoded.shape
+        out = []
+        for i in range(self.layers):
+            p = f"layers.{i}.encoder_attn."
+            k = self._linear(p + "k_proj", encoded).view(b, t, self.heads, self.head_dim).permute(0, 2, 3, 1)
+            v = self._linear(p + "v_proj", encoded).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            out.append((k.contiguous(), v.contiguous()))
+        return out
+
+    def new_cache(self, rows: int, length: int) -> list:
+        import torch
+
+        shape = (rows, self.heads, length, self.head_dim)
+        return [(torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
+                for _ in range(self.layers)]
+
+    def step(self, tokens, pos: int, cache: list, cross: list, beams: int):
+        import torch
+        import torch.nn.functional as F
+
+        rows, t = tokens.shape
+        windows = rows // beams
+        h, hd, d = self.heads, self.head_dim, self.d
+        x = self.embed[tokens] + self.w["embed_positions.weight"][pos:pos + t]
+        for i in range(self.layers):
+            p = f"layers.{i}."
+            y = self._norm(p + "self_attn_layer_norm", x)
+            q = self._linear(p + "self_attn.q_proj", y).view(rows, t, h, hd).transpose(1, 2)
+            ck, cv = cache[i]
+            ck[:, :, pos:pos + t] = self._linear(p + "self_attn.k_proj", y).view(rows, t, h, hd).transpose(1, 2)
+            cv[:, :, pos:pos + t] = self._linear(p + "self_attn.v_proj", y).view(rows, t, h, hd).transpose(1, 2)
+            # the prompt attends causally over itself; a later step's one token over all before it
+            a = F.scaled_dot_product_attention(q, ck[:, :, :pos + t], cv[:, :, :pos + t], is_causal=t > 1 and pos == 0,
+                                               scale=1.0)
+            x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, t, d))
+            y = self._norm(p + "encoder_attn_layer_norm", x)
+            # the window's beams query its keys and values together: one read of them per window
+            q = self._linear(p + "encoder_attn.q_proj", y).view(windows, beams, t, h, hd)
+            q = q.permute(0, 3, 1, 2, 4).reshape(windows, h, beams * t, hd)
+            xk, xv = cross[i]
+            a = torch.matmul(torch.matmul(q, xk).softmax(-1), xv)
+            a = a.view(windows, h, beams, t, hd).permute(0, 2, 3, 1, 4).reshape(rows, t, d)
+            x = x + self._linear(p + "encoder_attn.out_proj", a)
+            y = self._norm(p + "final_layer_norm", x)
+            x = x + self._linear(p + "fc2", F.gelu(self._linear(p + "fc1", y)))
+        x = self._norm("layer_norm", x[:, -1])
+        return _apply(self.logits, x)
+
+
+def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
+                beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = ()) -> list[tuple[list[int], float, bool]]:
+    """Beam search over a batch of windows (module docstring): per window ``(tokens, summed log-probability,
+    ended)``; ``ended`` False when it stopped at its limit. ``prompts``: one per window, all of one length;
+    ``limits``: each window's most decoding steps, the end-of-text step included."""
+    import torch
+
+    k = beams
+    n_win = len(prompts)
+    plen = len(prompts[0])
+    limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+    length = plen + max(limits)
+    cache = stack.new_cache(n_win * k, length)
+    seqs = torch.zeros(n_win * k, length, dtype=torch.long)
+    seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0)
+    logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
+    scores = torch.tensor([0.0] + [-math.inf] * (k - 1)).repeat(n_win)  # the first step expands beam 0 only
+    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long)
+    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long)
+    alive = list(range(n_win))
+    ended: list[list[tuple[list[int], float, bool]]] = [[] for _ in range(n_win)]
+    vocab = logits.shape[1]
+    n = 0  # tokens decoded so far
+    while True:
+        cur = plen + n
+        if repetition_penalty != 1.0:
+            prev = seqs[:, :cur]
+            g = logits.gather(1, prev)
+            logits.scatter_(1, prev, torch.where(g < 0, g * repetition_penalty, g / repetition_penalty))
+        m = no_repeat_ngram_size
+        if m and cur >= m:
+            grams = seqs[:, :cur].unfold(1, m, 1)  # every n-gram of each row
+            hit = (grams[:, :, :m - 1] == seqs[:, None, cur - m + 1:cur]).all(-1)
+            r, c = hit.nonzero(as_tuple=True)
+            if len(r):
+                logits[r, grams[r, c, m - 1]] = -math.inf
+        if len(suppress_t):
+            logits[:, suppress_t] = -math.inf
+        if n == 0 and len(begin_t):
+            logits[:, begin_t] = -math.inf
+        total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(len(alive), k * vocab)
+        top_s, top_i = total.topk(2 * k, dim=1)
+        top_s, top_i = top_s.tolist(), top_i.tolist()
+        n += 1
+        rows, toks, new_scores, still = [], [], [], []
+        for j, w in enumerate(alive):
+            done = ended[w]
+            going = []
+            for s, idx in zip(top_s[j], top_i[j]):
+                beam, tok = divmod(idx, vocab)
+                if s == -math.inf:
+                    break
+                if tok == eos:
+                    if len(done) < k:
+                        done.append((seqs[j * k + beam, plen:cur].tolist(), s, True))
+                elif len(going) < k:
+                    going.append((j * k + beam, tok, s))
+                if len(going) == k:
+                    break
+            if len(done) >= k or not going:
+                continue
+            if n >= limits[w]:  # its last step: the running beams are candidates, cut short
+                done.extend((seqs[row, plen:cur].tolist() + [tok], s, False) for row, tok, s in going[:k - len(done)])
+                continue
+            while len(going) < k:  # fewer finite continuations than beams (a tiny vocabulary): repeat the last
+                going.append((going[-1][0], going[-1][1], -math.inf))
+            still.append(w)
+            for row, tok, s in going:
+                rows.append(row)
+                toks.append(tok)
+                new_scores.append(s)
+        if not still:
+            break
+        moved = [(r, src) for r, src in enumerate(rows) if src != r]
+        if moved:  # a row whose beam now continues another row's hypothesis takes that row's cache
+            dst = torch.tensor([r for r, _ in moved])
+            src = torch.tensor([s for _, s in moved])
+            for ck, cv in cache:
+                ck[dst, :, :cur] = ck[src, :, :cur]
+                cv[dst, :, :cur] = cv[src, :, :cur]
+            seqs[dst] = seqs[src]
+        if len(rows) != seqs.shape[0]:
+            cache = [(ck[:len(rows)], cv[:len(rows)]) for ck, cv in cache]
+            seqs = seqs[:len(rows)]
+        if len(still) != len(alive):
+            keep = torch.tensor([alive.index(w) for w in still])
+            cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
+        seqs[:, cur] = torch.tensor(toks)
+        scores = torch.tensor(new_scores)
+        alive = still
+        logits = stack.step(seqs[:, cur:cur + 1], cur, cache, cross, k)
+    out = []
+    for done in ended:
+        out.append(max(done, key=lambda h: h[1] / max(len(h[0]), 1)) if done else ([], -math.inf, False))
+    return out
+
+
+class TorchBeamDecoder(Decoder):
+    """One replica of the torch engine (module docstring); ``decode(inputs)`` as every engine's. Its batches
+    mix languages (a prompt per window) and token limits (each window stops at its own, exactly)."""
+
+    engine = "torch"
+    mixed_languages = True
+
+    def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
+        import torch
+
+        from krasr_batch.engines.ctranslate2 import local_model_dir
+        from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
+
+        if device == "auto":
+            device = "cpu"
+        if device != "cpu":
+            raise RuntimeError("--engine torch runs on CPUs; on a GPU use --engine transformers")
+        if options.word_timestamps:
+            raise RuntimeError("--engine torch has no word timestamps; --engine auto chooses ctranslate2 for them")
+        super().__init__(options, device)
+        t0 = time.perf_counter()
+        folder = local_model_dir(options.model)
+        require_safetensors(folder, options.model)
+        self._load_processor(numpy_features=True, folder=folder)
+        if options.dtype == "auto":
+            self.compute_type = "bfloat16" if cpu_has_bf16_matmul() else "float32"
+        elif options.dtype in ("bfloat16", "float32"):
+            self.compute_type = options.dtype
+        else:
+            raise RuntimeError(f"--engine torch runs in bfloat16 or float32, not {options.dtype}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.encoder = TorchEncoder(folder, self.compute_type, threads)
+        self.stack = WhisperDecoderStack(folder, self.compute_type)
+        gc = self.generation_config
+        task = self.task_ids.get(options.task)
+        if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
+            raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
+        self.prompt_tail = [task, gc.no_timestamps_token_id]
+        self.suppress = tuple(getattr(gc, "suppress_tokens", None) or ())
+        self.begin_suppress = tuple(getattr(gc, "begin_suppress_tokens", None) or ())
+        self.batch_size = options.batch_size or TORCH_CPU_BATCH
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
+
+    def _group_key(self, x: SegmentInput) -> tuple:
+        # one group: every window stops at its own limit and carries its own prompt
+        return (x.language is None,)
+
+    def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:
+        import torch
+
+        o = self.options
+        t0 = time.perf_counter()
+        feats = self._features([x.audio for x in batch], "np")["input_features"]
+        with torch.inference_mode():
+            encoded = torch.from_numpy(self.encoder(feats)).to(self.stack.dtype)
+            cross = self.stack.cross(encoded)
+            sot = self.generation_config.decoder_start_token_id
+            # the first step (after <|startoftranscript|>) gives language scores and the no-speech probability
+            first = self.stack.step(torch.full((len(batch), 1), sot), 0, self.stack.new_cache(len(batch), 1), cross, 1)
+            first_lp = torch.log_softmax(first, -1, dtype=torch.float32).numpy()
+            codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
+                     for x, lp in zip(batch, first_lp)]
+            prompts = []
+            for c in codes:
+                if c not in self.token_by_code:
+                    raise ValueError(f"the model has no language token for {c!r}")
+                prompts.append([sot, self.token_by_code[c], *self.prompt_tail])
+            hyps = beam_search(self.stack, cross, prompts, [x.max_new_tokens for x in batch], beams=o.beams,
+                               eos=self.eos, repetition_penalty=o.repetition_penalty,
+                               no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
+                               begin_suppress=self.begin_suppress)
+        decode_s = time.perf_counter() - t0
+        out = []
+        for c, lp, (tokens, score, done) in zip(codes, first_lp, hyps):
+            n = len(tokens)
+            # Whisper's avg_logprob: over the text tokens and end-of-text
+            avg = None if not np.isfinite(score) else float(score / (n + 1) if done else score / max(n, 1))
+            no_speech = float(np.exp(lp[self.no_speech_id])) if self.no_speech_id is not None else None
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            out.append(SegmentOutput(text, c, n, not done, decode_s, len(batch), avg, no_speech,
+                                     self.language_prob(lp, c), None))
+        return out

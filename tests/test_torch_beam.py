@@ -1,0 +1,182 @@
+"""The torch engine (engines/torch_beam.py): its decoder equals transformers' on the same weights, its beam
+search gives CTranslate2's tokens in float32, a window's result does not depend on the batch it shares, each
+window stops at its own limit, and ``--engine auto`` picks it on CPUs with bfloat16 units."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from krasr_batch.audio import load_audio
+from krasr_batch.engines import SegmentInput, choose_engine, load_decoder, max_new_tokens_for
+from krasr_batch.engines import encoder as encoder_module
+from krasr_batch.engines.encoder import TorchEncoder
+from krasr_batch.engines.torch_beam import TORCH_CPU_BATCH, WhisperDecoderStack, beam_search
+from krasr_batch.settings import DecodeOptions
+
+from .conftest import read_jsonl, run_cli, write_manifest
+
+SETTINGS = dict(beams=3, repetition_penalty=1.12, no_repeat_ngram_size=4)
+
+
+def _config(model) -> dict:
+    return json.loads((model / "generation_config.json").read_text())
+
+
+def _prompt(model, lang: str = "kk") -> list[int]:
+    gc = _config(model)
+    return [gc["decoder_start_token_id"], gc["lang_to_id"][f"<|{lang}|>"], gc["task_to_id"]["transcribe"],
+            gc["no_timestamps_token_id"]]
+
+
+def _encoded(model, audios: list[np.ndarray]) -> np.ndarray:
+    from krasr_batch.engines.base import NumpyLogMel
+
+    feats = NumpyLogMel.from_pretrained(str(model))(audios)["input_features"]
+    return TorchEncoder(model, "float32")(feats)
+
+
+def _search(model, stack, encoded, prompts, limits):
+    gc = _config(model)
+    with torch.inference_mode():
+        cross = stack.cross(torch.from_numpy(encoded).to(stack.dtype))
+        return beam_search(stack, cross, prompts, limits, eos=gc["eos_token_id"], suppress=gc["suppress_tokens"],
+                           begin_suppress=gc["begin_suppress_tokens"], **SETTINGS)
+
+
+def _clips(corpus, n: int, step: int = 5) -> list[np.ndarray]:
+    return [load_audio(str(corpus / c["path"])) for c in read_jsonl(corpus / "clips.jsonl")[::step][:n]]
+
+
+def test_the_decoder_equals_transformers_decoder(tiny_model):
+    """Prompt and cached single steps, beams sharing a window's cross-attention: transformers' logits."""
+    from transformers import WhisperForConditionalGeneration
+
+    ref = WhisperForConditionalGeneration.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    stack = WhisperDecoderStack(tiny_model, "float32")
+    rng = np.random.default_rng(0)
+    encoded = torch.from_numpy(rng.normal(0, 1, (2, 1500, ref.config.d_model)).astype(np.float32))
+    prompt = torch.tensor([_prompt(tiny_model)] * 6)  # 2 windows x 3 beams
+    tokens = torch.cat([prompt, torch.from_numpy(rng.integers(0, 50000, (6, 3)))], 1)
+    with torch.inference_mode():
+        expected = ref(encoder_outputs=(encoded.repeat_interleave(3, 0),), decoder_input_ids=tokens).logits
+        cross = stack.cross(encoded)
+        cache = stack.new_cache(6, 16)
+        got = [stack.step(tokens[:, :4], 0, cache, cross, 3)]
+        got += [stack.step(tokens[:, p:p + 1], p, cache, cross, 3) for p in range(4, 7)]
+    for k, g in enumerate(got):
+        np.testing.assert_allclose(g.numpy(), expected[:, 3 + k].numpy(), atol=2e-4, rtol=2e-4)
+
+
+def test_float32_beam_search_gives_ctranslate2s_tokens(base_model, corpus):
+    """The same search as CTranslate2's (logits processing, candidates, stopping, length-normalised choice):
+    on real speech and the real weights, in float32, the same tokens on nearly every clip."""
+    ct2 = pytest.importorskip("ctranslate2")
+    from krasr_batch.engines.ctranslate2 import converted_model, ct2_max_length
+
+    audios = _clips(corpus, 8)
+    encoded = _encoded(base_model, audios)
+    limits = [max_new_tokens_for(len(a) / 16000) for a in audios]
+    prompts = [_prompt(base_model)] * len(audios)
+    mine = _search(base_model, WhisperDecoderStack(base_model, "float32"), encoded, prompts, limits)
+    model = ct2.models.Whisper(str(converted_model(str(base_model))), device="cpu", compute_type="float32",
+                               intra_threads=1)
+    theirs = [model.generate(ct2.StorageView.from_array(encoded[i:i + 1]), [p], max_length=ct2_max_length(n, 4),
+                             beam_size=3, repetition_penalty=1.12, no_repeat_ngram_size=4)[0].sequences_ids[0]
+              for i, (p, n) in enumerate(zip(prompts, limits))]
+    same = sum(m[0] == t for m, t in zip(mine, theirs))
+    assert same >= 6, [(len(m[0]), len(t)) for m, t in zip(mine, theirs)]
+
+
+def test_a_window_decodes_the_same_in_any_batch(tiny_model):
+    """Windows of several languages and limits share a batch, leave it as they end, and reorder their beams'
+    caches: each one's result is the one it gets alone."""
+    rng = np.random.default_rng(3)
+    audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 20, 5, 12)]
+    encoded = _encoded(tiny_model, audios)
+    prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "kk", "en", "ru")]
+    limits = [5, 40, 17, 1, 60]
+    stack = WhisperDecoderStack(tiny_model, "float32")
+    together = _search(tiny_model, stack, encoded, prompts, limits)
+    for i in range(len(audios)):
+        alone = _search(tiny_model, stack, encoded[i:i + 1], prompts[i:i + 1], limits[i:i + 1])[0]
+        assert together[i][0] == alone[0] and together[i][2] == alone[2]
+        assert together[i][1] == pytest.approx(alone[1], abs=1e-3)
+    for (tokens, _, ended), n in zip(together, limits):
+        assert len(tokens) <= n and (ended or len(tokens) == n)  # the end-of-text step counts toward the limit
+
+
+def test_engine_limits_signals_and_batches(tiny_model):
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32"), "cpu", 1)
+    assert dec.engine == "torch" and dec.compute_type == "float32" and dec.batch_size == TORCH_CPU_BATCH
+    rng = np.random.default_rng(1)
+    audio = rng.normal(0, 0.1, 16000 * 4).astype(np.float32)
+    inputs = [SegmentInput(audio, lang, n, exact_limit=exact) for lang, n, exact in
+              [("kazakh", 1, True), ("russian", 3, True), ("kazakh", 7, False), (None, 40, True), ("kazakh", 2, False)]]
+    out = dec.decode(inputs)
+    # one batch for the forced languages whatever their limits; detection has its own
+    assert [o.batch_size for o in out] == [4, 4, 4, 1, 4]
+    assert [o.language for o in out][:3] == ["kk", "ru", "kk"] and out[3].language in dec.token_by_code
+    for o, x in zip(out, inputs):
+        assert o.num_tokens <= x.max_new_tokens and o.truncated == (o.num_tokens == x.max_new_tokens)
+        assert 0 <= o.no_speech_prob <= 1 and 0 < o.language_prob <= 1 and o.decode_s > 0
+        assert o.avg_logprob is None or o.avg_logprob <= 0
+    assert sum(o.truncated for o in out) >= 3  # random weights rarely end a row
+
+
+def test_engine_refuses_what_it_cannot_do(tiny_model):
+    with pytest.raises(RuntimeError, match="word timestamps"):
+        load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", word_timestamps=True), "cpu", 1)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="int8"), "cpu", 1)
+    with pytest.raises(RuntimeError, match="GPU"):
+        load_decoder(DecodeOptions(model=str(tiny_model), engine="torch"), "cuda", 1)
+
+
+def test_auto_picks_it_on_cpus_with_bfloat16_units(monkeypatch, tiny_model):
+    monkeypatch.setattr(encoder_module, "cpu_has_bf16_matmul", lambda: True)
+    assert choose_engine(use_gpu=False)[0] == "torch"
+    assert choose_engine(use_gpu=False, word_timestamps=True)[0] == "ctranslate2"
+    assert choose_engine(use_gpu=False, dtype="int8")[0] == "ctranslate2"
+    assert choose_engine(use_gpu=False, dtype="bfloat16")[0] == "torch"
+    assert choose_engine(use_gpu=True)[0] == "transformers"
+    dec = load_decoder(DecodeOptions(model=str(tiny_model)), "cpu", 1)
+    assert dec.engine == "torch" and dec.compute_type == "bfloat16"
+    monkeypatch.setattr(encoder_module, "cpu_has_bf16_matmul", lambda: False)
+    assert choose_engine(use_gpu=False)[0] == "ctranslate2"
+
+
+def test_a_torch_replica_imports_neither_transformers_nor_ctranslate2(tiny_model):
+    """Each is seconds of a replica's start (transformers' Whisper modeling 3.7 s here); the engine reads the
+    tokenizer, generation config and weights itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from krasr_batch.engines import SegmentInput, load_decoder; "
+            "from krasr_batch.settings import DecodeOptions; "
+            f"d = load_decoder(DecodeOptions(model={str(tiny_model)!r}, engine='torch'), 'cpu', 1); "
+            "d.decode([SegmentInput(np.zeros(16000, np.float32), 'kazakh', 5)]); "
+            "print(sorted(m for m in ('transformers', 'ctranslate2') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.e2e
+def test_run_with_the_torch_engine(tmp_path, corpus, tiny_model):
+    rows = read_jsonl(corpus / "clips.jsonl")[:3] + read_jsonl(corpus / "long.jsonl")[:1]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows, base=corpus)
+    out = tmp_path / "out"
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--engine", "torch",
+                 "--num-cpus", "2", "--no-progress"])
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["decode"]["engine"] == "torch"
+    files = pads.dataset(out / "files", format="parquet").to_table().to_pylist()
+    assert sorted(f["file_id"] for f in files) == sorted(x["id"] for x in rows)
+    assert all(f["status"] == "ok" for f in files)
+    segs = pads.dataset(out / "segments", format="parquet").to_table().to_pylist()
+    assert len(segs) > len(rows) and all(s["num_tokens"] <= s["max_new_tokens"] for s in segs)
