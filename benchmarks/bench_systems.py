@@ -32,8 +32,8 @@ LABELS = {
     "faster-whisper": f"faster-whisper batched (bs {PEER_BATCH_SIZE})",
 }
 SETTINGS = {
-    "krasr": "`krasr-batch run` defaults (--engine auto: CTranslate2 on CPUs, with a torch bfloat16 encoder and "
-             "float32 decoding where the CPU has bfloat16 units, else int8 weights; transformers on GPUs; "
+    "krasr": "`krasr-batch run` defaults (--engine auto: on CPUs with bfloat16 units the torch engine in "
+             "bfloat16, on other CPUs CTranslate2 with int8 weights; transformers on GPUs; "
              "Silero VAD windows ≤30 s cut at pauses, pauses inside a window shortened to 1 s; token limit "
              "fit: the card's table for a clip decoded whole, 12 tokens/s for windows of long recordings; "
              "batches of 16 segments across files), plus --krasr-args",

@@ -164,3 +164,17 @@ def test_gpu_check_token_limit_seam():
         assert token_limit(d, True, "fit") == max_new_tokens_for(d)
     assert token_limit(27.0, False, "fit") == 360  # 12 a second of its bucket's edge, 30 s
     assert token_limit(2.0, False, "fit") == 60 > max_new_tokens_for(2.0)  # never below the card's limit
+
+
+def test_beam_cost_compares_the_engines_searches(corpus, tiny_model, capsys):
+    """benchmarks/beam_cost.py on two windows of a long recording: every system's row, and the torch engine's
+    float32 search gives CTranslate2 float32's tokens (random weights: long, repetitive rows)."""
+    pytest.importorskip("ctranslate2")
+    from benchmarks import beam_cost
+
+    beam_cost.main([str(tiny_model), str(corpus / "long" / "long_00.flac"), "--windows", "2", "--repeat", "1"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"CTranslate2 float32", "CTranslate2 int8", "torch engine float32"} <= set(rows)
+    assert rows["CTranslate2 float32"].endswith("| 2 of 2 |")
+    assert rows["torch engine float32"].endswith("| 2 of 2 |")  # 360 tokens each, all CTranslate2's

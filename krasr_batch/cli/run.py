@@ -48,16 +48,19 @@ GLOB = click.option(
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),
-              help="Model precision: auto is float16 on CUDA; on a CPU float32 with transformers, and with "
-                   "ctranslate2 a bfloat16 encoder and float32 decoder where the CPU has bfloat16 units (AMX, "
-                   "AVX512-BF16), else int8; int8 quantizes the linear layers (faster, text may differ from the "
-                   "card's). [default: auto]")
+              help="Model precision: auto is float16 on CUDA; on a CPU float32 with transformers, bfloat16 with "
+                   "torch where the CPU has bfloat16 units (AMX, AVX512-BF16; else float32), and with ctranslate2 "
+                   "a bfloat16 encoder and float32 decoder on such CPUs, else int8; int8 (ctranslate2, "
+                   "transformers) quantizes the linear layers (faster, text may differ from the card's). "
+                   "[default: auto]")
 @click.option("--engine", type=click.Choice(ENGINES),
-              help="auto: the fastest engine that keeps the card's accuracy on the device (ctranslate2 on CPUs, "
-                   "transformers on GPUs; README, Engines). transformers: the model card's own generate() call, "
-                   "its output byte for byte. ctranslate2: the same weights converted once to CTranslate2 "
-                   "(cached), the same settings; several times faster on a CPU, text may differ from the "
-                   "card's on uncertain audio. [default: auto]")
+              help="auto: the fastest engine that keeps the card's accuracy on the device (torch on CPUs with "
+                   "bfloat16 units, else ctranslate2; transformers on GPUs; README, Engines). transformers: the "
+                   "model card's own generate() call, its output byte for byte. ctranslate2: the same weights "
+                   "converted once to CTranslate2 (cached), the same settings; several times faster on a CPU. "
+                   "torch: Whisper and a batched beam search in plain torch, a window's beams sharing its "
+                   "cross-attention (CPUs; no word timestamps). The last two can differ from the card's text on "
+                   "uncertain audio. [default: auto]")
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),
               help="Stop when more than this fraction of files failed (checked once 100 files are done). [default: 0.1]")
