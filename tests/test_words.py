@@ -284,7 +284,8 @@ def test_real_word_times_find_the_pause_between_two_sentences(engine, base_model
 def test_a_word_timed_run_keeps_the_text_and_writes_words_languages_and_cues(tmp_path, corpus, tiny_model):
     """``krasr-batch run`` with and without --word-timestamps (tiny-random, --language auto --languages kk,ru;
     each in its own process): the same segments, a words/ row set for every segment with text, seconds by
-    language in files/, and subtitle cues within the limits."""
+    language in files/, and subtitle cues within the limits. The engine is named: under ``--engine auto`` a
+    CPU with bfloat16 units decodes a run without word timestamps with the torch engine, which has none."""
     import pyarrow.dataset as pads
 
     from krasr_batch.export import export
@@ -295,7 +296,7 @@ def test_a_word_timed_run_keeps_the_text_and_writes_words_languages_and_cues(tmp
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": r["id"], "path": str(corpus / r["path"])}) + "\n" for r in rows))
     common = ["--model", str(tiny_model), "--language", "auto", "--languages", "kk,ru", "--token-limit", "card",
-              "--flush-files", "2", "--num-cpus", "2", "--no-progress"]
+              "--flush-files", "2", "--num-cpus", "2", "--no-progress", "--engine", "ctranslate2"]
     outs = {}
     for words in (False, True):
         outs[words] = tmp_path / f"out-{words}"
