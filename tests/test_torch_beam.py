@@ -14,8 +14,9 @@ import torch
 from krasr_batch.audio import load_audio
 from krasr_batch.engines import SegmentInput, choose_engine, load_decoder, max_new_tokens_for
 from krasr_batch.engines import encoder as encoder_module
+from krasr_batch.engines.base import CT2_CPU_BATCH
 from krasr_batch.engines.encoder import TorchEncoder
-from krasr_batch.engines.torch_beam import TORCH_CPU_BATCH, WhisperDecoderStack, beam_search
+from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search
 from krasr_batch.settings import DecodeOptions
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -112,7 +113,7 @@ def test_a_window_decodes_the_same_in_any_batch(tiny_model):
 
 def test_engine_limits_signals_and_batches(tiny_model):
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32"), "cpu", 1)
-    assert dec.engine == "torch" and dec.compute_type == "float32" and dec.batch_size == TORCH_CPU_BATCH
+    assert dec.engine == "torch" and dec.compute_type == "float32" and dec.batch_size == CT2_CPU_BATCH
     rng = np.random.default_rng(1)
     audio = rng.normal(0, 0.1, 16000 * 4).astype(np.float32)
     inputs = [SegmentInput(audio, lang, n, exact_limit=exact) for lang, n, exact in

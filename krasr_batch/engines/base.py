@@ -159,7 +159,7 @@ CT2_CPU_BATCH = 16
 
 def default_batch_size(batch_size: int, device: str, engine: str = "transformers") -> int:
     """Segments per model call: ``--batch-size``, else 16 on a GPU, and on a CPU :data:`CT2_CPU_BATCH` with
-    CTranslate2 and 1 with transformers.
+    CTranslate2 and the torch engine (both batch windows across files) and 1 with transformers.
 
     On a CPU, batching beam search measured no gain in transformers (1 thread, whisper-base: 41.3 s for 16
     clips one by one, 44.6 s in fours), so its CPU replicas decode one segment at a time; GPUs want wide batches.
@@ -342,6 +342,21 @@ class Decoder:
                 f"audio), and the generation config of {model!r} lists none (no 'alignment_heads' in "
                 "generation_config.json). Add them to that file (openai/whisper lists them for each size), or run "
                 "without --word-timestamps.")
+
+    def _init_prompt(self) -> None:
+        """The prompt's tail after the language token (<|task|> <|notimestamps|>), for engines that build
+        their prompts (:meth:`_prompt`)."""
+        gc = self.generation_config
+        task = self.task_ids.get(self.options.task)
+        if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
+            raise RuntimeError(f"{self.options.model}: its generation config has no task or <|notimestamps|> token")
+        self.prompt_tail = [task, gc.no_timestamps_token_id]
+
+    def _prompt(self, code: str) -> list[int]:
+        """<|startoftranscript|> <|code|> <|task|> <|notimestamps|> (after :meth:`_init_prompt`)."""
+        if code not in self.token_by_code:
+            raise ValueError(f"the model has no language token for {code!r}")
+        return [self.generation_config.decoder_start_token_id, self.token_by_code[code], *self.prompt_tail]
 
     def _language_candidates(self, code: str | None = None) -> list[str]:
         """The languages detection chooses among: --languages, else all the model's; a forced language outside

@@ -202,11 +202,7 @@ class CTranslate2Decoder(Decoder):
                                             intra_threads=threads or 0, inter_threads=1)
         except (RuntimeError, ValueError) as e:
             raise RuntimeError(f"CTranslate2 cannot load {path} on {device} as {self.compute_type}: {e}") from e
-        gc = self.generation_config
-        task = self.task_ids.get(options.task)
-        if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
-            raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
-        self.prompt_tail = [task, gc.no_timestamps_token_id]
+        self._init_prompt()
         self.token_by_code = {code: tid for tid, code in self.lang_by_token.items()}
         self.batch_size = default_batch_size(options.batch_size, device, self.engine)
         # the encoder in torch bfloat16 where the CPU multiplies bfloat16 natively (engines/encoder.py)
@@ -218,11 +214,6 @@ class CTranslate2Decoder(Decoder):
             self.compute_type += ", encoder bfloat16 (torch)"
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
-
-    def _prompt(self, code: str) -> list[int]:
-        if code not in self.token_by_code:
-            raise ValueError(f"the model has no language token for {code!r}")
-        return [self.generation_config.decoder_start_token_id, self.token_by_code[code], *self.prompt_tail]
 
     # one prompt per row: languages share a batch; windows' token budgets share one too (cut per row)
     mixed_languages = True

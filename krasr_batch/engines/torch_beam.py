@@ -36,16 +36,13 @@ from krasr_batch.engines.base import (
     Decoder,
     SegmentInput,
     SegmentOutput,
+    default_batch_size,
     language_code,
     require_safetensors,
 )
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
-
-# rows of one model call on a CPU: 16 windows share the weights' read each step (as CT2_CPU_BATCH)
-TORCH_CPU_BATCH = 16
-
 
 # the rows a step multiplies (16 windows x 3 beams): oneDNN lays the weights out for it once (any count works)
 PACK_ROWS = 48
@@ -323,14 +320,11 @@ class TorchBeamDecoder(Decoder):
             torch.set_num_threads(threads)
         self.encoder = TorchEncoder(folder, self.compute_type, threads)
         self.stack = WhisperDecoderStack(folder, self.compute_type)
+        self._init_prompt()
         gc = self.generation_config
-        task = self.task_ids.get(options.task)
-        if task is None or getattr(gc, "no_timestamps_token_id", None) is None:
-            raise RuntimeError(f"{options.model}: its generation config has no task or <|notimestamps|> token")
-        self.prompt_tail = [task, gc.no_timestamps_token_id]
         self.suppress = tuple(getattr(gc, "suppress_tokens", None) or ())
         self.begin_suppress = tuple(getattr(gc, "begin_suppress_tokens", None) or ())
-        self.batch_size = options.batch_size or TORCH_CPU_BATCH
+        self.batch_size = default_batch_size(options.batch_size, device, self.engine)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
 
@@ -353,12 +347,7 @@ class TorchBeamDecoder(Decoder):
             first_lp = torch.log_softmax(first, -1, dtype=torch.float32).numpy()
             codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
                      for x, lp in zip(batch, first_lp)]
-            prompts = []
-            for c in codes:
-                if c not in self.token_by_code:
-                    raise ValueError(f"the model has no language token for {c!r}")
-                prompts.append([sot, self.token_by_code[c], *self.prompt_tail])
-            hyps = beam_search(self.stack, cross, prompts, [x.max_new_tokens for x in batch], beams=o.beams,
+            hyps = beam_search(self.stack, cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch], beams=o.beams,
                                eos=self.eos, repetition_penalty=o.repetition_penalty,
                                no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
                                begin_suppress=self.begin_suppress)
