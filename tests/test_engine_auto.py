@@ -3,7 +3,7 @@
 import pytest
 
 from krasr_batch.engines import choose_engine, encoder, load_decoder
-from krasr_batch.engines.base import CT2_CPU_BATCH, default_batch_size
+from krasr_batch.engines.base import CT2_CPU_BATCH, TORCH_GPU_BATCH, default_batch_size
 from krasr_batch.settings import DecodeOptions, RunSettings, build_settings
 
 
@@ -12,7 +12,11 @@ def test_auto_is_the_default_and_resolves_per_device(monkeypatch):
     # a CPU without bfloat16 units: ctranslate2, a regular dependency (with them: tests/test_torch_beam.py)
     monkeypatch.setattr(encoder, "cpu_has_bf16_matmul", lambda: False)
     assert choose_engine(use_gpu=False)[0] == "ctranslate2"
-    assert choose_engine(use_gpu=True)[0] == "transformers"
+    # GPUs: the torch engine (measured there, block gpu-check), transformers for what it lacks
+    assert choose_engine(use_gpu=True)[0] == "torch"
+    assert choose_engine(use_gpu=True, dtype="bfloat16")[0] == "torch"
+    assert choose_engine(use_gpu=True, word_timestamps=True)[0] == "transformers"
+    assert choose_engine(use_gpu=True, dtype="int8")[0] == "transformers"
 
 
 def test_an_unresolved_auto_is_never_fingerprinted():
@@ -28,6 +32,7 @@ def test_batch_defaults_follow_engine_and_device():
     assert default_batch_size(0, "cpu", "ctranslate2") == CT2_CPU_BATCH > 1
     assert default_batch_size(0, "cpu", "transformers") == 1
     assert default_batch_size(0, "cuda", "ctranslate2") == default_batch_size(0, "cuda") == 16
+    assert default_batch_size(0, "cuda", "torch") == TORCH_GPU_BATCH == 64
     assert default_batch_size(5, "cpu", "ctranslate2") == 5
 
 

@@ -16,7 +16,7 @@ from krasr_batch.engines import SegmentInput, choose_engine, load_decoder, max_n
 from krasr_batch.engines import encoder as encoder_module
 from krasr_batch.engines.base import CT2_CPU_BATCH
 from krasr_batch.engines.encoder import TorchEncoder
-from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search
+from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search, log_mel
 from krasr_batch.settings import DecodeOptions
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -93,15 +93,17 @@ def test_float32_beam_search_gives_ctranslate2s_tokens(base_model, corpus):
     assert same >= 6, [(len(m[0]), len(t)) for m, t in zip(mine, theirs)]
 
 
-def test_a_window_decodes_the_same_in_any_batch(tiny_model):
-    """Windows of several languages and limits share a batch, leave it as they end, and reorder their beams'
-    caches: each one's result is the one it gets alone."""
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
+def test_a_window_decodes_the_same_in_any_batch(tiny_model, fused):
+    """Windows of several languages and limits share a batch, leave it as they end (their cross-attention
+    keys and values held, then dropped), and reorder their beams' caches: each one's result is the one it gets
+    alone. ``fused``: the GPU's attention (scaled_dot_product_attention), run here on the CPU."""
     rng = np.random.default_rng(3)
     audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 20, 5, 12)]
     encoded = _encoded(tiny_model, audios)
     prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "kk", "en", "ru")]
-    limits = [5, 40, 17, 1, 60]
-    stack = WhisperDecoderStack(tiny_model, "float32")
+    limits = [5, 40, 17, 1, 60]  # 4 of 5 left after the first ends: held; 3 of 5: dropped (COMPACT_BELOW)
+    stack = WhisperDecoderStack(tiny_model, "float32", fused=fused)
     together = _search(tiny_model, stack, encoded, prompts, limits)
     for i in range(len(audios)):
         alone = _search(tiny_model, stack, encoded[i:i + 1], prompts[i:i + 1], limits[i:i + 1])[0]
@@ -109,6 +111,35 @@ def test_a_window_decodes_the_same_in_any_batch(tiny_model):
         assert together[i][1] == pytest.approx(alone[1], abs=1e-3)
     for (tokens, _, ended), n in zip(together, limits):
         assert len(tokens) <= n and (ended or len(tokens) == n)  # the end-of-text step counts toward the limit
+
+
+def test_gpu_log_mel_equals_the_numpy_features(tiny_model):
+    """log_mel (torch.stft, as a GPU replica computes its features) against NumpyLogMel, on the CPU here."""
+    from krasr_batch.engines.base import NumpyLogMel
+
+    rng = np.random.default_rng(5)
+    audios = [rng.normal(0, 0.1, int(16000 * d)).astype(np.float32) for d in (0.3, 4.2, 29.9, 31.0)]
+    audios.append(np.zeros(0, np.float32))
+    fe = NumpyLogMel.from_pretrained(str(tiny_model))
+    want = fe([a if len(a) else np.zeros(1, np.float32) for a in audios])["input_features"]
+    got = log_mel(fe, audios, "cpu").numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_the_gpu_feature_path_decodes_the_same_on_the_cpu(tiny_model):
+    """A GPU replica's path (features by log_mel on the device, the fused attention), run on the CPU: the
+    same text as the CPU path."""
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32"), "cpu", 1)
+    rng = np.random.default_rng(2)
+    inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, n)
+              for d, lang, n in [(3, "kazakh", 12), (9, "russian", 30), (2, None, 8)]]
+    want = dec.decode(inputs)
+    dec.features_on_device = True
+    dec.stack = WhisperDecoderStack(tiny_model, "float32", fused=True)
+    got = dec.decode(inputs)
+    assert [o.text for o in got] == [o.text for o in want]
+    assert [o.language for o in got] == [o.language for o in want]
 
 
 def test_engine_limits_signals_and_batches(tiny_model):
@@ -132,10 +163,12 @@ def test_engine_limits_signals_and_batches(tiny_model):
 def test_engine_refuses_what_it_cannot_do(tiny_model):
     with pytest.raises(RuntimeError, match="word timestamps"):
         load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", word_timestamps=True), "cpu", 1)
-    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="int8"), "cpu", 1)
-    with pytest.raises(RuntimeError, match="GPU"):
-        load_decoder(DecodeOptions(model=str(tiny_model), engine="torch"), "cuda", 1)
+    for dtype in ("int8", "float16"):  # float16 is for GPUs: CPUs have no float16 matrix units
+        with pytest.raises(RuntimeError, match="bfloat16, float32 on a CPU"):
+            load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype=dtype), "cpu", 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            load_decoder(DecodeOptions(model=str(tiny_model), engine="torch"), "cuda", 1)
 
 
 def test_auto_picks_it_on_cpus_with_bfloat16_units(monkeypatch, tiny_model):
@@ -144,7 +177,7 @@ def test_auto_picks_it_on_cpus_with_bfloat16_units(monkeypatch, tiny_model):
     assert choose_engine(use_gpu=False, word_timestamps=True)[0] == "ctranslate2"
     assert choose_engine(use_gpu=False, dtype="int8")[0] == "ctranslate2"
     assert choose_engine(use_gpu=False, dtype="bfloat16")[0] == "torch"
-    assert choose_engine(use_gpu=True)[0] == "transformers"
+    assert choose_engine(use_gpu=True)[0] == "torch"
     dec = load_decoder(DecodeOptions(model=str(tiny_model)), "cpu", 1)
     assert dec.engine == "torch" and dec.compute_type == "bfloat16"
     monkeypatch.setattr(encoder_module, "cpu_has_bf16_matmul", lambda: False)

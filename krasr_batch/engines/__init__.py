@@ -3,7 +3,7 @@
 - ``base.py``: segment records, token limits, language codes, errors and defaults shared by every engine;
 - ``transformers.py``: ``WhisperForConditionalGeneration.generate()``, the card's own call;
 - ``ctranslate2.py``: the same weights converted once to CTranslate2, decoded in C++;
-- ``torch_beam.py``: Whisper and a batched beam search in plain torch, for CPUs with bfloat16 units.
+- ``torch_beam.py``: Whisper and a batched beam search in plain torch, for GPUs and CPUs with bfloat16 units.
 
 This module is the only place that imports an engine, lazily, so that choosing one never loads another.
 A new engine is one new file and one line in :data:`ENGINE_CLASSES`.
@@ -55,12 +55,18 @@ def choose_engine(use_gpu: bool, word_timestamps: bool = False, dtype: str = "au
       those units runs the torch engine in float32, at about CTranslate2's speed.
     - Other CPUs: ctranslate2. Same weights and settings, and on the archive set several times the
       transformers engine's speed with WER/CER no worse (block ``archive-cpu``).
-    - GPUs: transformers. It is the engine measured on a GPU (block ``gpu-check``); CTranslate2's CUDA build
-      could not run on the GPU machine there (it wants CUDA 12 libraries), so it has no figure to win with.
+    - GPUs: torch, in float16. On an H100 its model stage ran at 740x real time where transformers' generate()
+      reached at most 68x, compiled or not (BENCHMARKS.md, block ``gpu-check``): generate()'s beam search
+      copies every beam's cross-attention keys and values and spends its steps in Python. With
+      ``--word-timestamps`` or ``--dtype int8``: transformers. CTranslate2's CUDA build could not run on the
+      GPU machine there (it wants CUDA 12 libraries), so it has no figure.
     - ctranslate2 not importable (it is a dependency, but a trimmed environment may lack it): transformers.
     """
     if use_gpu:
-        return "transformers", "GPU replicas: the transformers engine is the one measured on GPUs"
+        if word_timestamps or dtype == "int8":
+            return "transformers", ("GPU replicas with --word-timestamps or int8: the transformers engine (the "
+                                    "torch engine has neither)")
+        return "torch", "GPU replicas: the torch engine's batched beam search is the fastest measured on a GPU"
     from krasr_batch.engines.encoder import cpu_has_bf16_matmul
 
     if cpu_has_bf16_matmul() and not word_timestamps and dtype in ("auto", "bfloat16"):

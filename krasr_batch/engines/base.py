@@ -157,9 +157,16 @@ def default_dtype_name(dtype: str, device: str) -> str:
 CT2_CPU_BATCH = 16
 
 
+# windows per model call of the torch engine on a GPU: the best of 64, 128 and 192 on an H100 with the KRASR
+# model's shape (BENCHMARKS.md, block gpu-check); a window's cross-attention keys and values take 55 MB in
+# float16, so 64 windows hold 3.5 GB
+TORCH_GPU_BATCH = 64
+
+
 def default_batch_size(batch_size: int, device: str, engine: str = "transformers") -> int:
-    """Segments per model call: ``--batch-size``, else 16 on a GPU, and on a CPU :data:`CT2_CPU_BATCH` with
-    CTranslate2 and the torch engine (both batch windows across files) and 1 with transformers.
+    """Segments per model call: ``--batch-size``, else on a GPU :data:`TORCH_GPU_BATCH` with the torch engine
+    and 16 with transformers, and on a CPU :data:`CT2_CPU_BATCH` with CTranslate2 and the torch engine (both
+    batch windows across files) and 1 with transformers.
 
     On a CPU, batching beam search measured no gain in transformers (1 thread, whisper-base: 41.3 s for 16
     clips one by one, 44.6 s in fours), so its CPU replicas decode one segment at a time; GPUs want wide batches.
@@ -167,7 +174,7 @@ def default_batch_size(batch_size: int, device: str, engine: str = "transformers
     if batch_size:
         return batch_size
     if device == "cuda":
-        return 16
+        return TORCH_GPU_BATCH if engine == "torch" else 16
     return CT2_CPU_BATCH if engine in ("ctranslate2", "torch") else 1
 
 

@@ -96,13 +96,16 @@ def _module(config: dict):
 
 
 class TorchEncoder:
-    """Whisper's encoder from a transformers model folder's safetensors, on the CPU, in ``dtype``.
+    """Whisper's encoder from a transformers model folder's safetensors, on ``device`` (the CPU, or a GPU for
+    the torch engine), in ``dtype``.
 
     ``encoder(features)`` takes log-mel features ``(batch, mels, 3000)`` as a float32 numpy array and returns
-    the encoder output ``(batch, 1500, d_model)`` as a float32 numpy array.
+    the encoder output ``(batch, 1500, d_model)`` as a float32 numpy array; ``encoder.encode(features)`` takes
+    and returns torch tensors on the device (the output in ``dtype``).
     """
 
-    def __init__(self, folder: str | Path, dtype: str = "bfloat16", threads: int | None = None):
+    def __init__(self, folder: str | Path, dtype: str = "bfloat16", threads: int | None = None,
+                 device: str = "cpu"):
         import torch
         from safetensors import safe_open
 
@@ -125,7 +128,10 @@ class TorchEncoder:
         if missing or unexpected:
             raise RuntimeError(f"{folder}: the encoder's weights do not match Whisper's encoder "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.encoder.to(self.dtype).eval()
+        self.device = device
+        self.encoder.to(device=device, dtype=self.dtype).eval()
+        if device != "cpu":
+            self.chunk = 32  # a GPU's encoder time is linear in the batch past a few windows too
         if threads:
             torch.set_num_threads(threads)
 
@@ -137,8 +143,14 @@ class TorchEncoder:
         import numpy as np
         import torch
 
-        features = np.ascontiguousarray(features, dtype=np.float32)
+        features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        return self.encode(features).float().cpu().numpy()
+
+    def encode(self, features):
+        """``features`` (a float tensor, any device) -> the encoder output on the device, in ``dtype``."""
+        import torch
+
         with torch.inference_mode():
-            parts = [self.encoder(torch.from_numpy(features[i:i + self.chunk]).to(self.dtype)).float().numpy()
+            parts = [self.encoder(features[i:i + self.chunk].to(self.device, self.dtype))
                      for i in range(0, len(features), self.chunk)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -39,6 +39,7 @@ from krasr_batch.engines.base import (
     default_batch_size,
     language_code,
     require_safetensors,
+    resolve_device,
 )
 from krasr_batch.settings import DecodeOptions
 
@@ -51,9 +52,12 @@ PACK_ROWS = 48
 def _pack(weight, rows: int):
     """``weight`` (out x in) laid out once for oneDNN's linear kernels (``torch.ops.mkldnn``, as torch's own
     compiler does on CPUs): 1.5 to 1.9 times faster than ``F.linear`` at a beam step's 48 rows in bfloat16.
-    Where this torch build has no oneDNN, the transposed weight for ``torch.mm``."""
+    Where this torch build has no oneDNN, the transposed weight for ``torch.mm``; on a GPU, as it is, for
+    ``F.linear`` (cuBLAS)."""
     import torch
 
+    if weight.device.type != "cpu":
+        return "linear", weight.contiguous(), weight.shape[0]
     try:
         if torch.backends.mkldnn.is_available():
             return "mkldnn", torch.ops.mkldnn._reorder_linear_weight(weight, rows), weight.shape[0]
@@ -64,8 +68,11 @@ def _pack(weight, rows: int):
 
 def _apply(packed, x, bias=None):
     import torch
+    import torch.nn.functional as F
 
     kind, w, out = packed
+    if kind == "linear":
+        return F.linear(x, w, bias)
     if kind == "mkldnn":
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     flat = x.reshape(-1, x.shape[-1])
@@ -90,12 +97,18 @@ def _weights(folder: Path, prefixes: tuple[str, ...]) -> dict:
 class WhisperDecoderStack:
     """Whisper's decoder from a transformers model folder, weights held transposed for ``x @ W``.
 
-    ``cross(encoded)`` computes each layer's cross-attention keys (transposed) and values once per window;
-    ``step(tokens, pos, cache, cross, beams)`` runs ``tokens`` (rows x t, rows = windows x beams, a window's
-    beams adjacent) at positions ``pos..pos+t-1`` and returns the logits of the last position (in ``dtype``).
+    ``cross(encoded)`` computes each layer's cross-attention keys and values once per window;
+    ``step(tokens, pos, cache, cross, beams, where)`` runs ``tokens`` (rows x t, rows = windows x beams, a
+    window's beams adjacent) at positions ``pos..pos+t-1`` and returns the logits of the last position (in
+    ``dtype``). ``where``: each window's index in ``cross`` when ``cross`` holds more windows (ended ones not
+    yet dropped), else None.
+
+    On a CPU the cross-attention keys are held transposed and the beams' queries multiply them in one product;
+    on a GPU (``device="cuda"``) both go through ``scaled_dot_product_attention`` (fused kernels, in float16 or
+    bfloat16), a window's beams as its queries.
     """
 
-    def __init__(self, folder: str | Path, dtype: str = "bfloat16"):
+    def __init__(self, folder: str | Path, dtype: str = "bfloat16", device: str = "cpu", fused: bool | None = None):
         import torch
 
         folder = Path(folder)
@@ -108,6 +121,8 @@ class WhisperDecoderStack:
         self.layers = config["decoder_layers"]
         self.max_positions = config["max_target_positions"]
         self.dtype = getattr(torch, dtype)
+        self.device = torch.device(device)
+        self.fused = self.device.type != "cpu" if fused is None else fused
         raw = _weights(folder, ("model.decoder.", "decoder."))
         expected = ["embed_tokens.weight", "embed_positions.weight", "layer_norm.weight"] + [
             f"layers.{i}.{n}.weight" for i in range(self.layers)
@@ -123,7 +138,7 @@ class WhisperDecoderStack:
             t = t.float()
             if key.endswith(("q_proj.weight", "q_proj.bias")):
                 t = t * scale  # transformers scales the queries after the projection
-            w[key] = t.contiguous().to(self.dtype)
+            w[key] = t.contiguous().to(device=self.device, dtype=self.dtype)
         linears = [k[:-len(".weight")] for k in w if k.endswith(("_proj.weight", "fc1.weight", "fc2.weight"))]
         self.packed = {name: _pack(w.pop(name + ".weight"), PACK_ROWS) for name in linears}
         self.w = w
@@ -143,7 +158,8 @@ class WhisperDecoderStack:
         out = []
         for i in range(self.layers):
             p = f"layers.{i}.encoder_attn."
-            k = self._linear(p + "k_proj", encoded).view(b, t, self.heads, self.head_dim).permute(0, 2, 3, 1)
+            k = self._linear(p + "k_proj", encoded).view(b, t, self.heads, self.head_dim)
+            k = k.transpose(1, 2) if self.fused else k.permute(0, 2, 3, 1)
             v = self._linear(p + "v_proj", encoded).view(b, t, self.heads, self.head_dim).transpose(1, 2)
             out.append((k.contiguous(), v.contiguous()))
         return out
@@ -152,10 +168,10 @@ class WhisperDecoderStack:
         import torch
 
         shape = (rows, self.heads, length, self.head_dim)
-        return [(torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
-                for _ in range(self.layers)]
+        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                 torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.layers)]
 
-    def step(self, tokens, pos: int, cache: list, cross: list, beams: int):
+    def step(self, tokens, pos: int, cache: list, cross: list, beams: int, where=None):
         import torch
         import torch.nn.functional as F
 
@@ -179,7 +195,16 @@ class WhisperDecoderStack:
             q = self._linear(p + "encoder_attn.q_proj", y).view(windows, beams, t, h, hd)
             q = q.permute(0, 3, 1, 2, 4).reshape(windows, h, beams * t, hd)
             xk, xv = cross[i]
-            a = torch.matmul(torch.matmul(q, xk).softmax(-1), xv)
+            if where is not None:  # cross still holds ended windows: theirs query nothing that is kept
+                full = q.new_zeros((xk.shape[0],) + q.shape[1:])
+                full[where] = q
+                q = full
+            if self.fused:
+                a = F.scaled_dot_product_attention(q, xk, xv, scale=1.0)
+            else:
+                a = torch.matmul(torch.matmul(q, xk).softmax(-1), xv)
+            if where is not None:
+                a = a[where]
             a = a.view(windows, h, beams, t, hd).permute(0, 2, 3, 1, 4).reshape(rows, t, d)
             x = x + self._linear(p + "encoder_attn.out_proj", a)
             y = self._norm(p + "final_layer_norm", x)
@@ -188,27 +213,40 @@ class WhisperDecoderStack:
         return _apply(self.logits, x)
 
 
+# cross-attention keys and values of ended windows are dropped once the windows still decoding fall below this
+# share of those held: each drop copies the kept windows' keys and values (55 MB a window for whisper-small in
+# float16), so dropping at every ended window would copy them once per window
+COMPACT_BELOW = 0.75
+
+
 def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                 beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                 suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = ()) -> list[tuple[list[int], float, bool]]:
     """Beam search over a batch of windows (module docstring): per window ``(tokens, summed log-probability,
     ended)``; ``ended`` False when it stopped at its limit. ``prompts``: one per window, all of one length;
-    ``limits``: each window's most decoding steps, the end-of-text step included."""
+    ``limits``: each window's most decoding steps, the end-of-text step included.
+
+    The tensors live on the stack's device; each step brings back only the ``2 x beams`` best continuations of
+    each window (one transfer), and the host keeps its own copy of the tokens for the hypotheses it ends."""
     import torch
 
     k = beams
+    dev = stack.device
     n_win = len(prompts)
     plen = len(prompts[0])
     limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
     length = plen + max(limits)
     cache = stack.new_cache(n_win * k, length)
-    seqs = torch.zeros(n_win * k, length, dtype=torch.long)
-    seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0)
+    host = torch.zeros(n_win * k, length, dtype=torch.long)  # the tokens, on the host
+    host[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0)
+    seqs = host.to(dev, copy=True)  # the same, on the device (repetition penalty, n-gram ban); never aliased
     logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
-    scores = torch.tensor([0.0] + [-math.inf] * (k - 1)).repeat(n_win)  # the first step expands beam 0 only
-    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long)
-    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long)
+    scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1 expands beam 0 only
+    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
+    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
     alive = list(range(n_win))
+    held = list(range(n_win))  # the windows cross holds, in order (alive ones and ended ones not yet dropped)
+    where = None
     ended: list[list[tuple[list[int], float, bool]]] = [[] for _ in range(n_win)]
     vocab = logits.shape[1]
     n = 0  # tokens decoded so far
@@ -222,28 +260,28 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
         if m and cur >= m:
             grams = seqs[:, :cur].unfold(1, m, 1)  # every n-gram of each row
             hit = (grams[:, :, :m - 1] == seqs[:, None, cur - m + 1:cur]).all(-1)
-            r, c = hit.nonzero(as_tuple=True)
-            if len(r):
-                logits[r, grams[r, c, m - 1]] = -math.inf
+            # -inf where an n-gram's first m-1 tokens are the row's last m-1 (adding 0 elsewhere)
+            ban = torch.zeros(hit.shape, dtype=logits.dtype, device=dev).masked_fill_(hit, -math.inf)
+            logits.scatter_add_(1, grams[:, :, m - 1], ban)
         if len(suppress_t):
-            logits[:, suppress_t] = -math.inf
+            logits.index_fill_(1, suppress_t, -math.inf)
         if n == 0 and len(begin_t):
-            logits[:, begin_t] = -math.inf
+            logits.index_fill_(1, begin_t, -math.inf)
         total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(len(alive), k * vocab)
         top_s, top_i = total.topk(2 * k, dim=1)
-        top_s, top_i = top_s.tolist(), top_i.tolist()
+        top = torch.stack((top_s.double(), top_i.double()), 1).cpu().tolist()  # one transfer (exact: ids < 2^53)
         n += 1
         rows, toks, new_scores, still = [], [], [], []
         for j, w in enumerate(alive):
             done = ended[w]
             going = []
-            for s, idx in zip(top_s[j], top_i[j]):
-                beam, tok = divmod(idx, vocab)
+            for s, idx in zip(*top[j]):
+                beam, tok = divmod(int(idx), vocab)
                 if s == -math.inf:
                     break
                 if tok == eos:
                     if len(done) < k:
-                        done.append((seqs[j * k + beam, plen:cur].tolist(), s, True))
+                        done.append((host[j * k + beam, plen:cur].tolist(), s, True))
                 elif len(going) < k:
                     going.append((j * k + beam, tok, s))
                 if len(going) == k:
@@ -251,7 +289,7 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
             if len(done) >= k or not going:
                 continue
             if n >= limits[w]:  # its last step: the running beams are candidates, cut short
-                done.extend((seqs[row, plen:cur].tolist() + [tok], s, False) for row, tok, s in going[:k - len(done)])
+                done.extend((host[row, plen:cur].tolist() + [tok], s, False) for row, tok, s in going[:k - len(done)])
                 continue
             while len(going) < k:  # fewer finite continuations than beams (a tiny vocabulary): repeat the last
                 going.append((going[-1][0], going[-1][1], -math.inf))
@@ -266,24 +304,54 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
         if moved:  # a row whose beam now continues another row's hypothesis takes that row's cache
             dst = torch.tensor([r for r, _ in moved])
             src = torch.tensor([s for _, s in moved])
+            host[dst] = host[src]
+            dst, src = dst.to(dev), src.to(dev)
             for ck, cv in cache:
                 ck[dst, :, :cur] = ck[src, :, :cur]
                 cv[dst, :, :cur] = cv[src, :, :cur]
             seqs[dst] = seqs[src]
         if len(rows) != seqs.shape[0]:
             cache = [(ck[:len(rows)], cv[:len(rows)]) for ck, cv in cache]
-            seqs = seqs[:len(rows)]
+            seqs, host = seqs[:len(rows)], host[:len(rows)]
         if len(still) != len(alive):
-            keep = torch.tensor([alive.index(w) for w in still])
-            cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
-        seqs[:, cur] = torch.tensor(toks)
-        scores = torch.tensor(new_scores)
+            if len(still) < COMPACT_BELOW * len(held):  # drop the ended windows' keys and values
+                keep = torch.tensor([held.index(w) for w in still], device=dev)
+                cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
+                held, where = list(still), None
+            else:
+                where = torch.tensor([held.index(w) for w in still], device=dev)
+        host[:, cur] = torch.tensor(toks)
+        seqs[:, cur] = host[:, cur].to(dev)
+        scores = torch.tensor(new_scores, device=dev)
         alive = still
-        logits = stack.step(seqs[:, cur:cur + 1], cur, cache, cross, k)
+        logits = stack.step(seqs[:, cur:cur + 1], cur, cache, cross, k, where)
     out = []
     for done in ended:
         out.append(max(done, key=lambda h: h[1] / max(len(h[0]), 1)) if done else ([], -math.inf, False))
     return out
+
+
+def log_mel(fe, audios: list[np.ndarray], device):
+    """Whisper's log-mel features of each segment, zero-padded to 30 s, computed on ``device`` with
+    ``torch.stft``, as transformers' WhisperFeatureExtractor computes them in torch (``fe``: a
+    :class:`~krasr_batch.engines.base.NumpyLogMel`, for its settings and mel filters). On a GPU this takes the
+    feature work off the CPU cores that feed it: within 1e-3 of the numpy features (tests)."""
+    import torch
+
+    # the padded batch is built on the device: only the samples cross over, not 30 s of zeros a segment, and no
+    # pinned host buffer is allocated a call (a large cudaHostAlloc costs more than the copy it speeds up)
+    x = torch.zeros(len(audios), fe.n_samples, dtype=torch.float32, device=device)
+    for i, a in enumerate(audios):
+        n = min(len(a), fe.n_samples)
+        if n:
+            x[i, :n] = torch.from_numpy(np.ascontiguousarray(a[:n], dtype=np.float32)).to(device)
+    window = torch.hann_window(fe.n_fft, device=device)
+    spec = torch.stft(x, fe.n_fft, fe.hop_length, window=window, return_complex=True)
+    power = spec[..., :-1].abs() ** 2
+    filters = torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32)).to(device)
+    mel = torch.clamp(filters.T @ power, min=1e-10).log10()
+    mel = torch.maximum(mel, mel.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return (mel + 4.0) / 4.0
 
 
 class TorchBeamDecoder(Decoder):
@@ -298,11 +366,7 @@ class TorchBeamDecoder(Decoder):
 
         from krasr_batch.engines.ctranslate2 import local_model_dir
         from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
-
-        if device == "auto":
-            device = "cpu"
-        if device != "cpu":
-            raise RuntimeError("--engine torch runs on CPUs; on a GPU use --engine transformers")
+        device = resolve_device(device)
         if options.word_timestamps:
             raise RuntimeError("--engine torch has no word timestamps; --engine auto chooses ctranslate2 for them")
         super().__init__(options, device)
@@ -310,21 +374,25 @@ class TorchBeamDecoder(Decoder):
         folder = local_model_dir(options.model)
         require_safetensors(folder, options.model)
         self._load_processor(numpy_features=True, folder=folder)
+        gpu = device == "cuda"
+        allowed = ("float16", "bfloat16", "float32") if gpu else ("bfloat16", "float32")
         if options.dtype == "auto":
-            self.compute_type = "bfloat16" if cpu_has_bf16_matmul() else "float32"
-        elif options.dtype in ("bfloat16", "float32"):
+            self.compute_type = "float16" if gpu else "bfloat16" if cpu_has_bf16_matmul() else "float32"
+        elif options.dtype in allowed:
             self.compute_type = options.dtype
         else:
-            raise RuntimeError(f"--engine torch runs in bfloat16 or float32, not {options.dtype}")
-        if threads:
+            raise RuntimeError(f"--engine torch runs in {', '.join(allowed)} on a {'GPU' if gpu else 'CPU'}, "
+                               f"not {options.dtype}")
+        if threads and not gpu:
             torch.set_num_threads(threads)
-        self.encoder = TorchEncoder(folder, self.compute_type, threads)
-        self.stack = WhisperDecoderStack(folder, self.compute_type)
+        self.encoder = TorchEncoder(folder, self.compute_type, threads, device=device)
+        self.stack = WhisperDecoderStack(folder, self.compute_type, device=device)
         self._init_prompt()
         gc = self.generation_config
         self.suppress = tuple(getattr(gc, "suppress_tokens", None) or ())
         self.begin_suppress = tuple(getattr(gc, "begin_suppress_tokens", None) or ())
         self.batch_size = default_batch_size(options.batch_size, device, self.engine)
+        self.features_on_device = gpu  # log-mel with torch.stft on the GPU (log_mel), else numpy on the CPU
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
 
@@ -337,14 +405,20 @@ class TorchBeamDecoder(Decoder):
 
         o = self.options
         t0 = time.perf_counter()
-        feats = self._features([x.audio for x in batch], "np")["input_features"]
+        dev = self.stack.device
         with torch.inference_mode():
-            encoded = torch.from_numpy(self.encoder(feats)).to(self.stack.dtype)
+            if not self.features_on_device:
+                feats = torch.from_numpy(self._features([x.audio for x in batch], "np")["input_features"])
+            else:  # on the GPU: the CPU cores feed it audio, not features
+                feats = log_mel(self.feature_extractor, [x.audio for x in batch], dev)
+            encoded = self.encoder.encode(feats)
             cross = self.stack.cross(encoded)
+            del encoded
             sot = self.generation_config.decoder_start_token_id
             # the first step (after <|startoftranscript|>) gives language scores and the no-speech probability
-            first = self.stack.step(torch.full((len(batch), 1), sot), 0, self.stack.new_cache(len(batch), 1), cross, 1)
-            first_lp = torch.log_softmax(first, -1, dtype=torch.float32).numpy()
+            first = self.stack.step(torch.full((len(batch), 1), sot, device=dev), 0,
+                                    self.stack.new_cache(len(batch), 1), cross, 1)
+            first_lp = torch.log_softmax(first, -1, dtype=torch.float32).cpu().numpy()
             codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
                      for x, lp in zip(batch, first_lp)]
             hyps = beam_search(self.stack, cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch], beams=o.beams,
