@@ -42,24 +42,24 @@ GLOB = click.option(
 @click.option("--max-pause-s", type=click.FloatRange(0.0, 30.0),
               help="A pause inside a window keeps at most this many seconds of itself (its middle is skipped), so "
                    "windows hold speech rather than silence; 30 keeps every pause whole. [default: 1.0]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: 16 on a GPU; on a CPU 16 with ctranslate2, 1 with transformers]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: on a GPU 64 with torch, 16 with transformers; on a CPU 16 with ctranslate2 and torch, 1 with transformers]")
 @click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
 @click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU, or one on a CPU-only cluster]")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),
-              help="Model precision: auto is float16 on CUDA; on a CPU float32 with transformers, bfloat16 with "
+              help="Model precision (float32: text independent of what shares a batch): auto is float16 on CUDA; on a CPU float32 with transformers, bfloat16 with "
                    "torch where the CPU has bfloat16 units (AMX, AVX512-BF16; else float32), and with ctranslate2 "
                    "a bfloat16 encoder and float32 decoder on such CPUs, else int8; int8 (ctranslate2, "
                    "transformers) quantizes the linear layers (faster, text may differ from the card's). "
                    "[default: auto]")
 @click.option("--engine", type=click.Choice(ENGINES),
-              help="auto: the fastest engine that keeps the card's accuracy on the device (torch on CPUs with "
-                   "bfloat16 units, else ctranslate2; transformers on GPUs; README, Engines). transformers: the "
+              help="auto: the fastest engine that keeps the card's accuracy on the device (torch on GPUs and on "
+                   "CPUs with bfloat16 units, else ctranslate2; README, Engines). transformers: the "
                    "model card's own generate() call, its output byte for byte. ctranslate2: the same weights "
                    "converted once to CTranslate2 (cached), the same settings; several times faster on a CPU. "
                    "torch: Whisper and a batched beam search in plain torch, a window's beams sharing its "
-                   "cross-attention (CPUs; no word timestamps). The last two can differ from the card's text on "
+                   "cross-attention (GPUs and CPUs; no word timestamps). The last two can differ from the card's text on "
                    "uncertain audio. [default: auto]")
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),

@@ -213,18 +213,21 @@ class WhisperDecoderStack:
         return _apply(self.logits, x)
 
 
-# cross-attention keys and values of ended windows are dropped once the windows still decoding fall below this
-# share of those held: each drop copies the kept windows' keys and values (55 MB a window for whisper-small in
-# float16), so dropping at every ended window would copy them once per window
+# on a GPU, cross-attention keys and values of ended windows are dropped once the windows still decoding fall
+# below this share of those held: each drop copies the kept windows' keys and values (55 MB a window for
+# whisper-small in float16), and windows that end a step apart would copy them every step. On a CPU they are
+# dropped at once (as measured in BENCHMARKS.md): a step there costs far more than the copy.
 COMPACT_BELOW = 0.75
 
 
 def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                 beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = ()) -> list[tuple[list[int], float, bool]]:
+                suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
+                compact_below: float | None = None) -> list[tuple[list[int], float, bool]]:
     """Beam search over a batch of windows (module docstring): per window ``(tokens, summed log-probability,
     ended)``; ``ended`` False when it stopped at its limit. ``prompts``: one per window, all of one length;
-    ``limits``: each window's most decoding steps, the end-of-text step included.
+    ``limits``: each window's most decoding steps, the end-of-text step included; ``compact_below``: when to
+    drop ended windows' cross-attention keys and values (:data:`COMPACT_BELOW`; default: at once on a CPU).
 
     The tensors live on the stack's device; each step brings back only the ``2 x beams`` best continuations of
     each window (one transfer), and the host keeps its own copy of the tokens for the hypotheses it ends."""
@@ -232,6 +235,8 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
 
     k = beams
     dev = stack.device
+    if compact_below is None:
+        compact_below = COMPACT_BELOW if dev.type != "cpu" else 1.0
     n_win = len(prompts)
     plen = len(prompts[0])
     limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
@@ -314,7 +319,7 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
             cache = [(ck[:len(rows)], cv[:len(rows)]) for ck, cv in cache]
             seqs, host = seqs[:len(rows)], host[:len(rows)]
         if len(still) != len(alive):
-            if len(still) < COMPACT_BELOW * len(held):  # drop the ended windows' keys and values
+            if len(still) < compact_below * len(held):  # drop the ended windows' keys and values
                 keep = torch.tensor([held.index(w) for w in still], device=dev)
                 cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
                 held, where = list(still), None
