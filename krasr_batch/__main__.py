@@ -1,5 +1,5 @@
 """``python -m krasr_batch``: the same as the ``krasr-batch`` command."""
 
-from krasr_batch.cli import main
+from krasr_batch.cli import entry
 
-main(prog_name="krasr-batch")
+entry()

@@ -1,5 +1,5 @@
 """``python -m krasr_batch.cli``: the entrypoint ``submit`` gives a job (the same as ``krasr-batch``)."""
 
-from krasr_batch.cli import main
+from krasr_batch.cli import entry
 
-main(prog_name="krasr-batch")
+entry()

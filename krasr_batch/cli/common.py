@@ -13,6 +13,16 @@ import click
 EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
+# set by ``run`` (mark_done) once its output is committed, Ray shut down and the summary printed: the console
+# script may then end the process at once (krasr_batch.cli.entry)
+DONE = False
+
+
+def mark_done() -> None:
+    global DONE
+    DONE = True
+
+
 class CommandError(click.ClickException):
     """A command stops: ``error: <message>`` on stderr (nothing when the message is empty), then ``exit_code``."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed
+from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed, mark_done
 from krasr_batch.cli.quiet import quiet_ray
 from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
 
@@ -133,6 +133,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         raise
     _summary(stats, out, console.log_path)
     _ray_problems(console)
+    mark_done()  # committed, Ray shut down, summary printed: nothing left for the exit to do
     if stats.output_failed:
         raise FilesFailed()
 

@@ -1,0 +1,72 @@
+"""The console script's exit (krasr_batch.cli.entry): a finished ``run`` ends the process at once with its
+status; everything else exits the normal way."""
+
+import sys
+import types
+
+import pytest
+
+import krasr_batch.cli as cli
+from krasr_batch.cli import common
+
+
+class _Exited(Exception):
+    def __init__(self, code):
+        self.code = code
+
+
+@pytest.fixture
+def fake_exit(monkeypatch):
+    calls = []
+
+    def fake(code):
+        calls.append(code)
+        raise _Exited(code)
+
+    monkeypatch.setattr("os._exit", fake)
+    monkeypatch.setattr(common, "DONE", False)
+    # whatever Ray session other tests in this process hold: none, unless a test says otherwise
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+    return calls
+
+
+def test_other_commands_exit_normally(monkeypatch, fake_exit):
+    monkeypatch.setattr("sys.argv", ["krasr-batch", "--version"])
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 0 and fake_exit == []
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_a_finished_run_ends_at_once_with_its_status(monkeypatch, fake_exit, status):
+    def finished_run(**_):
+        common.mark_done()
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.main, "main", finished_run)
+    with pytest.raises(_Exited):
+        cli.entry()
+    assert fake_exit == [status]
+
+
+def test_a_run_that_stopped_early_exits_normally(monkeypatch, fake_exit):
+    def failed_run(**_):
+        raise SystemExit(1)  # RunFailed and friends: mark_done() never ran
+
+    monkeypatch.setattr(cli.main, "main", failed_run)
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 1 and fake_exit == []
+
+
+def test_a_live_ray_session_gets_the_normal_exit(monkeypatch, fake_exit):
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
+
+    def finished_run(**_):
+        common.mark_done()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.main, "main", finished_run)
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert fake_exit == []
