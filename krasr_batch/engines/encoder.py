@@ -1,4 +1,5 @@
-"""Whisper's encoder in torch, in bfloat16, for CTranslate2 replicas on CPUs with bfloat16 matrix units.
+"""Whisper's encoder in torch: in bfloat16 for CTranslate2 replicas on CPUs with bfloat16 matrix units, and
+the torch engine's encoder on those CPUs and on GPUs (float16).
 
 Why: on a CPU a segment's encoder pass over its 30 s window is half of a CTranslate2 replica's model time
 (BENCHMARKS.md, profile-cpu-archive-sample). On CPUs with AMX or AVX512-BF16, oneDNN runs the encoder's

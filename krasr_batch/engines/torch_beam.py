@@ -1,11 +1,16 @@
 """The torch engine (``--engine torch``): Whisper's encoder, decoder and beam search in plain torch, built for
-batch decoding on CPUs with bfloat16 matrix units.
+batch decoding on GPUs and on CPUs with bfloat16 matrix units.
 
 Why: on a CPU, beam search over 30 s windows is bound by memory. Each step reads, for every row, its window's
 cross-attention keys and values (1500 frames x d_model x 2 per layer: 37 MB in float32 for whisper-base), and
 CTranslate2 (``--engine ctranslate2``) keeps one float32 copy per beam. Here a window's beams share one copy, in
 bfloat16, and their queries are multiplied with it together: a step reads a sixth of those bytes. On CPUs with
 AMX or AVX512-BF16 the weights run in bfloat16 through oneDNN too (BENCHMARKS.md, issue 12's "Fifth round").
+
+On a GPU the same holds for memory, and transformers' ``generate()`` adds per-step Python and a per-beam copy
+of the keys and values that it reorders every step: there this engine ran 740x real time against at most 68x
+(H100, whisper-small's shape, float16; BENCHMARKS.md, "The GPU check"). The features (``log_mel``), the encoder
+and the search stay on the device; each step brings back only each window's best continuations.
 
 The beam search is Whisper's (openai-whisper's ``BeamSearchDecoder`` with CTranslate2's logits processing),
 batched over windows of any languages and token limits:
