@@ -34,6 +34,14 @@ def session_pids(sid: int) -> list[int]:
     return [int(p) for p, s in zip(out[::2], out[1::2]) if int(s) == sid]
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line, or "" for one that ended since it was listed (Ray's short-lived helpers)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def kill_run(p: subprocess.Popen) -> None:
     """SIGKILL the whole process group, then anything else of its session (Ray workers), as a preemption would."""
     os.killpg(p.pid, signal.SIGKILL)
@@ -151,8 +159,7 @@ def test_killed_model_actor_is_replaced_and_readers_never_see_partial_files(job,
     p = start(["run", str(manifest), "--out", str(out), *args])
     try:
         wait_until(lambda: committed(out) >= 20, p)
-        actors = [pid for pid in session_pids(p.pid)
-                  if "ModelStage" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        actors = [pid for pid in session_pids(p.pid) if "ModelStage" in cmdline(pid)]
         assert actors, "no model actor found"
         for pid in actors:
             os.kill(pid, signal.SIGKILL)
