@@ -39,6 +39,22 @@ def cpu_has_bf16_matmul() -> bool:
     return False
 
 
+def weights_under(folder: Path, prefixes: tuple[str, ...]) -> dict:
+    """The tensors of ``folder``'s safetensors whose names start with one of ``prefixes``, prefix removed
+    (WhisperForConditionalGeneration's ``model.encoder.`` or a bare WhisperModel's ``encoder.``, say); only
+    those tensors are read."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                for p in prefixes:
+                    if key.startswith(p):
+                        out[key[len(p):]] = st.get_tensor(key)
+    return out
+
+
 def _module(config: dict):
     import torch.nn.functional as F
     from torch import nn
@@ -108,20 +124,12 @@ class TorchEncoder:
     def __init__(self, folder: str | Path, dtype: str = "bfloat16", threads: int | None = None,
                  device: str = "cpu"):
         import torch
-        from safetensors import safe_open
 
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
         self.dtype = getattr(torch, dtype)
         self.encoder = _module(config)
-        state = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    # WhisperForConditionalGeneration's names, or a bare WhisperModel's
-                    for prefix in ("model.encoder.", "encoder."):
-                        if key.startswith(prefix):
-                            state[key[len(prefix):]] = st.get_tensor(key)
+        state = weights_under(folder, ("model.encoder.", "encoder."))
         try:
             missing, unexpected = self.encoder.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a shape that is not this config's

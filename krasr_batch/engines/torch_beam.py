@@ -46,6 +46,7 @@ from krasr_batch.engines.base import (
     require_safetensors,
     resolve_device,
 )
+from krasr_batch.engines.encoder import weights_under
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -85,20 +86,6 @@ def _apply(packed, x, bias=None):
     return y.view(*x.shape[:-1], out)
 
 
-def _weights(folder: Path, prefixes: tuple[str, ...]) -> dict:
-    """The tensors of ``folder``'s safetensors whose names start with one of ``prefixes``, prefix removed."""
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                for p in prefixes:
-                    if key.startswith(p):
-                        out[key[len(p):]] = st.get_tensor(key)
-    return out
-
-
 class WhisperDecoderStack:
     """Whisper's decoder from a transformers model folder, weights held transposed for ``x @ W``.
 
@@ -128,7 +115,7 @@ class WhisperDecoderStack:
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device)
         self.fused = self.device.type != "cpu" if fused is None else fused
-        raw = _weights(folder, ("model.decoder.", "decoder."))
+        raw = weights_under(folder, ("model.decoder.", "decoder."))
         expected = ["embed_tokens.weight", "embed_positions.weight", "layer_norm.weight"] + [
             f"layers.{i}.{n}.weight" for i in range(self.layers)
             for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
