@@ -777,11 +777,12 @@ def section_c(ctx) -> None:
         ctx.results.save()
 
     # krasr-batch on the same files (its planned segments), float16 batch 64: --engine's, then transformers'
+    inputs = None
     for engine in dict.fromkeys((ctx.engine, "transformers")):
         name = f"krasr-batch ({ENGINE_NAMES[engine]}, batch 64)"
         try:
-            segs = ctx.corpus.segments(files)
-            inputs = inputs_of(segs)
+            if inputs is None:  # the files' planned segments and audio, read once for both engines
+                inputs = inputs_of(ctx.corpus.segments(files))
             dec = load(ctx, ctx.model, ctx.device, "float16" if ctx.device == "cuda" else "float32", 64, engine=engine)
             decode_timed(dec, inputs[:2], ctx.device)
             with GpuSampler(ctx.device) as gs:
@@ -1141,9 +1142,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx.p = dict(QUICK if a.quick else FULL)
     pairs = lambda v: tuple((d, int(b)) for d, b in (x.split(":") for x in v.split(",") if x))  # noqa: E731
     if a.runs:  # engine:dtype:batch, or dtype:batch for --engine
-        ctx.p["runs"] = tuple((a.engine, *x.split(":")) if x.count(":") == 1 else tuple(x.split(":"))
-                              for x in a.runs.split(",") if x)
-        ctx.p["runs"] = tuple((e, d, int(b)) for e, d, b in ctx.p["runs"])
+        def run_of(x: str) -> tuple[str, str, int]:
+            *engine, dtype, batch = x.split(":")
+            return (engine[0] if engine else a.engine, dtype, int(batch))
+
+        ctx.p["runs"] = tuple(run_of(x) for x in a.runs.split(",") if x)
     if a.compile_runs:
         ctx.p["compile_runs"] = pairs(a.compile_runs)
     mine = [b for e, d, b in ctx.p["runs"] if e == a.engine and d == "float16"]
