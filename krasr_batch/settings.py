@@ -37,7 +37,7 @@ class DecodeOptions:
     repetition_penalty: float = 1.12
     token_limit: str = "fit"  # a TOKEN_LIMIT_POLICIES name; True/False (older presets) mean "card"/"none"
     batch_size: int = 0  # segments per model call; 0: the engine's default for the device (engines.base.default_batch_size)
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; int8: int8 linear layers
+    dtype: str = "auto"  # auto: per engine and device, resolved by each replica (README, --dtype); int8: int8 weights
     # auto: the fastest engine that keeps the card's accuracy on the device (krasr_batch.engines.choose_engine),
     # resolved by the driver before anything is fingerprinted; transformers: the card's own call;
     # ctranslate2: the same weights, converted

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from krasr_batch.engines.encoder import cpu_has_bf16_matmul
 from krasr_batch.manifest import ManifestSummary
 from krasr_batch.pipeline import RunAborted
 from krasr_batch.pipeline.assemble import Assembler, RunStats, check_failures
@@ -168,6 +170,19 @@ def input_rows(durations: list[float]) -> pa.Table:
                                                        "batch_size", "worker", "avg_logprob", "compression_ratio",
                                                        "no_speech_prob", "suspect", "truncation")]
     return pa.Table.from_pylist([{k: r[k] for k in [*keep, "audio"]} for r in rows])
+
+
+@pytest.mark.parametrize("engine, dtype, label", [("transformers", "float32", "transformers/float32"),
+                                                   ("torch", "float32", "torch/float32"),
+                                                   ("ctranslate2", "int8", "ctranslate2/int8")])
+def test_every_segment_names_the_engine_and_precision_its_replica_resolved(tiny_model, engine, dtype, label):
+    """``--dtype auto`` resolves per node (bfloat16 where the CPU has the units): the worker column says which."""
+    stage = ModelStage(DecodeOptions(model=str(tiny_model), beams=1, engine=engine, dtype=dtype), device="cpu")
+    host, pid, device, what = stage.worker.split(":")
+    assert (int(pid), device, what) == (os.getpid(), "cpu", label)
+    auto = ModelStage(DecodeOptions(model=str(tiny_model), beams=1, engine="torch"), device="cpu")
+    assert auto.worker.endswith("torch/bfloat16" if cpu_has_bf16_matmul() else "torch/float32")
+    assert {r["worker"] for r in stage(input_rows([1.0])).to_pylist()} == {stage.worker}
 
 
 def test_model_stage_fills_every_segment_and_leaves_the_file_row(tiny_model):

@@ -294,6 +294,13 @@ class Decoder:
         self.device = device
         self.batch_size = 1
         self.load_s = 0.0
+        self.precision = ""  # what the replica resolved --dtype to, e.g. "bfloat16" (set by the engine)
+
+    @property
+    def label(self) -> str:
+        """``engine/precision`` with no spaces, e.g. ``torch/bfloat16``: recorded with every segment (``worker``),
+        so output decoded on nodes that resolved ``--dtype auto`` differently says which rows are which."""
+        return f"{self.engine}/{self.precision}" if self.precision else self.engine
 
     def _load_processor(self, numpy_features: bool = False, folder: Path | None = None) -> None:
         """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id).

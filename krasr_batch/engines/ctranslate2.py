@@ -212,6 +212,7 @@ class CTranslate2Decoder(Decoder):
 
             self.torch_encoder = TorchEncoder(local_model_dir(options.model), "bfloat16", threads)
             self.compute_type += ", encoder bfloat16 (torch)"
+        self.precision = compute_type_for(options.dtype, device) + ("+encoder-bfloat16" if self.torch_encoder else "")
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
 

@@ -389,6 +389,7 @@ class TorchBeamDecoder(Decoder):
         self.suppress = tuple(getattr(gc, "suppress_tokens", None) or ())
         self.begin_suppress = tuple(getattr(gc, "begin_suppress_tokens", None) or ())
         self.batch_size = default_batch_size(options.batch_size, device, self.engine)
+        self.precision = self.compute_type
         self.features_on_device = gpu  # log-mel with torch.stft on the GPU (log_mel), else numpy on the CPU
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)

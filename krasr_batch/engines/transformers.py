@@ -66,6 +66,7 @@ class WhisperDecoder(Decoder):
             keep = {self.token_by_code[c] for c in options.languages}
             self._auto_config.lang_to_id = {k: v for k, v in self._auto_config.lang_to_id.items() if v in keep}
         self.batch_size = default_batch_size(options.batch_size, self.device)
+        self.precision = "int8" if options.dtype == "int8" else str(self.dtype).removeprefix("torch.")
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s on %s (%s) in %.1f s", options.model, self.device, self.dtype, self.load_s)
 

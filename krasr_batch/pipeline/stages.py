@@ -139,7 +139,8 @@ class ModelStage:
 
     def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
         self.decoder = load_decoder(options, device, threads)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{self.decoder.device}"
+        # host:pid:device:engine/precision (the precision --dtype auto resolved to on this node)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{self.decoder.device}:{self.decoder.label}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
