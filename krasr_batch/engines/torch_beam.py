@@ -328,6 +328,20 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
     return out
 
 
+def _mel_constants(fe, device):
+    """The Hann window and the transposed mel filters of ``fe`` on ``device``, made once per extractor and
+    device and kept on the extractor."""
+    import torch
+
+    cache = fe.__dict__.setdefault("_torch_constants", {})
+    key = str(device)
+    if key not in cache:
+        filters = np.asarray(fe.mel_filters, dtype=np.float32)
+        cache[key] = (torch.hann_window(fe.n_fft, device=device),
+                      torch.from_numpy(np.ascontiguousarray(filters.T)).to(device))
+    return cache[key]
+
+
 def log_mel(fe, audios: list[np.ndarray], device):
     """Whisper's log-mel features of each segment, zero-padded to 30 s, computed on ``device`` with
     ``torch.stft``, as transformers' WhisperFeatureExtractor computes them in torch (``fe``: a
@@ -342,11 +356,10 @@ def log_mel(fe, audios: list[np.ndarray], device):
         n = min(len(a), fe.n_samples)
         if n:
             x[i, :n] = torch.from_numpy(np.ascontiguousarray(a[:n], dtype=np.float32)).to(device)
-    window = torch.hann_window(fe.n_fft, device=device)
+    window, filters_t = _mel_constants(fe, x.device)
     spec = torch.stft(x, fe.n_fft, fe.hop_length, window=window, return_complex=True)
     power = spec[..., :-1].abs() ** 2
-    filters = torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32)).to(device)
-    mel = torch.clamp(filters.T @ power, min=1e-10).log10()
+    mel = torch.clamp(filters_t @ power, min=1e-10).log10()
     mel = torch.maximum(mel, mel.amax(dim=(1, 2), keepdim=True) - 8.0)
     return (mel + 4.0) / 4.0
 
