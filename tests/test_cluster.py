@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import yaml
@@ -479,6 +480,32 @@ def test_submit_rebuilds_the_run_command_and_ships_what_is_local(monkeypatch):
     original = read_jsonl(REPO / "jobs" / "demo" / "manifest.jsonl")
     assert [m["id"] for m in sent["manifest"]] == [o.get("id", o["path"]) for o in original]
     assert [m["path"] for m in sent["manifest"]] == [str(REPO / "jobs" / "demo" / o["path"]) for o in original]
+
+
+def test_a_small_jobs_model_blocks_are_bounded_from_its_headers(tmp_path):
+    """How many replicas a small local job can keep busy (orchestrate.model_blocks_bound): clips are one
+    window each, a long recording at most 2 * ceil(duration / 30) + 1, four files a decode-and-segment task."""
+    import soundfile as sf
+
+    from krasr_batch.pipeline.orchestrate import model_blocks_bound
+    from krasr_batch.settings import SegmentOptions
+
+    def wav(name, seconds):
+        path = tmp_path / name
+        sf.write(path, np.zeros(int(seconds * 16000), np.float32), 16000, format="FLAC")
+        return str(path)
+
+    opts = SegmentOptions()
+    clips = [wav(f"c{i}.flac", 5) for i in range(17)]
+    assert model_blocks_bound(clips[:3], opts, 16) == 1  # the demo: 6 rows, one block, one replica
+    assert model_blocks_bound(clips, opts, 16) == 5  # 4 + 4 + 4 + 4 + 1 files, a block each
+    long = [wav(f"l{i}.flac", 480) for i in range(3)]  # 2 * 16 + 1 windows + the file row: 34 rows each
+    assert model_blocks_bound(long, opts, 16) == 7
+    assert model_blocks_bound(long, SegmentOptions(max_segment_s=10), 16) == 19  # 98 rows each, 294 in all
+    for odd in (str(tmp_path / "missing.wav"), "s3://bucket/a.wav", str(tmp_path / "shard.parquet") + "#row=3"):
+        assert model_blocks_bound([*clips[:3], odd], opts, 16) is None  # no header to read here: no bound
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    assert model_blocks_bound([str(tmp_path / "junk.wav")], opts, 16) is None
 
 
 # ---------------------------------------------------------------- a run that cannot be placed

@@ -48,6 +48,8 @@ def test_exit_status_and_summary(corpus_run):
     tl = info["profile"]["timeline_s"]
     assert 0 < tl["ray_ready"] <= tl["first_result"] <= tl["last_result"] <= tl["written"] <= info["wall_s"] + 1e-3  # run.json rounds to ms
     assert info["profile"]["model_s"] > 0 and info["profile"]["segment_s"] > 0
+    # files with no header to read (the bad inputs) leave the job unbounded: one replica per CPU
+    assert info["replicas"] == 2
 
 
 def test_the_terminal_shows_only_krasr_batch_lines(corpus_run):
@@ -151,3 +153,17 @@ def test_eval_and_inspect_on_the_corpus_run(corpus_run):
     assert table.returncode == 0 and all(k in table.stdout for k in ("kk", "ru", "mixed", "WER"))
     inspect = run_cli(["inspect", str(out)])
     assert inspect.returncode == 0 and "undecodable" in inspect.stdout
+
+
+@pytest.mark.e2e
+def test_a_small_job_starts_only_the_replicas_it_can_keep_busy(tmp_path, corpus, tiny_model):
+    """Three clips make one model block: a second replica would cost seconds of CPU to start and get no work."""
+    rows = read_jsonl(corpus / "clips.jsonl")[:3]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows, base=corpus)
+    out = tmp_path / "out"
+    r = run_cli(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--num-cpus", "2",
+                 "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["replicas"] == 1
+    segs = pads.dataset(out / "segments", format="parquet").to_table().to_pylist()
+    assert len(segs) == 3 and len({s["worker"] for s in segs}) == 1

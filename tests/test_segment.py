@@ -208,3 +208,27 @@ def test_word_times_map_from_a_window_that_skips_a_pause_to_the_source():
     assert to_source(0.5) == 10.5 and to_source(2.0) == 12.0
     assert abs(to_source(2.5) - 20.5) < 1e-9 and to_source(9.0) == 21.5
     assert source_time(None, 3.0)(1.25) == 4.25  # a window of one stretch: its start plus the offset
+
+
+@pytest.mark.parametrize("max_segment_s", [30.0, 10.0])
+def test_no_recording_makes_more_windows_than_the_bound_small_jobs_are_sized_by(max_segment_s):
+    """orchestrate.model_blocks_bound counts at most 2 * ceil(duration / max_segment_s) + 1 windows a
+    recording: checked on random speech of every shape (long stretches, many short ones, long pauses)."""
+    import math
+
+    from krasr_batch.segment import windows_from_spans
+
+    rng = np.random.default_rng(7)
+    opts = SegmentOptions(max_segment_s=max_segment_s)
+    for trial in range(300):
+        total_s = float(rng.uniform(max_segment_s + 1, 900))
+        n = int(total_s * SR)
+        spans, t = [], float(rng.uniform(0, 3))
+        speech_mean, pause_mean = rng.choice([0.3, 2.0, 8.0, 40.0]), rng.choice([0.1, 0.5, 2.0, 20.0])
+        while t < total_s:
+            e = min(total_s, t + rng.exponential(speech_mean) + 0.05)
+            spans.append((int(t * SR), int(e * SR)))
+            t = e + rng.exponential(pause_mean) + 0.02
+        energy = rng.uniform(0.01, 1.0, n // FRAME + 1).astype(np.float32)
+        windows = windows_from_spans(spans, energy, n, opts)
+        assert len(windows) <= 2 * math.ceil(total_s / max_segment_s) + 1, (trial, total_s, len(windows))

@@ -42,6 +42,7 @@ class RunStats:
     wall_s: float = 0.0
     # seconds from the run's start to each step: model_checked, ray_ready, first_result, last_result, written
     timeline: dict[str, float] = field(default_factory=dict)
+    replicas: int = 0  # model replicas the run started
     # the whole output, earlier runs included (what the exit status and the summary's failures describe)
     output_ok: int = 0
     output_failed: int = 0

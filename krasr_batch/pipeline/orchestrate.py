@@ -262,6 +262,7 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
                    "suspect_segments": stats.suspect_segments},
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
+        "replicas": stats.replicas,  # model replicas this run started (0: it had nothing to decode)
         "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
         # where the wall time went (benchmarks/run_profile.py reads it): seconds from the start to each step,
         # and the seconds replicas spent in model calls and tasks in decoding and segmenting audio
@@ -332,6 +333,48 @@ def block_rows(dec, use_gpu: bool) -> int:
     return per_call * 4 if use_gpu else max(per_call, 2)
 
 
+SMALL_JOB_FILES = 256  # manifests up to this size are looked at for how many replicas they can keep busy
+
+
+def model_blocks_bound(paths: list[str], opts, block: int) -> int | None:
+    """At most how many model-stage blocks of ``block`` rows files at ``paths`` make, from their headers; None
+    where a header cannot be read here (a URI, a dataset shard's row, a format soundfile does not read, a
+    missing file: the decode-and-segment tasks report those).
+
+    A file gives one row per window and one file row. A file no longer than ``whole_file_max_s`` is one
+    window; a longer one at most ``2 * ceil(duration / max_segment_s) + 1`` (``segment.plan_windows``: two
+    windows in a row hold more than ``max_segment_s`` of it, or the second could have joined the first).
+    Files go to decode-and-segment tasks ``ROWS_PER_SEGMENT_TASK`` at a time, and the repartition into model
+    blocks makes at most one short block per task's output (Ray Data's non-strict ``repartition``).
+    """
+    import math
+
+    import soundfile
+
+    from krasr_batch.shards import parse_ref
+
+    rows: list[int] = []
+    for path in paths:
+        if is_uri(path) or parse_ref(path) is not None:
+            return None
+        try:
+            duration = soundfile.info(path).duration
+        except Exception:  # noqa: BLE001 - any file soundfile cannot describe: no bound
+            return None
+        whole = duration <= opts.whole_file_max_s
+        rows.append(1 + (1 if whole else 2 * math.ceil(duration / opts.max_segment_s) + 1))
+    tasks = [rows[i:i + ROWS_PER_SEGMENT_TASK] for i in range(0, len(rows), ROWS_PER_SEGMENT_TASK)]
+    return sum(math.ceil(sum(t) / block) for t in tasks)
+
+
+def _todo_paths(normalized: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(normalized)
+    with fs.open_input_file(p) as f:
+        return pq.read_table(f, columns=["path"]).column("path").to_pylist()
+
+
 def blocks_in_flight(use_gpu: bool) -> int:
     """Blocks Ray Data may hand one model replica before it has finished the one it is decoding.
 
@@ -362,6 +405,15 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
     batch = block_rows(dec, use_gpu)
+    if not use_gpu and not res.actors and not res.address and actors > 1 and summary.num_files <= SMALL_JOB_FILES:
+        # a small local job: no replica that could get no block to decode (each costs seconds of CPU to start)
+        bound = model_blocks_bound(_todo_paths(normalized), settings.segment, batch)
+        if bound is not None and bound < actors:
+            log.info("a small job: %d model replica(s) instead of %d (at most %d model blocks)",
+                     max(bound, 1), actors, bound)
+            place = plan_placement(nodes, res.device, max(bound, 1), res.actor_resource)
+            use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
+    stats.replicas = actors
     log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
              cluster.get("GPU", 0), place.describe())
     if place.problem:
