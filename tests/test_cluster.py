@@ -504,6 +504,7 @@ def test_a_small_jobs_model_blocks_are_bounded_from_its_headers(tmp_path):
     assert model_blocks_bound(long, SegmentOptions(max_segment_s=10), 16) == 19  # 98 rows each, 294 in all
     for odd in (str(tmp_path / "missing.wav"), "s3://bucket/a.wav", str(tmp_path / "shard.parquet") + "#row=3"):
         assert model_blocks_bound([*clips[:3], odd], opts, 16) is None  # no header to read here: no bound
+    assert model_blocks_bound(clips[:3], opts, 16, input_root=str(tmp_path / "elsewhere")) is None
     (tmp_path / "junk.wav").write_bytes(b"not audio")
     assert model_blocks_bound([str(tmp_path / "junk.wav")], opts, 16) is None
 

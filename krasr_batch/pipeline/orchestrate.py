@@ -336,10 +336,10 @@ def block_rows(dec, use_gpu: bool) -> int:
 SMALL_JOB_FILES = 256  # manifests up to this size are looked at for how many replicas they can keep busy
 
 
-def model_blocks_bound(paths: list[str], opts, block: int) -> int | None:
+def model_blocks_bound(paths: list[str], opts, block: int, input_root: str | None = None) -> int | None:
     """At most how many model-stage blocks of ``block`` rows files at ``paths`` make, from their headers; None
     where a header cannot be read here (a URI, a dataset shard's row, a format soundfile does not read, a
-    missing file: the decode-and-segment tasks report those).
+    missing file or one outside ``input_root``: the decode-and-segment tasks report those).
 
     A file gives one row per window and one file row. A file no longer than ``whole_file_max_s`` is one
     window; a longer one at most ``2 * ceil(duration / max_segment_s) + 1`` (``segment.plan_windows``: two
@@ -351,6 +351,7 @@ def model_blocks_bound(paths: list[str], opts, block: int) -> int | None:
 
     import soundfile
 
+    from krasr_batch.audio import check_path
     from krasr_batch.shards import parse_ref
 
     rows: list[int] = []
@@ -358,6 +359,7 @@ def model_blocks_bound(paths: list[str], opts, block: int) -> int | None:
         if is_uri(path) or parse_ref(path) is not None:
             return None
         try:
+            check_path(path, input_root)  # nothing outside --input-root is opened, not even for its header
             duration = soundfile.info(path).duration
         except Exception:  # noqa: BLE001 - any file soundfile cannot describe: no bound
             return None
@@ -407,7 +409,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     batch = block_rows(dec, use_gpu)
     if not use_gpu and not res.actors and not res.address and actors > 1 and summary.num_files <= SMALL_JOB_FILES:
         # a small local job: no replica that could get no block to decode (each costs seconds of CPU to start)
-        bound = model_blocks_bound(_todo_paths(normalized), settings.segment, batch)
+        bound = model_blocks_bound(_todo_paths(normalized), settings.segment, batch, res.input_root)
         if bound is not None and bound < actors:
             log.info("a small job: %d model replica(s) instead of %d (at most %d model blocks)",
                      max(bound, 1), actors, bound)
