@@ -89,7 +89,10 @@ def check_model(options: DecodeOptions) -> None:
     local = Path(options.model).expanduser()
     if local.is_dir():
         require_safetensors(local, options.model)
-    Decoder(options, "cpu")._load_processor(numpy_features=options.engine in ("ctranslate2", "torch"))
+    numpy = options.engine in ("ctranslate2", "torch")
+    # read as those engines' replicas read it: from the folder, without importing transformers (2 s of CPU
+    # on the driver while the embedded Ray starts)
+    Decoder(options, "cpu")._load_processor(numpy_features=numpy, folder=local if numpy and local.is_dir() else None)
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 
