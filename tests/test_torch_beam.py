@@ -215,3 +215,17 @@ def test_run_with_the_torch_engine(tmp_path, corpus, tiny_model):
     assert all(f["status"] == "ok" for f in files)
     segs = pads.dataset(out / "segments", format="parquet").to_table().to_pylist()
     assert len(segs) > len(rows) and all(s["num_tokens"] <= s["max_new_tokens"] for s in segs)
+
+
+@pytest.mark.parametrize("engine", ["torch", "ctranslate2"])
+def test_the_drivers_model_check_imports_no_transformers_for_a_local_folder(tiny_model, engine):
+    """The check runs on the driver while the embedded Ray starts on the same cores: it reads the folder as
+    the engine's replicas do (transformers' imports are over a second of CPU)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from krasr_batch.engines import check_model; from krasr_batch.settings import DecodeOptions; "
+            f"check_model(DecodeOptions(model={str(tiny_model)!r}, engine={engine!r})); "
+            "print('transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr[-2000:]
