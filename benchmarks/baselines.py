@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from krasr_batch.engines.base import TOKEN_LIMIT_LONGEST, max_new_tokens_for
+from krasr_batch.engines.ctranslate2 import ct2_max_length
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,19 @@ def cpu_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
 
 
+FW_PROMPT_LEN = 4  # faster-whisper's prompt here: <|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|>
+
+
+def faster_whisper_max_new_tokens(limit: int) -> int:
+    """The ``max_new_tokens`` that lets faster-whisper decode ``limit`` tokens (the card's limit).
+
+    faster-whisper hands CTranslate2 ``max_length = len(prompt) + max_new_tokens``, and CTranslate2's Whisper
+    decodes at most ``max_length // 2`` steps after the prompt (``krasr_batch.engines.ctranslate2.ct2_max_length``):
+    given the card's 40 for a short clip it stops after 22 tokens, and after 66 of a 30 s window's 128. So it
+    gets the ``max_length`` krasr-batch's CTranslate2 engine passes for the same limit, less the prompt."""
+    return ct2_max_length(limit, FW_PROMPT_LEN) - FW_PROMPT_LEN
+
+
 def faster_whisper_usage(items: list[dict], ct2_model: str, device: str = "cpu", beams: int = 3,
                          default_language: str = "kazakh",
                          batch_size: int = PEER_BATCH_SIZE) -> tuple[list[Transcript], float]:
@@ -154,7 +168,8 @@ def faster_whisper_usage(items: list[dict], ct2_model: str, device: str = "cpu",
 
     The card's decoding settings (beam 3, no_repeat_ngram_size=4, repetition_penalty=1.12, the language
     forced per file, task transcribe, no timestamps, no conditioning on previous text) and the card's token
-    limit for the file's duration (128 past 30 s); VAD chunking as the batched pipeline's default.
+    limit for the file's duration (128 past 30 s), made effective (:func:`faster_whisper_max_new_tokens`); VAD
+    chunking as the batched pipeline's default.
     """
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
@@ -168,7 +183,8 @@ def faster_whisper_usage(items: list[dict], ct2_model: str, device: str = "cpu",
             it["path"], language=whisper_language(it, default_language), task="transcribe",
             beam_size=beams, no_repeat_ngram_size=CARD_DECODING["no_repeat_ngram_size"],
             repetition_penalty=CARD_DECODING["repetition_penalty"], without_timestamps=True,
-            condition_on_previous_text=False, max_new_tokens=max_new_tokens_for(dur), batch_size=batch_size)
+            condition_on_previous_text=False, max_new_tokens=faster_whisper_max_new_tokens(max_new_tokens_for(dur)),
+            batch_size=batch_size)
         out.append(Transcript(it["id"], " ".join(s.text.strip() for s in segments).strip(), dur, rate))
     return out, time.perf_counter() - t0
 

@@ -13,26 +13,22 @@ over the batch's tokens) and how many windows got CTranslate2 float32's tokens e
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import numpy as np
 
+from benchmarks.cost_windows import cost_parser, long_windows
+
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("audio")
+    ap = cost_parser(__doc__)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     import ctranslate2
     import torch
 
-    from krasr_batch.audio import load_audio
-    from krasr_batch.engines.base import NumpyLogMel
     from krasr_batch.engines.ctranslate2 import converted_model, ct2_max_length
     from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
     from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search
@@ -40,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(a.threads)
     gc = generation_config(a.model)
-    audio = load_audio(a.audio)
-    windows = [audio[(60 + 30 * i) * 16000:(90 + 30 * i) * 16000] for i in range(a.windows)]
-    feats = NumpyLogMel.from_pretrained(a.model)(windows)["input_features"]
+    windows, feats = long_windows(a.model, a.audio, a.windows)
     enc_dtype = "bfloat16" if cpu_has_bf16_matmul() else "float32"
     encoded = TorchEncoder(a.model, enc_dtype, a.threads)(feats)
     prompt = [gc.decoder_start_token_id, gc.lang_to_id["<|kk|>"], gc.task_to_id["transcribe"], gc.no_timestamps_token_id]

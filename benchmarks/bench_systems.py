@@ -45,8 +45,10 @@ SETTINGS = {
                "the card's generate settings with max_new_tokens=128",
     "faster-whisper": "BatchedInferencePipeline (Silero VAD chunks ≤30 s, vad_filter default), "
                       f"batch_size={PEER_BATCH_SIZE}; beam_size=3, no_repeat_ngram_size=4, repetition_penalty=1.12, "
-                      "language forced per file, without_timestamps, condition_on_previous_text=False, card's "
-                      "duration-based max_new_tokens; CTranslate2 weights {quantization}; "
+                      "language forced per file, without_timestamps, condition_on_previous_text=False, the card's "
+                      "duration-based token limit made effective (max_new_tokens 2 x limit - 4: faster-whisper "
+                      "given the limit itself stops CTranslate2 at about half of it); CTranslate2 weights "
+                      "{quantization}; "
                       "cpu_threads = OMP_NUM_THREADS, else all cores",
 }
 ENV_SHOWN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")

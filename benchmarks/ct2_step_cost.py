@@ -12,32 +12,26 @@ batches of 16): a CPU decoder step is bound by reading the weights and each row'
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
+from benchmarks.cost_windows import cost_parser, long_windows
+
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("audio")
+    ap = cost_parser(__doc__)
     ap.add_argument("--types", default="float32,int8")
     ap.add_argument("--batches", default="1,8,16")
-    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     import ctranslate2
     from transformers.models.whisper.tokenization_whisper import WhisperTokenizer
 
-    from krasr_batch.audio import load_audio
-    from krasr_batch.engines.base import NumpyLogMel
     from krasr_batch.engines.ctranslate2 import converted_model
 
     path = converted_model(a.model)
     tok = WhisperTokenizer.from_pretrained(a.model)
-    audio = load_audio(a.audio)
-    windows = [audio[(60 + 30 * i) * 16000:(90 + 30 * i) * 16000] for i in range(16)]
-    feats = NumpyLogMel.from_pretrained(a.model)(windows)["input_features"]
+    windows, feats = long_windows(a.model, a.audio, 16)
     prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|kk|>", "<|transcribe|>", "<|notimestamps|>"])
     print("| weights | batch | encoder s / window | decoding s / window | tokens / window | ms / token |")
     print("|---|---|---|---|---|---|")

@@ -17,35 +17,29 @@ in torch bfloat16 on CPUs with bfloat16 matrix units (AMX, AVX512-BF16): ``--dty
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
 
 import numpy as np
 
+from benchmarks.cost_windows import cost_parser, long_windows
+
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("audio")
+    ap = cost_parser(__doc__)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     import ctranslate2
     import torch
 
-    from krasr_batch.audio import load_audio
-    from krasr_batch.engines.base import NumpyLogMel
     from krasr_batch.engines.ctranslate2 import converted_model
     from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
 
     torch.set_num_threads(a.threads)
     path = converted_model(a.model)
-    audio = load_audio(a.audio)
-    windows = [audio[(60 + 30 * i) * 16000:(90 + 30 * i) * 16000] for i in range(a.windows)]
-    feats = np.ascontiguousarray(NumpyLogMel.from_pretrained(a.model)(windows)["input_features"], dtype=np.float32)
+    _, feats = long_windows(a.model, a.audio, a.windows)
 
     def ct2_encoder(ctype: str):
         model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type=ctype, intra_threads=a.threads)

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare
+from benchmarks.baselines import audio_duration_s
+from krasr_batch.engines import max_new_tokens_for
+
+from .conftest import read_jsonl
 
 KRASR, CARD, FW = compare.LABELS["krasr"], compare.LABELS["card"], compare.LABELS["faster-whisper"]
 KRASR_TF = compare.LABELS["krasr-tf"]
@@ -103,6 +107,30 @@ def test_compare_faster_whisper_row(corpus, tiny_model, tmp_path, capsys):
     row = parse_table(capsys.readouterr().out)[FW]
     assert float(row["RTFx"]) > 0 and float(row["WER %"]) >= 0, row
     assert any((tmp_path / "work" / "ct2").glob("*/model.bin"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faster_whisper") is None, reason="faster-whisper not installed")
+def test_the_faster_whisper_row_decodes_up_to_the_cards_limit(corpus, tiny_model):
+    """faster-whisper's max_new_tokens=40 stops CTranslate2 after 22 tokens (max_length // 2): the peer row gets
+    the max_new_tokens that makes the card's 40 effective. Random weights never end a transcript early."""
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    from benchmarks.baselines import faster_whisper_max_new_tokens
+    from krasr_batch.engines.ctranslate2 import converted_model
+
+    clip = read_jsonl(corpus / "clips.jsonl")[0]
+    assert max_new_tokens_for(audio_duration_s(str(corpus / clip["path"]))) == 40
+    pipe = BatchedInferencePipeline(WhisperModel(str(converted_model(str(tiny_model))), device="cpu",
+                                                 compute_type="float32", cpu_threads=1))
+
+    def tokens(max_new_tokens: int) -> int:
+        segments, _ = pipe.transcribe(str(corpus / clip["path"]), language="kk", beam_size=3, no_repeat_ngram_size=4,
+                                      repetition_penalty=1.12, without_timestamps=True,
+                                      condition_on_previous_text=False, max_new_tokens=max_new_tokens, batch_size=16)
+        return sum(len(s.tokens) for s in segments)
+
+    assert tokens(40) == 22  # what the peer row ran with before: about half the card's limit
+    assert tokens(faster_whisper_max_new_tokens(40)) == 40
 
 
 @pytest.mark.slow
