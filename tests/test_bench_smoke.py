@@ -211,3 +211,21 @@ def test_beam_cost_compares_the_engines_searches(corpus, tiny_model, capsys):
     assert {"CTranslate2 float32", "CTranslate2 int8", "torch engine float32"} <= set(rows)
     assert rows["CTranslate2 float32"].endswith("| 2 of 2 |")
     assert rows["torch engine float32"].endswith("| 2 of 2 |")  # 360 tokens each, all CTranslate2's
+
+
+def test_cpu_by_process_counts_the_command_and_its_children(tmp_path):
+    """benchmarks/cpu_by_process.py: a command that starts a busy child shows both, the child's CPU seconds
+    included; the exit status is the command's."""
+    import sys
+
+    from benchmarks import cpu_by_process
+
+    out = tmp_path / "cpu.txt"
+    child = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}]); sys.exit(3)"
+    assert cpu_by_process.main([str(out), "--", sys.executable, "-c", code]) == 3
+    head, *rows = out.read_text().splitlines()
+    assert head.startswith("wall ") and head.endswith("exit status 3")
+    busy = [r for r in rows if "process_time" in r and "subprocess.run" not in r]  # the child, not its parent
+    assert len(busy) == 1 and float(busy[0].split("cpu")[1].split()[0]) >= 0.5, rows
+    assert len(rows) <= 2 and all(f"{sys.executable} -c import" in r for r in rows), rows  # its own, nothing else
