@@ -90,7 +90,7 @@ def check_model(options: DecodeOptions) -> None:
     if local.is_dir():
         require_safetensors(local, options.model)
     numpy = options.engine in ("ctranslate2", "torch")
-    # read as those engines' replicas read it: from the folder, without importing transformers (2 s of CPU
+    # read as those engines' replicas read it: from the folder, without importing transformers (over a second of CPU
     # on the driver while the embedded Ray starts)
     Decoder(options, "cpu")._load_processor(numpy_features=numpy, folder=local if numpy and local.is_dir() else None)
     if options.engine == "ctranslate2":
