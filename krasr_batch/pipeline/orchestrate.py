@@ -283,25 +283,32 @@ def _tally_output(out: str, stats: RunStats) -> None:
     failures_by_kind(rows, into=stats.output_failures_by_kind)
 
 
-def _read_manifest(normalized: str):
+def _read_manifest(normalized: str, groups: list | None = None):
     """The normalized manifest as a Ray Dataset, read by the driver and handed over as blocks.
 
     The driver wrote the file, so it can read it, local or URI, wherever the cluster runs. ``from_blocks``
     runs no task. Ray Data's ``read_parquet`` would plan a ``ListFiles`` task with Ray's default of one
     whole CPU, which takes no resource arguments: on a node whose CPUs the model actors hold but for a
     fraction (2 CPUs, 0.65 free) it never starts and the run waits forever (seen with Ray 2.60).
-    ``from_arrow_refs`` would run a whole-CPU task per row group to read its metadata.
+    ``from_arrow_refs`` would run a whole-CPU task per row group to read its metadata. ``groups``: the file's
+    row groups when the caller has read them already (:func:`_manifest_groups`).
     """
-    import pyarrow.parquet as pq
     import ray
+
+    groups = _manifest_groups(normalized) if groups is None else groups
+    if hasattr(ray.data, "from_blocks"):
+        return ray.data.from_blocks(groups)
+    return ray.data.from_arrow_refs([ray.put(g) for g in groups])
+
+
+def _manifest_groups(normalized: str) -> list:
+    """The normalized manifest's row groups, as Arrow tables (read once by the driver)."""
+    import pyarrow.parquet as pq
 
     fs, p = filesystem(normalized)
     with fs.open_input_file(p) as f:
         pf = pq.ParquetFile(f)
-        groups = [pf.read_row_group(i) for i in range(pf.num_row_groups)]
-    if hasattr(ray.data, "from_blocks"):
-        return ray.data.from_blocks(groups)
-    return ray.data.from_arrow_refs([ray.put(g) for g in groups])
+        return [pf.read_row_group(i) for i in range(pf.num_row_groups)]
 
 
 def _sized(ds, num_cpus: float):
@@ -369,14 +376,6 @@ def model_blocks_bound(paths: list[str], opts, block: int, input_root: str | Non
     return sum(math.ceil(sum(t) / block) for t in tasks)
 
 
-def _todo_paths(normalized: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    fs, p = filesystem(normalized)
-    with fs.open_input_file(p) as f:
-        return pq.read_table(f, columns=["path"]).column("path").to_pylist()
-
-
 def blocks_in_flight(use_gpu: bool) -> int:
     """Blocks Ray Data may hand one model replica before it has finished the one it is decoding.
 
@@ -407,9 +406,11 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     dec = settings.decode
     batch = block_rows(dec, use_gpu)
+    groups = _manifest_groups(normalized)
     if not use_gpu and not res.actors and not res.address and actors > 1 and summary.num_files <= SMALL_JOB_FILES:
         # a small local job: no replica that could get no block to decode (each costs seconds of CPU to start)
-        bound = model_blocks_bound(_todo_paths(normalized), settings.segment, batch, res.input_root)
+        paths = [p for g in groups for p in g.column("path").to_pylist()]
+        bound = model_blocks_bound(paths, settings.segment, batch, res.input_root)
         if bound is not None and bound < actors:
             log.info("a small job: %d model replica(s) instead of %d (at most %d model blocks)",
                      max(bound, 1), actors, bound)
@@ -421,7 +422,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     if place.problem:
         log.warning("placement: %s (%s)", place.problem, place.describe())
 
-    ds = _read_manifest(normalized)
+    ds = _read_manifest(normalized, groups)
     ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
     ds = ds.flat_map(segment_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=dec.language,
