@@ -24,11 +24,11 @@ def cost_parser(doc: str) -> argparse.ArgumentParser:
 def long_windows(model: str, audio_path: str, n: int) -> tuple[list[np.ndarray], np.ndarray]:
     """``n`` consecutive 30 s windows of ``audio_path`` from its 60th second, and their log-mel features
     (float32, C-contiguous: what CTranslate2's ``StorageView`` and the torch encoder both take)."""
+    from krasr_batch.audio import SAMPLE_RATE as sr
     from krasr_batch.audio import load_audio
     from krasr_batch.engines.base import NumpyLogMel
 
     audio = load_audio(audio_path)
-    sr = 16000
     windows = [audio[(FIRST_S + WINDOW_S * i) * sr:(FIRST_S + WINDOW_S * (i + 1)) * sr] for i in range(n)]
     if len(windows[-1]) < WINDOW_S * sr:
         raise SystemExit(f"{audio_path} is {len(audio) / sr:.0f} s long: {n} windows need "

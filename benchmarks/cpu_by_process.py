@@ -51,11 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             if st is None or (pid != str(proc.pid) and st[0] not in seen and st[0] != str(proc.pid)):
                 continue
             now = time.time() - t0
-            row = seen.setdefault(pid, {"first": now, "cpu": 0.0, "name": _name(pid)})
+            row = seen.setdefault(pid, {"first": now, "cpu": 0.0, "name": "?"})
             row["cpu"], row["last"] = max(row["cpu"], st[1]), now
-            if row["name"] == "?" or not row["name"].startswith("ray::"):
-                name = _name(pid)
-                row["name"] = name if name != "?" else row["name"]
+            name = row["name"] if row["name"].startswith("ray::") else _name(pid)  # ray:: comes after start
+            row["name"] = name if name != "?" else row["name"]
         if done:
             break
         time.sleep(0.1)
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(f"wall {wall:.2f} s, CPU {sum(r['cpu'] for r in rows):.2f} s, exit status {proc.returncode}\n")
         for r in rows:
             if r["cpu"] >= 0.05:
-                f.write(f"{r['first']:7.2f} {r.get('last', r['first']):7.2f}  cpu {r['cpu']:6.2f}  {r['name'][:110]}\n")
+                f.write(f"{r['first']:7.2f} {r['last']:7.2f}  cpu {r['cpu']:6.2f}  {r['name'][:110]}\n")
     return proc.returncode
 
 

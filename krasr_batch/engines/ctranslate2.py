@@ -196,7 +196,7 @@ class CTranslate2Decoder(Decoder):
         # no torch and no transformers in a CTranslate2 replica
         self._load_processor(numpy_features=True, folder=local_model_dir(options.model))
         path = converted_model(options.model)
-        self.compute_type = compute_type_for(options.dtype, device)
+        self.compute_type = weights = compute_type_for(options.dtype, device)
         try:
             self.model = ct2.models.Whisper(str(path), device=device, compute_type=self.compute_type,
                                             intra_threads=threads or 0, inter_threads=1)
@@ -212,7 +212,7 @@ class CTranslate2Decoder(Decoder):
 
             self.torch_encoder = TorchEncoder(local_model_dir(options.model), "bfloat16", threads)
             self.compute_type += ", encoder bfloat16 (torch)"
-        self.precision = compute_type_for(options.dtype, device) + ("+encoder-bfloat16" if self.torch_encoder else "")
+        self.precision = weights + ("+encoder-bfloat16" if self.torch_encoder else "")
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with CTranslate2 on %s (%s) in %.1f s", path, device, self.compute_type, self.load_s)
 
