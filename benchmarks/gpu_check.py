@@ -406,25 +406,12 @@ def decode_timed(dec, inputs, device: str) -> tuple[list, float]:
 
 
 def generate_calls(inputs, batch: int, engine: str = "transformers") -> tuple[int, int]:
-    """(model calls, decoder steps at most) of ``decode``. transformers: batches never mix languages or token
-    limits; torch: forced languages share batches of any limits (sorted by limit), each batch steps up to its
-    largest limit."""
-    if engine == "torch":
-        groups: dict = defaultdict(list)
-        for x in inputs:
-            groups[x.language is None].append(x.max_new_tokens)
-        calls = steps = 0
-        for limits in groups.values():
-            limits.sort()
-            for k in range(0, len(limits), batch):
-                calls += 1
-                steps += limits[min(k + batch, len(limits)) - 1]
-        return calls, steps
-    groups = defaultdict(int)
-    for x in inputs:
-        groups[(x.language, x.max_new_tokens)] += 1
-    calls = {k: math.ceil(n / batch) for k, n in groups.items()}
-    return sum(calls.values()), sum(c * k[1] for k, c in calls.items())
+    """(model calls, decoder steps at most) of ``decode``: the engine's own batches (``Decoder.batch_plan``),
+    each stepping up to the largest token limit in it."""
+    from krasr_batch.engines import engine_class
+
+    plan = engine_class(engine).batch_plan(inputs, batch)
+    return len(plan), sum(max(inputs[i].max_new_tokens for i in idx) for idx in plan)
 
 
 def equal_counts(a: list, b: list) -> dict:

@@ -156,3 +156,25 @@ def test_the_transformers_engine_with_our_ban_gives_transformers_own_output(tiny
         theirs = dec.model.generate(feats, no_repeat_ngram_size=4, **common)
     ours = dec.decode([SegmentInput(audio, "kazakh", 64)])[0]
     assert ours.text == dec.tokenizer.decode(theirs[0], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("engine", ["transformers", "torch", "ctranslate2"])
+def test_the_benchmarks_count_of_model_calls_is_the_engines_own(tiny_model, engine, monkeypatch):
+    """benchmarks.gpu_check counts an engine's model calls and decoder steps from ``Decoder.batch_plan``, the
+    plan ``decode`` itself follows: the count equals the calls a loaded engine makes, for each engine's rule
+    (languages mixed or not, windows of several budgets in one batch or not)."""
+    from benchmarks.gpu_check import generate_calls
+    from krasr_batch.engines import load_decoder
+
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), batch_size=2, engine=engine), device="cpu")
+    calls = []
+    real = dec._generate_batch
+    monkeypatch.setattr(dec, "_generate_batch", lambda batch: calls.append(len(batch)) or real(batch))
+    rng = np.random.default_rng(1)
+    inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, limit, exact)
+              for d, lang, limit, exact in [(3, "kazakh", 12, True), (12, "russian", 20, True),
+                                             (3, "russian", 12, True), (20, "kazakh", 16, False),
+                                             (25, "russian", 18, False), (3, None, 12, True)]]
+    dec.decode(inputs)
+    assert generate_calls(inputs, 2, engine)[0] == len(calls)
+    assert sorted(len(b) for b in dec.batch_plan(inputs, 2)) == sorted(calls)

@@ -406,24 +406,33 @@ class Decoder:
     # largest and cut each row at its own sets this.
     flexible_limits = False
 
-    def _group_key(self, x: SegmentInput) -> tuple:
-        language = None if self.mixed_languages and x.language is not None else x.language
-        limit = "budget" if self.flexible_limits and not x.exact_limit else x.max_new_tokens
+    @classmethod
+    def _group_key(cls, x: SegmentInput) -> tuple:
+        language = None if cls.mixed_languages and x.language is not None else x.language
+        limit = "budget" if cls.flexible_limits and not x.exact_limit else x.max_new_tokens
         return (language is None and x.language is not None, str(language), str(limit))
 
-    def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
-        """Decode segments in batches of one token limit and one language (or as the engine's
-        ``mixed_languages`` and ``flexible_limits`` allow), fullest groups first; results in input order."""
+    @classmethod
+    def batch_plan(cls, inputs: Sequence[SegmentInput], batch_size: int) -> list[list[int]]:
+        """The model batches :meth:`decode` makes of ``inputs``, as lists of their indices: batches of one group
+        (:meth:`_group_key`: one token limit and one language, or as the engine's ``mixed_languages`` and
+        ``flexible_limits`` allow), each group's segments by token limit so that similar limits share a batch.
+        A class method, so that a benchmark can count an engine's model calls without loading a model."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, x in enumerate(inputs):
-            groups[self._group_key(x)].append(i)
-        out: list[SegmentOutput | None] = [None] * len(inputs)
+            groups[cls._group_key(x)].append(i)
+        plan = []
         for _, idx in sorted(groups.items(), key=lambda kv: kv[0]):
-            idx.sort(key=lambda i: inputs[i].max_new_tokens)  # similar limits share a batch
-            for k in range(0, len(idx), self.batch_size):
-                chunk = idx[k:k + self.batch_size]
-                for i, r in zip(chunk, self._generate_batch([inputs[i] for i in chunk])):
-                    out[i] = r
+            idx.sort(key=lambda i: inputs[i].max_new_tokens)
+            plan.extend(idx[k:k + batch_size] for k in range(0, len(idx), batch_size))
+        return plan
+
+    def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
+        """Decode segments in the batches of :meth:`batch_plan`; results in input order."""
+        out: list[SegmentOutput | None] = [None] * len(inputs)
+        for chunk in self.batch_plan(inputs, self.batch_size):
+            for i, r in zip(chunk, self._generate_batch([inputs[i] for i in chunk])):
+                out[i] = r
         return out  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:

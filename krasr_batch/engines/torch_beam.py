@@ -407,7 +407,8 @@ class TorchBeamDecoder(Decoder):
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
 
-    def _group_key(self, x: SegmentInput) -> tuple:
+    @classmethod
+    def _group_key(cls, x: SegmentInput) -> tuple:
         # one group: every window stops at its own limit and carries its own prompt
         return (x.language is None,)
 
