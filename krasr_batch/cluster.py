@@ -189,7 +189,8 @@ def _best_share(nodes, a_pref: float, t_u: int, use_gpu: bool, resource: str | N
     return None
 
 
-def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, actor_resource: str | None) -> Placement:
+def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, actor_resource: str | None,
+                   work_bound: int | None = None) -> Placement:
     """What each stage asks Ray for, from the shapes of the cluster's alive nodes (``ray.nodes()`` resources).
 
     Pure: the same node shapes always give the same plan. The plan holds whatever node each actor lands on:
@@ -206,6 +207,9 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
       one task of every other stage free, and nodes above 8 CPUs an eighth of their CPUs for decoding audio.
     - ``actor_resource``: each actor also needs one unit of that custom Ray resource, so actors land only on
       nodes started with it (``ray start --resources='{"asr": 1}'``); by default one actor per unit.
+    - ``work_bound``: at most this many model blocks are to be decoded (None: not known). CPU actors chosen by
+      default are then no more than that, and as wide as ``actors`` would make them: a replica that could get
+      no block costs seconds of CPU to start and nothing else (a small job; ``orchestrate.model_blocks_bound``).
     """
     nodes = [dict(nd) for nd in nodes]
     use_gpu = device == "cuda" or (sum(int(nd.get("GPU", 0)) for nd in nodes) > 0 and device != "cpu")
@@ -225,6 +229,8 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
     else:
         per_node = [int(nd.get("CPU", 0)) for nd in nodes if nd.get("CPU", 0) >= 1]
         n = actors or max(1, min(sum(per_node), MAX_CPU_ACTORS))
+        if not actors and work_bound is not None and work_bound < n:
+            actors = n = max(work_bound, 1)
         shares = [(nd.get("CPU", 0) - reserve(nd.get("CPU", 0), SEGMENT_CPUS_ON_CPU_CLUSTER)) / int(nd["CPU"])
                   for nd in nodes if nd.get("CPU", 0) >= 1]
         if actors:  # fewer, wider replicas: as wide as the largest node allows

@@ -509,6 +509,24 @@ def test_a_small_jobs_model_blocks_are_bounded_from_its_headers(tmp_path):
     assert model_blocks_bound([str(tmp_path / "junk.wav")], opts, 16) is None
 
 
+
+def test_a_work_bound_caps_only_the_default_cpu_replicas():
+    """plan_placement's work_bound (a small job's model blocks): default CPU replicas are no more than the blocks,
+    as wide as --actors would make them; --actors, GPUs and a larger bound are left alone."""
+    from krasr_batch.cluster import plan_placement
+
+    two = [{"CPU": 2}]
+    assert plan_placement(two, "auto", 0, None).actors == 2
+    assert plan_placement(two, "auto", 0, None, work_bound=1) == plan_placement(two, "auto", 1, None)
+    assert plan_placement(two, "auto", 0, None, work_bound=0) == plan_placement(two, "auto", 1, None)
+    assert plan_placement(two, "auto", 0, None, work_bound=2) == plan_placement(two, "auto", 0, None)
+    sixteen = [{"CPU": 16}]
+    assert plan_placement(sixteen, "auto", 0, None, work_bound=5).actors == 5
+    assert plan_placement(sixteen, "auto", 0, None, work_bound=5).threads > 1  # fewer, wider
+    assert plan_placement(sixteen, "auto", 8, None, work_bound=1).actors == 8  # --actors wins
+    gpus = [{"CPU": 8, "GPU": 2}]
+    assert plan_placement(gpus, "auto", 0, None, work_bound=1) == plan_placement(gpus, "auto", 0, None)
+
 # ---------------------------------------------------------------- a run that cannot be placed
 
 @pytest.mark.e2e

@@ -400,25 +400,21 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     res = settings.resources
     cluster = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    place = plan_placement(nodes, res.device, res.actors, res.actor_resource)
+    dec = settings.decode
+    groups = _manifest_groups(normalized)
+    bound = None
+    if not res.actors and not res.address and summary.num_files <= SMALL_JOB_FILES:
+        # a small local job: no CPU replica that could get no block to decode (plan_placement's work_bound)
+        paths = [p for g in groups for p in g.column("path").to_pylist()]
+        bound = model_blocks_bound(paths, settings.segment, block_rows(dec, False), res.input_root)
+    place = plan_placement(nodes, res.device, res.actors, res.actor_resource, work_bound=bound)
     use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
     if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
-    dec = settings.decode
     batch = block_rows(dec, use_gpu)
-    groups = _manifest_groups(normalized)
-    if not use_gpu and not res.actors and not res.address and actors > 1 and summary.num_files <= SMALL_JOB_FILES:
-        # a small local job: no replica that could get no block to decode (each costs seconds of CPU to start)
-        paths = [p for g in groups for p in g.column("path").to_pylist()]
-        bound = model_blocks_bound(paths, settings.segment, batch, res.input_root)
-        if bound is not None and bound < actors:
-            log.info("a small job: %d model replica(s) instead of %d (at most %d model blocks)",
-                     max(bound, 1), actors, bound)
-            place = plan_placement(nodes, res.device, max(bound, 1), res.actor_resource)
-            use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
     stats.replicas = actors
-    log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s", len(nodes), cluster.get("CPU", 0),
-             cluster.get("GPU", 0), place.describe())
+    log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s%s", len(nodes), cluster.get("CPU", 0),
+             cluster.get("GPU", 0), place.describe(), "" if bound is None else f" (at most {bound} model blocks)")
     if place.problem:
         log.warning("placement: %s (%s)", place.problem, place.describe())
 
