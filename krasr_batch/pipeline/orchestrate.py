@@ -404,7 +404,8 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     groups = _manifest_groups(normalized)
     bound = None
     if not res.actors and not res.address and summary.num_files <= SMALL_JOB_FILES:
-        # a small local job: no CPU replica that could get no block to decode (plan_placement's work_bound)
+        # a small local job: no CPU replica that could get no block to decode (plan_placement's work_bound;
+        # a GPU run ignores it: one replica per GPU). Reading up to SMALL_JOB_FILES headers costs milliseconds.
         paths = [p for g in groups for p in g.column("path").to_pylist()]
         bound = model_blocks_bound(paths, settings.segment, block_rows(dec, False), res.input_root)
     place = plan_placement(nodes, res.device, res.actors, res.actor_resource, work_bound=bound)
@@ -414,7 +415,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     batch = block_rows(dec, use_gpu)
     stats.replicas = actors
     log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s%s", len(nodes), cluster.get("CPU", 0),
-             cluster.get("GPU", 0), place.describe(), "" if bound is None else f" (at most {bound} model blocks)")
+             cluster.get("GPU", 0), place.describe(), "" if bound is None or use_gpu else f" (at most {bound} model blocks)")
     if place.problem:
         log.warning("placement: %s (%s)", place.problem, place.describe())
 
