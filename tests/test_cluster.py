@@ -509,7 +509,6 @@ def test_a_small_jobs_model_blocks_are_bounded_from_its_headers(tmp_path):
     assert model_blocks_bound([str(tmp_path / "junk.wav")], opts, 16) is None
 
 
-
 def test_a_work_bound_caps_only_the_default_cpu_replicas():
     """plan_placement's work_bound (a small job's model blocks): default CPU replicas are no more than the blocks,
     as wide as --actors would make them; --actors, GPUs and a larger bound are left alone."""
@@ -526,6 +525,7 @@ def test_a_work_bound_caps_only_the_default_cpu_replicas():
     assert plan_placement(sixteen, "auto", 8, None, work_bound=1).actors == 8  # --actors wins
     gpus = [{"CPU": 8, "GPU": 2}]
     assert plan_placement(gpus, "auto", 0, None, work_bound=1) == plan_placement(gpus, "auto", 0, None)
+
 
 # ---------------------------------------------------------------- a run that cannot be placed
 
