@@ -16,7 +16,7 @@ from krasr_batch.engines import SegmentInput, choose_engine, load_decoder, max_n
 from krasr_batch.engines import encoder as encoder_module
 from krasr_batch.engines.base import CT2_CPU_BATCH
 from krasr_batch.engines.encoder import TorchEncoder
-from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search, log_mel
+from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search, beam_search_device, log_mel
 from krasr_batch.settings import DecodeOptions
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -41,11 +41,11 @@ def _encoded(model, audios: list[np.ndarray]) -> np.ndarray:
     return TorchEncoder(model, "float32")(feats)
 
 
-def _search(model, stack, encoded, prompts, limits, **kw):
+def _search(model, stack, encoded, prompts, limits, search=beam_search, **kw):
     gc = _config(model)
     with torch.inference_mode():
         cross = stack.cross(torch.from_numpy(encoded).to(stack.dtype))
-        return beam_search(stack, cross, prompts, limits, eos=gc["eos_token_id"], suppress=gc["suppress_tokens"],
+        return search(stack, cross, prompts, limits, eos=gc["eos_token_id"], suppress=gc["suppress_tokens"],
                            begin_suppress=gc["begin_suppress_tokens"], **SETTINGS, **kw)
 
 
@@ -112,6 +112,55 @@ def test_a_window_decodes_the_same_in_any_batch(tiny_model, fused):
         assert together[i][1] == pytest.approx(alone[1], abs=1e-3)
     for (tokens, _, ended), n in zip(together, limits):
         assert len(tokens) <= n and (ended or len(tokens) == n)  # the end-of-text step counts toward the limit
+
+
+def _same_results(got, want):
+    assert [(g[0], g[2]) for g in got] == [(w[0], w[2]) for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
+@pytest.mark.parametrize("compact_below", [None, 0.75, 0.0], ids=["at-once", "gpu-default", "never"])
+def test_the_device_search_gives_the_host_searchs_results(tiny_model, fused, compact_below):
+    """beam_search_device (every choice on the device, ended windows' rows kept running until dropped) against
+    beam_search: the same tokens, ended flags and scores, whenever the ended windows are dropped."""
+    rng = np.random.default_rng(3)
+    audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 20, 5, 12, 2)]
+    encoded = _encoded(tiny_model, audios)
+    prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "kk", "en", "ru", "kk")]
+    limits = [5, 40, 17, 1, 60, 2]
+    stack = WhisperDecoderStack(tiny_model, "float32", fused=fused)
+    want = _search(tiny_model, stack, encoded, prompts, limits)
+    got = _search(tiny_model, stack, encoded, prompts, limits, search=beam_search_device, compact_below=compact_below)
+    _same_results(got, want)
+    for (tokens, _, ended), n in zip(got, limits):
+        assert len(tokens) <= n and (ended or len(tokens) == n)
+
+
+def test_the_device_search_on_real_speech(base_model, corpus):
+    """On real speech and weights, where hypotheses end at end-of-text at different steps and a window may
+    end before its limit with all its beams: the host search's results, window for window."""
+    audios = _clips(corpus, 8, step=3)
+    encoded = _encoded(base_model, audios)
+    limits = [max_new_tokens_for(len(a) / 16000) for a in audios]
+    prompts = [_prompt(base_model, lang) for lang in ("kk", "ru") * 4]
+    stack = WhisperDecoderStack(base_model, "float32")
+    want = _search(base_model, stack, encoded, prompts, limits)
+    assert any(ended for _, _, ended in want)  # end-of-text is exercised, not only the limits
+    _same_results(_search(base_model, stack, encoded, prompts, limits, search=beam_search_device), want)
+
+
+def test_the_engine_runs_either_search(tiny_model):
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32"), "cpu", 1)
+    assert dec.search == "host"
+    rng = np.random.default_rng(4)
+    inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, n)
+              for d, lang, n in [(3, "kazakh", 12), (9, "russian", 30), (2, None, 8)]]
+    want = dec.decode(inputs)
+    dec.search = "device"
+    got = dec.decode(inputs)
+    assert [(o.text, o.num_tokens, o.truncated) for o in got] == [(o.text, o.num_tokens, o.truncated) for o in want]
+    assert [o.avg_logprob for o in got] == pytest.approx([o.avg_logprob for o in want], abs=1e-4)
 
 
 def test_gpu_log_mel_equals_the_numpy_features(tiny_model):

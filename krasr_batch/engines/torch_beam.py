@@ -216,6 +216,31 @@ class WhisperDecoderStack:
 COMPACT_BELOW = 0.75
 
 
+def _process_logits(logits, seqs, cur: int, first: bool, repetition_penalty: float, no_repeat_ngram_size: int,
+                    suppress_t, begin_t) -> None:
+    """The card's logits processing, in place, on each row's logits after its tokens ``seqs[:, :cur]``: the
+    repetition penalty (divided when positive, multiplied when negative, as CTranslate2 applies it), -inf for
+    each token that would repeat an n-gram of the row, the suppressed tokens, and the begin-suppressed ones at
+    the ``first`` step."""
+    import torch
+
+    if repetition_penalty != 1.0:
+        prev = seqs[:, :cur]
+        g = logits.gather(1, prev)
+        logits.scatter_(1, prev, torch.where(g < 0, g * repetition_penalty, g / repetition_penalty))
+    m = no_repeat_ngram_size
+    if m and cur >= m:
+        grams = seqs[:, :cur].unfold(1, m, 1)  # every n-gram of each row
+        hit = (grams[:, :, :m - 1] == seqs[:, None, cur - m + 1:cur]).all(-1)
+        # -inf where an n-gram's first m-1 tokens are the row's last m-1 (adding 0 elsewhere)
+        ban = torch.zeros(hit.shape, dtype=logits.dtype, device=logits.device).masked_fill_(hit, -math.inf)
+        logits.scatter_add_(1, grams[:, :, m - 1], ban)
+    if len(suppress_t):
+        logits.index_fill_(1, suppress_t, -math.inf)
+    if first and len(begin_t):
+        logits.index_fill_(1, begin_t, -math.inf)
+
+
 def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                 beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                 suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
@@ -253,21 +278,7 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
     n = 0  # tokens decoded so far
     while True:
         cur = plen + n
-        if repetition_penalty != 1.0:
-            prev = seqs[:, :cur]
-            g = logits.gather(1, prev)
-            logits.scatter_(1, prev, torch.where(g < 0, g * repetition_penalty, g / repetition_penalty))
-        m = no_repeat_ngram_size
-        if m and cur >= m:
-            grams = seqs[:, :cur].unfold(1, m, 1)  # every n-gram of each row
-            hit = (grams[:, :, :m - 1] == seqs[:, None, cur - m + 1:cur]).all(-1)
-            # -inf where an n-gram's first m-1 tokens are the row's last m-1 (adding 0 elsewhere)
-            ban = torch.zeros(hit.shape, dtype=logits.dtype, device=dev).masked_fill_(hit, -math.inf)
-            logits.scatter_add_(1, grams[:, :, m - 1], ban)
-        if len(suppress_t):
-            logits.index_fill_(1, suppress_t, -math.inf)
-        if n == 0 and len(begin_t):
-            logits.index_fill_(1, begin_t, -math.inf)
+        _process_logits(logits, seqs, cur, n == 0, repetition_penalty, no_repeat_ngram_size, suppress_t, begin_t)
         total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(len(alive), k * vocab)
         top_s, top_i = total.topk(2 * k, dim=1)
         top = torch.stack((top_s.double(), top_i.double()), 1).cpu().tolist()  # one transfer (exact: ids < 2^53)
@@ -329,6 +340,162 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
     out = []
     for done in ended:
         out.append(max(done, key=lambda h: h[1] / max(len(h[0]), 1)) if done else ([], -math.inf, False))
+    return out
+
+
+# the device search's view of how many windows are still decoding: on a GPU, read from a copy queued this many
+# steps back at most (the copy is read once its event has passed; nothing waits for it)
+STATUS_SLOTS = 8
+
+
+def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
+                       beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                       suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
+                       compact_below: float | None = None) -> list[tuple[list[int], float, bool]]:
+    """:func:`beam_search`'s search, results and arguments, with every choice made on the stack's device.
+
+    Why: :func:`beam_search` brings each step's best continuations to the host and chooses there, so on a GPU
+    each step waits for the one before it, and the GPU waits for the host's choice and its next ~300 kernel
+    launches (49 % busy at 64 windows on an H100, BENCHMARKS.md, "The GPU check"). Here a step's choice is a
+    few tensor operations queued behind the step: the host runs ahead and nothing waits until the end.
+
+    The same rules, as masks over each window's ``2 x beams`` best (beam, token) continuations in order: a
+    continuation is looked at while fewer than ``beams`` non-end ones come before it; an end-of-text one looked
+    at ends a hypothesis while its window has fewer than ``beams``; the first ``beams`` others go on (the last
+    repeated at -inf where fewer are finite); a window ends with ``beams`` hypotheses, with none going on, or
+    at its limit (its running beams then end as cut short, up to ``beams`` in all). Ended hypotheses are
+    written into per-window slots on the device (a spare slot takes what is not kept). An ended window's rows
+    keep running, scored -inf, until they are dropped: the host learns how many windows are still decoding
+    from a copy that it reads only once it has arrived, and drops the ended windows (one wait) once the rest
+    fall below ``compact_below`` of those held, stopping once none is left."""
+    import collections
+
+    import torch
+
+    k = beams
+    dev = stack.device
+    gpu = dev.type == "cuda"
+    if compact_below is None:
+        compact_below = COMPACT_BELOW if dev.type != "cpu" else 1.0
+    n_win = len(prompts)
+    plen = len(prompts[0])
+    limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+    steps = max(limits)
+    length = plen + steps
+    cache = stack.new_cache(n_win * k, length)
+    seqs = torch.zeros(n_win * k, length, dtype=torch.long, device=dev)
+    seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
+    logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
+    vocab = logits.shape[1]
+    scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1 expands beam 0 only
+    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
+    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
+    limit_t = torch.tensor(limits, dtype=torch.long, device=dev)
+    # ended hypotheses, by the window's index in the batch: k slots and a spare that takes what is not kept
+    fin_tok = torch.zeros(n_win, k + 1, steps, dtype=torch.long, device=dev)
+    fin_len = torch.zeros(n_win, k + 1, dtype=torch.long, device=dev)
+    fin_score = torch.full((n_win, k + 1), -math.inf, dtype=torch.float32, device=dev)
+    fin_ended = torch.zeros(n_win, k + 1, dtype=torch.bool, device=dev)
+    fin_n = torch.zeros(n_win, dtype=torch.long, device=dev)
+    ids = torch.arange(n_win, device=dev)  # the held windows' indices in the batch
+    active = torch.ones(n_win, dtype=torch.bool, device=dev)
+    ranks = torch.arange(k, device=dev)
+    order_tail = torch.arange(2 * k, 4 * k, device=dev)  # sorts the continuations not going on after those that do
+    held = n_win
+    if gpu:
+        status = torch.zeros(STATUS_SLOTS, dtype=torch.long, pin_memory=True)
+        events = [torch.cuda.Event() for _ in range(STATUS_SLOTS)]
+        queued: collections.deque = collections.deque()  # the slots whose copies are on their way, oldest first
+        free = list(range(STATUS_SLOTS))
+    for n in range(1, steps + 1):
+        cur = plen + n - 1
+        w = ids.shape[0]
+        _process_logits(logits, seqs, cur, n == 1, repetition_penalty, no_repeat_ngram_size, suppress_t, begin_t)
+        total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(w, k * vocab)
+        top_s, top_i = total.topk(2 * k, dim=1)
+        tok = top_i % vocab
+        src = top_i // vocab + (torch.arange(w, device=dev) * k)[:, None]  # each continuation's row
+        finite = top_s > -math.inf
+        is_eos = (tok == eos) & finite
+        non = finite & (tok != eos)
+        seen = (torch.cumsum(non, 1) - non.long()) < k  # fewer than k non-end continuations before it
+        eos_seen = is_eos & seen & active[:, None]
+        had = fin_n[ids]
+        slot = had[:, None] + torch.cumsum(eos_seen, 1) - eos_seen.long()
+        kept = eos_seen & (slot < k)
+        row_w = ids[:, None].expand(w, 2 * k)
+        slot = torch.where(kept, slot, k)
+        fin_tok[row_w, slot] = seqs[src.reshape(-1), plen:].view(w, 2 * k, steps)
+        fin_len[row_w, slot] = n - 1
+        fin_score[row_w, slot] = top_s
+        fin_ended[row_w, slot] = True
+        had = had + kept.sum(1)
+        going = non & seen
+        count = going.sum(1)
+        first = torch.where(going, torch.cumsum(going, 1) - 1, order_tail).argsort(1)[:, :k]
+        has = ranks[None, :] < count[:, None]
+        first = torch.where(has, first, first.gather(1, (count - 1).clamp(min=0)[:, None]))
+        nsrc = src.gather(1, first)
+        ntok = tok.gather(1, first)
+        nscore = torch.where(has, top_s.gather(1, first), -math.inf)
+        stop = active & ((had >= k) | (count == 0))
+        cut = active & ~stop & (n >= limit_t[ids])  # its last step: the running beams end, cut short
+        take = cut[:, None] & has & (ranks[None, :] < (k - had)[:, None])
+        slot = torch.where(take, had[:, None] + ranks[None, :], k)
+        row_k = ids[:, None].expand(w, k)
+        last = seqs[nsrc.reshape(-1), plen:].view(w, k, steps)
+        last[:, :, n - 1] = ntok
+        fin_tok[row_k, slot] = last
+        fin_len[row_k, slot] = n
+        fin_score[row_k, slot] = nscore
+        fin_ended[row_k, slot] = False
+        fin_n[ids] = had + take.sum(1)
+        active = active & ~stop & ~cut
+        if n == steps:  # every window has reached its limit
+            break
+        own = torch.arange(w * k, device=dev).view(w, k)
+        rows = torch.where(active[:, None], nsrc, own).reshape(-1)
+        seqs = seqs.index_select(0, rows)
+        seqs[:, cur] = ntok.reshape(-1)
+        for ck, cv in cache:
+            ck[:, :, :cur] = ck[:, :, :cur].index_select(0, rows)
+            cv[:, :, :cur] = cv[:, :, :cur].index_select(0, rows)
+        scores = torch.where(active[:, None], nscore, -math.inf).reshape(-1)
+        # how many windows are still decoding, as far as the host knows: at most that many
+        if gpu:
+            alive = held
+            while queued and events[queued[0]].query():
+                i = queued.popleft()
+                alive = int(status[i])
+                free.append(i)
+            if free:
+                i = free.pop()
+                status[i].copy_(active.sum(), non_blocking=True)
+                events[i].record()
+                queued.append(i)
+        else:
+            alive = int(active.sum())
+        if alive == 0:
+            break
+        if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
+            keep = active.nonzero().squeeze(1)  # waits for the step: what is known now, not what was queued
+            if len(keep) == 0:
+                break
+            rk = (keep[:, None] * k + ranks[None, :]).reshape(-1)
+            ids, active, seqs, scores = ids[keep], active[keep], seqs[rk], scores[rk]
+            cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in cache]
+            cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
+            held = len(keep)
+            if gpu:  # the wait above has brought every queued copy: none is read now
+                free.extend(queued)
+                queued.clear()
+        logits = stack.step(seqs[:, cur:cur + 1], cur, cache, cross, k)
+    toks, lens = fin_tok[:, :k].cpu().tolist(), fin_len[:, :k].cpu().tolist()
+    got, sc, done = fin_n.cpu().tolist(), fin_score[:, :k].double().cpu().tolist(), fin_ended[:, :k].cpu().tolist()
+    out = []
+    for i in range(n_win):
+        hyps = [(toks[i][j][:lens[i][j]], sc[i][j], done[i][j]) for j in range(got[i])]
+        out.append(max(hyps, key=lambda h: h[1] / max(len(h[0]), 1)) if hyps else ([], -math.inf, False))
     return out
 
 
@@ -408,6 +575,9 @@ class TorchBeamDecoder(Decoder):
         self.batch_size = default_batch_size(options.batch_size, device, self.engine)
         self.precision = self.compute_type
         self.features_on_device = gpu  # log-mel with torch.stft on the GPU (log_mel), else numpy on the CPU
+        # "host": beam_search, each step's choice made on the host; "device": beam_search_device, every choice on
+        # the device (the same results, no wait per step), kept for the GPU check until a GPU has measured it
+        self.search = "host"
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
 
@@ -437,10 +607,11 @@ class TorchBeamDecoder(Decoder):
             first_lp = torch.log_softmax(first, -1, dtype=torch.float32).cpu().numpy()
             codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
                      for x, lp in zip(batch, first_lp)]
-            hyps = beam_search(self.stack, cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch], beams=o.beams,
-                               eos=self.eos, repetition_penalty=o.repetition_penalty,
-                               no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
-                               begin_suppress=self.begin_suppress)
+            search = beam_search_device if self.search == "device" else beam_search
+            hyps = search(self.stack, cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch],
+                          beams=o.beams, eos=self.eos, repetition_penalty=o.repetition_penalty,
+                          no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
+                          begin_suppress=self.begin_suppress)
         decode_s = time.perf_counter() - t0
         out = []
         for c, lp, (tokens, score, done) in zip(codes, first_lp, hyps):
