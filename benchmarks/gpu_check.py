@@ -67,7 +67,14 @@ SHAPES = {
                         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
 }
 CHUNK_LENGTH_S = 30
-ENGINE_NAMES = {"transformers": "WhisperDecoder", "torch": "torch engine"}
+ENGINE_NAMES = {"transformers": "WhisperDecoder", "torch": "torch engine",
+                "torch-device": "torch engine, device search"}
+
+
+def engine_setting(engine: str) -> tuple[str, str | None]:
+    """(krasr-batch's --engine, the torch engine's search) of a row's engine label: ``torch-device`` is the
+    torch engine with every beam choice on the device (``TorchBeamDecoder.search = "device"``)."""
+    return ("torch", "device") if engine == "torch-device" else (engine, None)
 CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_penalty=1.12)
 
 # runs: section b's eager runs in order (engine, dtype, batch); the order puts what matters most first, so a
@@ -75,13 +82,15 @@ CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_p
 # other's in the same process; diagnostic: --engine's float16 at this batch with no_repeat_ngram_size=0 (not
 # the card's settings: it shows what the n-gram ban costs)
 FULL = dict(correct_clips=8, correct_windows=4, correct_b=64, fp32_n=4, workload=192,
-            runs=(("torch", "float16", 64), ("transformers", "float16", 64), ("torch", "float16", 128),
-                  ("torch", "float16", 192), ("torch", "bfloat16", 64), ("transformers", "float16", 128),
-                  ("torch", "float16", 32)), diagnostic_batch=64,
+            runs=(("torch-device", "float16", 64), ("torch", "float16", 64), ("transformers", "float16", 64),
+                  ("torch-device", "float16", 128), ("torch", "float16", 128), ("torch-device", "float16", 192),
+                  ("torch", "float16", 192), ("torch-device", "bfloat16", 64), ("torch", "bfloat16", 64),
+                  ("transformers", "float16", 128), ("torch", "float16", 32)), diagnostic_batch=64,
             peer_clips=16, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
             compile_runs=(("float16", 64), ("bfloat16", 64)), model="small-random")
 QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=8,
-             runs=(("torch", "float16", 4), ("transformers", "float16", 4), ("torch", "bfloat16", 4)),
+             runs=(("torch-device", "float16", 4), ("torch", "float16", 4), ("transformers", "float16", 4),
+                   ("torch", "bfloat16", 4)),
              diagnostic_batch=4,
              peer_clips=2, peer_long=0, chunk_batches=(4,), feed_tasks=2,
              compile_runs=(("float16", 4),), model="tiny-random")
@@ -391,10 +400,13 @@ def load(ctx, model: str, device: str, dtype: str, batch: int, engine: str | Non
     from krasr_batch.engines import engine_class
     from krasr_batch.settings import DecodeOptions
 
-    engine = engine or ctx.engine
+    engine, search = engine_setting(engine or ctx.engine)
     if engine == "torch" and device == "cpu" and dtype == "float16":
         dtype = "bfloat16"
-    return engine_class(engine)(DecodeOptions(model=model, engine=engine, dtype=dtype, batch_size=batch), device)
+    dec = engine_class(engine)(DecodeOptions(model=model, engine=engine, dtype=dtype, batch_size=batch), device)
+    if search is not None:
+        dec.search = search
+    return dec
 
 
 def decode_timed(dec, inputs, device: str) -> tuple[list, float]:
@@ -410,7 +422,7 @@ def generate_calls(inputs, batch: int, engine: str = "transformers") -> tuple[in
     each stepping up to the largest token limit in it."""
     from krasr_batch.engines import engine_class
 
-    plan = engine_class(engine).batch_plan(inputs, batch)
+    plan = engine_class(engine_setting(engine)[0]).batch_plan(inputs, batch)
     return len(plan), sum(max(inputs[i].max_new_tokens for i in idx) for idx in plan)
 
 
@@ -469,6 +481,15 @@ def section_a(ctx) -> None:
     for i, x in enumerate(filled):
         copies[id(x)].add(many[i].text)
     sec["float16_batchB_copies_agree"] = sum(len(v) == 1 for v in copies.values())
+    if getattr(dec, "search", None) is not None:  # the torch engine: its other search on the same batches
+        mine = dec.search
+        dec.search = "host" if mine == "device" else "device"
+        other, to = decode_timed(dec, filled, ctx.device)
+        dec.search = mine
+        sec["float16_batchB_device_vs_host_search"] = dict(
+            equal_counts(many, other), engine_search=mine, other_s=round(to, 2),
+            note="the same choices; the device search keeps ended windows' rows in the batch until they are "
+                 "dropped, so float16 products may differ in their last bits")
     del dec
     free_memory(ctx.device)
     ctx.results.save()
@@ -477,6 +498,12 @@ def section_a(ctx) -> None:
     finputs = inputs_of(fsegs)
     dev = load(ctx, ctx.model, ctx.device, "float32", 1)
     a32, ta = decode_timed(dev, finputs, ctx.device)
+    if getattr(dev, "search", None) is not None:  # float32 on the device: the two searches, the strict check
+        mine = dev.search
+        dev.search = "host" if mine == "device" else "device"
+        other, _ = decode_timed(dev, finputs, ctx.device)
+        dev.search = mine
+        sec["float32_device_vs_host_search"] = equal_counts(a32, other)
     del dev
     free_memory(ctx.device)
     import torch
@@ -1018,7 +1045,10 @@ def render_markdown(doc: dict) -> str:
         if name == "a":
             for key, what in (("float16_batch1_vs_batchB", "float16 batch 1 vs batch "
                                f"{sec.get('settings', {}).get('batch', '?')}"),
-                              ("float32_device_vs_cpu", "float32 device vs CPU")):
+                              ("float16_batchB_device_vs_host_search", "float16, the torch engine's device "
+                               "search vs its host search"),
+                              ("float32_device_vs_cpu", "float32 device vs CPU"),
+                              ("float32_device_vs_host_search", "float32, device search vs host search")):
                 r = sec.get(key)
                 if r:
                     lines.append(f"- {what}: {r['equal_text']}/{r['segments']} equal texts ({r['equal_pct']} %), "
