@@ -348,6 +348,131 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
 STATUS_SLOTS = 8
 
 
+class _EndedOnDevice:
+    """The device searches' shared part: each window's ended hypotheses in device buffers (``beams`` slots and
+    a spare that takes what is not kept) and a step's choice among each window's ``2 x beams`` best (beam,
+    token) continuations, as tensor operations only: nothing comes to the host, so a GPU step can be queued
+    (or captured in a CUDA graph) without a wait.
+
+    The rules are :func:`beam_search`'s, as masks over the continuations in order: one is looked at while
+    fewer than ``beams`` non-end ones come before it; an end-of-text one looked at ends a hypothesis while its
+    window has fewer than ``beams``; the first ``beams`` others go on (the last repeated at -inf where fewer
+    are finite); a window ends with ``beams`` hypotheses, with none going on, or at its limit (its running
+    beams then end as cut short, up to ``beams`` in all). The step number ``n_t`` is a one-element tensor."""
+
+    def __init__(self, n_win: int, beams: int, steps: int, plen: int, limits: list[int], eos: int, dev):
+        import torch
+
+        k = self.k = beams
+        self.eos, self.plen, self.steps = eos, plen, steps
+        self.tok = torch.zeros(n_win, k + 1, steps, dtype=torch.long, device=dev)
+        self.len = torch.zeros(n_win, k + 1, dtype=torch.long, device=dev)
+        self.score = torch.full((n_win, k + 1), -math.inf, dtype=torch.float32, device=dev)
+        self.ended = torch.zeros(n_win, k + 1, dtype=torch.bool, device=dev)
+        self.n = torch.zeros(n_win, dtype=torch.long, device=dev)
+        self.limit = torch.tensor(limits, dtype=torch.long, device=dev)
+        self.ranks = torch.arange(k, device=dev)
+        self.tail = torch.arange(2 * k, 4 * k, device=dev)  # sorts the continuations not going on after the others
+        self.true = torch.ones((), dtype=torch.bool, device=dev)
+
+    def choose(self, top_s, top_i, vocab: int, seqs, ids, active, n_t):
+        """Ends what the step ends; returns each held window's ``beams`` continuations (source row, token,
+        score) and which windows go on. ``ids``: the held windows' indices in the batch; ``seqs``: their rows'
+        tokens (prompt, then ``steps`` columns)."""
+        import torch
+
+        k, plen, steps = self.k, self.plen, self.steps
+        w = ids.shape[0]
+        tok = top_i % vocab
+        src = top_i // vocab + (torch.arange(w, device=ids.device) * k)[:, None]  # each continuation's row
+        finite = top_s > -math.inf
+        is_eos = (tok == self.eos) & finite
+        non = finite & (tok != self.eos)
+        seen = (torch.cumsum(non, 1) - non.long()) < k  # fewer than k non-end continuations before it
+        eos_seen = is_eos & seen & active[:, None]
+        had = self.n[ids]
+        slot = had[:, None] + torch.cumsum(eos_seen, 1) - eos_seen.long()
+        kept = eos_seen & (slot < k)
+        row_w = ids[:, None].expand(w, 2 * k)
+        slot = torch.where(kept, slot, k)
+        self.tok[row_w, slot] = seqs[src.reshape(-1), plen:].view(w, 2 * k, steps)
+        self.len[row_w, slot] = (n_t - 1).expand(w, 2 * k)
+        self.score[row_w, slot] = top_s
+        self.ended[row_w, slot] = self.true.expand(w, 2 * k)
+        had = had + kept.sum(1)
+        going = non & seen
+        count = going.sum(1)
+        first = torch.where(going, torch.cumsum(going, 1) - 1, self.tail).argsort(1)[:, :k]
+        has = self.ranks[None, :] < count[:, None]
+        first = torch.where(has, first, first.gather(1, (count - 1).clamp(min=0)[:, None]))
+        nsrc = src.gather(1, first)
+        ntok = tok.gather(1, first)
+        nscore = torch.where(has, top_s.gather(1, first), -math.inf)
+        stop = active & ((had >= k) | (count == 0))
+        cut = active & ~stop & (n_t >= self.limit[ids])  # its last step: the running beams end, cut short
+        take = cut[:, None] & has & (self.ranks[None, :] < (k - had)[:, None])
+        slot = torch.where(take, had[:, None] + self.ranks[None, :], k)
+        row_k = ids[:, None].expand(w, k)
+        last = seqs[nsrc.reshape(-1), plen:].view(w, k, steps)
+        last.index_copy_(2, n_t - 1, ntok[:, :, None])
+        self.tok[row_k, slot] = last
+        self.len[row_k, slot] = n_t.expand(w, k)
+        self.score[row_k, slot] = nscore
+        self.ended[row_k, slot] = ~self.true.expand(w, k)
+        self.n[ids] = had + take.sum(1)
+        return nsrc, ntok, nscore, active & ~stop & ~cut
+
+    def results(self) -> list[tuple[list[int], float, bool]]:
+        """Each window's best ended hypothesis by score over length (one transfer of the buffers)."""
+        k = self.k
+        toks, lens = self.tok[:, :k].cpu().tolist(), self.len[:, :k].cpu().tolist()
+        got, sc, done = self.n.cpu().tolist(), self.score[:, :k].double().cpu().tolist(), self.ended[:, :k].cpu().tolist()
+        out = []
+        for i in range(len(got)):
+            hyps = [(toks[i][j][:lens[i][j]], sc[i][j], done[i][j]) for j in range(got[i])]
+            out.append(max(hyps, key=lambda h: h[1] / max(len(h[0]), 1)) if hyps else ([], -math.inf, False))
+        return out
+
+
+class _AliveCount:
+    """How many windows are still decoding, as far as the host knows without waiting: on a GPU, the newest
+    count whose non-blocking copy (into a pinned ring of :data:`STATUS_SLOTS`) has arrived, at most ``held``;
+    on a CPU, the count itself."""
+
+    def __init__(self, dev):
+        import collections
+
+        import torch
+
+        self.gpu = dev.type == "cuda"
+        if self.gpu:
+            self.status = torch.zeros(STATUS_SLOTS, dtype=torch.long, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(STATUS_SLOTS)]
+            self.queued: collections.deque = collections.deque()  # the slots whose copies are on their way
+            self.free = list(range(STATUS_SLOTS))
+
+    def __call__(self, active, held: int) -> int:
+        if not self.gpu:
+            return int(active.sum())
+        alive = held
+        while self.queued and self.events[self.queued[0]].query():
+            i = self.queued.popleft()
+            alive = int(self.status[i])
+            self.free.append(i)
+        if self.free:
+            i = self.free.pop()
+            self.status[i].copy_(active.sum(), non_blocking=True)
+            self.events[i].record()
+            self.queued.append(i)
+        return alive
+
+    def drop_queued(self) -> None:
+        """After a wait for the device: the queued copies are older than what is known now."""
+        if self.gpu:
+            self.free.extend(self.queued)
+            self.queued.clear()
+
+
 def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                        beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                        suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
@@ -357,100 +482,42 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
     Why: :func:`beam_search` brings each step's best continuations to the host and chooses there, so on a GPU
     each step waits for the one before it, and the GPU waits for the host's choice and its next ~300 kernel
     launches (49 % busy at 64 windows on an H100, BENCHMARKS.md, "The GPU check"). Here a step's choice is a
-    few tensor operations queued behind the step: the host runs ahead and nothing waits until the end.
-
-    The same rules, as masks over each window's ``2 x beams`` best (beam, token) continuations in order: a
-    continuation is looked at while fewer than ``beams`` non-end ones come before it; an end-of-text one looked
-    at ends a hypothesis while its window has fewer than ``beams``; the first ``beams`` others go on (the last
-    repeated at -inf where fewer are finite); a window ends with ``beams`` hypotheses, with none going on, or
-    at its limit (its running beams then end as cut short, up to ``beams`` in all). Ended hypotheses are
-    written into per-window slots on the device (a spare slot takes what is not kept). An ended window's rows
-    keep running, scored -inf, until they are dropped: the host learns how many windows are still decoding
-    from a copy that it reads only once it has arrived, and drops the ended windows (one wait) once the rest
-    fall below ``compact_below`` of those held, stopping once none is left."""
-    import collections
-
+    few tensor operations queued behind the step (:class:`_EndedOnDevice`): the host runs ahead and nothing
+    waits until the end. An ended window's rows keep running, scored -inf, until they are dropped: the host
+    learns how many windows are still decoding from a copy that it reads only once it has arrived
+    (:class:`_AliveCount`), and drops the ended windows (one wait) once the rest fall below ``compact_below``
+    of those held, stopping once none is left."""
     import torch
 
     k = beams
     dev = stack.device
-    gpu = dev.type == "cuda"
     if compact_below is None:
         compact_below = COMPACT_BELOW if dev.type != "cpu" else 1.0
     n_win = len(prompts)
     plen = len(prompts[0])
     limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
     steps = max(limits)
-    length = plen + steps
-    cache = stack.new_cache(n_win * k, length)
-    seqs = torch.zeros(n_win * k, length, dtype=torch.long, device=dev)
+    cache = stack.new_cache(n_win * k, plen + steps)
+    seqs = torch.zeros(n_win * k, plen + steps, dtype=torch.long, device=dev)
     seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
     logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
     vocab = logits.shape[1]
     scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1 expands beam 0 only
     suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
     begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
-    limit_t = torch.tensor(limits, dtype=torch.long, device=dev)
-    # ended hypotheses, by the window's index in the batch: k slots and a spare that takes what is not kept
-    fin_tok = torch.zeros(n_win, k + 1, steps, dtype=torch.long, device=dev)
-    fin_len = torch.zeros(n_win, k + 1, dtype=torch.long, device=dev)
-    fin_score = torch.full((n_win, k + 1), -math.inf, dtype=torch.float32, device=dev)
-    fin_ended = torch.zeros(n_win, k + 1, dtype=torch.bool, device=dev)
-    fin_n = torch.zeros(n_win, dtype=torch.long, device=dev)
+    ended = _EndedOnDevice(n_win, k, steps, plen, limits, eos, dev)
+    alive_count = _AliveCount(dev)
     ids = torch.arange(n_win, device=dev)  # the held windows' indices in the batch
     active = torch.ones(n_win, dtype=torch.bool, device=dev)
-    ranks = torch.arange(k, device=dev)
-    order_tail = torch.arange(2 * k, 4 * k, device=dev)  # sorts the continuations not going on after those that do
+    n_t = torch.ones(1, dtype=torch.long, device=dev)  # the step number, on the device
     held = n_win
-    if gpu:
-        status = torch.zeros(STATUS_SLOTS, dtype=torch.long, pin_memory=True)
-        events = [torch.cuda.Event() for _ in range(STATUS_SLOTS)]
-        queued: collections.deque = collections.deque()  # the slots whose copies are on their way, oldest first
-        free = list(range(STATUS_SLOTS))
     for n in range(1, steps + 1):
         cur = plen + n - 1
         w = ids.shape[0]
         _process_logits(logits, seqs, cur, n == 1, repetition_penalty, no_repeat_ngram_size, suppress_t, begin_t)
         total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(w, k * vocab)
         top_s, top_i = total.topk(2 * k, dim=1)
-        tok = top_i % vocab
-        src = top_i // vocab + (torch.arange(w, device=dev) * k)[:, None]  # each continuation's row
-        finite = top_s > -math.inf
-        is_eos = (tok == eos) & finite
-        non = finite & (tok != eos)
-        seen = (torch.cumsum(non, 1) - non.long()) < k  # fewer than k non-end continuations before it
-        eos_seen = is_eos & seen & active[:, None]
-        had = fin_n[ids]
-        slot = had[:, None] + torch.cumsum(eos_seen, 1) - eos_seen.long()
-        kept = eos_seen & (slot < k)
-        row_w = ids[:, None].expand(w, 2 * k)
-        slot = torch.where(kept, slot, k)
-        fin_tok[row_w, slot] = seqs[src.reshape(-1), plen:].view(w, 2 * k, steps)
-        fin_len[row_w, slot] = n - 1
-        fin_score[row_w, slot] = top_s
-        fin_ended[row_w, slot] = True
-        had = had + kept.sum(1)
-        going = non & seen
-        count = going.sum(1)
-        first = torch.where(going, torch.cumsum(going, 1) - 1, order_tail).argsort(1)[:, :k]
-        has = ranks[None, :] < count[:, None]
-        first = torch.where(has, first, first.gather(1, (count - 1).clamp(min=0)[:, None]))
-        nsrc = src.gather(1, first)
-        ntok = tok.gather(1, first)
-        nscore = torch.where(has, top_s.gather(1, first), -math.inf)
-        stop = active & ((had >= k) | (count == 0))
-        cut = active & ~stop & (n >= limit_t[ids])  # its last step: the running beams end, cut short
-        take = cut[:, None] & has & (ranks[None, :] < (k - had)[:, None])
-        slot = torch.where(take, had[:, None] + ranks[None, :], k)
-        row_k = ids[:, None].expand(w, k)
-        last = seqs[nsrc.reshape(-1), plen:].view(w, k, steps)
-        last[:, :, n - 1] = ntok
-        fin_tok[row_k, slot] = last
-        fin_len[row_k, slot] = n
-        fin_score[row_k, slot] = nscore
-        fin_ended[row_k, slot] = False
-        fin_n[ids] = had + take.sum(1)
-        active = active & ~stop & ~cut
+        nsrc, ntok, nscore, active = ended.choose(top_s, top_i, vocab, seqs, ids, active, n_t)
         if n == steps:  # every window has reached its limit
             break
         own = torch.arange(w * k, device=dev).view(w, k)
@@ -461,42 +528,22 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
             ck[:, :, :cur] = ck[:, :, :cur].index_select(0, rows)
             cv[:, :, :cur] = cv[:, :, :cur].index_select(0, rows)
         scores = torch.where(active[:, None], nscore, -math.inf).reshape(-1)
-        # how many windows are still decoding, as far as the host knows: at most that many
-        if gpu:
-            alive = held
-            while queued and events[queued[0]].query():
-                i = queued.popleft()
-                alive = int(status[i])
-                free.append(i)
-            if free:
-                i = free.pop()
-                status[i].copy_(active.sum(), non_blocking=True)
-                events[i].record()
-                queued.append(i)
-        else:
-            alive = int(active.sum())
+        n_t += 1
+        alive = alive_count(active, held)
         if alive == 0:
             break
         if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
             keep = active.nonzero().squeeze(1)  # waits for the step: what is known now, not what was queued
             if len(keep) == 0:
                 break
-            rk = (keep[:, None] * k + ranks[None, :]).reshape(-1)
+            rk = (keep[:, None] * k + ended.ranks[None, :]).reshape(-1)
             ids, active, seqs, scores = ids[keep], active[keep], seqs[rk], scores[rk]
             cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in cache]
             cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
             held = len(keep)
-            if gpu:  # the wait above has brought every queued copy: none is read now
-                free.extend(queued)
-                queued.clear()
+            alive_count.drop_queued()
         logits = stack.step(seqs[:, cur:cur + 1], cur, cache, cross, k)
-    toks, lens = fin_tok[:, :k].cpu().tolist(), fin_len[:, :k].cpu().tolist()
-    got, sc, done = fin_n.cpu().tolist(), fin_score[:, :k].double().cpu().tolist(), fin_ended[:, :k].cpu().tolist()
-    out = []
-    for i in range(n_win):
-        hyps = [(toks[i][j][:lens[i][j]], sc[i][j], done[i][j]) for j in range(got[i])]
-        out.append(max(hyps, key=lambda h: h[1] / max(len(h[0]), 1)) if hyps else ([], -math.inf, False))
-    return out
+    return ended.results()
 
 
 def _mel_constants(fe, device):
