@@ -68,13 +68,16 @@ SHAPES = {
 }
 CHUNK_LENGTH_S = 30
 ENGINE_NAMES = {"transformers": "WhisperDecoder", "torch": "torch engine",
-                "torch-device": "torch engine, device search"}
+                "torch-device": "torch engine, device search", "torch-graphed": "torch engine, CUDA graphs"}
 
 
 def engine_setting(engine: str) -> tuple[str, str | None]:
     """(krasr-batch's --engine, the torch engine's search) of a row's engine label: ``torch-device`` is the
-    torch engine with every beam choice on the device (``TorchBeamDecoder.search = "device"``)."""
-    return ("torch", "device") if engine == "torch-device" else (engine, None)
+    torch engine with every beam choice on the device (``TorchBeamDecoder.search = "device"``),
+    ``torch-graphed`` with each step one CUDA graph (``"graphed"``)."""
+    if engine.startswith("torch-"):
+        return "torch", engine[len("torch-"):]
+    return engine, None
 CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_penalty=1.12)
 
 # runs: section b's eager runs in order (engine, dtype, batch); the order puts what matters most first, so a
@@ -82,15 +85,17 @@ CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_p
 # other's in the same process; diagnostic: --engine's float16 at this batch with no_repeat_ngram_size=0 (not
 # the card's settings: it shows what the n-gram ban costs)
 FULL = dict(correct_clips=8, correct_windows=4, correct_b=64, fp32_n=4, workload=192,
-            runs=(("torch-device", "float16", 64), ("torch", "float16", 64), ("transformers", "float16", 64),
-                  ("torch-device", "float16", 128), ("torch", "float16", 128), ("torch-device", "float16", 192),
-                  ("torch", "float16", 192), ("torch-device", "bfloat16", 64), ("torch", "bfloat16", 64),
-                  ("transformers", "float16", 128), ("torch", "float16", 32)), diagnostic_batch=64,
+            runs=(("torch-graphed", "float16", 64), ("torch-device", "float16", 64), ("torch", "float16", 64),
+                  ("transformers", "float16", 64), ("torch-graphed", "float16", 128),
+                  ("torch-device", "float16", 128), ("torch", "float16", 128), ("torch-graphed", "float16", 192),
+                  ("torch-device", "float16", 192), ("torch", "float16", 192), ("torch-graphed", "bfloat16", 64),
+                  ("torch", "bfloat16", 64), ("transformers", "float16", 128), ("torch-graphed", "float16", 32),
+                  ("torch", "float16", 32)), diagnostic_batch=64,
             peer_clips=16, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
             compile_runs=(("float16", 64), ("bfloat16", 64)), model="small-random")
 QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=8,
-             runs=(("torch-device", "float16", 4), ("torch", "float16", 4), ("transformers", "float16", 4),
-                   ("torch", "bfloat16", 4)),
+             runs=(("torch-graphed", "float16", 4), ("torch-device", "float16", 4), ("torch", "float16", 4),
+                   ("transformers", "float16", 4), ("torch", "bfloat16", 4)),
              diagnostic_batch=4,
              peer_clips=2, peer_long=0, chunk_batches=(4,), feed_tasks=2,
              compile_runs=(("float16", 4),), model="tiny-random")
@@ -443,6 +448,30 @@ def equal_counts(a: list, b: list) -> dict:
 # ---------------------------------------------------------------------------------------------- sections
 
 
+SEARCHES = ("host", "device", "graphed")
+
+
+def other_searches(dec, inputs, mine: list, device: str):
+    """For the torch engine: each search other than ``host`` on ``inputs``, with the host search's results
+    (``mine`` where ``dec`` runs it): (search, {search: outputs, "host": outputs}, seconds). Nothing for
+    other engines."""
+    own = getattr(dec, "search", None)
+    if own is None:
+        return
+    runs = {own: mine}
+    try:
+        for search in SEARCHES:
+            if search not in runs:
+                dec.search = search
+                runs[search], secs = decode_timed(dec, inputs, device)
+                if search != "host":
+                    yield search, runs, secs
+        if own != "host":
+            yield own, runs, float("nan")
+    finally:
+        dec.search = own
+
+
 def section_a(ctx) -> None:
     """Correctness: float16 batch 1 vs batch N on the device; float32 device vs float32 CPU."""
     sec = ctx.results.section("a")
@@ -481,15 +510,11 @@ def section_a(ctx) -> None:
     for i, x in enumerate(filled):
         copies[id(x)].add(many[i].text)
     sec["float16_batchB_copies_agree"] = sum(len(v) == 1 for v in copies.values())
-    if getattr(dec, "search", None) is not None:  # the torch engine: its other search on the same batches
-        mine = dec.search
-        dec.search = "host" if mine == "device" else "device"
-        other, to = decode_timed(dec, filled, ctx.device)
-        dec.search = mine
-        sec["float16_batchB_device_vs_host_search"] = dict(
-            equal_counts(many, other), engine_search=mine, other_s=round(to, 2),
-            note="the same choices; the device search keeps ended windows' rows in the batch until they are "
-                 "dropped, so float16 products may differ in their last bits")
+    for search, rows, secs in other_searches(dec, filled, many, ctx.device):  # the torch engine's other searches
+        sec[f"float16_batchB_{search}_vs_host_search"] = dict(
+            equal_counts(rows["host"], rows[search]), search_s=round(secs, 2),
+            note="the same choices; ended windows' rows stay in the batch (dropped later, or never with CUDA "
+                 "graphs), so float16 products may differ in their last bits")
     del dec
     free_memory(ctx.device)
     ctx.results.save()
@@ -498,12 +523,8 @@ def section_a(ctx) -> None:
     finputs = inputs_of(fsegs)
     dev = load(ctx, ctx.model, ctx.device, "float32", 1)
     a32, ta = decode_timed(dev, finputs, ctx.device)
-    if getattr(dev, "search", None) is not None:  # float32 on the device: the two searches, the strict check
-        mine = dev.search
-        dev.search = "host" if mine == "device" else "device"
-        other, _ = decode_timed(dev, finputs, ctx.device)
-        dev.search = mine
-        sec["float32_device_vs_host_search"] = equal_counts(a32, other)
+    for search, rows, _ in other_searches(dev, finputs, a32, ctx.device):  # float32: the strict check
+        sec[f"float32_{search}_vs_host_search"] = equal_counts(rows["host"], rows[search])
     del dev
     free_memory(ctx.device)
     import torch
@@ -1047,8 +1068,10 @@ def render_markdown(doc: dict) -> str:
                                f"{sec.get('settings', {}).get('batch', '?')}"),
                               ("float16_batchB_device_vs_host_search", "float16, the torch engine's device "
                                "search vs its host search"),
+                              ("float16_batchB_graphed_vs_host_search", "float16, CUDA graphs vs the host search"),
                               ("float32_device_vs_cpu", "float32 device vs CPU"),
-                              ("float32_device_vs_host_search", "float32, device search vs host search")):
+                              ("float32_device_vs_host_search", "float32, device search vs host search"),
+                              ("float32_graphed_vs_host_search", "float32, CUDA graphs vs the host search")):
                 r = sec.get(key)
                 if r:
                     lines.append(f"- {what}: {r['equal_text']}/{r['segments']} equal texts ({r['equal_pct']} %), "

@@ -162,15 +162,18 @@ def test_gpu_check_dry_run_on_cpu(corpus, tiny_model, tmp_path):
     for name, sec in sections.items():
         assert sec["status"] == "done" or (sec["status"] == "skipped" and sec["reason"]), (name, sec)
     for key in ("float16_batch1_vs_batchB", "float32_device_vs_cpu", "float16_batchB_device_vs_host_search",
-                "float32_device_vs_host_search"):
+                "float32_device_vs_host_search", "float16_batchB_graphed_vs_host_search",
+                "float32_graphed_vs_host_search"):
         r = sections["a"][key]
         assert 0 <= r["equal_text"] <= r["segments"] and r["segments"] > 0, r
-    r = sections["a"]["float32_device_vs_host_search"]  # float32: the two searches choose the same
-    assert r["equal_text"] == r["segments"], r
+    for search in ("device", "graphed"):  # float32: the searches choose the same
+        r = sections["a"][f"float32_{search}_vs_host_search"]
+        assert r["equal_text"] == r["segments"], r
     runs = sections["b"]["runs"]
     # both engines side by side (torch: GPUs' default; on the CPU its float16 rows run in bfloat16)
     assert {(r["engine"], r["dtype"], r["batch"]) for r in runs} >= {
-        ("torch-device", "float16", 4), ("torch", "float16", 4), ("transformers", "float16", 4),
+        ("torch-graphed", "float16", 4), ("torch-device", "float16", 4), ("torch", "float16", 4),
+        ("transformers", "float16", 4),
         ("torch", "bfloat16", 4)}
     for r in runs:
         assert r["status"] == "done" and r["rtfx"] > 0 and r["segments"] == 8, r

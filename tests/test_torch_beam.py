@@ -16,7 +16,13 @@ from krasr_batch.engines import SegmentInput, choose_engine, load_decoder, max_n
 from krasr_batch.engines import encoder as encoder_module
 from krasr_batch.engines.base import CT2_CPU_BATCH
 from krasr_batch.engines.encoder import TorchEncoder
-from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search, beam_search_device, log_mel
+from krasr_batch.engines.torch_beam import (
+    WhisperDecoderStack,
+    beam_search,
+    beam_search_device,
+    beam_search_graphed,
+    log_mel,
+)
 from krasr_batch.settings import DecodeOptions
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -137,7 +143,25 @@ def test_the_device_search_gives_the_host_searchs_results(tiny_model, fused, com
         assert len(tokens) <= n and (ended or len(tokens) == n)
 
 
-def test_the_device_search_on_real_speech(base_model, corpus):
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
+def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused):
+    """beam_search_graphed's steps (fixed shapes: all rows to the end, the self-attention over a masked span,
+    the penalty from a table of seen tokens, the n-gram ban over masked n-grams), run one kernel at a time
+    here as a GPU's CUDA graph replays them: beam_search's results."""
+    rng = np.random.default_rng(3)
+    audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 20, 5, 12, 2)]
+    encoded = _encoded(tiny_model, audios)
+    prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "kk", "en", "ru", "kk")]
+    limits = [5, 40, 17, 1, 60, 2]  # 60 + the prompt: three self-attention spans
+    stack = WhisperDecoderStack(tiny_model, "float32", fused=fused)
+    want = _search(tiny_model, stack, encoded, prompts, limits)
+    _same_results(_search(tiny_model, stack, encoded, prompts, limits, search=beam_search_graphed), want)
+    one = _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1], search=beam_search_graphed)  # one step
+    _same_results(one, _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1]))
+
+
+@pytest.mark.parametrize("search", [beam_search_device, beam_search_graphed], ids=["device", "graphed"])
+def test_the_device_searches_on_real_speech(base_model, corpus, search):
     """On real speech and weights, where hypotheses end at end-of-text at different steps and a window may
     end before its limit with all its beams: the host search's results, window for window."""
     audios = _clips(corpus, 8, step=3)
@@ -147,7 +171,7 @@ def test_the_device_search_on_real_speech(base_model, corpus):
     stack = WhisperDecoderStack(base_model, "float32")
     want = _search(base_model, stack, encoded, prompts, limits)
     assert any(ended for _, _, ended in want)  # end-of-text is exercised, not only the limits
-    _same_results(_search(base_model, stack, encoded, prompts, limits, search=beam_search_device), want)
+    _same_results(_search(base_model, stack, encoded, prompts, limits, search=search), want)
 
 
 def test_the_engine_runs_either_search(tiny_model):
@@ -157,10 +181,11 @@ def test_the_engine_runs_either_search(tiny_model):
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, n)
               for d, lang, n in [(3, "kazakh", 12), (9, "russian", 30), (2, None, 8)]]
     want = dec.decode(inputs)
-    dec.search = "device"
-    got = dec.decode(inputs)
-    assert [(o.text, o.num_tokens, o.truncated) for o in got] == [(o.text, o.num_tokens, o.truncated) for o in want]
-    assert [o.avg_logprob for o in got] == pytest.approx([o.avg_logprob for o in want], abs=1e-4)
+    for search in ("device", "graphed"):
+        dec.search = search
+        got = dec.decode(inputs)
+        assert [(o.text, o.num_tokens, o.truncated) for o in got] == [(o.text, o.num_tokens, o.truncated) for o in want]
+        assert [o.avg_logprob for o in got] == pytest.approx([o.avg_logprob for o in want], abs=1e-4)
 
 
 def test_gpu_log_mel_equals_the_numpy_features(tiny_model):

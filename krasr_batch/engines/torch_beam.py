@@ -156,19 +156,76 @@ class WhisperDecoderStack:
             out.append((k.contiguous(), v.contiguous()))
         return out
 
-    def new_cache(self, rows: int, length: int) -> list:
+    def new_cache(self, rows: int, length: int, zeroed: bool = False) -> list:
+        """Each layer's self-attention keys and values for ``rows`` rows of ``length`` positions; ``zeroed``
+        where positions not yet written are read (masked: :meth:`step_at`), so that none holds NaN."""
         import torch
 
         shape = (rows, self.heads, length, self.head_dim)
-        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                 torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.layers)]
+        new = torch.zeros if zeroed else torch.empty
+        return [(new(shape, dtype=self.dtype, device=self.device), new(shape, dtype=self.dtype, device=self.device))
+                for _ in range(self.layers)]
+
+    def _cross_and_mlp(self, i: int, x, cross: list, beams: int, where=None):
+        """Layer ``i``'s cross-attention and feed-forward blocks on ``x`` (rows x t x d)."""
+        import torch
+        import torch.nn.functional as F
+
+        rows, t, d = x.shape
+        windows = rows // beams
+        h, hd = self.heads, self.head_dim
+        p = f"layers.{i}."
+        y = self._norm(p + "encoder_attn_layer_norm", x)
+        # the window's beams query its keys and values together: one read of them per window
+        q = self._linear(p + "encoder_attn.q_proj", y).view(windows, beams, t, h, hd)
+        q = q.permute(0, 3, 1, 2, 4).reshape(windows, h, beams * t, hd)
+        xk, xv = cross[i]
+        if where is not None:  # cross still holds ended windows: theirs query nothing that is kept
+            full = q.new_zeros((xk.shape[0],) + q.shape[1:])
+            full[where] = q
+            q = full
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, xk, xv, scale=1.0)
+        else:
+            a = torch.matmul(torch.matmul(q, xk).softmax(-1), xv)
+        if where is not None:
+            a = a[where]
+        a = a.view(windows, h, beams, t, hd).permute(0, 2, 3, 1, 4).reshape(rows, t, d)
+        x = x + self._linear(p + "encoder_attn.out_proj", a)
+        y = self._norm(p + "final_layer_norm", x)
+        x = x + self._linear(p + "fc2", F.gelu(self._linear(p + "fc1", y)))
+        return x
+
+    def step_at(self, tokens, pos_t, cache: list, cross: list, beams: int, length: int):
+        """:meth:`step` for one token a row at position ``pos_t`` (a one-element tensor on the device) with
+        every shape fixed: the self-attention runs over the cache's first ``length`` positions, those after
+        ``pos_t`` masked, so the same kernels serve every step up to ``length`` (one CUDA graph)."""
+        import torch
+
+        rows = tokens.shape[0]
+        h, hd, d = self.heads, self.head_dim, self.d
+        x = self.embed[tokens] + self.w["embed_positions.weight"].index_select(0, pos_t)
+        ahead = torch.arange(length, device=self.device) > pos_t
+        mask = torch.zeros(length, dtype=self.dtype, device=self.device).masked_fill_(ahead, -math.inf)
+        for i in range(self.layers):
+            p = f"layers.{i}."
+            y = self._norm(p + "self_attn_layer_norm", x)
+            q = self._linear(p + "self_attn.q_proj", y).view(rows, 1, h, hd).transpose(1, 2)
+            ck, cv = cache[i]
+            ck.index_copy_(2, pos_t, self._linear(p + "self_attn.k_proj", y).view(rows, 1, h, hd).transpose(1, 2))
+            cv.index_copy_(2, pos_t, self._linear(p + "self_attn.v_proj", y).view(rows, 1, h, hd).transpose(1, 2))
+            a = torch.matmul((torch.matmul(q, ck[:, :, :length].transpose(-1, -2)) + mask).softmax(-1),
+                             cv[:, :, :length])
+            x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, 1, d))
+            x = self._cross_and_mlp(i, x, cross, beams)
+        x = self._norm("layer_norm", x[:, -1])
+        return _apply(self.logits, x)
 
     def step(self, tokens, pos: int, cache: list, cross: list, beams: int, where=None):
         import torch
         import torch.nn.functional as F
 
         rows, t = tokens.shape
-        windows = rows // beams
         h, hd, d = self.heads, self.head_dim, self.d
         x = self.embed[tokens] + self.w["embed_positions.weight"][pos:pos + t]
         for i in range(self.layers):
@@ -186,25 +243,7 @@ class WhisperDecoderStack:
                 a = F.scaled_dot_product_attention(q, ck[:, :, :pos + t], cv[:, :, :pos + t],
                                                    is_causal=t > 1 and pos == 0, scale=1.0)
             x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, t, d))
-            y = self._norm(p + "encoder_attn_layer_norm", x)
-            # the window's beams query its keys and values together: one read of them per window
-            q = self._linear(p + "encoder_attn.q_proj", y).view(windows, beams, t, h, hd)
-            q = q.permute(0, 3, 1, 2, 4).reshape(windows, h, beams * t, hd)
-            xk, xv = cross[i]
-            if where is not None:  # cross still holds ended windows: theirs query nothing that is kept
-                full = q.new_zeros((xk.shape[0],) + q.shape[1:])
-                full[where] = q
-                q = full
-            if self.fused:
-                a = F.scaled_dot_product_attention(q, xk, xv, scale=1.0)
-            else:
-                a = torch.matmul(torch.matmul(q, xk).softmax(-1), xv)
-            if where is not None:
-                a = a[where]
-            a = a.view(windows, h, beams, t, hd).permute(0, 2, 3, 1, 4).reshape(rows, t, d)
-            x = x + self._linear(p + "encoder_attn.out_proj", a)
-            y = self._norm(p + "final_layer_norm", x)
-            x = x + self._linear(p + "fc2", F.gelu(self._linear(p + "fc1", y)))
+            x = self._cross_and_mlp(i, x, cross, beams, where)
         x = self._norm("layer_norm", x[:, -1])
         return _apply(self.logits, x)
 
@@ -546,6 +585,125 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
     return ended.results()
 
 
+# the fixed-shape search's self-attention spans grow in steps of this many positions: one CUDA graph each
+GRAPH_SPAN = 32
+
+
+def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
+                        beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                        suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
+                        graphs: bool | None = None) -> list[tuple[list[int], float, bool]]:
+    """:func:`beam_search`'s search, results and arguments, each step one CUDA graph on a GPU (``graphs``,
+    default: on CUDA devices).
+
+    Why: with every choice on the device (:func:`beam_search_device`) a step is still ~400 kernels that the
+    host launches one by one, each with its Python around it; a CUDA graph launches them all at once. A graph
+    replays fixed shapes at fixed addresses, so here every step is the same: all rows run to the end (no
+    window is dropped; ended ones are scored -inf), the state lives in tensors updated in place, the step
+    number is a tensor, the repetition penalty reads a per-row table of the tokens seen, the n-gram ban masks
+    the n-grams not yet written, and the self-attention spans the cache's first L positions (masked after
+    the step's own, :meth:`WhisperDecoderStack.step_at`), L growing by :data:`GRAPH_SPAN`: one graph per L,
+    captured after a step run as it is (the warm-up the capture needs) and replayed for the steps after. The
+    host stops once its non-blocking count of windows still decoding reaches none. Without ``graphs`` the
+    same steps run one kernel at a time (on a CPU: the tests)."""
+    import torch
+
+    k = beams
+    dev = stack.device
+    if graphs is None:
+        graphs = dev.type == "cuda"
+    n_win = len(prompts)
+    plen = len(prompts[0])
+    limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+    steps = max(limits)
+    length = plen + steps
+    cache = stack.new_cache(n_win * k, length, zeroed=True)
+    seqs = torch.zeros(n_win * k, length, dtype=torch.long, device=dev)
+    seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
+    logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
+    vocab = logits.shape[1]
+    scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1 expands beam 0 only
+    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
+    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
+    seen = None  # the tokens each row holds, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(n_win * k, vocab, dtype=torch.bool, device=dev).scatter_(1, seqs[:, :plen], True)
+    m = no_repeat_ngram_size if no_repeat_ngram_size <= length else 0  # none longer than a row is ever complete
+    gram_at = torch.arange(length - m + 1, device=dev) if m else None  # each n-gram's first position
+    back = torch.arange(m - 1, device=dev) if m else None
+    ended = _EndedOnDevice(n_win, k, steps, plen, limits, eos, dev)
+    ids = torch.arange(n_win, device=dev)
+    own = torch.arange(n_win * k, device=dev).view(n_win, k)
+    active = torch.ones(n_win, dtype=torch.bool, device=dev)
+    n_t = torch.ones(1, dtype=torch.long, device=dev)  # the step number, on the device
+
+    def step(first: bool, span: int, decode: bool) -> None:
+        cur_t = n_t + (plen - 1)  # where this step's tokens go
+        lg = logits
+        if seen is not None:
+            r = repetition_penalty
+            lg = torch.where(seen, torch.where(lg < 0, lg * r, lg / r), lg)
+        if m:  # the n-grams written before cur_t whose first m-1 tokens are the row's last m-1
+            grams = seqs.unfold(1, m, 1)
+            tail = seqs.index_select(1, (cur_t - (m - 1) + back).clamp(min=0))
+            hit = (gram_at <= cur_t - m)[None, :] & (grams[:, :, :m - 1] == tail[:, None, :]).all(-1)
+            ban = torch.zeros(hit.shape, dtype=lg.dtype, device=dev).masked_fill_(hit, -math.inf)
+            lg.scatter_add_(1, grams[:, :, m - 1], ban)
+        if len(suppress_t):
+            lg.index_fill_(1, suppress_t, -math.inf)
+        if first and len(begin_t):
+            lg.index_fill_(1, begin_t, -math.inf)
+        total = (torch.log_softmax(lg, -1, dtype=torch.float32) + scores[:, None]).view(n_win, k * vocab)
+        top_s, top_i = total.topk(2 * k, dim=1)
+        nsrc, ntok, nscore, still = ended.choose(top_s, top_i, vocab, seqs, ids, active, n_t)
+        active.copy_(still)
+        if not decode:
+            return
+        rows = torch.where(active[:, None], nsrc, own).reshape(-1)
+        seqs.copy_(seqs.index_select(0, rows))
+        seqs.index_copy_(1, cur_t, ntok.reshape(-1, 1))
+        if seen is not None:
+            seen.copy_(seen.index_select(0, rows))
+            seen.scatter_(1, ntok.reshape(-1, 1), True)
+        for ck, cv in cache:
+            ck[:, :, :span] = ck[:, :, :span].index_select(0, rows)
+            cv[:, :, :span] = cv[:, :, :span].index_select(0, rows)
+        scores.copy_(torch.where(active[:, None], nscore, -math.inf).reshape(-1))
+        logits.copy_(stack.step_at(seqs.index_select(1, cur_t), cur_t, cache, cross, k, span))
+        n_t.add_(1)
+
+    def span_of(n: int) -> int:  # step n writes position plen + n - 1 and attends up to it
+        return min(length, -(-(plen + n) // GRAPH_SPAN) * GRAPH_SPAN)
+
+    alive_count = _AliveCount(dev)
+    captured: dict = {}
+    pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: no graph's memory outlives its replay
+    step(True, span_of(1), steps > 1)
+    for n in range(2, steps + 1):
+        decode = n < steps
+        span = span_of(n)
+        if graphs and decode and span in captured:
+            captured[span].replay()
+        elif graphs and decode:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step(False, span, True)  # this step, run as it is: the warm-up before the capture
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                step(False, span, True)  # recorded, not run: the steps after replay it
+            captured[span] = g
+        else:
+            step(False, span, decode)
+        if decode and alive_count(active, n_win) == 0:
+            break
+    return ended.results()
+
+
+SEARCHES = {"host": beam_search, "device": beam_search_device, "graphed": beam_search_graphed}
+
+
 def _mel_constants(fe, device):
     """The Hann window and the transposed mel filters of ``fe`` on ``device``, made once per extractor and
     device and kept on the extractor."""
@@ -622,8 +780,9 @@ class TorchBeamDecoder(Decoder):
         self.batch_size = default_batch_size(options.batch_size, device, self.engine)
         self.precision = self.compute_type
         self.features_on_device = gpu  # log-mel with torch.stft on the GPU (log_mel), else numpy on the CPU
-        # "host": beam_search, each step's choice made on the host; "device": beam_search_device, every choice on
-        # the device (the same results, no wait per step), kept for the GPU check until a GPU has measured it
+        # the beam search, all with the same results: "host" (beam_search: each step's choice made on the host),
+        # "device" (beam_search_device: every choice on the device, no wait a step) or "graphed"
+        # (beam_search_graphed: each step one CUDA graph on a GPU); "host" until a GPU has measured the others
         self.search = "host"
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
@@ -654,7 +813,7 @@ class TorchBeamDecoder(Decoder):
             first_lp = torch.log_softmax(first, -1, dtype=torch.float32).cpu().numpy()
             codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
                      for x, lp in zip(batch, first_lp)]
-            search = beam_search_device if self.search == "device" else beam_search
+            search = SEARCHES[self.search]
             hyps = search(self.stack, cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch],
                           beams=o.beams, eos=self.eos, repetition_penalty=o.repetition_penalty,
                           no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
