@@ -86,11 +86,11 @@ CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_p
 # the card's settings: it shows what the n-gram ban costs)
 FULL = dict(correct_clips=8, correct_windows=4, correct_b=64, fp32_n=4, workload=192,
             runs=(("torch-graphed", "float16", 64), ("torch-device", "float16", 64), ("torch", "float16", 64),
-                  ("transformers", "float16", 64), ("torch-graphed", "float16", 128),
-                  ("torch-device", "float16", 128), ("torch", "float16", 128), ("torch-graphed", "float16", 192),
-                  ("torch-device", "float16", 192), ("torch", "float16", 192), ("torch-graphed", "bfloat16", 64),
-                  ("torch", "bfloat16", 64), ("transformers", "float16", 128), ("torch-graphed", "float16", 32),
-                  ("torch", "float16", 32)), diagnostic_batch=64,
+                  ("torch-graphed", "float16", 128), ("torch-device", "float16", 128), ("torch", "float16", 128),
+                  ("torch-graphed", "float16", 192), ("torch-device", "float16", 192), ("torch", "float16", 192),
+                  ("transformers", "float16", 64), ("torch-graphed", "bfloat16", 64), ("torch", "bfloat16", 64),
+                  ("transformers", "float16", 128), ("torch-graphed", "float16", 32), ("torch", "float16", 32)),
+            diagnostic_batch=64,
             peer_clips=16, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
             compile_runs=(("float16", 64), ("bfloat16", 64)), model="small-random")
 QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=8,
@@ -662,6 +662,7 @@ def section_b(ctx, phase: int = 1) -> None:
     plan.insert(k + 1, (ctx.engine, "float16", ctx.p["diagnostic_batch"], 0))
     plan = plan[:k + 2] if phase == 1 else plan[k + 2:]
     decoders: dict = {}
+    warm: set = set()
     oom_at: dict = {}
     last_wall = 0.0
     for engine, dtype, batch, ngram in plan:
@@ -676,15 +677,20 @@ def section_b(ctx, phase: int = 1) -> None:
             sec["runs"].append(dict(label, status="skipped", reason="time budget"))
             ctx.results.save()
             continue
+        base, search = engine_setting(engine)  # the torch engine's searches share one replica
         try:
-            if (engine, dtype) not in decoders:
+            if (base, dtype) not in decoders:
                 for old in list(decoders):
                     del decoders[old]
+                warm.clear()
                 free_memory(ctx.device)
-                dec = load(ctx, ctx.model, ctx.device, dtype, batch, engine=engine)
+                decoders[base, dtype] = load(ctx, ctx.model, ctx.device, dtype, batch, engine=base)
+            dec = decoders[base, dtype]
+            if search is not None or hasattr(dec, "search"):
+                dec.search = search or "host"
+            if (engine, dtype) not in warm:
                 decode_timed(dec, inputs[:batch], ctx.device)  # warm-up: kernels, allocator
-                decoders[engine, dtype] = dec
-            dec = decoders[engine, dtype]
+                warm.add((engine, dtype))
         except Exception as e:  # noqa: BLE001
             sec["runs"].append(dict(label, status="failed", error=error_of(e), oom=is_oom(e)))
             ctx.results.save()
@@ -813,7 +819,7 @@ def section_c(ctx) -> None:
 
     # krasr-batch on the same files (its planned segments), float16 batch 64: --engine's, then transformers'
     inputs = None
-    for engine in dict.fromkeys((ctx.engine, "transformers")):
+    for engine in dict.fromkeys((ctx.engine, "torch-graphed", "transformers")):
         name = f"krasr-batch ({ENGINE_NAMES[engine]}, batch 64)"
         try:
             if inputs is None:  # the files' planned segments and audio, read once for both engines
