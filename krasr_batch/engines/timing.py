@@ -6,7 +6,8 @@ word timing is the same): one teacher-forced decoder pass over ``<|startoftransc
 <|notimestamps|> text <|endoftext|>``, the cross-attention of the model's alignment heads (its generation
 config's ``alignment_heads``), normalised per head, median-filtered (width 7) and averaged, then dynamic time
 warping from tokens to encoder frames (20 ms each). CTranslate2 does all of it in ``Whisper.align``; the
-transformers engine runs the pass and uses transformers' own median filter and DTW. Each gives, per segment,
+transformers and torch engines run the pass, then transformers' median filter and DTW, computed faster
+(:func:`words_from_weights`). Each gives, per segment,
 the path as ``(text_indices, time_indices)`` over the text tokens and end-of-text, and each text token's
 probability (softmax over the text vocabulary), which :func:`words_from_alignment` turns into :class:`Word` s
 as openai/whisper's ``timing.py`` does (faster-whisper does the same). The model stage then trims the words,
@@ -174,6 +175,89 @@ def words_from_alignment(text_tokens: Sequence[int], text_indices: np.ndarray, t
         out.append(Word(a.word, start, end, a.probability))
         end_prev = end
     return out
+
+
+def median_filter(x, width: int = MEDIAN_FILTER_WIDTH):
+    """The median of each ``width`` neighbours along the last axis of a torch tensor, its edges reflected:
+    transformers' ``_median_filter`` (which sorts every window), as an odd-even transposition network of
+    element-wise minima and maxima: the same values, 4 to 5 times faster on a CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    pad = width // 2
+    n = x.shape[-1]
+    if width <= 1 or n <= pad:
+        return x
+    p = F.pad(x, (pad, pad, 0, 0), mode="reflect")
+    lanes = [p[..., k:k + n] for k in range(width)]
+    for r in range(width):
+        for i in range(r % 2, width - 1, 2):
+            a, b = lanes[i], lanes[i + 1]
+            lanes[i], lanes[i + 1] = torch.minimum(a, b), torch.maximum(a, b)
+    return lanes[pad]
+
+
+def dynamic_time_warping(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest monotonic path through ``matrix`` (tokens x frames) as ``(text_indices, time_indices)``:
+    openai/whisper's ``dtw_cpu`` and transformers' ``_dynamic_time_warping`` (the same float32 costs, the
+    same tie rule, the same path), with each anti-diagonal of the cost table computed at once (its cells
+    depend only on the two diagonals before it) instead of one cell a Python iteration: about 1,500 numpy
+    steps for a 30 s window instead of 200,000 Python ones."""
+    n, m = matrix.shape
+    # skewed tables: row d holds the cells (i, j) with i + j = d, at column i
+    cost = np.full((n + m + 1, n + 1), np.inf, dtype=np.float32)
+    trace = np.full((n + m + 1, n + 1), -1, dtype=np.int8)
+    cost[0, 0] = 0
+    ii, jj = np.meshgrid(np.arange(1, n + 1), np.arange(1, m + 1), indexing="ij")
+    skewed = np.zeros((n + m + 1, n + 1), dtype=np.float64)
+    skewed[ii + jj, ii] = matrix
+    for d in range(2, n + m + 1):
+        lo, hi = max(1, d - m), min(n, d - 1)
+        if lo > hi:
+            continue
+        c0 = cost[d - 2, lo - 1:hi]  # (i-1, j-1)
+        c1 = cost[d - 1, lo - 1:hi]  # (i-1, j)
+        c2 = cost[d - 1, lo:hi + 1]  # (i, j-1)
+        first = (c0 < c1) & (c0 < c2)
+        second = ~first & (c1 < c0) & (c1 < c2)
+        t = np.where(first, 0, np.where(second, 1, 2)).astype(np.int8)
+        c = np.where(first, c0, np.where(second, c1, c2))
+        cost[d, lo:hi + 1] = skewed[d, lo:hi + 1] + c
+        trace[d, lo:hi + 1] = t
+    i, j = n, m
+    text, time = [], []
+    while i > 0 or j > 0:
+        text.append(i - 1)
+        time.append(j - 1)
+        t = 2 if i == 0 else 1 if j == 0 else trace[i + j, i]
+        if t == 0:
+            i, j = i - 1, j - 1
+        elif t == 1:
+            i -= 1
+        else:
+            j -= 1
+    return np.array(text[::-1]), np.array(time[::-1])
+
+
+def words_from_weights(weights, start: int, text_tokens: Sequence[int], token_probs: Sequence[float],
+                       decode: Callable[[list[int]], str], eot: int, language: str | None,
+                       duration_s: float) -> list[Word]:
+    """The words of one segment from its alignment heads' cross-attention weights (torch, heads x rows x
+    frames: the rows of ``prompt + text + [eot]``, the prompt ``start`` tokens long, the frames of the
+    segment's audio only): normalised per head over the rows, median-filtered, averaged over the heads, the
+    rows that predict each text token and end-of-text through dynamic time warping, then
+    :func:`words_from_alignment`. openai/whisper's ``find_alignment``, as transformers computes it
+    (:func:`median_filter`, :func:`dynamic_time_warping`: its results, faster)."""
+    import torch
+
+    end = start + len(text_tokens)
+    w = weights[:, :end + 1].float()
+    std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+    w = median_filter((w - mean) / std, MEDIAN_FILTER_WIDTH)
+    matrix = w.mean(dim=0)[start - 1:end]  # the rows that predict each text token and end-of-text
+    text_idx, time_idx = dynamic_time_warping(-matrix.double().cpu().numpy())
+    return words_from_alignment(text_tokens, np.asarray(text_idx), np.asarray(time_idx), token_probs, decode, eot,
+                                language, duration_s)
 
 
 def _truncate_long_words(alignment: list[_Timing]) -> None:

@@ -23,7 +23,7 @@ from krasr_batch.engines.base import (
     model_error,
     resolve_device,
 )
-from krasr_batch.engines.timing import MEDIAN_FILTER_WIDTH, Word, num_frames, words_from_alignment
+from krasr_batch.engines.timing import Word, num_frames, words_from_weights
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,6 @@ class WhisperDecoder(Decoder):
         end-of-text, keeping the alignment heads' cross-attention (eager attention for this pass only: SDPA
         gives no weights), then transformers' own median filter and DTW, as openai/whisper's find_alignment."""
         import torch
-        from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
 
         n = len(spans)
         width = max(end for _, end, _, _ in spans) + 1
@@ -171,16 +170,11 @@ class WhisperDecoder(Decoder):
                 out.append(())
                 continue
             frames = num_frames(len(audios[b])) // 2
-            w = weights[b, :, :end + 1, :frames]  # (heads, prompt + text + end-of-text, frames)
-            std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
-            w = _median_filter((w - mean) / std, MEDIAN_FILTER_WIDTH)
-            matrix = w.mean(dim=0)[start - 1:end]  # the rows that predict each text token and end-of-text
-            text_idx, time_idx = _dynamic_time_warping(-matrix.double().cpu().numpy())
             logits = self.model.proj_out(hidden[b, start - 1:end - 1]).float()[:, :self.eos]
             probs = torch.softmax(logits, dim=-1).cpu().numpy()
             token_p = [float(probs[k, t]) if t < self.eos else 0.0 for k, t in enumerate(text)]
-            out.append(tuple(words_from_alignment(text, np.asarray(text_idx), np.asarray(time_idx), token_p,
-                                                  self._word_decode, self.eos, lang, len(audios[b]) / SAMPLE_RATE)))
+            out.append(tuple(words_from_weights(weights[b, :, :, :frames], start, text, token_p, self._word_decode,
+                                                self.eos, lang, len(audios[b]) / SAMPLE_RATE)))
         return out
 
     def _keep_encoder_output(self, module, args, output) -> None:
