@@ -15,7 +15,6 @@ def test_auto_is_the_default_and_resolves_per_device(monkeypatch):
     # GPUs: the torch engine (measured there, block gpu-check), transformers for what it lacks
     assert choose_engine(use_gpu=True)[0] == "torch"
     assert choose_engine(use_gpu=True, dtype="bfloat16")[0] == "torch"
-    assert choose_engine(use_gpu=True, word_timestamps=True)[0] == "transformers"
     assert choose_engine(use_gpu=True, dtype="int8")[0] == "transformers"
 
 

@@ -79,6 +79,27 @@ def test_the_decoder_equals_transformers_decoder(tiny_model):
         np.testing.assert_allclose(g.numpy(), expected[:, 3 + k].numpy(), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
+def test_the_teacher_forced_pass_gives_transformers_cross_attention(tiny_model, fused):
+    """Word timing's pass (WhisperDecoderStack.teacher_forced): the chosen heads' cross-attention weights and
+    the final hidden states of transformers' decoder (eager attention) over the same tokens."""
+    from transformers import WhisperForConditionalGeneration
+
+    ref = WhisperForConditionalGeneration.from_pretrained(str(tiny_model), dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    stack = WhisperDecoderStack(tiny_model, "float32", fused=fused)
+    rng = np.random.default_rng(1)
+    encoded = torch.from_numpy(rng.normal(0, 1, (2, 1500, ref.config.d_model)).astype(np.float32))
+    tokens = torch.cat([torch.tensor([_prompt(tiny_model)] * 2), torch.from_numpy(rng.integers(0, 50000, (2, 9)))], 1)
+    heads = [(1, 2), (0, 1), (1, 0)]  # any order, several in one layer
+    with torch.inference_mode():
+        out = ref.model.decoder(input_ids=tokens, encoder_hidden_states=encoded, output_attentions=True)
+        hidden, weights = stack.teacher_forced(tokens, stack.cross(encoded), heads)
+    want = torch.stack([out.cross_attentions[layer][:, h] for layer, h in heads], 1)
+    np.testing.assert_allclose(weights.numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(hidden.numpy(), out.last_hidden_state.numpy(), atol=2e-4, rtol=2e-4)
+
+
 def test_float32_beam_search_gives_ctranslate2s_tokens(base_model, corpus):
     """The same search as CTranslate2's (logits processing, candidates, stopping, length-normalised choice):
     on real speech and the real weights, in float32, the same tokens on nearly every clip."""
@@ -236,8 +257,6 @@ def test_engine_limits_signals_and_batches(tiny_model):
 
 
 def test_engine_refuses_what_it_cannot_do(tiny_model):
-    with pytest.raises(RuntimeError, match="word timestamps"):
-        load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", word_timestamps=True), "cpu", 1)
     for dtype in ("int8", "float16"):  # float16 is for GPUs: CPUs have no float16 matrix units
         with pytest.raises(RuntimeError, match="bfloat16, float32 on a CPU"):
             load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype=dtype), "cpu", 1)
@@ -249,7 +268,6 @@ def test_engine_refuses_what_it_cannot_do(tiny_model):
 def test_auto_picks_it_on_cpus_with_bfloat16_units(monkeypatch, tiny_model):
     monkeypatch.setattr(encoder_module, "cpu_has_bf16_matmul", lambda: True)
     assert choose_engine(use_gpu=False)[0] == "torch"
-    assert choose_engine(use_gpu=False, word_timestamps=True)[0] == "ctranslate2"
     assert choose_engine(use_gpu=False, dtype="int8")[0] == "ctranslate2"
     assert choose_engine(use_gpu=False, dtype="bfloat16")[0] == "torch"
     assert choose_engine(use_gpu=True)[0] == "torch"

@@ -19,7 +19,7 @@ from krasr_batch.export import MAX_CUE_LINES, MAX_CUE_S, MAX_LINE_CHARS, Word, w
 from krasr_batch.settings import DecodeOptions, RunSettings, SegmentOptions, build_settings, parse_languages
 from tests.conftest import read_jsonl, run_cli
 
-ENGINES = ["transformers", "ctranslate2"]
+ENGINES = ["transformers", "ctranslate2", "torch"]
 
 
 @pytest.fixture(scope="module")
@@ -284,8 +284,8 @@ def test_real_word_times_find_the_pause_between_two_sentences(engine, base_model
 def test_a_word_timed_run_keeps_the_text_and_writes_words_languages_and_cues(tmp_path, corpus, tiny_model):
     """``krasr-batch run`` with and without --word-timestamps (tiny-random, --language auto --languages kk,ru;
     each in its own process): the same segments, a words/ row set for every segment with text, seconds by
-    language in files/, and subtitle cues within the limits. The engine is named: under ``--engine auto`` a
-    CPU with bfloat16 units decodes a run without word timestamps with the torch engine, which has none."""
+    language in files/, and subtitle cues within the limits. The engine is named, so that both runs use it
+    whatever ``--engine auto`` picks on this CPU."""
     import pyarrow.dataset as pads
 
     from krasr_batch.export import export
@@ -381,3 +381,20 @@ def test_saved_runs_merge_with_each_block_naming_the_run_its_rows_come_from():
     assert "run A" not in blocks["words-cost"] and "run B" not in blocks["words-cost"]
     assert "- transformers rows:\n  - run C" in blocks["words-cost"] and "- ctranslate2 rows:\n  - run D" in blocks["words-cost"]
     assert "Engines agree" in blocks["words-boundaries"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (6, 40), (40, 300)])
+def test_the_time_warping_and_median_filter_are_transformers(shape):
+    """timing.dynamic_time_warping (diagonal at a time) and median_filter (a min/max network): transformers'
+    _dynamic_time_warping and _median_filter, path for path and value for value, ties included."""
+    import torch
+    from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
+
+    from krasr_batch.engines.timing import dynamic_time_warping, median_filter
+
+    rng = np.random.default_rng(sum(shape))
+    for matrix in (rng.normal(size=shape), rng.integers(-2, 2, shape).astype(np.float64)):  # the second: ties
+        want, got = _dynamic_time_warping(matrix), dynamic_time_warping(matrix)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    x = torch.from_numpy(rng.normal(size=(3,) + shape).astype(np.float32))
+    assert torch.equal(median_filter(x, 7), _median_filter(x, 7))

@@ -59,7 +59,7 @@ GLOB = click.option(
                    "model card's own generate() call, its output byte for byte. ctranslate2: the same weights "
                    "converted once to CTranslate2 (cached), the same settings; several times faster on a CPU. "
                    "torch: Whisper and a batched beam search in plain torch, a window's beams sharing its "
-                   "cross-attention (GPUs and CPUs; no word timestamps). The last two can differ from the card's text on "
+                   "cross-attention (GPUs and CPUs). The last two can differ from the card's text on "
                    "uncertain audio. [default: auto]")
 @click.option("--input-root", type=click.Path(file_okay=False), help="Refuse every audio path that does not resolve inside this folder.")
 @click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0),

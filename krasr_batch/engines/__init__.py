@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-def choose_engine(use_gpu: bool, word_timestamps: bool = False, dtype: str = "auto") -> tuple[str, str]:
+def choose_engine(use_gpu: bool, dtype: str = "auto") -> tuple[str, str]:
     """What ``--engine auto`` runs: ``(engine, why)`` for a run whose replicas are GPUs (``use_gpu``) or CPUs.
 
     The rule (README, "Engines"): the fastest engine whose WER and CER on the benchmark corpus are within
@@ -50,26 +50,27 @@ def choose_engine(use_gpu: bool, word_timestamps: bool = False, dtype: str = "au
 
     - CPUs that multiply bfloat16 natively (AMX or AVX512-BF16, read from this machine's /proc/cpuinfo): torch
       (engines/torch_beam.py), 1.4 to 1.9 times CTranslate2's speed there with the same error rates (issue
-      12's "Fifth round"). It has no word timestamps and no int8: with ``--word-timestamps`` or a ``--dtype``
-      other than auto and bfloat16, ctranslate2 (as measured before it). A node of a cluster whose CPU lacks
+      12's "Fifth round"); with ``--word-timestamps`` too (1.3x CTranslate2's speed with them, the same
+      boundary errors: block ``words-cost``). It has no int8: with a ``--dtype`` other than auto and
+      bfloat16, ctranslate2 (as measured before it). A node of a cluster whose CPU lacks
       those units runs the torch engine in float32, at about CTranslate2's speed.
     - Other CPUs: ctranslate2. Same weights and settings, and on the archive set several times the
       transformers engine's speed with WER/CER no worse (block ``archive-cpu``).
     - GPUs: torch, in float16. On an H100 its model stage ran at 740x real time where transformers' generate()
       reached at most 68x, compiled or not (BENCHMARKS.md, block ``gpu-check``): generate()'s beam search
       copies every beam's cross-attention keys and values and spends its steps in Python. With
-      ``--word-timestamps`` or ``--dtype int8``: transformers. CTranslate2's CUDA build could not run on the
+      ``--word-timestamps`` too (their pass is one teacher-forced decoder pass after the search, as in the
+      transformers engine). With ``--dtype int8``: transformers. CTranslate2's CUDA build could not run on the
       GPU machine there (it wants CUDA 12 libraries), so it has no figure.
     - ctranslate2 not importable (it is a dependency, but a trimmed environment may lack it): transformers.
     """
     if use_gpu:
-        if word_timestamps or dtype == "int8":
-            return "transformers", ("GPU replicas with --word-timestamps or int8: the transformers engine (the "
-                                    "torch engine has neither)")
+        if dtype == "int8":
+            return "transformers", "GPU replicas in int8: the transformers engine (the torch engine has no int8)"
         return "torch", "GPU replicas: the torch engine's batched beam search is the fastest measured on a GPU"
     from krasr_batch.engines.encoder import cpu_has_bf16_matmul
 
-    if cpu_has_bf16_matmul() and not word_timestamps and dtype in ("auto", "bfloat16"):
+    if cpu_has_bf16_matmul() and dtype in ("auto", "bfloat16"):
         return "torch", ("CPU replicas with bfloat16 units: the torch engine's batched beam search is the fastest "
                          "there at the card's accuracy")
     if importlib.util.find_spec("ctranslate2") is None:
@@ -106,7 +107,7 @@ def load_decoder(options: DecodeOptions, device: str = "auto", threads: int | No
     if options.engine == "auto":
         import dataclasses
 
-        engine = choose_engine(resolve_device(device) == "cuda", options.word_timestamps, options.dtype)[0]
+        engine = choose_engine(resolve_device(device) == "cuda", options.dtype)[0]
         options = dataclasses.replace(options, engine=engine)
     cls = engine_class(options.engine)
     if options.engine in ("ctranslate2", "torch"):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from krasr_batch.audio import SAMPLE_RATE
 from krasr_batch.engines.base import (
     Decoder,
     SegmentInput,
@@ -47,6 +48,7 @@ from krasr_batch.engines.base import (
     resolve_device,
 )
 from krasr_batch.engines.encoder import weights_under
+from krasr_batch.engines.timing import Word, num_frames, words_from_weights
 from krasr_batch.settings import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,40 @@ class WhisperDecoderStack:
             x = self._cross_and_mlp(i, x, cross, beams)
         x = self._norm("layer_norm", x[:, -1])
         return _apply(self.logits, x)
+
+    def teacher_forced(self, tokens, cross: list, heads: list[tuple[int, int]]):
+        """One pass over whole rows of ``tokens`` (windows x t, one row a window, causal): the final layer
+        norm's output at every position (windows x t x d) and the cross-attention weights of ``heads``
+        ((layer, head) pairs, as a generation config's ``alignment_heads``), windows x heads x t x frames in
+        float32, for word timing (engines/timing.py)."""
+        import torch
+        import torch.nn.functional as F
+
+        rows, t = tokens.shape
+        h, hd, d = self.heads, self.head_dim, self.d
+        x = self.embed[tokens] + self.w["embed_positions.weight"][:t]
+        picked: dict[int, object] = {}
+        for i in range(self.layers):
+            p = f"layers.{i}."
+            y = self._norm(p + "self_attn_layer_norm", x)
+            q, k, v = (self._linear(p + f"self_attn.{n}_proj", y).view(rows, t, h, hd).transpose(1, 2)
+                       for n in ("q", "k", "v"))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+            x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, t, d))
+            want = [hh for layer, hh in heads if layer == i]
+            if want:  # the heads' weights, in float32 (the layer's output below is the usual one)
+                y = self._norm(p + "encoder_attn_layer_norm", x)
+                q = self._linear(p + "encoder_attn.q_proj", y).view(rows, t, h, hd).transpose(1, 2)[:, want]
+                xk = cross[i][0][:, want]
+                xk = xk.transpose(-1, -2) if self.fused else xk  # (windows, heads, head_dim, frames)
+                picked[i] = torch.matmul(q.float(), xk.float()).softmax(-1)
+            x = self._cross_and_mlp(i, x, cross, 1)
+        by_layer = {layer: 0 for layer in picked}
+        weights = []
+        for layer, _ in heads:
+            weights.append(picked[layer][:, by_layer[layer]])
+            by_layer[layer] += 1
+        return self._norm("layer_norm", x), torch.stack(weights, 1)
 
     def step(self, tokens, pos: int, cache: list, cross: list, beams: int, where=None):
         import torch
@@ -753,8 +789,6 @@ class TorchBeamDecoder(Decoder):
         from krasr_batch.engines.ctranslate2 import local_model_dir
         from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
         device = resolve_device(device)
-        if options.word_timestamps:
-            raise RuntimeError("--engine torch has no word timestamps; --engine auto chooses ctranslate2 for them")
         super().__init__(options, device)
         t0 = time.perf_counter()
         folder = local_model_dir(options.model)
@@ -818,14 +852,46 @@ class TorchBeamDecoder(Decoder):
                           beams=o.beams, eos=self.eos, repetition_penalty=o.repetition_penalty,
                           no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
                           begin_suppress=self.begin_suppress)
+            words = self._align(cross, codes, [t for t, _, _ in hyps], batch) if o.word_timestamps else None
         decode_s = time.perf_counter() - t0
         out = []
-        for c, lp, (tokens, score, done) in zip(codes, first_lp, hyps):
+        for i, (c, lp, (tokens, score, done)) in enumerate(zip(codes, first_lp, hyps)):
             n = len(tokens)
             # Whisper's avg_logprob: over the text tokens and end-of-text
             avg = None if not np.isfinite(score) else float(score / (n + 1) if done else score / max(n, 1))
             no_speech = float(np.exp(lp[self.no_speech_id])) if self.no_speech_id is not None else None
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             out.append(SegmentOutput(text, c, n, not done, decode_s, len(batch), avg, no_speech,
-                                     self.language_prob(lp, c), None))
+                                     self.language_prob(lp, c), words[i] if words is not None else None))
+        return out
+
+    def _align(self, cross: list, codes: list[str], texts: list[list[int]],
+               batch: list[SegmentInput]) -> list[tuple[Word, ...]]:
+        """Each window's words (engines/timing.py): one teacher-forced pass of the windows with text over
+        their prompt, text and end-of-text (padded with end-of-text: the pass is causal), keeping the
+        alignment heads' cross-attention weights, then :func:`words_from_weights`."""
+        import torch
+
+        out: list[tuple[Word, ...]] = [()] * len(texts)
+        idx = [i for i, t in enumerate(texts) if t]
+        if not idx:
+            return out
+        prompts = [self._prompt(codes[i]) for i in idx]
+        width = max(len(p) + len(texts[i]) + 1 for p, i in zip(prompts, idx))
+        rows = [p + texts[i] + [self.eos] * (width - len(p) - len(texts[i])) for p, i in zip(prompts, idx)]
+        dev = self.stack.device
+        sub = cross
+        if len(idx) < len(texts):  # the windows with text only
+            keep = torch.tensor(idx, device=dev)
+            sub = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
+        hidden, weights = self.stack.teacher_forced(torch.tensor(rows, device=dev), sub, self.alignment_heads)
+        for r, (i, p) in enumerate(zip(idx, prompts)):
+            text, start = texts[i], len(p)
+            logits = _apply(self.stack.logits, hidden[r, start - 1:start + len(text) - 1]).float()[:, :self.eos]
+            probs = torch.softmax(logits, dim=-1).cpu().numpy()
+            token_p = [float(probs[k, t]) if t < self.eos else 0.0 for k, t in enumerate(text)]
+            audio = batch[i].audio
+            frames = num_frames(len(audio)) // 2
+            out[i] = tuple(words_from_weights(weights[r, :, :, :frames], start, text, token_p, self._word_decode,
+                                              self.eos, codes[i], len(audio) / SAMPLE_RATE))
         return out

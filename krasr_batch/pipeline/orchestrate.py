@@ -177,7 +177,7 @@ def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
         from krasr_batch.engines import resolve_device
 
         use_gpu = resolve_device("auto") == "cuda"
-    engine, why = choose_engine(use_gpu, settings.decode.word_timestamps, settings.decode.dtype)
+    engine, why = choose_engine(use_gpu, settings.decode.dtype)
     log.info("--engine auto: %s (%s)", engine, why)
     return settings.with_engine(engine), why
 
