@@ -10,7 +10,10 @@ AMX or AVX512-BF16 the weights run in bfloat16 through oneDNN too (BENCHMARKS.md
 On a GPU the same holds for memory, and transformers' ``generate()`` adds per-step Python and a per-beam copy
 of the keys and values that it reorders every step: there this engine ran 740x real time against at most 68x
 (H100, whisper-small's shape, float16; BENCHMARKS.md, "The GPU check"). The features (``log_mel``), the encoder
-and the search stay on the device; each step brings back only each window's best continuations.
+and the search stay on the device; each step brings back only each window's best continuations. Two more
+searches give the same results with no wait a step: :func:`beam_search_device` (every choice on the device)
+and :func:`beam_search_graphed` (each step one CUDA graph); ``TorchBeamDecoder.search`` picks one, and stays
+``"host"`` until a GPU has measured the others (``benchmarks/gpu_check.py``).
 
 The beam search is Whisper's (openai-whisper's ``BeamSearchDecoder`` with CTranslate2's logits processing),
 batched over windows of any languages and token limits:
