@@ -165,10 +165,11 @@ def test_the_device_search_gives_the_host_searchs_results(tiny_model, fused, com
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
-def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused):
-    """beam_search_graphed's steps (fixed shapes: all rows to the end, the self-attention over a masked span,
-    the penalty from a table of seen tokens, the n-gram ban over masked n-grams), run one kernel at a time
-    here as a GPU's CUDA graph replays them: beam_search's results."""
+@pytest.mark.parametrize("compact_below", [None, 0.5, 0.0], ids=["at-once", "gpu-default", "never"])
+def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused, compact_below):
+    """beam_search_graphed's steps (fixed shapes: ended windows' rows kept until dropped, the self-attention
+    over a masked span, the penalty from a table of seen tokens, the n-gram ban over masked n-grams), run one
+    kernel at a time here as a GPU's CUDA graph replays them: beam_search's results."""
     rng = np.random.default_rng(3)
     audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 20, 5, 12, 2)]
     encoded = _encoded(tiny_model, audios)
@@ -176,13 +177,16 @@ def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused
     limits = [5, 40, 17, 1, 60, 2]  # 60 + the prompt: three self-attention spans
     stack = WhisperDecoderStack(tiny_model, "float32", fused=fused)
     want = _search(tiny_model, stack, encoded, prompts, limits)
-    _same_results(_search(tiny_model, stack, encoded, prompts, limits, search=beam_search_graphed), want)
+    got = _search(tiny_model, stack, encoded, prompts, limits, search=beam_search_graphed, compact_below=compact_below)
+    _same_results(got, want)
     one = _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1], search=beam_search_graphed)  # one step
     _same_results(one, _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1]))
 
 
-@pytest.mark.parametrize("search", [beam_search_device, beam_search_graphed], ids=["device", "graphed"])
-def test_the_device_searches_on_real_speech(base_model, corpus, search):
+@pytest.mark.parametrize("search, compact_below", [(beam_search_device, None), (beam_search_graphed, None),
+                                                   (beam_search_graphed, 0.0)],
+                         ids=["device", "graphed", "graphed-never-dropped"])
+def test_the_device_searches_on_real_speech(base_model, corpus, search, compact_below):
     """On real speech and weights, where hypotheses end at end-of-text at different steps and a window may
     end before its limit with all its beams: the host search's results, window for window."""
     audios = _clips(corpus, 8, step=3)
@@ -192,7 +196,8 @@ def test_the_device_searches_on_real_speech(base_model, corpus, search):
     stack = WhisperDecoderStack(base_model, "float32")
     want = _search(base_model, stack, encoded, prompts, limits)
     assert any(ended for _, _, ended in want)  # end-of-text is exercised, not only the limits
-    _same_results(_search(base_model, stack, encoded, prompts, limits, search=search), want)
+    _same_results(_search(base_model, stack, encoded, prompts, limits, search=search, compact_below=compact_below),
+                  want)
 
 
 def test_the_engine_runs_either_search(tiny_model):

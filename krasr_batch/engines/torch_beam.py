@@ -628,60 +628,74 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
 GRAPH_SPAN = 32
 
 
+# the graphed search drops ended windows once those still decoding fall below this share of those held (on
+# a GPU; each drop captures the remaining spans' graphs again; on a CPU at once, as the host search does)
+GRAPH_COMPACT_BELOW = 0.5
+
+
 def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                         beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                         suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
-                        graphs: bool | None = None) -> list[tuple[list[int], float, bool]]:
+                        graphs: bool | None = None,
+                        compact_below: float | None = None) -> list[tuple[list[int], float, bool]]:
     """:func:`beam_search`'s search, results and arguments, each step one CUDA graph on a GPU (``graphs``,
     default: on CUDA devices).
 
     Why: with every choice on the device (:func:`beam_search_device`) a step is still ~400 kernels that the
     host launches one by one, each with its Python around it; a CUDA graph launches them all at once. A graph
-    replays fixed shapes at fixed addresses, so here every step is the same: all rows run to the end (no
-    window is dropped; ended ones are scored -inf), the state lives in tensors updated in place, the step
-    number is a tensor, the repetition penalty reads a per-row table of the tokens seen, the n-gram ban masks
-    the n-grams not yet written, and the self-attention spans the cache's first L positions (masked after
-    the step's own, :meth:`WhisperDecoderStack.step_at`), L growing by :data:`GRAPH_SPAN`: one graph per L,
-    captured after a step run as it is (the warm-up the capture needs) and replayed for the steps after. The
-    host stops once its non-blocking count of windows still decoding reaches none. Without ``graphs`` the
-    same steps run one kernel at a time (on a CPU: the tests)."""
+    replays fixed shapes at fixed addresses, so here every step is the same: the rows held run on (ended
+    windows' scored -inf), the state lives in tensors updated in place, the step number is a tensor, the
+    repetition penalty reads a per-row table of the tokens seen, the n-gram ban masks the n-grams not yet
+    written, and the self-attention spans the cache's first L positions (masked after the step's own,
+    :meth:`WhisperDecoderStack.step_at`), L growing by :data:`GRAPH_SPAN`: one graph per L, captured after a
+    step run as it is (the warm-up the capture needs) and replayed for the steps after. The host counts the
+    windows still decoding without waiting (:class:`_AliveCount`); once they fall below ``compact_below`` of
+    those held (default :data:`GRAPH_COMPACT_BELOW` on a GPU, at once on a CPU) the ended windows are
+    dropped (one wait) and the graphs captured again for the rest, and the search stops once none is left.
+    Without ``graphs`` the same steps run one kernel at a time (on a CPU: the tests)."""
+    import types
+
     import torch
 
     k = beams
     dev = stack.device
     if graphs is None:
         graphs = dev.type == "cuda"
+    if compact_below is None:
+        compact_below = GRAPH_COMPACT_BELOW if dev.type != "cpu" else 1.0
     n_win = len(prompts)
     plen = len(prompts[0])
     limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
     steps = max(limits)
     length = plen + steps
-    cache = stack.new_cache(n_win * k, length, zeroed=True)
-    seqs = torch.zeros(n_win * k, length, dtype=torch.long, device=dev)
-    seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
-    logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
-    vocab = logits.shape[1]
-    scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1 expands beam 0 only
+    # what the steps update in place, held here so that dropping ended windows can replace it
+    st = types.SimpleNamespace(cache=stack.new_cache(n_win * k, length, zeroed=True), cross=cross)
+    st.seqs = torch.zeros(n_win * k, length, dtype=torch.long, device=dev)
+    st.seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
+    st.logits = stack.step(st.seqs[:, :plen], 0, st.cache, cross, k)
+    vocab = st.logits.shape[1]
+    st.scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1: beam 0 only
     suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
     begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
-    seen = None  # the tokens each row holds, for the repetition penalty
+    st.seen = None  # the tokens each row holds, for the repetition penalty
     if repetition_penalty != 1.0:
-        seen = torch.zeros(n_win * k, vocab, dtype=torch.bool, device=dev).scatter_(1, seqs[:, :plen], True)
+        st.seen = torch.zeros(n_win * k, vocab, dtype=torch.bool, device=dev).scatter_(1, st.seqs[:, :plen], True)
     m = no_repeat_ngram_size if no_repeat_ngram_size <= length else 0  # none longer than a row is ever complete
     gram_at = torch.arange(length - m + 1, device=dev) if m else None  # each n-gram's first position
     back = torch.arange(m - 1, device=dev) if m else None
     ended = _EndedOnDevice(n_win, k, steps, plen, limits, eos, dev)
-    ids = torch.arange(n_win, device=dev)
-    own = torch.arange(n_win * k, device=dev).view(n_win, k)
-    active = torch.ones(n_win, dtype=torch.bool, device=dev)
+    st.ids = torch.arange(n_win, device=dev)  # the held windows' indices in the batch
+    st.own = torch.arange(n_win * k, device=dev).view(n_win, k)
+    st.active = torch.ones(n_win, dtype=torch.bool, device=dev)
     n_t = torch.ones(1, dtype=torch.long, device=dev)  # the step number, on the device
 
     def step(first: bool, span: int, decode: bool) -> None:
         cur_t = n_t + (plen - 1)  # where this step's tokens go
-        lg = logits
-        if seen is not None:
+        seqs, active = st.seqs, st.active
+        lg = st.logits
+        if st.seen is not None:
             r = repetition_penalty
-            lg = torch.where(seen, torch.where(lg < 0, lg * r, lg / r), lg)
+            lg = torch.where(st.seen, torch.where(lg < 0, lg * r, lg / r), lg)
         if m:  # the n-grams written before cur_t whose first m-1 tokens are the row's last m-1
             grams = seqs.unfold(1, m, 1)
             tail = seqs.index_select(1, (cur_t - (m - 1) + back).clamp(min=0))
@@ -692,23 +706,24 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
             lg.index_fill_(1, suppress_t, -math.inf)
         if first and len(begin_t):
             lg.index_fill_(1, begin_t, -math.inf)
-        total = (torch.log_softmax(lg, -1, dtype=torch.float32) + scores[:, None]).view(n_win, k * vocab)
+        w = st.ids.shape[0]
+        total = (torch.log_softmax(lg, -1, dtype=torch.float32) + st.scores[:, None]).view(w, k * vocab)
         top_s, top_i = total.topk(2 * k, dim=1)
-        nsrc, ntok, nscore, still = ended.choose(top_s, top_i, vocab, seqs, ids, active, n_t)
+        nsrc, ntok, nscore, still = ended.choose(top_s, top_i, vocab, seqs, st.ids, active, n_t)
         active.copy_(still)
         if not decode:
             return
-        rows = torch.where(active[:, None], nsrc, own).reshape(-1)
+        rows = torch.where(active[:, None], nsrc, st.own).reshape(-1)
         seqs.copy_(seqs.index_select(0, rows))
         seqs.index_copy_(1, cur_t, ntok.reshape(-1, 1))
-        if seen is not None:
-            seen.copy_(seen.index_select(0, rows))
-            seen.scatter_(1, ntok.reshape(-1, 1), True)
-        for ck, cv in cache:
+        if st.seen is not None:
+            st.seen.copy_(st.seen.index_select(0, rows))
+            st.seen.scatter_(1, ntok.reshape(-1, 1), True)
+        for ck, cv in st.cache:
             ck[:, :, :span] = ck[:, :, :span].index_select(0, rows)
             cv[:, :, :span] = cv[:, :, :span].index_select(0, rows)
-        scores.copy_(torch.where(active[:, None], nscore, -math.inf).reshape(-1))
-        logits.copy_(stack.step_at(seqs.index_select(1, cur_t), cur_t, cache, cross, k, span))
+        st.scores.copy_(torch.where(active[:, None], nscore, -math.inf).reshape(-1))
+        st.logits.copy_(stack.step_at(seqs.index_select(1, cur_t), cur_t, st.cache, st.cross, k, span))
         n_t.add_(1)
 
     def span_of(n: int) -> int:  # step n writes position plen + n - 1 and attends up to it
@@ -717,6 +732,7 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     alive_count = _AliveCount(dev)
     captured: dict = {}
     pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: no graph's memory outlives its replay
+    held = n_win
     step(True, span_of(1), steps > 1)
     for n in range(2, steps + 1):
         decode = n < steps
@@ -735,8 +751,26 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
             captured[span] = g
         else:
             step(False, span, decode)
-        if decode and alive_count(active, n_win) == 0:
+        if not decode:
             break
+        alive = alive_count(st.active, held)
+        if alive == 0:
+            break
+        if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
+            keep = st.active.nonzero().squeeze(1)  # waits for the step: what is known now, not what was queued
+            if len(keep) == 0:
+                break
+            rk = (keep[:, None] * k + ended.ranks[None, :]).reshape(-1)
+            st.ids, st.active, st.seqs, st.scores, st.logits = (
+                st.ids[keep], st.active[keep], st.seqs[rk], st.scores[rk], st.logits[rk])
+            if st.seen is not None:
+                st.seen = st.seen[rk]
+            st.cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in st.cache]
+            st.cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in st.cross]
+            held = len(keep)
+            st.own = torch.arange(held * k, device=dev).view(held, k)
+            captured.clear()  # they step the tensors just replaced
+            alive_count.drop_queued()
     return ended.results()
 
 
