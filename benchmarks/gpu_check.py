@@ -399,7 +399,7 @@ def build_model(variant: str, files: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def load(ctx, model: str, device: str, dtype: str, batch: int, engine: str | None = None):
+def load(ctx, model: str, device: str, dtype: str, batch: int, engine: str | None = None, words: bool = False):
     """One replica of ``--engine`` (transformers: WhisperDecoder, generate(); torch: TorchBeamDecoder). The
     torch engine has no float16 on CPUs: the CPU dry run runs its float16 rows in bfloat16."""
     from krasr_batch.engines import engine_class
@@ -408,7 +408,8 @@ def load(ctx, model: str, device: str, dtype: str, batch: int, engine: str | Non
     engine, search = engine_setting(engine or ctx.engine)
     if engine == "torch" and device == "cpu" and dtype == "float16":
         dtype = "bfloat16"
-    dec = engine_class(engine)(DecodeOptions(model=model, engine=engine, dtype=dtype, batch_size=batch), device)
+    dec = engine_class(engine)(DecodeOptions(model=model, engine=engine, dtype=dtype, batch_size=batch,
+                                             word_timestamps=words), device)
     if search is not None:
         dec.search = search
     return dec
@@ -819,12 +820,14 @@ def section_c(ctx) -> None:
 
     # krasr-batch on the same files (its planned segments), float16 batch 64: --engine's, then transformers'
     inputs = None
-    for engine in dict.fromkeys((ctx.engine, "torch-graphed", "transformers")):
-        name = f"krasr-batch ({ENGINE_NAMES[engine]}, batch 64)"
+    for engine, words in dict.fromkeys(((ctx.engine, False), ("torch-graphed", False), (ctx.engine, True),
+                                        ("transformers", False))):
+        name = f"krasr-batch ({ENGINE_NAMES[engine]}, batch 64{', word timestamps' if words else ''})"
         try:
             if inputs is None:  # the files' planned segments and audio, read once for both engines
                 inputs = inputs_of(ctx.corpus.segments(files))
-            dec = load(ctx, ctx.model, ctx.device, "float16" if ctx.device == "cuda" else "float32", 64, engine=engine)
+            dec = load(ctx, ctx.model, ctx.device, "float16" if ctx.device == "cuda" else "float32", 64, engine=engine,
+                       words=words)
             decode_timed(dec, inputs[:2], ctx.device)
             with GpuSampler(ctx.device) as gs:
                 _, wall = decode_timed(dec, inputs, ctx.device)

@@ -185,7 +185,9 @@ def test_gpu_check_dry_run_on_cpu(corpus, tiny_model, tmp_path):
     rows = {r["system"].split(" (")[0]: r for r in sections["c"]["rows"]}
     assert set(rows) == {"krasr-batch", "card pipeline", "chunked pipeline", "faster-whisper"}
     assert {r["system"] for r in sections["c"]["rows"]} >= {"krasr-batch (torch engine, batch 64)",
-                                                           "krasr-batch (WhisperDecoder, batch 64)"}
+                                                           "krasr-batch (WhisperDecoder, batch 64)",
+                                                           "krasr-batch (torch engine, batch 64, word timestamps)"}
+    assert all(r["status"] == "done" for r in sections["c"]["rows"] if r["system"].startswith("krasr-batch"))
     for r in rows.values():
         assert (r["status"] == "done" and r["rtfx"] > 0) or r.get("reason") or r.get("error"), r
     assert sections["d"]["feed_x_realtime"] > 0 and sections["d"]["settings"]["workers"] == 1
