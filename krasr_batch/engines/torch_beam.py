@@ -628,6 +628,37 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
 GRAPH_SPAN = 32
 
 
+# how the graphed search captures: directly (CUDAGraph.capture_begin/end on its side stream) until that
+# fails once in this process, then through torch.cuda.graph, which first waits for the device and empties the
+# allocator's cache, each capture (4 or 5 a batch)
+_DIRECT_CAPTURE = {"ok": True}
+
+
+def _capture(fn, pool, stream):
+    """A CUDA graph of what ``fn`` launches, sharing ``pool``, captured on ``stream`` (see
+    :data:`_DIRECT_CAPTURE`)."""
+    import torch
+
+    if _DIRECT_CAPTURE["ok"]:
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                g.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    fn()
+                finally:
+                    g.capture_end()
+            return g
+        except Exception as e:  # noqa: BLE001 - the documented context manager below is the fallback
+            _DIRECT_CAPTURE["ok"] = False
+            log.warning("a direct CUDA graph capture failed (%s); capturing through torch.cuda.graph from now on",
+                        e)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+        fn()
+    return g
+
+
 # the graphed search drops ended windows once those still decoding fall below this share of those held (on
 # a GPU; each drop captures the remaining spans' graphs again; on a CPU at once, as the host search does)
 GRAPH_COMPACT_BELOW = 0.5
@@ -653,6 +684,7 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     those held (default :data:`GRAPH_COMPACT_BELOW` on a GPU, at once on a CPU) the ended windows are
     dropped (one wait) and the graphs captured again for the rest, and the search stops once none is left.
     Without ``graphs`` the same steps run one kernel at a time (on a CPU: the tests)."""
+    import functools
     import types
 
     import torch
@@ -732,6 +764,7 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     alive_count = _AliveCount(dev)
     captured: dict = {}
     pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: no graph's memory outlives its replay
+    side = None  # the stream the warm-ups and captures run on
     held = n_win
     step(True, span_of(1), steps > 1)
     for n in range(2, steps + 1):
@@ -740,15 +773,12 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
         if graphs and decode and span in captured:
             captured[span].replay()
         elif graphs and decode:
-            side = torch.cuda.Stream()
+            side = side or torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 step(False, span, True)  # this step, run as it is: the warm-up before the capture
             torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                step(False, span, True)  # recorded, not run: the steps after replay it
-            captured[span] = g
+            captured[span] = _capture(functools.partial(step, False, span, True), pool, side)  # recorded, not run
         else:
             step(False, span, decode)
         if not decode:
