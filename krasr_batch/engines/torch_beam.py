@@ -319,6 +319,12 @@ def _process_logits(logits, seqs, cur: int, first: bool, repetition_penalty: flo
         logits.index_fill_(1, begin_t, -math.inf)
 
 
+def _batch(stack: WhisperDecoderStack, prompts: list[list[int]], limits: list[int]) -> tuple[int, int, list[int]]:
+    """(windows, prompt length, each window's steps: at least 1, within the model's positions)."""
+    plen = len(prompts[0])
+    return len(prompts), plen, [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+
+
 def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                 beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                 suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
@@ -336,9 +342,7 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
     dev = stack.device
     if compact_below is None:
         compact_below = COMPACT_BELOW if dev.type != "cpu" else 1.0
-    n_win = len(prompts)
-    plen = len(prompts[0])
-    limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+    n_win, plen, limits = _batch(stack, prompts, limits)
     length = plen + max(limits)
     cache = stack.new_cache(n_win * k, length)
     host = torch.zeros(n_win * k, length, dtype=torch.long)  # the tokens, on the host
@@ -571,9 +575,7 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
     dev = stack.device
     if compact_below is None:
         compact_below = COMPACT_BELOW if dev.type != "cpu" else 1.0
-    n_win = len(prompts)
-    plen = len(prompts[0])
-    limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+    n_win, plen, limits = _batch(stack, prompts, limits)
     steps = max(limits)
     cache = stack.new_cache(n_win * k, plen + steps)
     seqs = torch.zeros(n_win * k, plen + steps, dtype=torch.long, device=dev)
@@ -695,9 +697,7 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
         graphs = dev.type == "cuda"
     if compact_below is None:
         compact_below = GRAPH_COMPACT_BELOW if dev.type != "cpu" else 1.0
-    n_win = len(prompts)
-    plen = len(prompts[0])
-    limits = [max(1, min(int(x), stack.max_positions - plen)) for x in limits]
+    n_win, plen, limits = _batch(stack, prompts, limits)
     steps = max(limits)
     length = plen + steps
     # what the steps update in place, held here so that dropping ended windows can replace it
