@@ -183,6 +183,26 @@ def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused
     _same_results(one, _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1]))
 
 
+@pytest.mark.parametrize("beams, repetition_penalty, ngram", [(1, 1.12, 4), (5, 1.12, 4), (3, 1.0, 0), (2, 0.9, 1)])
+def test_the_device_searches_at_other_settings(tiny_model, beams, repetition_penalty, ngram):
+    """Other --beams, no penalty or one below 1, no n-gram ban or a ban of single tokens: the device and
+    graphed searches still give beam_search's results."""
+    rng = np.random.default_rng(7)
+    audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 5)]
+    encoded = _encoded(tiny_model, audios)
+    prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "en")]
+    stack = WhisperDecoderStack(tiny_model, "float32")
+    kw = dict(beams=beams, repetition_penalty=repetition_penalty, no_repeat_ngram_size=ngram)
+    gc = _config(tiny_model)
+    with torch.inference_mode():
+        cross = stack.cross(torch.from_numpy(encoded))
+        runs = [search(stack, cross, prompts, [7, 30, 12], eos=gc["eos_token_id"], suppress=gc["suppress_tokens"],
+                       begin_suppress=gc["begin_suppress_tokens"], **kw)
+                for search in (beam_search, beam_search_device, beam_search_graphed)]
+    _same_results(runs[1], runs[0])
+    _same_results(runs[2], runs[0])
+
+
 @pytest.mark.parametrize("search, compact_below", [(beam_search_device, None), (beam_search_graphed, None),
                                                    (beam_search_graphed, 0.0)],
                          ids=["device", "graphed", "graphed-never-dropped"])
