@@ -183,6 +183,53 @@ def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused
     _same_results(one, _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1]))
 
 
+class _ReplayedCalls:
+    """Stands in for a CUDA graph on the CPU: nothing runs at capture, each replay runs the captured call."""
+
+    def __init__(self, fn, counts):
+        self.fn, self.counts = fn, counts
+        counts["captured"] += 1
+
+    def replay(self):
+        self.counts["replayed"] += 1
+        self.fn()
+
+
+@pytest.mark.parametrize("compact_below", [0.5, 0.0], ids=["dropped-at-half", "never-dropped"])
+def test_the_graphed_search_replays_what_it_captured(tiny_model, monkeypatch, compact_below):
+    """beam_search_graphed's loop with graphs on (warm-up step, capture, replays; drops that discard the
+    graphs), on the CPU: CUDA's streams are no-ops and a graph is a call replayed, never run at capture, as a
+    CUDA graph's capture runs nothing. The results are beam_search's, and most steps are replays."""
+    import contextlib
+
+    from krasr_batch.engines import torch_beam
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    counts = {"captured": 0, "replayed": 0}
+    monkeypatch.setattr(torch_beam, "_capture", lambda fn, pool, stream: _ReplayedCalls(fn, counts))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    rng = np.random.default_rng(3)
+    audios = [rng.normal(0, 0.1, 16000 * d).astype(np.float32) for d in (3, 8, 20, 5, 12, 2)]
+    encoded = _encoded(tiny_model, audios)
+    prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "kk", "en", "ru", "kk")]
+    limits = [5, 40, 17, 1, 60, 2]
+    stack = WhisperDecoderStack(tiny_model, "float32")
+    want = _search(tiny_model, stack, encoded, prompts, limits)
+    got = _search(tiny_model, stack, encoded, prompts, limits, search=beam_search_graphed, graphs=True,
+                  compact_below=compact_below)
+    _same_results(got, want)
+    # 60 steps + a 4-token prompt: spans 32 and 64; dropping at half (after step 17, 2 of 6 windows left;
+    # after step 40, 1 of 2 is not below half) captures span 32 again
+    assert counts["captured"] == (2 if compact_below == 0.0 else 3), counts
+    assert counts["replayed"] >= 50, counts
+
+
 @pytest.mark.parametrize("beams, repetition_penalty, ngram", [(1, 1.12, 4), (5, 1.12, 4), (3, 1.0, 0), (2, 0.9, 1)])
 def test_the_device_searches_at_other_settings(tiny_model, beams, repetition_penalty, ngram):
     """Other --beams, no penalty or one below 1, no n-gram ban or a ban of single tokens: the device and
