@@ -85,21 +85,22 @@ CARD = dict(task="transcribe", num_beams=3, no_repeat_ngram_size=4, repetition_p
 # other's in the same process (at each batch the torch engine's device search, its host search, then its CUDA
 # graphs, whose capture has not yet run on a GPU); diagnostic: --engine's float16 at this batch with
 # no_repeat_ngram_size=0 (not the card's settings: it shows what the n-gram ban costs)
-FULL = dict(correct_clips=8, correct_windows=4, correct_b=64, fp32_n=4, workload=192,
+FULL = dict(correct_clips=8, correct_windows=4, correct_b=64, fp32_n=4, workload=384,
             runs=(("torch-device", "float16", 64), ("torch", "float16", 64), ("torch-graphed", "float16", 64),
                   ("torch-device", "float16", 128), ("torch", "float16", 128), ("torch-graphed", "float16", 128),
                   ("torch-device", "float16", 192), ("torch", "float16", 192), ("torch-graphed", "float16", 192),
+                  ("torch-device", "float16", 384), ("torch", "float16", 384), ("torch-graphed", "float16", 384),
                   ("transformers", "float16", 64), ("torch-graphed", "bfloat16", 64), ("torch", "bfloat16", 64),
                   ("transformers", "float16", 128), ("torch-graphed", "float16", 32), ("torch", "float16", 32)),
             diagnostic_batch=64,
             peer_clips=16, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
-            compile_runs=(("float16", 64), ("bfloat16", 64)), model="small-random")
+            compile_runs=(("float16", 64), ("bfloat16", 64)), compile_workload=192, model="small-random")
 QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=8,
              runs=(("torch-graphed", "float16", 4), ("torch-device", "float16", 4), ("torch", "float16", 4),
                    ("transformers", "float16", 4), ("torch", "bfloat16", 4)),
              diagnostic_batch=4,
              peer_clips=2, peer_long=0, chunk_batches=(4,), feed_tasks=2,
-             compile_runs=(("float16", 4),), model="tiny-random")
+             compile_runs=(("float16", 4),), compile_workload=8, model="tiny-random")
 SECTIONS = ("a", "b", "c", "d", "compile")
 # what runs when: what "done" needs first (the main float16 figures, correctness, the peers, the CPU feed),
 # then one compiled run (its compile costs a minute or more, and may fail), then the remaining batch sizes
@@ -665,8 +666,9 @@ def section_b(ctx, phase: int = 1) -> None:
                                 "and noisy")
     sec.setdefault("runs", [])
     plan = [(e, d, b, 4) for e, d, b in ctx.p["runs"]]
-    k = next((i for i, (e, d, b, _) in enumerate(plan)
-              if e == ctx.engine and d == "float16" and b == ctx.p["batches_max"]), len(plan) - 1)
+    base = engine_setting(ctx.engine)[0]  # phase 1: through --engine's last float16 row at its largest batch
+    k = max((i for i, (e, d, b, _) in enumerate(plan)
+             if engine_setting(e)[0] == base and d == "float16" and b == ctx.p["batches_max"]), default=len(plan) - 1)
     plan.insert(k + 1, (ctx.engine, "float16", ctx.p["diagnostic_batch"], 0))
     plan = plan[:k + 2] if phase == 1 else plan[k + 2:]
     decoders: dict = {}
@@ -744,7 +746,7 @@ def section_compile(ctx, phase: int = 1) -> None:
     phase 1 the first of ``compile_runs``, phase 2 the rest."""
     sec = ctx.results.section("compile")
     sec["status"] = "running"
-    work = tiled(ctx.distinct, ctx.p["workload"])
+    work = tiled(ctx.distinct, min(ctx.p["workload"], ctx.p["compile_workload"]))  # transformers' generate(): slow
     inputs = inputs_of(work)
     secs = audio_s(work)
     sec["settings"] = dict(runs=[list(r) for r in ctx.p["compile_runs"]], cache_implementation="static",
@@ -1207,7 +1209,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.p["runs"] = tuple(run_of(x) for x in a.runs.split(",") if x)
     if a.compile_runs:
         ctx.p["compile_runs"] = pairs(a.compile_runs)
-    mine = [b for e, d, b in ctx.p["runs"] if e == a.engine and d == "float16"]
+    mine = [b for e, d, b in ctx.p["runs"] if engine_setting(e)[0] == engine_setting(a.engine)[0] and d == "float16"]
     ctx.p["batches_max"] = max(mine) if mine else 0
     if a.workload:
         ctx.p["workload"] = a.workload
