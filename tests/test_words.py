@@ -398,3 +398,19 @@ def test_the_time_warping_and_median_filter_are_transformers(shape):
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     x = torch.from_numpy(rng.normal(size=(3,) + shape).astype(np.float32))
     assert torch.equal(median_filter(x, 7), _median_filter(x, 7))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_text_that_fills_the_models_positions_is_timed_to_its_last_word(engine, tiny_model):
+    """A window cut short at the model's most tokens (448 positions less the prompt) leaves the alignment pass
+    no position for end-of-text: it is still timed, every word of its text, none past the audio (each engine
+    used to fail the batch there). Noise and no repetition rules: random weights then run to the limit."""
+    from krasr_batch.engines import MODEL_MAX_NEW_TOKENS
+
+    rng = np.random.default_rng(0)
+    audio = rng.normal(0, 0.1, SAMPLE_RATE * 29).astype(np.float32)
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine=engine, word_timestamps=True,
+                                     no_repeat_ngram_size=0, repetition_penalty=1.0), "cpu", 1)
+    out, = dec.decode([SegmentInput(audio, "kazakh", MODEL_MAX_NEW_TOKENS)])
+    assert out.truncated and out.num_tokens == MODEL_MAX_NEW_TOKENS  # the case itself, not a shorter text
+    _check_words([out], [audio])

@@ -37,6 +37,7 @@ import numpy as np
 
 from krasr_batch.audio import SAMPLE_RATE
 from krasr_batch.engines.base import (
+    MODEL_MAX_NEW_TOKENS,
     Decoder,
     SegmentOutput,
     default_batch_size,
@@ -180,6 +181,19 @@ def ct2_max_length(max_new_tokens: int, prompt_len: int) -> int:
     return max(2 * max_new_tokens, max_new_tokens + prompt_len - 1)
 
 
+def _beyond_room(text_idx: np.ndarray, time_idx: np.ndarray, probs: list[float], n: int):
+    """A DTW path over the first ``room`` text tokens and end-of-text, made a path over all ``n`` text tokens
+    and end-of-text: its end-of-text row is the one that predicts the next token (the decoder's rows do not
+    depend on what they predict), and the rows after it (the last tokens' and end-of-text's, for which the
+    model has no positions) sit at the path's last frame, so the last word ends where the path does. Each
+    token past the room takes the last known token's probability."""
+    extra = np.arange(text_idx[-1] + 1, n + 1)
+    text_idx = np.concatenate([text_idx, extra])
+    time_idx = np.concatenate([time_idx, np.full(len(extra), time_idx[-1])])
+    probs = probs + [probs[-1] if probs else 0.0] * (n - len(probs))
+    return text_idx, time_idx, probs
+
+
 class CTranslate2Decoder(Decoder):
     """One CTranslate2 model replica; ``decode(inputs)`` as the transformers engine's."""
 
@@ -297,17 +311,22 @@ class CTranslate2Decoder(Decoder):
         for i, (code, t) in enumerate(zip(codes, tokens)):
             if t:
                 by_code.setdefault(code, []).append(i)
+        # align() runs the 4-token prompt, the text and end-of-text through the decoder: a text that filled the
+        # model's positions (MODEL_MAX_NEW_TOKENS, cut short) leaves no position for end-of-text (_beyond_room)
+        room = MODEL_MAX_NEW_TOKENS - 1
         for code, idx in by_code.items():
             rows, keep = (encoded, None) if len(idx) == len(tokens) else self._rows(encoded, idx)
             aligned = self.model.align(rows, [gc.decoder_start_token_id, self.token_by_code[code], task],
-                                       [tokens[i] for i in idx], [num_frames(len(audios[i])) for i in idx],
+                                       [tokens[i][:room] for i in idx], [num_frames(len(audios[i])) for i in idx],
                                        median_filter_width=MEDIAN_FILTER_WIDTH)
             del keep
             for i, a in zip(idx, aligned):
                 path = np.asarray(a.alignments, dtype=np.int64).reshape(-1, 2)
-                out[i] = tuple(words_from_alignment(
-                    tokens[i], path[:, 0], path[:, 1], a.text_token_probs, self._word_decode, self.eos, code,
-                    len(audios[i]) / SAMPLE_RATE))
+                text_idx, time_idx, probs = path[:, 0], path[:, 1], list(a.text_token_probs)
+                if len(tokens[i]) > room:
+                    text_idx, time_idx, probs = _beyond_room(text_idx, time_idx, probs, len(tokens[i]))
+                out[i] = tuple(words_from_alignment(tokens[i], text_idx, time_idx, probs, self._word_decode, self.eos,
+                                                    code, len(audios[i]) / SAMPLE_RATE))
         return out
 
     def _rows(self, encoded, idx: list[int]):

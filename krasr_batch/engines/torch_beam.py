@@ -944,8 +944,10 @@ class TorchBeamDecoder(Decoder):
         if not idx:
             return out
         prompts = [self._prompt(codes[i]) for i in idx]
-        width = max(len(p) + len(texts[i]) + 1 for p, i in zip(prompts, idx))
-        rows = [p + texts[i] + [self.eos] * (width - len(p) - len(texts[i])) for p, i in zip(prompts, idx)]
+        # a window whose text filled the model's positions has no place for end-of-text: it goes without it
+        # (that row only enters the normalisation, not the rows DTW aligns)
+        width = min(max(len(p) + len(texts[i]) + 1 for p, i in zip(prompts, idx)), self.stack.max_positions)
+        rows = [(p + texts[i] + [self.eos] * (width - len(p) - len(texts[i])))[:width] for p, i in zip(prompts, idx)]
         dev = self.stack.device
         sub = cross
         if len(idx) < len(texts):  # the windows with text only

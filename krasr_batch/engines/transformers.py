@@ -138,7 +138,9 @@ class WhisperDecoder(Decoder):
         import torch
 
         n = len(spans)
-        width = max(end for _, end, _, _ in spans) + 1
+        # a row that filled the model's positions has no place for end-of-text: it goes without it (that row
+        # only enters the normalisation, not the rows DTW aligns)
+        width = min(max(end for _, end, _, _ in spans) + 1, self.model.config.max_target_positions)
         ids = torch.full((n, width), self.eos, dtype=torch.long, device=seqs.device)
         for b, (_, end, _, _) in enumerate(spans):
             ids[b, :end] = seqs[b, :end]  # prompt and text, then end-of-text (padding after it is causal-safe)
