@@ -50,7 +50,7 @@ def choose_engine(use_gpu: bool, dtype: str = "auto") -> tuple[str, str]:
 
     - CPUs that multiply bfloat16 natively (AMX or AVX512-BF16, read from this machine's /proc/cpuinfo): torch
       (engines/torch_beam.py), 1.4 to 1.9 times CTranslate2's speed there with the same error rates (issue
-      12's "Fifth round"); with ``--word-timestamps`` too (1.3x CTranslate2's speed with them, the same
+      12's "Fifth round"); with ``--word-timestamps`` too (1.57x CTranslate2's speed with them, the same
       boundary errors: block ``words-cost``). It has no int8: with a ``--dtype`` other than auto and
       bfloat16, ctranslate2 (as measured before it). A node of a cluster whose CPU lacks
       those units runs the torch engine in float32, at about CTranslate2's speed.
