@@ -555,6 +555,55 @@ class _AliveCount:
             self.queued.clear()
 
 
+def _start(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], beams: int,
+           suppress, begin_suppress, zeroed: bool = False):
+    """The device searches' state after the prompt step, in one namespace that dropping ended windows
+    (:func:`_drop_ended`) replaces: the rows' tokens (``seqs``, prompt then ``steps`` columns), caches,
+    logits and scores (step 1 expands beam 0 only), the held windows (``ids``, ``active``, ``own``: each
+    beam's own row), the cross-attention keys and values, and the batch's shape and suppressed tokens."""
+    import types
+
+    import torch
+
+    k = beams
+    dev = stack.device
+    n_win, plen, limits = _batch(stack, prompts, limits)
+    steps = max(limits)
+    st = types.SimpleNamespace(n_win=n_win, plen=plen, limits=limits, steps=steps, cross=cross, seen=None,
+                               cache=stack.new_cache(n_win * k, plen + steps, zeroed=zeroed))
+    st.seqs = torch.zeros(n_win * k, plen + steps, dtype=torch.long, device=dev)
+    st.seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
+    st.logits = stack.step(st.seqs[:, :plen], 0, st.cache, cross, k)
+    st.scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)
+    st.suppress = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
+    st.begin = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
+    st.ids = torch.arange(n_win, device=dev)
+    st.own = torch.arange(n_win * k, device=dev).view(n_win, k)
+    st.active = torch.ones(n_win, dtype=torch.bool, device=dev)
+    return st
+
+
+def _drop_ended(st, beams: int) -> bool:
+    """Keeps only the windows still decoding (one wait for the device): their rows, caches, cross-attention
+    and what else the state holds for them. False when none is left."""
+    import torch
+
+    keep = st.active.nonzero().squeeze(1)  # waits for the step: what is known now, not what was queued
+    if len(keep) == 0:
+        return False
+    k = beams
+    rk = (keep[:, None] * k + torch.arange(k, device=keep.device)[None, :]).reshape(-1)
+    st.ids, st.active, st.seqs, st.scores = st.ids[keep], st.active[keep], st.seqs[rk], st.scores[rk]
+    if st.logits is not None:
+        st.logits = st.logits[rk]
+    if st.seen is not None:
+        st.seen = st.seen[rk]
+    st.cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in st.cache]
+    st.cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in st.cross]
+    st.own = torch.arange(len(keep) * k, device=keep.device).view(len(keep), k)
+    return True
+
+
 def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                        beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                        suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
@@ -575,54 +624,41 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
     dev = stack.device
     if compact_below is None:
         compact_below = COMPACT_BELOW if dev.type != "cpu" else 1.0
-    n_win, plen, limits = _batch(stack, prompts, limits)
-    steps = max(limits)
-    cache = stack.new_cache(n_win * k, plen + steps)
-    seqs = torch.zeros(n_win * k, plen + steps, dtype=torch.long, device=dev)
-    seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
-    logits = stack.step(seqs[:, :plen], 0, cache, cross, k)
-    vocab = logits.shape[1]
-    scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1 expands beam 0 only
-    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
-    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
-    ended = _EndedOnDevice(n_win, k, steps, plen, limits, eos, dev)
+    st = _start(stack, cross, prompts, limits, k, suppress, begin_suppress)
+    plen, steps = st.plen, st.steps
+    vocab = st.logits.shape[1]
+    ended = _EndedOnDevice(st.n_win, k, steps, plen, st.limits, eos, dev)
     alive_count = _AliveCount(dev)
-    ids = torch.arange(n_win, device=dev)  # the held windows' indices in the batch
-    active = torch.ones(n_win, dtype=torch.bool, device=dev)
     n_t = torch.ones(1, dtype=torch.long, device=dev)  # the step number, on the device
-    held = n_win
+    held = st.n_win
     for n in range(1, steps + 1):
         cur = plen + n - 1
-        w = ids.shape[0]
-        _process_logits(logits, seqs, cur, n == 1, repetition_penalty, no_repeat_ngram_size, suppress_t, begin_t)
-        total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(w, k * vocab)
+        w = st.ids.shape[0]
+        _process_logits(st.logits, st.seqs, cur, n == 1, repetition_penalty, no_repeat_ngram_size, st.suppress,
+                        st.begin)
+        total = (torch.log_softmax(st.logits, -1, dtype=torch.float32) + st.scores[:, None]).view(w, k * vocab)
+        st.logits = None  # used: a drop below need not keep it
         top_s, top_i = total.topk(2 * k, dim=1)
-        nsrc, ntok, nscore, active = ended.choose(top_s, top_i, vocab, seqs, ids, active, n_t)
+        nsrc, ntok, nscore, st.active = ended.choose(top_s, top_i, vocab, st.seqs, st.ids, st.active, n_t)
         if n == steps:  # every window has reached its limit
             break
-        own = torch.arange(w * k, device=dev).view(w, k)
-        rows = torch.where(active[:, None], nsrc, own).reshape(-1)
-        seqs = seqs.index_select(0, rows)
-        seqs[:, cur] = ntok.reshape(-1)
-        for ck, cv in cache:
+        rows = torch.where(st.active[:, None], nsrc, st.own).reshape(-1)
+        st.seqs = st.seqs.index_select(0, rows)
+        st.seqs[:, cur] = ntok.reshape(-1)
+        for ck, cv in st.cache:
             ck[:, :, :cur] = ck[:, :, :cur].index_select(0, rows)
             cv[:, :, :cur] = cv[:, :, :cur].index_select(0, rows)
-        scores = torch.where(active[:, None], nscore, -math.inf).reshape(-1)
+        st.scores = torch.where(st.active[:, None], nscore, -math.inf).reshape(-1)
         n_t += 1
-        alive = alive_count(active, held)
+        alive = alive_count(st.active, held)
         if alive == 0:
             break
         if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
-            keep = active.nonzero().squeeze(1)  # waits for the step: what is known now, not what was queued
-            if len(keep) == 0:
+            if not _drop_ended(st, k):
                 break
-            rk = (keep[:, None] * k + ended.ranks[None, :]).reshape(-1)
-            ids, active, seqs, scores = ids[keep], active[keep], seqs[rk], scores[rk]
-            cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in cache]
-            cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in cross]
-            held = len(keep)
+            held = st.ids.shape[0]
             alive_count.drop_queued()
-        logits = stack.step(seqs[:, cur:cur + 1], cur, cache, cross, k)
+        st.logits = stack.step(st.seqs[:, cur:cur + 1], cur, st.cache, st.cross, k)
     return ended.results()
 
 
@@ -687,7 +723,6 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     dropped (one wait) and the graphs captured again for the rest, and the search stops once none is left.
     Without ``graphs`` the same steps run one kernel at a time (on a CPU: the tests)."""
     import functools
-    import types
 
     import torch
 
@@ -697,28 +732,18 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
         graphs = dev.type == "cuda"
     if compact_below is None:
         compact_below = GRAPH_COMPACT_BELOW if dev.type != "cpu" else 1.0
-    n_win, plen, limits = _batch(stack, prompts, limits)
-    steps = max(limits)
+    # what the steps update in place, held in one namespace so that dropping ended windows can replace it
+    st = _start(stack, cross, prompts, limits, k, suppress, begin_suppress, zeroed=True)
+    plen, steps = st.plen, st.steps
     length = plen + steps
-    # what the steps update in place, held here so that dropping ended windows can replace it
-    st = types.SimpleNamespace(cache=stack.new_cache(n_win * k, length, zeroed=True), cross=cross)
-    st.seqs = torch.zeros(n_win * k, length, dtype=torch.long, device=dev)
-    st.seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
-    st.logits = stack.step(st.seqs[:, :plen], 0, st.cache, cross, k)
     vocab = st.logits.shape[1]
-    st.scores = torch.tensor([0.0] + [-math.inf] * (k - 1), device=dev).repeat(n_win)  # step 1: beam 0 only
-    suppress_t = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=dev)
-    begin_t = torch.tensor(sorted(set(begin_suppress)), dtype=torch.long, device=dev)
-    st.seen = None  # the tokens each row holds, for the repetition penalty
-    if repetition_penalty != 1.0:
-        st.seen = torch.zeros(n_win * k, vocab, dtype=torch.bool, device=dev).scatter_(1, st.seqs[:, :plen], True)
+    suppress_t, begin_t = st.suppress, st.begin
+    if repetition_penalty != 1.0:  # the tokens each row holds, for the repetition penalty
+        st.seen = torch.zeros(st.n_win * k, vocab, dtype=torch.bool, device=dev).scatter_(1, st.seqs[:, :plen], True)
     m = no_repeat_ngram_size if no_repeat_ngram_size <= length else 0  # none longer than a row is ever complete
     gram_at = torch.arange(length - m + 1, device=dev) if m else None  # each n-gram's first position
     back = torch.arange(m - 1, device=dev) if m else None
-    ended = _EndedOnDevice(n_win, k, steps, plen, limits, eos, dev)
-    st.ids = torch.arange(n_win, device=dev)  # the held windows' indices in the batch
-    st.own = torch.arange(n_win * k, device=dev).view(n_win, k)
-    st.active = torch.ones(n_win, dtype=torch.bool, device=dev)
+    ended = _EndedOnDevice(st.n_win, k, steps, plen, st.limits, eos, dev)
     n_t = torch.ones(1, dtype=torch.long, device=dev)  # the step number, on the device
 
     def step(first: bool, span: int, decode: bool) -> None:
@@ -765,7 +790,7 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     captured: dict = {}
     pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: no graph's memory outlives its replay
     side = None  # the stream the warm-ups and captures run on
-    held = n_win
+    held = st.n_win
     step(True, span_of(1), steps > 1)
     for n in range(2, steps + 1):
         decode = n < steps
@@ -787,18 +812,9 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
         if alive == 0:
             break
         if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
-            keep = st.active.nonzero().squeeze(1)  # waits for the step: what is known now, not what was queued
-            if len(keep) == 0:
+            if not _drop_ended(st, k):
                 break
-            rk = (keep[:, None] * k + ended.ranks[None, :]).reshape(-1)
-            st.ids, st.active, st.seqs, st.scores, st.logits = (
-                st.ids[keep], st.active[keep], st.seqs[rk], st.scores[rk], st.logits[rk])
-            if st.seen is not None:
-                st.seen = st.seen[rk]
-            st.cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in st.cache]
-            st.cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in st.cross]
-            held = len(keep)
-            st.own = torch.arange(held * k, device=dev).view(held, k)
+            held = st.ids.shape[0]
             captured.clear()  # they step the tensors just replaced
             alive_count.drop_queued()
     return ended.results()
