@@ -451,13 +451,12 @@ def equal_counts(a: list, b: list) -> dict:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-SEARCHES = ("host", "device", "graphed")
-
-
 def compare_searches(dec, inputs, mine: list, device: str) -> dict:
     """For the torch engine: each search other than ``host`` against the host search on ``inputs`` (``mine``:
     ``dec``'s own search's outputs), {search: equal_counts and seconds, or the error}; {} for other engines.
     A search that fails (a CUDA graph that cannot be captured, say) is an error row, not a failed section."""
+    from krasr_batch.engines.torch_beam import SEARCHES
+
     own = getattr(dec, "search", None)
     if own is None:
         return {}
@@ -467,7 +466,9 @@ def compare_searches(dec, inputs, mine: list, device: str) -> dict:
         if "host" not in runs:
             dec.search = "host"
             runs["host"], _ = decode_timed(dec, inputs, device)
-        for search in SEARCHES[1:]:
+        for search in SEARCHES:
+            if search == "host":
+                continue
             try:
                 secs = float("nan")
                 if search not in runs:
@@ -696,7 +697,7 @@ def section_b(ctx, phase: int = 1) -> None:
                 free_memory(ctx.device)
                 decoders[base, dtype] = load(ctx, ctx.model, ctx.device, dtype, batch, engine=base)
             dec = decoders[base, dtype]
-            if search is not None or hasattr(dec, "search"):
+            if hasattr(dec, "search"):  # the torch engine: this row's search, the host search for plain "torch"
                 dec.search = search or "host"
             if (engine, dtype) not in warm:
                 decode_timed(dec, inputs[:batch], ctx.device)  # warm-up: kernels, allocator
@@ -827,7 +828,8 @@ def section_c(ctx) -> None:
         log.info("c %s", row)
         ctx.results.save()
 
-    # krasr-batch on the same files (its planned segments), float16 batch 64: --engine's, then transformers'
+    # krasr-batch on the same files (its planned segments), float16 batch 64: --engine's, the graphed search's,
+    # --engine's with word timestamps, then transformers'
     inputs = None
     for engine, words in dict.fromkeys(((ctx.engine, False), ("torch-graphed", False), (ctx.engine, True),
                                         ("transformers", False))):
