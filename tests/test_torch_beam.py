@@ -52,7 +52,7 @@ def _search(model, stack, encoded, prompts, limits, search=beam_search, **kw):
     with torch.inference_mode():
         cross = stack.cross(torch.from_numpy(encoded).to(stack.dtype))
         return search(stack, cross, prompts, limits, eos=gc["eos_token_id"], suppress=gc["suppress_tokens"],
-                           begin_suppress=gc["begin_suppress_tokens"], **SETTINGS, **kw)
+                      begin_suppress=gc["begin_suppress_tokens"], **{**SETTINGS, **kw})
 
 
 def _clips(corpus, n: int, step: int = 5) -> list[np.ndarray]:
@@ -240,12 +240,8 @@ def test_the_device_searches_at_other_settings(tiny_model, beams, repetition_pen
     prompts = [_prompt(tiny_model, lang) for lang in ("kk", "ru", "en")]
     stack = WhisperDecoderStack(tiny_model, "float32")
     kw = dict(beams=beams, repetition_penalty=repetition_penalty, no_repeat_ngram_size=ngram)
-    gc = _config(tiny_model)
-    with torch.inference_mode():
-        cross = stack.cross(torch.from_numpy(encoded))
-        runs = [search(stack, cross, prompts, [7, 30, 12], eos=gc["eos_token_id"], suppress=gc["suppress_tokens"],
-                       begin_suppress=gc["begin_suppress_tokens"], **kw)
-                for search in (beam_search, beam_search_device, beam_search_graphed)]
+    runs = [_search(tiny_model, stack, encoded, prompts, [7, 30, 12], search=search, **kw)
+            for search in (beam_search, beam_search_device, beam_search_graphed)]
     _same_results(runs[1], runs[0])
     _same_results(runs[2], runs[0])
 
