@@ -171,8 +171,8 @@ def aggregate(scores: Iterable[PairScore], hallucination_like: int = 0) -> Metri
 
 def _open_text(path: str) -> io.TextIOBase:
     if is_uri(path):
-        return io.TextIOWrapper(open_input_stream(path), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(open_input_stream(path), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _ref_line(path: str, lineno: int, line: str) -> tuple[str, str | None]:

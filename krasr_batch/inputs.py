@@ -155,9 +155,10 @@ def expand_glob(pattern: str) -> list[str]:
 
 
 def _open_text(source: str):
+    # utf-8-sig: a byte-order mark opening the file (Excel's "CSV UTF-8", PowerShell 5's UTF8) is not content
     if is_uri(source):
-        return io.TextIOWrapper(open_input_stream(source), encoding="utf-8", newline="")
-    return open(os.path.expanduser(source), encoding="utf-8", newline="")
+        return io.TextIOWrapper(open_input_stream(source), encoding="utf-8-sig", newline="")
+    return open(os.path.expanduser(source), encoding="utf-8-sig", newline="")
 
 
 def _open_or_fail(source: str):

@@ -222,6 +222,11 @@ def test_eval_refs_manifest(out: Path, tmp_path: Path):
     assert data["overall"]["files"] == 2
     assert data["overall"]["wer"] == pytest.approx(1 / 7)  # one deletion over 4 + 3 reference words
     assert "1 references have no file" in r.stderr and "skipped 3" in r.stderr
+    marked = tmp_path / "refs-bom.jsonl"  # opened with a byte-order mark (PowerShell 5's UTF8): the same figures
+    marked.write_bytes(b"\xef\xbb\xbf" + refs.read_bytes())
+    again = invoke("eval", str(out), "--refs", str(marked), "--format", "json", "--by", "none")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == data
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n', encoding="utf-8")

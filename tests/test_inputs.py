@@ -102,6 +102,21 @@ def test_csv_errors_are_one_line_naming_the_file(tmp_path):
         list(iter_manifest(str(f)))
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_not_content(tmp_path):
+    """Excel's "CSV UTF-8" and PowerShell 5 open a file with a byte-order mark; Windows ends lines with CRLF."""
+    plain = {"m.csv": "path,id,text\na.wav,one,Бірінші\nb.wav,two,\n",
+             "m.jsonl": '{"path": "a.wav", "id": "one", "text": "Бірінші"}\n\n{"path": "b.wav", "id": "two"}\n'}
+    for name, text in plain.items():
+        f, marked = tmp_path / name, tmp_path / f"bom-{name}"
+        f.write_text(text, encoding="utf-8")
+        marked.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+        jobs = [(j.file_id, j.reference_text, j.line, os.path.basename(j.path)) for j in iter_manifest(str(marked))]
+        assert jobs == [("one", "Бірінші", 2 if name.endswith("csv") else 1, "a.wav"),
+                        ("two", None, 3, "b.wav")], name
+        assert jobs == [(j.file_id, j.reference_text, j.line, os.path.basename(j.path))
+                        for j in iter_manifest(str(f))]
+
+
 def test_parquet_table(tmp_path, corpus):
     f = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": ["clips/ru_000.wav", str(corpus / "clips" / "ru_001.flac")],
