@@ -604,6 +604,21 @@ def _drop_ended(st, beams: int) -> bool:
     return True
 
 
+def _still_decoding(st, alive_count: _AliveCount, compact_below: float, beams: int) -> bool:
+    """After a step of the device searches: whether any window is still decoding, as far as the host knows
+    without waiting (:class:`_AliveCount`); once those still decoding fall below ``compact_below`` of those
+    held, the ended windows are dropped (:func:`_drop_ended`: one wait, and ``st`` holds new tensors)."""
+    held = st.ids.shape[0]
+    alive = alive_count(st.active, held)
+    if alive == 0:
+        return False
+    if alive < compact_below * held:
+        if not _drop_ended(st, beams):
+            return False
+        alive_count.drop_queued()
+    return True
+
+
 def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], limits: list[int], *,
                        beams: int, eos: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                        suppress: tuple[int, ...] = (), begin_suppress: tuple[int, ...] = (),
@@ -630,7 +645,6 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
     ended = _EndedOnDevice(st.n_win, k, steps, plen, st.limits, eos, dev)
     alive_count = _AliveCount(dev)
     n_t = torch.ones(1, dtype=torch.long, device=dev)  # the step number, on the device
-    held = st.n_win
     for n in range(1, steps + 1):
         cur = plen + n - 1
         w = st.ids.shape[0]
@@ -650,14 +664,8 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
             cv[:, :, :cur] = cv[:, :, :cur].index_select(0, rows)
         st.scores = torch.where(st.active[:, None], nscore, -math.inf).reshape(-1)
         n_t += 1
-        alive = alive_count(st.active, held)
-        if alive == 0:
+        if not _still_decoding(st, alive_count, compact_below, k):
             break
-        if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
-            if not _drop_ended(st, k):
-                break
-            held = st.ids.shape[0]
-            alive_count.drop_queued()
         st.logits = stack.step(st.seqs[:, cur:cur + 1], cur, st.cache, st.cross, k)
     return ended.results()
 
@@ -790,7 +798,6 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     captured: dict = {}
     pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: no graph's memory outlives its replay
     side = None  # the stream the warm-ups and captures run on
-    held = st.n_win
     step(True, span_of(1), steps > 1)
     for n in range(2, steps + 1):
         decode = n < steps
@@ -808,15 +815,11 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
             step(False, span, decode)
         if not decode:
             break
-        alive = alive_count(st.active, held)
-        if alive == 0:
+        ids = st.ids
+        if not _still_decoding(st, alive_count, compact_below, k):
             break
-        if alive < compact_below * held:  # drop the ended windows: their rows, caches and cross-attention
-            if not _drop_ended(st, k):
-                break
-            held = st.ids.shape[0]
-            captured.clear()  # they step the tensors just replaced
-            alive_count.drop_queued()
+        if st.ids is not ids:  # ended windows dropped: the graphs step the tensors just replaced
+            captured.clear()
     return ended.results()
 
 
