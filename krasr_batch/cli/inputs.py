@@ -13,8 +13,7 @@ from typing import Any
 import click
 
 from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed
-from krasr_batch.cli.run import GLOB, run
-from krasr_batch.settings import build_settings, load_preset
+from krasr_batch.cli.run import GLOB, job_settings, run
 
 # the run options a plan takes: where to read and write, the segmentation, and where to run
 _PLAN_OPTIONS = ("out", "job", "language", "token_limit", "max_segment_s", "address", "num_cpus", "input_root",
@@ -55,22 +54,7 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
     from krasr_batch.manifest import ManifestError
     from krasr_batch.pipeline import RunAborted, SettingsMismatch, format_plan, plan
 
-    options: dict[str, Any] = {}
-    if job:
-        try:
-            options.update(load_preset(job))
-        except ValueError as e:
-            raise BadUsage(str(e)) from None
-    options.update({k: v for k, v in flags.items() if v is not None})
-    out = out or options.pop("out", None)
-    options.pop("manifest", None)
-    options.pop("out", None)
-    if not out:
-        raise click.UsageError("give --out DIR")
-    try:
-        settings = build_settings(options)
-    except (TypeError, ValueError) as e:
-        raise BadUsage(str(e)) from None
+    manifest, out, settings = job_settings(job, flags, manifest, out)
     from krasr_batch.cli.quiet import quiet_ray
 
     verbose = click.get_current_context().find_root().params.get("verbose", 0) > 0

@@ -94,27 +94,9 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     from krasr_batch.pipeline import ModelUnavailable, RunAborted, SettingsMismatch
     from krasr_batch.pipeline import run as run_pipeline
 
-    options: dict[str, Any] = {}
-    if job:
-        try:
-            options.update(load_preset(job))
-        except ValueError as e:
-            raise BadUsage(str(e)) from None
     if flags.pop("no_token_limit"):
         flags["token_limit"] = "none"
-    options.update({k: v for k, v in flags.items() if v is not None})
-    manifest = manifest or options.pop("manifest", None)
-    out = out or options.pop("out", None)
-    options.pop("manifest", None)
-    options.pop("out", None)
-    if not manifest:
-        raise click.UsageError("give a MANIFEST (or a --job preset that names one)")
-    if not out:
-        raise click.UsageError("give --out DIR (or a --job preset that names one)")
-    try:
-        settings = build_settings(options)
-    except (TypeError, ValueError) as e:
-        raise BadUsage(str(e)) from None
+    manifest, out, settings = job_settings(job, flags, manifest, out)
     verbose = click.get_current_context().find_root().params.get("verbose", 0) > 0
     console = None
     try:
@@ -136,6 +118,31 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     mark_done()  # committed, Ray shut down, summary printed: nothing left for the exit to do
     if stats.output_failed:
         raise FilesFailed()
+
+
+def job_settings(job: str | None, flags: dict[str, Any], manifest: str | None,
+                 out: str | None) -> tuple[str, str, Any]:
+    """(manifest, out, settings) of a command: the --job preset's options, then the flags given (those not
+    given are None); MANIFEST and --out as given, else as the preset names them."""
+    options: dict[str, Any] = {}
+    if job:
+        try:
+            options.update(load_preset(job))
+        except ValueError as e:
+            raise BadUsage(str(e)) from None
+    options.update({k: v for k, v in flags.items() if v is not None})
+    manifest = manifest or options.get("manifest")
+    out = out or options.get("out")
+    options.pop("manifest", None)
+    options.pop("out", None)
+    if not manifest:
+        raise click.UsageError("give a MANIFEST (or a --job preset that names one)")
+    if not out:
+        raise click.UsageError("give --out DIR (or a --job preset that names one)")
+    try:
+        return manifest, out, build_settings(options)
+    except (TypeError, ValueError) as e:
+        raise BadUsage(str(e)) from None
 
 
 def _ray_problems(console) -> None:
