@@ -183,14 +183,30 @@ def test_the_fixed_shape_search_gives_the_host_searchs_results(tiny_model, fused
     _same_results(one, _search(tiny_model, stack, encoded[1:2], prompts[1:2], [1]))
 
 
+def _addresses(st) -> dict:
+    """Where each tensor of a graphed search's state lives: a CUDA graph reads and writes those addresses."""
+    out = {}
+    for name, value in vars(st).items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.data_ptr()
+        elif isinstance(value, list) and value and isinstance(value[0], tuple):  # caches, cross-attention
+            out[name] = [t.data_ptr() for pair in value for t in pair]
+    return out
+
+
 class _ReplayedCalls:
-    """Stands in for a CUDA graph on the CPU: nothing runs at capture, each replay runs the captured call."""
+    """Stands in for a CUDA graph on the CPU: nothing runs at capture, each replay runs the captured call,
+    and only where the search's state holds the tensors it held at capture (a graph replays addresses)."""
 
     def __init__(self, fn, counts):
         self.fn, self.counts = fn, counts
+        cells = [c.cell_contents for c in fn.func.__closure__]
+        self.st = next(c for c in cells if hasattr(c, "spare"))
+        self.addresses = _addresses(self.st)
         counts["captured"] += 1
 
     def replay(self):
+        assert _addresses(self.st) == self.addresses, "a replay would step other tensors than its capture"
         self.counts["replayed"] += 1
         self.fn()
 
@@ -224,9 +240,10 @@ def test_the_graphed_search_replays_what_it_captured(tiny_model, monkeypatch, co
     got = _search(tiny_model, stack, encoded, prompts, limits, search=beam_search_graphed, graphs=True,
                   compact_below=compact_below)
     _same_results(got, want)
-    # 60 steps + a 4-token prompt: spans 32 and 64; dropping at half (after step 17, 2 of 6 windows left;
-    # after step 40, 1 of 2 is not below half) captures span 32 again
-    assert counts["captured"] == (2 if compact_below == 0.0 else 3), counts
+    # 60 steps + a 4-token prompt: spans 32 and 64, each captured twice (a step reads one cache and writes
+    # the other, each way); dropping at half (after step 17, 2 of 6 windows left; after step 40, 1 of 2 is
+    # not below half) captures span 32 again
+    assert counts["captured"] == (4 if compact_below == 0.0 else 6), counts
     assert counts["replayed"] >= 50, counts
 
 

@@ -560,7 +560,12 @@ def _start(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], li
     """The device searches' state after the prompt step, in one namespace that dropping ended windows
     (:func:`_drop_ended`) replaces: the rows' tokens (``seqs``, prompt then ``steps`` columns), caches,
     logits and scores (step 1 expands beam 0 only), the held windows (``ids``, ``active``, ``own``: each
-    beam's own row), the cross-attention keys and values, and the batch's shape and suppressed tokens."""
+    beam's own row), the cross-attention keys and values, and the batch's shape and suppressed tokens.
+
+    The self-attention keys and values are two caches of the same shape, ``cache`` (what the last step wrote)
+    and ``spare``: a step gathers each row's history from ``cache`` straight into ``spare``
+    (:func:`_reorder`), writes its own position there, and the two change places. ``zeroed``: where
+    positions not yet written are read (masked), so that none holds NaN."""
     import types
 
     import torch
@@ -570,7 +575,8 @@ def _start(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], li
     n_win, plen, limits = _batch(stack, prompts, limits)
     steps = max(limits)
     st = types.SimpleNamespace(n_win=n_win, plen=plen, limits=limits, steps=steps, cross=cross, seen=None,
-                               cache=stack.new_cache(n_win * k, plen + steps, zeroed=zeroed))
+                               zeroed=zeroed, cache=stack.new_cache(n_win * k, plen + steps, zeroed=zeroed),
+                               spare=stack.new_cache(n_win * k, plen + steps, zeroed=zeroed))
     st.seqs = torch.zeros(n_win * k, plen + steps, dtype=torch.long, device=dev)
     st.seqs[:, :plen] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(k, 0).to(dev)
     st.logits = stack.step(st.seqs[:, :plen], 0, st.cache, cross, k)
@@ -581,6 +587,17 @@ def _start(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]], li
     st.own = torch.arange(n_win * k, device=dev).view(n_win, k)
     st.active = torch.ones(n_win, dtype=torch.bool, device=dev)
     return st
+
+
+def _reorder(st, rows, span: int) -> None:
+    """Each row's self-attention history (its first ``span`` positions) from the row ``rows`` names, gathered
+    from ``st.cache`` into ``st.spare`` in one pass; the caller swaps the two once the step has run. In place,
+    ``cache[:span] = cache[:span][rows]`` reads and writes the history twice (into a temporary, then back)."""
+    import torch
+
+    for (ck, cv), (sk, sv) in zip(st.cache, st.spare):
+        torch.index_select(ck[:, :, :span], 0, rows, out=sk[:, :, :span])
+        torch.index_select(cv[:, :, :span], 0, rows, out=sv[:, :, :span])
 
 
 def _drop_ended(st, beams: int) -> bool:
@@ -599,6 +616,8 @@ def _drop_ended(st, beams: int) -> bool:
     if st.seen is not None:
         st.seen = st.seen[rk]
     st.cache = [(ck.index_select(0, rk), cv.index_select(0, rk)) for ck, cv in st.cache]
+    new = torch.zeros_like if st.zeroed else torch.empty_like
+    st.spare = [(new(ck), new(cv)) for ck, cv in st.cache]
     st.cross = [(xk.index_select(0, keep), xv.index_select(0, keep)) for xk, xv in st.cross]
     st.own = torch.arange(len(keep) * k, device=keep.device).view(len(keep), k)
     return True
@@ -659,9 +678,8 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
         rows = torch.where(st.active[:, None], nsrc, st.own).reshape(-1)
         st.seqs = st.seqs.index_select(0, rows)
         st.seqs[:, cur] = ntok.reshape(-1)
-        for ck, cv in st.cache:
-            ck[:, :, :cur] = ck[:, :, :cur].index_select(0, rows)
-            cv[:, :, :cur] = cv[:, :, :cur].index_select(0, rows)
+        _reorder(st, rows, cur)
+        st.cache, st.spare = st.spare, st.cache
         st.scores = torch.where(st.active[:, None], nscore, -math.inf).reshape(-1)
         n_t += 1
         if not _still_decoding(st, alive_count, compact_below, k):
@@ -676,7 +694,7 @@ GRAPH_SPAN = 32
 
 # how the graphed search captures: directly (CUDAGraph.capture_begin/end on its side stream) until that
 # fails once in this process, then through torch.cuda.graph, which first waits for the device and empties the
-# allocator's cache, each capture (4 or 5 a batch)
+# allocator's cache, each capture (8 to 10 a batch)
 _DIRECT_CAPTURE = {"ok": True}
 
 
@@ -724,8 +742,9 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     windows' scored -inf), the state lives in tensors updated in place, the step number is a tensor, the
     repetition penalty reads a per-row table of the tokens seen, the n-gram ban masks the n-grams not yet
     written, and the self-attention spans the cache's first L positions (masked after the step's own,
-    :meth:`WhisperDecoderStack.step_at`), L growing by :data:`GRAPH_SPAN`: one graph per L, captured after a
-    step run as it is (the warm-up the capture needs) and replayed for the steps after. The host counts the
+    :meth:`WhisperDecoderStack.step_at`), L growing by :data:`GRAPH_SPAN`. A step reads one of the two
+    caches and writes the other (:func:`_reorder`), so each L has two graphs, one each way, each captured
+    after a step run as it is (the warm-up the capture needs) and replayed for the steps after. The host counts the
     windows still decoding without waiting (:class:`_AliveCount`); once they fall below ``compact_below`` of
     those held (default :data:`GRAPH_COMPACT_BELOW` on a GPU, at once on a CPU) the ended windows are
     dropped (one wait) and the graphs captured again for the rest, and the search stops once none is left.
@@ -784,11 +803,9 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
         if st.seen is not None:
             st.seen.copy_(st.seen.index_select(0, rows))
             st.seen.scatter_(1, ntok.reshape(-1, 1), True)
-        for ck, cv in st.cache:
-            ck[:, :, :span] = ck[:, :, :span].index_select(0, rows)
-            cv[:, :, :span] = cv[:, :, :span].index_select(0, rows)
+        _reorder(st, rows, span)  # into st.spare: the loop swaps the caches after the step
         st.scores.copy_(torch.where(active[:, None], nscore, -math.inf).reshape(-1))
-        st.logits.copy_(stack.step_at(seqs.index_select(1, cur_t), cur_t, st.cache, st.cross, k, span))
+        st.logits.copy_(stack.step_at(seqs.index_select(1, cur_t), cur_t, st.spare, st.cross, k, span))
         n_t.add_(1)
 
     def span_of(n: int) -> int:  # step n writes position plen + n - 1 and attends up to it
@@ -799,22 +816,25 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
     pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: no graph's memory outlives its replay
     side = None  # the stream the warm-ups and captures run on
     step(True, span_of(1), steps > 1)
+    st.cache, st.spare = st.spare, st.cache
     for n in range(2, steps + 1):
         decode = n < steps
         span = span_of(n)
-        if graphs and decode and span in captured:
-            captured[span].replay()
+        key = (span, n % 2)  # a step reads one cache and writes the other: each span has a graph each way
+        if graphs and decode and key in captured:
+            captured[key].replay()
         elif graphs and decode:
             side = side or torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 step(False, span, True)  # this step, run as it is: the warm-up before the capture
             torch.cuda.current_stream().wait_stream(side)
-            captured[span] = _capture(functools.partial(step, False, span, True), pool, side)  # recorded, not run
+            captured[key] = _capture(functools.partial(step, False, span, True), pool, side)  # recorded, not run
         else:
             step(False, span, decode)
         if not decode:
             break
+        st.cache, st.spare = st.spare, st.cache
         ids = st.ids
         if not _still_decoding(st, alive_count, compact_below, k):
             break
