@@ -34,6 +34,17 @@ KEEP_AUDIO_S = 600.0  # files up to this long are kept in memory between VAD and
 BREAK_FILL = 0.8
 BREAK_MIN_PAUSE_S = 0.3
 VAD_PAD_MS = 30  # Silero's own padding of each speech span
+# Quiet files. Silero VAD and Whisper both hear level: Whisper's log-mel features are absolute (a file 25 dB
+# down reads as other features), and the VAD stops finding speech whose loudest 32 ms is below about
+# -55 dBFS. Measured with whisper-base on the corpus's 20 Russian clips (loudest frames -10 to -14 dBFS)
+# lowered by 25 / 35 / 50 dB: CER 55.0 / 59.8 / 82.0 % as they are (at -50 dB the VAD found 6.9 of 55 s of
+# speech), 50.6 / 49.7 / 49.2 % raised (50.6 % at their own level; BENCHMARKS.md, "Quiet recordings"). So a file
+# whose loudest frame is below QUIET_BELOW_DBFS is raised to put it at QUIET_TARGET_DBFS, by at most
+# SegmentOptions.max_gain_db, for the VAD and the model alike; one at or below SILENT_DBFS is silence (a
+# 16-bit file's dither), left as it is. Speech at an ordinary level is never touched: the card's input.
+QUIET_BELOW_DBFS = -25.0
+QUIET_TARGET_DBFS = -15.0
+SILENT_DBFS = -90.0
 
 
 def _silero_data() -> Path:
@@ -280,6 +291,7 @@ class FilePlan:
     # the VAD's speech spans in the source ([(start, end)] in samples, Silero's 30 ms padding included);
     # None: not known (word times are then left as the model gives them)
     speech: list[tuple[int, int]] | None = None
+    gain: float = 1.0  # what a quiet file's samples are multiplied by, for the VAD and the model (quiet_gain_db)
 
     def window_pieces(self, k: int) -> list[tuple[int, int]]:
         return self.pieces[k] if self.pieces is not None else [self.segments[k]]
@@ -301,17 +313,33 @@ class FilePlan:
         return len(self.segments) == 1 and self.segments[0] == (0, round(self.duration_s * SAMPLE_RATE))
 
 
-class _VadPass:
-    """Consumes one decoding pass: feeds the VAD, and keeps the audio of a file up to ``keep_audio_s``."""
+def loudest_dbfs(energy: np.ndarray) -> float:
+    """The loudest frame's RMS level in dBFS (-inf for silence or no frames)."""
+    loudest = float(energy.max()) if len(energy) else 0.0
+    return float(20 * np.log10(loudest)) if loudest > 0 else -float("inf")
 
-    def __init__(self, keep_audio_s: float):
+
+def quiet_gain_db(level: float, max_gain_db: float) -> float:
+    """How many dB a file whose loudest frame is at ``level`` dBFS is raised by (0: none): see
+    QUIET_BELOW_DBFS."""
+    if max_gain_db <= 0 or not SILENT_DBFS < level < QUIET_BELOW_DBFS:
+        return 0.0
+    return round(float(min(max_gain_db, QUIET_TARGET_DBFS - level)), 1)
+
+
+class _VadPass:
+    """Consumes one decoding pass: feeds the VAD (the samples times ``gain``), and keeps the audio of a file
+    up to ``keep_audio_s`` (as decoded)."""
+
+    def __init__(self, keep_audio_s: float, gain: float = 1.0):
         self.keep_audio_s = keep_audio_s
+        self.gain = np.float32(gain)  # float32 samples stay float32 (the VAD takes nothing else)
 
     def __call__(self, blocks: Iterator[np.ndarray]) -> tuple[VadStream, list[np.ndarray] | None]:
         vad = VadStream()
         kept: list[np.ndarray] | None = []
         for block in blocks:
-            vad.feed(block)
+            vad.feed(block * self.gain if self.gain != 1.0 else block)
             if kept is not None:
                 kept.append(block)
                 if vad.samples > self.keep_audio_s * SAMPLE_RATE:
@@ -326,17 +354,37 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
     """
     report, (vad, kept) = decode_with_fallback(path, _VadPass(keep_audio_s))
     probs, energy = vad.finish()
+    warnings = report.warnings()
+    level = loudest_dbfs(energy)
+    gain_db = quiet_gain_db(level, opts.max_gain_db)
+    gain = 10 ** (gain_db / 20) if gain_db else 1.0
+    if gain_db:  # the VAD again, on the raised samples: from memory, else a second decoding pass
+        if kept is not None:
+            vad = _VadPass(0.0, gain)(iter(kept))[0]
+        else:
+            vad = decode_with_fallback(path, _VadPass(0.0, gain))[1][0]
+        probs, energy = vad.finish()
+        warnings.append(f"quiet: its loudest moment is at {level:.1f} dBFS; raised "
+                        f"{gain_db:.1f} dB for speech detection and the model")
     spans = speech_spans(probs, vad.samples, opts)
     windows = windows_from_spans(spans, energy, vad.samples, opts)
     speech_s = sum(e - s for s, e in spans) / SAMPLE_RATE
     audio = np.concatenate(kept) if kept else (np.zeros(0, np.float32) if kept is not None else None)
     return FilePlan(path, vad.samples / SAMPLE_RATE, speech_s, [(w[0][0], w[-1][1]) for w in windows],
-                    report.warnings(), report.backend, audio, windows, spans)
+                    warnings, report.backend, audio, windows, spans, gain)
 
 
 def segment_audio(plan: FilePlan) -> Iterator[np.ndarray]:
     """Yield each planned window's samples in order (its stretches back to back); decodes the file a second
     time when it was not kept."""
+    for window in _windows(plan):
+        if plan.gain != 1.0:
+            window *= np.float32(plan.gain)
+        yield window
+
+
+def _windows(plan: FilePlan) -> Iterator[np.ndarray]:
+    """:func:`segment_audio`'s windows as decoded (each a new array)."""
     n = len(plan.segments)
     if plan.audio is not None:
         for k in range(n):

@@ -107,6 +107,9 @@ class SegmentOptions:
     # a pause inside a window keeps at most this much of itself (its middle is skipped), so windows hold
     # speech, not silence: fewer windows, one encoder pass each (segment.plan_windows)
     max_pause_s: float = 1.0
+    # a quiet file (its loudest 32 ms below segment.QUIET_BELOW_DBFS) is raised by up to this many dB, for the
+    # VAD and the model (segment.quiet_gain_db); 0: the audio as it is, as the card's call takes it
+    max_gain_db: float = 50.0
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.max_segment_s <= MAX_WINDOW_S:
@@ -115,6 +118,8 @@ class SegmentOptions:
             raise ValueError(f"vad_threshold must be between 0 and 1, got {self.vad_threshold}")
         if not 0.0 <= self.max_pause_s <= MAX_WINDOW_S:
             raise ValueError(f"max_pause_s must be between 0 and {MAX_WINDOW_S:g}, got {self.max_pause_s:g}")
+        if not 0.0 <= self.max_gain_db <= 100.0:
+            raise ValueError(f"max_gain_db must be between 0 and 100, got {self.max_gain_db:g}")
         if self.whole_file_max_s > self.max_segment_s:
             object.__setattr__(self, "whole_file_max_s", self.max_segment_s)
 
@@ -157,7 +162,10 @@ class RunSettings:
         for name in ("word_timestamps", "languages"):  # off: the fingerprint of runs made before they existed
             if not d[name]:
                 d.pop(name)
-        payload = json.dumps({"decode": d, "segment": dataclasses.asdict(self.segment)}, sort_keys=True)
+        seg = dataclasses.asdict(self.segment)
+        if not seg["max_gain_db"]:  # off: the fingerprint of runs made before quiet files were raised
+            seg.pop("max_gain_db")
+        payload = json.dumps({"decode": d, "segment": seg}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +194,7 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "vad_threshold": ("segment", "vad_threshold"),
     "speech_pad_ms": ("segment", "speech_pad_ms"),
     "max_pause_s": ("segment", "max_pause_s"),
+    "max_gain_db": ("segment", "max_gain_db"),
     "min_silence_duration_ms": ("segment", "min_silence_duration_ms"),
     "min_speech_duration_ms": ("segment", "min_speech_duration_ms"),
     "address": ("resources", "address"),

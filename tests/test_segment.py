@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
 
-from krasr_batch.segment import FRAME, _split_long, analyse, plan_segments, segment_audio
+from krasr_batch.audio import load_audio
+from krasr_batch.segment import (
+    FRAME,
+    QUIET_BELOW_DBFS,
+    _split_long,
+    analyse,
+    loudest_dbfs,
+    plan_segments,
+    quiet_gain_db,
+    segment_audio,
+)
 from krasr_batch.settings import SegmentOptions
 
 from .conftest import read_jsonl
@@ -89,6 +99,49 @@ def test_one_sentence_between_silences(corpus):
     assert len(plan.segments) == 1
     s, e = plan.segments[0]
     assert 39.0 < s / SR < 40.5 and 41.5 < e / SR < 44.5
+
+
+def test_how_much_a_quiet_file_is_raised():
+    assert quiet_gain_db(-12.0, 50.0) == 0.0  # speech at an ordinary level: the card's input, untouched
+    assert quiet_gain_db(QUIET_BELOW_DBFS, 50.0) == 0.0
+    assert quiet_gain_db(-32.5, 50.0) == 17.5  # to a loudest frame at -15 dBFS
+    assert quiet_gain_db(-80.0, 50.0) == 50.0  # at most max_gain_db
+    assert quiet_gain_db(-42.0, 0.0) == 0.0  # --max-gain-db 0: the audio as it is
+    assert quiet_gain_db(-95.0, 50.0) == 0.0 and quiet_gain_db(-float("inf"), 50.0) == 0.0  # silence, dither
+    assert loudest_dbfs(np.array([0.0, 0.1, 0.01], np.float32)) == pytest.approx(-20.0)
+    assert loudest_dbfs(np.zeros(3, np.float32)) == -float("inf") and loudest_dbfs(np.zeros(0)) == -float("inf")
+
+
+@pytest.mark.parametrize("clip", ["kk_020.wav", "ru_000.wav", "mixed_040.wav"])
+def test_a_quiet_recording_is_raised_for_the_vad_and_the_model(corpus, tmp_path, clip):
+    """The same clip 50 dB down (its loudest 32 ms near -62 dBFS): Silero finds no speech in it as it is;
+    raised, it finds what it finds at the clip's own level, and the model gets the clip's own samples back
+    (within float32 rounding and the 16-bit file's quantisation)."""
+    import soundfile as sf
+
+    own = load_audio(str(corpus / "clips" / clip))
+    quiet = tmp_path / clip
+    sf.write(quiet, own * 10 ** (-50 / 20), SR, subtype="FLOAT")
+    as_is = analyse(str(quiet), SegmentOptions(max_gain_db=0))
+    assert as_is.gain == 1.0 and as_is.speech_s < 0.5 * analyse(str(corpus / "clips" / clip), SegmentOptions()).speech_s
+    raised = analyse(str(quiet), SegmentOptions())
+    level = loudest_dbfs(np.sqrt(np.mean(own[:len(own) // FRAME * FRAME].reshape(-1, FRAME) ** 2, axis=1)))
+    assert 20 * np.log10(raised.gain) == pytest.approx(-15.0 - (level - 50.0), abs=0.05)
+    assert raised.warnings and raised.warnings[0].startswith("quiet: its loudest moment is at -6")
+    assert raised.speech_s > 0.8 * len(own) / SR and raised.segments == [(0, len(own))]
+    (window,) = list(segment_audio(raised))
+    assert window.dtype == np.float32
+    np.testing.assert_allclose(window, own * 10 ** ((-50 + 20 * np.log10(raised.gain)) / 20), atol=1e-5)
+    streamed = analyse(str(quiet), SegmentOptions(), keep_audio_s=1)  # a long file's path: a second decode
+    assert streamed.audio is None and streamed.gain == raised.gain and streamed.segments == raised.segments
+    np.testing.assert_array_equal(next(iter(segment_audio(streamed))), window)
+
+
+def test_an_ordinary_level_is_never_raised(corpus):
+    for clip in read_jsonl(corpus / "clips.jsonl"):
+        plan = analyse(str(corpus / clip["path"]), SegmentOptions())
+        assert plan.gain == 1.0 and not any(w.startswith("quiet") for w in plan.warnings), clip["path"]
+    assert analyse(str(corpus / "bad" / "silence_60s.wav"), SegmentOptions()).gain == 1.0
 
 
 def test_continuous_speech_is_cut_at_the_quietest_frame():

@@ -42,6 +42,10 @@ GLOB = click.option(
 @click.option("--max-pause-s", type=click.FloatRange(0.0, 30.0),
               help="A pause inside a window keeps at most this many seconds of itself (its middle is skipped), so "
                    "windows hold speech rather than silence; 30 keeps every pause whole. [default: 1.0]")
+@click.option("--max-gain-db", type=click.FloatRange(0.0, 100.0),
+              help="A quiet file (its loudest 32 ms below -25 dBFS) is raised by up to this many dB, for speech "
+                   "detection and the model, which miss or misread quiet speech; 0 takes the audio as it is, as "
+                   "the card's call does. [default: 50]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: on a GPU 64 with torch, 16 with transformers; on a CPU 16 with ctranslate2 and torch, 1 with transformers]")
 @click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
 @click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU, or one on a CPU-only cluster]")
