@@ -238,3 +238,25 @@ def test_cpu_by_process_counts_the_command_and_its_children(tmp_path):
     busy = [r for r in rows if "process_time" in r and "subprocess.run" not in r]  # the child, not its parent
     assert len(busy) == 1 and float(busy[0].split("cpu")[1].split()[0]) >= 0.5, rows
     assert len(rows) <= 2 and all(f"{sys.executable} -c import" in r for r in rows), rows  # its own, nothing else
+
+
+def test_quiet_compares_each_level_as_it_is_and_raised(corpus, tiny_model, tmp_path, capsys):
+    """benchmarks/quiet.py on the Russian clips at their own level and 50 dB down: at their own level both
+    rows are the same plan; 50 dB down the VAD finds far less speech as it is than raised, and raised finds
+    what it finds at the clips' own level."""
+    import json
+
+    from benchmarks import quiet
+
+    out = tmp_path / "quiet.json"
+    assert quiet.main(["--corpus", str(corpus), "--model", str(tiny_model), "--levels", "0,-50",
+                       "--json", str(out)]) == 0
+    rows = {(r["level_db"], r["input"]): r for r in json.loads(out.read_text())["rows"]}
+    own, own_raised = rows[0.0, "as it is"], rows[0.0, "raised"]
+    assert own_raised["gain_db"] == 0.0 and own_raised["speech_s"] == own["speech_s"]
+    assert own_raised["windows"] == own["windows"] == own["clips"] == 20
+    quiet_as_is, quiet_raised = rows[-50.0, "as it is"], rows[-50.0, "raised"]
+    assert quiet_raised["gain_db"] > 40 and quiet_as_is["gain_db"] == 0.0
+    assert quiet_as_is["speech_s"] < 0.5 * own["speech_s"]
+    assert abs(quiet_raised["speech_s"] - own["speech_s"]) < 0.05 * own["speech_s"]
+    assert "| -50 dB | raised |" in capsys.readouterr().out
