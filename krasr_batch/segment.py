@@ -1,7 +1,7 @@
 """Speech detection with Silero VAD and the cutting of speech into model windows of at most 30 s.
 
-The file is streamed once through the VAD (per 32 ms frame: speech probability and RMS energy); the
-segment plan is a pure function of those frame values; the segment audio comes from the kept audio for
+The file is streamed once through the VAD (per 32 ms frame: speech probability and RMS energy; a quiet
+file a second time, raised: ``quiet_gain_db``); the segment plan is a pure function of those frame values; the segment audio comes from the kept audio for
 files up to ``KEEP_AUDIO_S`` long, and from a second decoding pass for longer ones, so memory does not
 grow with recording length.
 """

@@ -68,6 +68,21 @@ def test_card_policy_keeps_the_fingerprint_of_runs_made_before_the_policies():
     assert RunSettings().with_engine("transformers").output_fingerprint() != old_style.output_fingerprint()
 
 
+def test_the_card_preset_keeps_its_fingerprint_and_raising_quiet_files_is_part_of_the_default():
+    """jobs/card.yaml (max_gain_db 0: the audio as it is) fingerprints as it did before quiet files were
+    raised (89240b6d42cfa040, computed at commit a74937f), so its earlier outputs resume; the default, which
+    raises them, is another output."""
+    from krasr_batch.settings import RunSettings
+
+    card = load_preset(str(Path(__file__).parent.parent / "jobs" / "card.yaml"))
+    card.pop("manifest", None)
+    card.pop("out", None)
+    assert build_settings(card).output_fingerprint() == "89240b6d42cfa040"
+    raised = build_settings(dict(card, max_gain_db=50))
+    assert raised.output_fingerprint() != "89240b6d42cfa040"
+    assert RunSettings().segment.max_gain_db == 50.0 and build_settings(card).segment.max_gain_db == 0.0
+
+
 def test_language_codes():
     assert language_code("kazakh") == "kk"
     assert language_code("Russian") == "ru"
