@@ -60,7 +60,7 @@ class DecodeReport:
         if self.short:
             w.append(f"truncated: decoded {self.decoded_s:.2f} s of the {self.declared_s:.2f} s the header declares")
         if self.nonfinite_samples:
-            w.append(f"{self.nonfinite_samples} NaN/inf samples replaced by silence")
+            w.append(f"nonfinite: {self.nonfinite_samples} NaN/inf samples replaced by silence")
         if self.gap_s > 0:
             w.append(f"corrupt stream: {self.gap_s:.2f} s of undecodable audio replaced by silence")
         return w

@@ -364,7 +364,7 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
         else:
             vad = decode_with_fallback(path, _VadPass(0.0, gain))[1][0]
         probs, energy = vad.finish()
-        warnings.append(f"quiet: its loudest moment is at {level:.1f} dBFS; raised "
+        warnings.append(f"quiet: its loudest moment is at {level:.1f} dBFS, raised "
                         f"{gain_db:.1f} dB for speech detection and the model")
     spans = speech_spans(probs, vad.samples, opts)
     windows = windows_from_spans(spans, energy, vad.samples, opts)

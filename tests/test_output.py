@@ -13,6 +13,7 @@ from krasr_batch.output import (
     open_output,
     read_text,
     recover,
+    warnings_by_kind,
     write_run_json,
 )
 from krasr_batch.schema import SEGMENTS_SCHEMA, files_schema
@@ -58,6 +59,19 @@ def test_recovery_removes_what_a_killed_run_left_and_reports_the_done_ids(tmp_pa
     assert len(list_parts(layout.segments)) == 2 and tmp.name not in str(list_parts(layout.files))
     assert recover(layout) == {"a"}
     assert not orphan.exists() and not tmp.exists() and len(list_parts(layout.segments)) == 1
+
+
+def test_warnings_are_grouped_by_each_ones_kind():
+    """A files row's ``warning`` holds its warnings joined by "; "; each is grouped by the words before its
+    first colon, so a file with two warnings is in two groups."""
+    rows = [dict(file_row("a"), warning="quiet: its loudest moment is at -52.5 dBFS, raised 37.5 dB for ..."),
+            dict(file_row("b"), warning="truncated: decoded 3.00 s of the 4.00 s the header declares; "
+                                        "nonfinite: 100 NaN/inf samples replaced by silence"),
+            file_row("c"), dict(file_row("d"), warning="quiet: its loudest moment is at -40.0 dBFS, raised ...")]
+    assert warnings_by_kind(rows) == {"quiet": ["a", "d"], "truncated": ["b"], "nonfinite": ["b"]}
+    into = {"quiet": ["z"]}
+    warnings_by_kind(rows[:1], into=into)
+    assert into == {"quiet": ["z", "a"]}
 
 
 def test_failures_are_grouped_by_kind_in_order():

@@ -7,6 +7,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from krasr_batch.engines import choose_engine, segment_token_limit
+from krasr_batch.output import warnings_by_kind
 from krasr_batch.quality import truncation_cause
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -33,9 +34,13 @@ def test_exit_status_and_summary(corpus_run):
     assert "Traceback" not in r.stdout
     assert f"krasr-batch: {len(rows)} files in the manifest" in r.stdout
     assert "failed (undecodable): 2" in r.stdout
+    assert "warning (nonfinite): 1: nan_samples.wav" in r.stdout  # ok files with a warning, by its kind
     assert (out / "_SUCCESS").exists()
     info = json.loads((out / "run.json").read_text())
     assert info["counts"]["files"] == len(rows)
+    files = pads.dataset(out / "files", format="parquet").to_table().to_pylist()
+    assert info["counts"]["warnings_by_kind"] == {k: len(v) for k, v in warnings_by_kind(files).items()}
+    assert info["counts"]["warnings_by_kind"]["nonfinite"] == 1
     assert info["settings"]["decode"]["beams"] == 3 and info["settings"]["decode"]["language"] == "kazakh"
     assert info["settings"]["decode"]["repetition_penalty"] == 1.12
     assert info["audio_s"] > 400 and info["rtfx"] > 0

@@ -178,9 +178,10 @@ def _summary(stats, out: str, log_path: str | None = None) -> None:
     echo(f"  output: ok {stats.output_ok}, failed {stats.output_failed}")
     echo(f"  audio {stats.audio_s / 3600:.3f} h (speech {stats.speech_s / 3600:.3f} h) in {stats.wall_s:.1f} s: "
          f"RTFx {stats.rtfx:.1f}")
-    for kind, ids in sorted(stats.output_failures_by_kind.items(), key=lambda kv: -len(kv[1])):
-        shown = ", ".join(ids[:5]) + (f", … ({len(ids) - 5} more)" if len(ids) > 5 else "")
-        echo(f"  failed ({kind}): {len(ids)}: {shown}")
+    for label, groups in (("failed", stats.output_failures_by_kind), ("warning", stats.warnings_by_kind)):
+        for kind, ids in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(ids[:5]) + (f", … ({len(ids) - 5} more)" if len(ids) > 5 else "")
+            echo(f"  {label} ({kind}): {len(ids)}: {shown}")
     echo(f"  written: {out}/segments/, {out}/files/, {out}/run.json")
     if log_path:
         echo(f"  Ray's messages: {log_path} (-v shows them here)")

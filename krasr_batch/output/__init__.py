@@ -7,7 +7,7 @@ the commit protocol) and how it is read back (``reader``, which ``eval``, ``insp
     out/_work/                    the normalized manifest and the settings stamp
 """
 
-from krasr_batch.output.layout import OutputLayout, failures_by_kind, list_parts, read_text
+from krasr_batch.output.layout import OutputLayout, failures_by_kind, list_parts, read_text, warnings_by_kind
 from krasr_batch.output.reader import OutputError, RunOutput, open_output
 from krasr_batch.output.writer import (
     PartWriter,
@@ -19,6 +19,6 @@ from krasr_batch.output.writer import (
 )
 
 __all__ = [
-    "OutputLayout", "failures_by_kind", "list_parts", "read_text", "OutputError", "RunOutput", "open_output",
+    "OutputLayout", "failures_by_kind", "warnings_by_kind", "list_parts", "read_text", "OutputError", "RunOutput", "open_output",
     "PartWriter", "clear_output", "mark_success", "recover", "write_bytes_atomic", "write_run_json",
 ]

@@ -76,6 +76,17 @@ def read_text(path: str) -> str | None:
         return None
 
 
+def warnings_by_kind(rows: Iterable[Mapping[str, Any]], into: dict[str, list] | None = None) -> dict[str, list]:
+    """The ``file_id`` of each row with a ``warning``, grouped by each of its warnings' kind (the words before
+    the first colon: ``quiet``, ``truncated``, ``nonfinite``, ``corrupt stream``; a file may be in several)."""
+    out: dict[str, list] = into if into is not None else {}
+    for r in rows:
+        for w in (r.get("warning") or "").split("; "):
+            if w:
+                out.setdefault(w.split(":", 1)[0].strip(), []).append(r["file_id"])
+    return out
+
+
 def failures_by_kind(rows: Iterable[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], Any] | None = None,
                      into: dict[str, list] | None = None) -> dict[str, list]:
     """Failed files (``status`` other than ``ok``) grouped by ``error_kind`` ("error" when a row has none), in

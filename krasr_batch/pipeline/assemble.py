@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from krasr_batch.manifest import ManifestSummary, convert_extra
-from krasr_batch.output.layout import failures_by_kind
+from krasr_batch.output.layout import failures_by_kind, warnings_by_kind
 from krasr_batch.pipeline.errors import RunAborted
 from krasr_batch.schema import FILE_ROW, file_row, language_seconds, segment_row, word_rows
 
@@ -30,6 +30,7 @@ class RunStats:
     files_ok: int = 0
     files_failed: int = 0
     failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
+    warnings_by_kind: dict[str, list[str]] = field(default_factory=dict)  # files of this run with a warning
     audio_s: float = 0.0
     speech_s: float = 0.0
     segments: int = 0
@@ -151,6 +152,7 @@ class Assembler:
             st.files_ok += 1
             st.audio_s += row["duration_s"] or 0.0
             st.speech_s += row["speech_s"] or 0.0
+            warnings_by_kind([row], into=st.warnings_by_kind)
         else:
             st.files_failed += 1
             failures_by_kind([row], into=st.failures_by_kind)

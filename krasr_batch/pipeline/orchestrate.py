@@ -259,7 +259,8 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
         "counts": {"files": stats.total_files, "files_this_run": stats.files_done, "skipped_done": stats.skipped_files,
                    "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
                    "truncated_segments": stats.truncated_segments, "truncated_by_cause": stats.truncated_by_cause,
-                   "suspect_segments": stats.suspect_segments},
+                   "suspect_segments": stats.suspect_segments,
+                   "warnings_by_kind": {k: len(v) for k, v in stats.warnings_by_kind.items()}},
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "replicas": stats.replicas,  # model replicas this run started (0: it had nothing to decode)
