@@ -567,3 +567,31 @@ def test_stall_watch_reports_only_what_no_node_can_place():
     with pytest.raises(RunStalled, match=r"cannot place \{CPU: 1\} x3 on any node.*fewer --actors"):
         watch.check(t0 + 700)
     assert StallWatch(0, None, read=read).check(t0 + 10**6) is not None  # 0: reports, never stops
+
+
+def test_an_abandoned_feed_closes_its_iterator_before_the_driver_goes_on():
+    """A run that stops early (too many failures, an interrupt) shuts Ray down next; the feed's thread must
+    have closed Ray Data's iterator first: Ray ends the process, silently, with status 1, when a thread calls
+    into it after its shutdown. A stand-in dataset whose iterator notes when it is closed."""
+    import threading
+    import time
+
+    from krasr_batch.pipeline.watch import Feed
+
+    closed = threading.Event()
+
+    class Batches:
+        def iter_batches(self, **kw):
+            try:
+                for i in range(10_000):
+                    time.sleep(0.02)
+                    yield i
+            finally:
+                time.sleep(0.2)  # the executor's shutdown takes a while
+                closed.set()
+
+    feed = Feed(Batches(), tick_s=0.05)
+    got = [b for b, _ in zip((b for b in feed if b is not None), range(3))]
+    assert got == [0, 1, 2]
+    feed.abandon(5.0)
+    assert closed.is_set() and not feed.thread.is_alive()

@@ -37,7 +37,7 @@ from krasr_batch.output import (
     write_run_json,
 )
 from krasr_batch.pipeline.assemble import Assembler, Progress, RunStats, check_failures
-from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, SettingsMismatch
+from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, RunStalled, SettingsMismatch
 from krasr_batch.pipeline.stages import model_stage_class, segment_file
 from krasr_batch.pipeline.watch import Feed, StallWatch
 from krasr_batch.schema import files_schema
@@ -457,8 +457,8 @@ def _drain(ds, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progre
                 check_failures(stats, res.max_failed_fraction, res.min_files_for_failure_check)
             prog.notice = watch.check(now)
             prog.update()
-    except BaseException:
-        feed.abandon()
+    except BaseException as e:
+        feed.abandon(0.0 if isinstance(e, RunStalled) else 10.0)  # a stalled feed brings nothing more
         raise
     finally:
         feed.stop()

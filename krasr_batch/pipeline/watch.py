@@ -62,10 +62,16 @@ class Feed:
     def stop(self) -> None:
         self.stopped.set()
 
-    def abandon(self) -> None:
-        """The run stops with Ray Data's executor still waiting (e.g. on an actor that cannot be placed):
-        it cannot be closed from here, and once Ray shuts down its thread only logs tracebacks about it."""
+    def abandon(self, wait_s: float) -> None:
+        """The run stops early (too many failures, a stall, an interrupt): the thread is told to stop and
+        given ``wait_s`` to end, closing Ray Data's iterator and executor, before the caller shuts Ray down.
+        Ray ends the whole process, with status 1 and none of krasr-batch's lines, when a thread calls into
+        it after its shutdown ("The core worker has already been shutdown ... The process will exit"): a
+        run aborted while batches still came lost its message that way. An executor still waiting (on an
+        actor that cannot be placed) cannot be closed from here; once Ray shuts down its thread only logs
+        tracebacks about it."""
         self.stop()
+        self.thread.join(wait_s)
         for name in ("ray.data", "ray._private.services"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
