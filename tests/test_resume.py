@@ -44,7 +44,10 @@ def cmdline(pid: int) -> str:
 
 def kill_run(p: subprocess.Popen) -> None:
     """SIGKILL the whole process group, then anything else of its session (Ray workers), as a preemption would."""
-    os.killpg(p.pid, signal.SIGKILL)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group has ended already
+        pass
     p.wait()
     deadline = time.time() + 30
     while (left := session_pids(p.pid)) and time.time() < deadline:
@@ -174,6 +177,45 @@ def test_killed_model_actor_is_replaced_and_readers_never_see_partial_files(job,
     assert reads[0] > 0
     assert table(out, "files", ["file_id"]) == table(ref, "files", ["file_id"])
     assert table(out, "segments", ["file_id", "segment_index"]) == table(ref, "segments", ["file_id", "segment_index"])
+
+
+def test_sigterm_commits_what_is_finished_and_exits_143(job, tmp_path):
+    """A scheduler's stop (Slurm's time limit, a Kubernetes eviction) is a SIGTERM to the driver: the files it
+    has finished are committed (never, here, by the periodic commit), it says so, exits 143 and resumes."""
+    manifest, args, ref, n = job
+    out = tmp_path / "out"
+    cmd = ["run", str(manifest), "--out", str(out), *[a for a in args if a != "--no-progress"],
+           "--flush-s", "100000", "--flush-files", "100000"]
+    p = start(cmd)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+
+    def finished() -> int:  # the progress line (a new line every 2 s off a terminal): "files N/M (..."
+        counts = [int(x.split()[1].split("/")[0]) for x in list(lines) if x.startswith("files ")]
+        return counts[-1] if counts else 0
+
+    deadline = time.time() + 300
+    while finished() < 30:
+        assert p.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    assert committed(out) == 0  # nothing committed yet: all of it waits for the end of the run
+    p.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` or a container stop
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    log = "".join(lines)
+    try:
+        assert p.returncode == 143, log[-3000:]
+        assert "stopped by SIGTERM; finished files are kept" in log and "Traceback" not in log
+        kept = committed(out)
+        assert kept >= 30, (kept, log[-2000:])
+    finally:
+        kill_run(p)  # Ray's processes, should any outlive the driver
+    r = start(["run", str(manifest), "--out", str(out), *args])
+    log, _ = r.communicate(timeout=900)
+    assert r.returncode == 3, log[-3000:]
+    assert f"{kept} already done by an earlier run" in log
+    assert table(out, "files", ["file_id"]) == table(ref, "files", ["file_id"])
 
 
 def test_mostly_broken_inputs_stop_the_run(tmp_path, tiny_model, corpus):

@@ -3,14 +3,14 @@
 A command that cannot go on raises one of these; click prints its message as one ``error: ...`` line on
 stderr and exits with the exception's status. Exit statuses of ``run``: 0 every file ok; 3 the run
 completed but some files failed (listed by cause); 2 bad usage, a bad manifest or an ``--out`` made with
-other settings (nothing was started); 1 a run that could not complete; 130 interrupted.
+other settings (nothing was started); 1 a run that could not complete; 130 interrupted (Ctrl-C); 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
 
 import click
 
-EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 # set by ``run`` (mark_done) once its output is committed, Ray shut down and the summary printed: the console
@@ -55,12 +55,27 @@ class FilesFailed(CommandError):
 
 
 class Interrupted(CommandError):
-    """Exit 130: stopped by the user (Ctrl-C, a stopped job)."""
+    """Exit 130: stopped by the user (Ctrl-C)."""
 
     exit_code = EXIT_INTERRUPTED
 
 
-_BY_STATUS = {c.exit_code: c for c in (RunFailed, BadUsage, FilesFailed, Interrupted)}
+class Terminated(CommandError):
+    """Exit 143 (128 + SIGTERM): stopped by SIGTERM (a scheduler's time limit or preemption, ``kill``)."""
+
+    exit_code = EXIT_TERMINATED
+
+
+def stopped(e: KeyboardInterrupt) -> CommandError:
+    """What a command that Ctrl-C or SIGTERM stopped raises: its message and exit status."""
+    from krasr_batch.pipeline.errors import Terminated as SigTerm
+
+    if isinstance(e, SigTerm):
+        return Terminated("stopped by SIGTERM; finished files are kept, rerun the same command to continue")
+    return Interrupted("interrupted; finished files are kept, rerun the same command to continue")
+
+
+_BY_STATUS = {c.exit_code: c for c in (RunFailed, BadUsage, FilesFailed, Interrupted, Terminated)}
 
 
 def exit_with(code: int) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed
+from krasr_batch.cli.common import BadUsage, FilesFailed, RunFailed, stopped
 from krasr_batch.cli.run import GLOB, job_settings, run
 
 # the run options a plan takes: where to read and write, the segmentation, and where to run
@@ -66,8 +66,8 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
         raise BadUsage(str(e)) from None
     except RunAborted as e:
         raise RunFailed(str(e)) from None
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; finished files are kept, rerun the same command to continue") from None
+    except KeyboardInterrupt as e:
+        raise stopped(e) from None
     click.echo(format_plan(report, out))
     if report.files_failed:
         raise FilesFailed()

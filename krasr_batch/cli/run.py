@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from krasr_batch.cli.common import BadUsage, FilesFailed, Interrupted, RunFailed, mark_done
+from krasr_batch.cli.common import BadUsage, FilesFailed, RunFailed, mark_done, stopped
 from krasr_batch.cli.quiet import quiet_ray
 from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
 
@@ -112,8 +112,8 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     except RunAborted as e:
         _ray_problems(console)
         raise RunFailed(str(e)) from None
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; finished files are kept, rerun the same command to continue") from None
+    except KeyboardInterrupt as e:
+        raise stopped(e) from None
     except BaseException:
         _ray_problems(console)
         raise

@@ -15,3 +15,8 @@ class RunAborted(RuntimeError):
 
 class RunStalled(RunAborted):
     """Nothing came back for ``--stall-timeout`` while Ray held requests that no node could place."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the run (a scheduler's preemption or time limit, ``kill``, ``docker stop``): it stops as
+    Ctrl-C stops it, keeping every finished file."""

@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,7 +39,7 @@ from krasr_batch.output import (
     write_run_json,
 )
 from krasr_batch.pipeline.assemble import Assembler, Progress, RunStats, check_failures
-from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, RunStalled, SettingsMismatch
+from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, RunStalled, SettingsMismatch, Terminated
 from krasr_batch.pipeline.stages import model_stage_class, segment_file
 from krasr_batch.pipeline.watch import Feed, StallWatch
 from krasr_batch.schema import files_schema
@@ -77,7 +79,36 @@ def _init_ray(settings: RunSettings):
         sys.stderr.write(said())
     else:
         ray.init(num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+    _stop_on_sigterm()
     return True
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _stop_on_sigterm() -> None:
+    """From here on SIGTERM stops the run as Ctrl-C does: finished files are committed, Ray is shut down,
+    the command says so and exits 143.
+
+    ``ray.init`` leaves SIGTERM to the handler of Ray's C++ core worker, which prints a stack trace and
+    aborts the process (signal 6): a batch scheduler's stop (Slurm's time limit, a Kubernetes eviction)
+    ended a run with no word of what became of it, and the files it had finished but not yet committed were
+    decoded again by the next run. Only the main thread can take a signal handler; elsewhere (a caller's
+    thread) Ray's stays.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, then SIGTERM back to its default action (see :func:`_stop_on_sigterm`)."""
+    import ray
+
+    ray.shutdown()
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _stderr_captured:
@@ -157,7 +188,7 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
                     {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
     finally:
         if not ray_was_up and ray.is_initialized():
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:

@@ -41,6 +41,7 @@ from krasr_batch.pipeline.orchestrate import (
     _normalize,
     _read_manifest,
     _versions,
+    shutdown_ray,
 )
 from krasr_batch.pipeline.stages import plan_file
 from krasr_batch.schema import files_schema
@@ -145,7 +146,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
     finally:
         prog.close()
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
     stats.wall_s = time.perf_counter() - t0
     if len(recover(layout)) != summary.num_files:
         raise RunAborted(f"the plan ended with {len(recover(layout))} of {summary.num_files} files committed")
