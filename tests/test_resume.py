@@ -218,6 +218,31 @@ def test_sigterm_commits_what_is_finished_and_exits_143(job, tmp_path):
     assert table(out, "files", ["file_id"]) == table(ref, "files", ["file_id"])
 
 
+def test_a_manifest_of_several_row_groups_is_decoded_from_the_start(tmp_path, tiny_model, corpus):
+    """150,000 lines (three of the normalized manifest's 50,000-file row groups): Ray Data re-sliced each row
+    group in a long-lived task, three at once took the CPU room kept for a decode-and-segment task on a
+    2-CPU node, and no file was ever decoded (a million-file manifest stalled the same way). One re-slicing
+    task at a time leaves that room: files are committed within a minute or two, and a SIGTERM stops it."""
+    clips = [c for c in read_jsonl(corpus / "clips.jsonl") if c["path"].endswith(".wav")][:10]
+    manifest = tmp_path / "m.jsonl"
+    with open(manifest, "w") as f:
+        for i in range(150_000):
+            f.write(json.dumps({"id": f"f{i:06d}", "path": str(corpus / clips[i % len(clips)]["path"])}) + "\n")
+    out = tmp_path / "out"
+    p = start(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--no-progress",
+               "--num-cpus", "2", "--flush-s", "0.3", "--stall-timeout", "150"])
+    try:
+        deadline = time.time() + 300
+        while committed(out) < 20 and p.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert committed(out) >= 20, p.stdout.read()[-3000:] if p.poll() is not None else "nothing committed"
+        p.send_signal(signal.SIGTERM)
+        log, _ = p.communicate(timeout=120)
+        assert p.returncode == 143, log[-3000:]
+    finally:
+        kill_run(p)
+
+
 def test_mostly_broken_inputs_stop_the_run(tmp_path, tiny_model, corpus):
     clip = corpus / read_jsonl(corpus / "clips.jsonl")[0]["path"]
     rows = [{"id": f"ok{i}", "path": str(clip)} for i in range(10)]

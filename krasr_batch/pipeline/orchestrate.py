@@ -49,6 +49,7 @@ from krasr_batch.storage import filesystem, is_uri, join
 log = logging.getLogger(__name__)
 
 ROWS_PER_SEGMENT_TASK = 4  # files per decode-and-segment block
+REPARTITION_TASKS = 1  # tasks of each repartition at once (see _sized)
 
 
 def _init_ray(settings: RunSettings):
@@ -343,18 +344,28 @@ def _manifest_groups(normalized: str) -> list:
         return [pf.read_row_group(i) for i in range(pf.num_row_groups)]
 
 
-def _sized(ds, num_cpus: float):
-    """``ds`` with its last operator's tasks asking Ray for ``num_cpus``.
+def _sized(ds, num_cpus: float, tasks: int = REPARTITION_TASKS):
+    """``ds`` with its last operator (a ``repartition``) running at most ``tasks`` tasks at once, each asking
+    Ray for ``num_cpus``.
 
     Ray Data's ``repartition`` takes no ``ray_remote_args`` and runs its tasks with Ray Data's default of
     one whole CPU: on nodes whose CPUs the model actors hold but for a fraction, such a task never starts
-    and the run waits forever. Its logical operator keeps the arguments it is planned with.
+    and the run waits forever. Nor does it take a concurrency cap, and its tasks can be long-lived: one task
+    re-slices a 50,000-file row group of the manifest into 12,500 blocks, pausing whenever the stage after
+    it has not taken its output. With 20 row groups (a million files) Ray Data started five such tasks on
+    2 CPUs, their CPU shares took the room left for a decode-and-segment task, that stage could never start,
+    and the repartition tasks waited for it: no file was ever decoded. One task at a time is what the
+    placement keeps room for (``cluster.plan_placement``). The logical operator keeps the arguments and the
+    compute strategy it is planned with.
     """
+    import ray
+
     op = ds._logical_plan.dag
     args = getattr(op, "ray_remote_args", None)
-    if not isinstance(args, dict):
+    if not isinstance(args, dict) or not hasattr(op, "compute"):
         raise RuntimeError(f"cannot size Ray Data's {type(op).__name__} tasks with this Ray version")
     args["num_cpus"] = num_cpus
+    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))  # a frozen dataclass in Ray 2.5x-2.60
     return ds
 
 

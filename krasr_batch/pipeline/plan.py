@@ -40,6 +40,7 @@ from krasr_batch.pipeline.orchestrate import (
     _init_ray,
     _normalize,
     _read_manifest,
+    _sized,
     _versions,
     shutdown_ray,
 )
@@ -167,7 +168,10 @@ def _execute_plan(normalized: str, settings: RunSettings, summary: ManifestSumma
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = _read_manifest(normalized).repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK)
+    # one repartition task at a time, holding no CPU: the plan's tasks take whole CPUs, and repartition tasks
+    # holding one each (Ray Data's default) while they wait for those tasks to take their blocks keep CPUs
+    # from them (150,000 files on 2 CPUs: 8,552 planned in the first 150 s with Ray's default, 10,928 so)
+    ds = _sized(_read_manifest(normalized).repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), 0)
     ds = ds.flat_map(plan_file, fn_kwargs=dict(
         segment_options=settings.segment, default_language=settings.decode.language,
         input_root=settings.resources.input_root, token_limit=settings.decode.token_limit), num_cpus=1)
