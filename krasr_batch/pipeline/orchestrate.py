@@ -365,7 +365,7 @@ def _sized(ds, num_cpus: float, tasks: int = REPARTITION_TASKS):
     if not isinstance(args, dict) or not hasattr(op, "compute"):
         raise RuntimeError(f"cannot size Ray Data's {type(op).__name__} tasks with this Ray version")
     args["num_cpus"] = num_cpus
-    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))  # a frozen dataclass in Ray 2.5x-2.60
+    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))  # a frozen dataclass (Ray 2.60)
     return ds
 
 
