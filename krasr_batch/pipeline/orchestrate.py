@@ -344,9 +344,9 @@ def _manifest_groups(normalized: str) -> list:
         return [pf.read_row_group(i) for i in range(pf.num_row_groups)]
 
 
-def _sized(ds, num_cpus: float, tasks: int = REPARTITION_TASKS):
-    """``ds`` with its last operator (a ``repartition``) running at most ``tasks`` tasks at once, each asking
-    Ray for ``num_cpus``.
+def _sized(ds, num_cpus: float):
+    """``ds`` with its last operator (a ``repartition``) running at most ``REPARTITION_TASKS`` tasks at once,
+    each asking Ray for ``num_cpus``.
 
     Ray Data's ``repartition`` takes no ``ray_remote_args`` and runs its tasks with Ray Data's default of
     one whole CPU: on nodes whose CPUs the model actors hold but for a fraction, such a task never starts
@@ -365,7 +365,7 @@ def _sized(ds, num_cpus: float, tasks: int = REPARTITION_TASKS):
     if not isinstance(args, dict) or not hasattr(op, "compute"):
         raise RuntimeError(f"cannot size Ray Data's {type(op).__name__} tasks with this Ray version")
     args["num_cpus"] = num_cpus
-    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))  # a frozen dataclass (Ray 2.60)
+    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=REPARTITION_TASKS))  # a frozen dataclass (Ray 2.60)
     return ds
 
 
