@@ -141,6 +141,9 @@ class ResourceOptions:
     ship_code: bool = True  # with address: ship this krasr_batch package to the workers (runtime_env py_modules)
     # stop (exit 1) once nothing has come back for this long while Ray holds requests no node can place; 0: never
     stall_timeout_s: float = 600.0
+    # files per Ray Data execution: the driver's memory grows with the files of one execution (Ray Data keeps
+    # per-block state until it ends), and each pass starts the model replicas anew (pipeline.orchestrate)
+    pass_files: int = 50_000
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ PRESET_KEYS: dict[str, tuple[str, str]] = {
     "flush_s": ("resources", "flush_s"),
     "flush_files": ("resources", "flush_files"),
     "stall_timeout": ("resources", "stall_timeout_s"),
+    "pass_files": ("resources", "pass_files"),
 }
 
 

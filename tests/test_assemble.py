@@ -218,3 +218,23 @@ def test_segment_file_rows_are_the_stage_rows_less_the_models_columns(corpus):
     assert all(set(r) == expected for r in rows)
     assert rows[-1]["segment_index"] == FILE_ROW and rows[-1]["status"] == "ok"
     assert [r["segment_index"] for r in rows[:-1]] == list(range(rows[-1]["num_segments"]))
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 10, 11, 50])
+def test_passes_cut_the_manifest_in_order_and_whole(size):
+    """A run goes through a large manifest in passes of at most --pass-files files: every file in one
+    pass, in manifest order, and a pass's rows copied out of their row group (only they are shipped)."""
+    from krasr_batch.pipeline.orchestrate import _passes
+
+    groups = [pa.table({"file_id": [f"f{i}" for i in range(a, b)]}) for a, b in ((0, 10), (10, 13), (13, 30))]
+    passes = list(_passes(groups, size))
+    ids = [i for w in passes for g in w for i in g.column("file_id").to_pylist()]
+    assert ids == [f"f{i}" for i in range(30)]
+    sizes = [sum(g.num_rows for g in w) for w in passes]
+    assert all(s == size for s in sizes[:-1]) and 0 < sizes[-1] <= size
+    for w in passes:
+        for g in w:
+            source = next(whole for whole in groups if g.column("file_id")[0] in whole.column("file_id"))
+            # a zero-copy slice would count (and ship) the whole group's buffers
+            assert g is source or g.get_total_buffer_size() < source.get_total_buffer_size()
+    assert list(_passes(groups, 50)) == [groups] and list(_passes([], 5)) == []

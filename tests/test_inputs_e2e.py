@@ -36,9 +36,9 @@ def _run(source, out, model, *extra: str):
                     "--flush-s", "0", "--num-cpus", "2", "--no-progress", *extra], timeout=600)
 
 
-def _plan(source, out):
+def _plan(source, out, *extra: str):
     return run_cli(["plan", str(source), "--out", str(out), "--language", "russian", "--num-cpus", "2",
-                    "--no-progress"], timeout=600)
+                    "--no-progress", *extra], timeout=600)
 
 
 def _one_error_line(r) -> str:
@@ -120,7 +120,7 @@ def test_every_input_shape_gives_the_jsonl_texts(setup, corpus, tiny_model):
 def test_plan_reports_the_run_statuses(setup, tiny_model):
     tmp, clips, bad, manifest, base_out = setup
     out = tmp / "plan"
-    r = _plan(manifest, out)
+    r = _plan(manifest, out, "--pass-files", "4")  # in passes of 4 files, one Ray Data execution each
     assert r.returncode == 3, r.stderr[-3000:]  # the plan completed; the bad inputs failed, as in the run
     n = len(clips) + len(bad)
     assert f"krasr-batch plan: {n} files" in r.stdout and "Traceback" not in r.stderr
@@ -139,7 +139,7 @@ def test_plan_reports_the_run_statuses(setup, tiny_model):
     info = json.loads((out / "plan.json").read_text())
     failed = [x for x in ran.values() if x["status"] != "ok"]
     ok = [x for x in ran.values() if x["status"] == "ok"]
-    assert info["files"] == n and info["files_ok"] == len(ok)
+    assert info["files"] == n and info["files_ok"] == len(ok) and info["passes"] == -(-n // 4)
     assert info["files_failed"] == len(failed) > 0
     assert info["failures_by_kind"] == {k: sum(1 for x in failed if x["error_kind"] == k)
                                         for k in {x["error_kind"] for x in failed}}

@@ -72,6 +72,10 @@ GLOB = click.option(
               help="Stop (exit 1, finished files kept) once no result has come back for this long while Ray holds "
                    "work that no node has room for; the progress line names it after 2 minutes. 0: wait "
                    "forever. [default: 600]")
+@click.option("--pass-files", type=click.IntRange(min=1), metavar="N",
+              help="Files per pipeline execution: a larger manifest goes through in passes of N files, one after "
+                   "another, so the driver's memory stays bounded (it grows with a pass's files); each pass "
+                   "starts the model replicas anew. [default: 50000]")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds instead of resuming it.")
 @click.option("--flush-s", type=click.FloatRange(min=0.0), hidden=True, help="Commit finished files at least this often.")
 @click.option("--flush-files", type=click.IntRange(min=1), hidden=True, help="Commit once this many files are finished.")

@@ -44,6 +44,7 @@ class RunStats:
     # seconds from the run's start to each step: model_checked, ray_ready, first_result, last_result, written
     timeline: dict[str, float] = field(default_factory=dict)
     replicas: int = 0  # model replicas the run started
+    passes: int = 0  # Ray Data executions the run went through (one per --pass-files files)
     # the whole output, earlier runs included (what the exit status and the summary's failures describe)
     output_ok: int = 0
     output_failed: int = 0

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from krasr_batch import __version__
@@ -296,6 +297,7 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
         "output": {"ok": stats.output_ok, "failed": stats.output_failed,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "replicas": stats.replicas,  # model replicas this run started (0: it had nothing to decode)
+        "passes": stats.passes,  # Ray Data executions, one per --pass-files files (replicas started anew each)
         "audio_s": stats.audio_s, "speech_s": stats.speech_s, "wall_s": stats.wall_s, "rtfx": stats.rtfx,
         # where the wall time went (benchmarks/run_profile.py reads it): seconds from the start to each step,
         # and the seconds replicas spent in model calls and tasks in decoding and segmenting audio
@@ -342,6 +344,35 @@ def _manifest_groups(normalized: str) -> list:
     with fs.open_input_file(p) as f:
         pf = pq.ParquetFile(f)
         return [pf.read_row_group(i) for i in range(pf.num_row_groups)]
+
+
+def _passes(groups: list, size: int) -> Iterator[list]:
+    """The manifest's row groups (Arrow tables) cut into consecutive passes of at most ``size`` files.
+
+    Each pass is one Ray Data execution, run after the one before. Within an execution Ray Data keeps
+    state for every block it made until the execution ends (the statistics of each output block, the
+    blocks a fast stage has made ahead of a slow one), and the driver's memory grows with it: about 27 KB a
+    file measured over the first 5,400 files of a million-file run. Passes bound that growth; the price is
+    the model replicas' start and the pipeline's fill and drain once a pass. A pass's rows are copied
+    out of the row group (one pass at a time), so only they travel to the object store.
+    """
+    import pyarrow as pa
+
+    current: list = []
+    room = size
+    for g in groups:
+        start = 0
+        while start < g.num_rows:
+            take = min(room, g.num_rows - start)
+            part = g if take == g.num_rows else g.take(pa.array(range(start, start + take)))
+            current.append(part)
+            start += take
+            room -= take
+            if room == 0:
+                yield current
+                current, room = [], size
+    if current:
+        yield current
 
 
 def _sized(ds, num_cpus: float):
@@ -462,21 +493,28 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     if place.problem:
         log.warning("placement: %s (%s)", place.problem, place.describe())
 
-    ds = _read_manifest(normalized, groups)
-    ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
-    ds = ds.flat_map(segment_file, fn_kwargs=dict(
-        segment_options=settings.segment, default_language=dec.language,
-        input_root=res.input_root, token_limit=dec.token_limit), num_cpus=place.segment_cpus)
-    # blocks of one model batch (four on a GPU), handed to whichever replica is free (see blocks_in_flight):
-    # a long recording's segments, or the first blocks that arrive while other replicas still load, spread
-    # over every actor instead of queueing behind one
-    ds = _sized(ds.repartition(target_num_rows_per_block=batch), place.repartition_cpus)
     stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
     in_flight = blocks_in_flight(use_gpu)
-    ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
-                        **stage_res)
-    _drain(ds, Assembler(summary, stats), stats, writer, prog, settings)
+    asm = Assembler(summary, stats)
+    passes = -(-sum(g.num_rows for g in groups) // res.pass_files)
+    for i, part in enumerate(_passes(groups, res.pass_files)):
+        stats.passes += 1
+        if passes > 1:
+            log.info("pass %d of %d: %d files", i + 1, passes, sum(g.num_rows for g in part))
+        ds = _read_manifest(normalized, part)
+        ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
+        ds = ds.flat_map(segment_file, fn_kwargs=dict(
+            segment_options=settings.segment, default_language=dec.language,
+            input_root=res.input_root, token_limit=dec.token_limit), num_cpus=place.segment_cpus)
+        # blocks of one model batch (four on a GPU), handed to whichever replica is free (see
+        # blocks_in_flight): a long recording's segments, or the first blocks that arrive while other
+        # replicas still load, spread over every actor instead of queueing behind one
+        ds = _sized(ds.repartition(target_num_rows_per_block=batch), place.repartition_cpus)
+        ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
+                            **stage_res)
+        _drain(ds, asm, stats, writer, prog, settings)
+        del ds  # the execution's state (Ray Data keeps some per block until the dataset goes) goes with it
 
 
 def _drain(ds, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progress, settings: RunSettings) -> None:

@@ -38,7 +38,9 @@ from krasr_batch.pipeline.orchestrate import (
     _check_settings,
     _drain,
     _init_ray,
+    _manifest_groups,
     _normalize,
+    _passes,
     _read_manifest,
     _sized,
     _versions,
@@ -154,7 +156,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
     report = summarize(open_output(out), stats, cpus)
     info = {"manifest": manifest, "out": out, "settings": {"segment": dataclasses.asdict(settings.segment),
                                                            "token_limit": settings.decode.token_limit},
-            "versions": _versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "passes": stats.passes, "versions": _versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **report.to_dict()}
     write_bytes_atomic((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode(), join(out, "plan.json"))
     mark_success(layout)
@@ -171,11 +173,15 @@ def _execute_plan(normalized: str, settings: RunSettings, summary: ManifestSumma
     # one repartition task at a time, holding no CPU: the plan's tasks take whole CPUs, and repartition tasks
     # holding one each (Ray Data's default) while they wait for those tasks to take their blocks keep CPUs
     # from them (150,000 files on 2 CPUs: 8,552 planned in the first 150 s with Ray's default, 10,928 so)
-    ds = _sized(_read_manifest(normalized).repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), 0)
-    ds = ds.flat_map(plan_file, fn_kwargs=dict(
-        segment_options=settings.segment, default_language=settings.decode.language,
-        input_root=settings.resources.input_root, token_limit=settings.decode.token_limit), num_cpus=1)
-    _drain(ds, Assembler(summary, stats, decoded=False), stats, writer, prog, settings)
+    asm = Assembler(summary, stats, decoded=False)
+    for part in _passes(_manifest_groups(normalized), settings.resources.pass_files):  # as run's
+        stats.passes += 1
+        ds = _sized(_read_manifest(normalized, part).repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), 0)
+        ds = ds.flat_map(plan_file, fn_kwargs=dict(
+            segment_options=settings.segment, default_language=settings.decode.language,
+            input_root=settings.resources.input_root, token_limit=settings.decode.token_limit), num_cpus=1)
+        _drain(ds, asm, stats, writer, prog, settings)
+        del ds
 
 
 def format_plan(report: PlanReport, out: str) -> str:
