@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 
 import numpy as np
@@ -238,3 +239,45 @@ def test_passes_cut_the_manifest_in_order_and_whole(size):
             # a zero-copy slice would count (and ship) the whole group's buffers
             assert g is source or g.get_total_buffer_size() < source.get_total_buffer_size()
     assert list(_passes(groups, 50)) == [groups] and list(_passes([], 5)) == []
+
+
+ARENAS_PROBE = """
+import ctypes, os, sys, tempfile, threading
+from krasr_batch.pipeline.orchestrate import limit_malloc_arenas
+print(limit_malloc_arenas() if sys.argv[1] == "limit" else None)
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+barrier, keep = threading.Barrier(8), []
+def work():  # each thread allocates, as the driver's do, then waits for the others
+    keep.append([bytearray(200_000) for _ in range(4)] + [bytes(i) for i in range(1_000)])
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+fd, path = tempfile.mkstemp()
+os.close(fd)
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+print(open(path).read().count("<heap nr="))  # glibc's arenas, one <heap> each
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc arenas")
+def test_the_driver_keeps_to_two_malloc_arenas():
+    """Threads that allocate get arenas of their own (up to 8 a core), and what one frees only its threads
+    reuse: the driver grew with every pass. run() and plan() call limit_malloc_arenas first."""
+    import subprocess
+    import sys
+
+    def probe(mode: str, **env) -> tuple[str, int]:
+        r = subprocess.run([sys.executable, "-c", ARENAS_PROBE, mode], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env)
+        assert r.returncode == 0, r.stderr
+        said, heaps = r.stdout.split()
+        return said, int(heaps)
+
+    assert probe("limit") == ("True", 2)
+    assert probe("none")[1] > 2  # glibc's default, what the limit changes
+    said, heaps = probe("limit", MALLOC_ARENA_MAX="4")  # the user's own setting wins
+    assert said == "False" and 2 < heaps <= 4

@@ -44,6 +44,7 @@ from krasr_batch.pipeline.orchestrate import (
     _read_manifest,
     _sized,
     _versions,
+    limit_malloc_arenas,
     shutdown_ray,
 )
 from krasr_batch.pipeline.stages import plan_file
@@ -132,6 +133,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
     import ray
 
     t0 = time.perf_counter()
+    limit_malloc_arenas()
     layout = OutputLayout(out)
     _check_settings(layout, settings, manifest, overwrite, fingerprint=plan_fingerprint(settings))
     done = recover(layout)
