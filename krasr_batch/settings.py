@@ -145,6 +145,10 @@ class ResourceOptions:
     # per-block state until it ends), and each pass starts the model replicas anew (pipeline.orchestrate)
     pass_files: int = 50_000
 
+    def __post_init__(self) -> None:
+        if self.pass_files < 1:
+            raise ValueError(f"pass_files must be at least 1, got {self.pass_files}")
+
 
 @dataclass(frozen=True)
 class RunSettings:
