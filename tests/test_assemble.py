@@ -281,3 +281,14 @@ def test_the_driver_keeps_to_two_malloc_arenas():
     assert probe("none")[1] > 2  # glibc's default, what the limit changes
     said, heaps = probe("limit", MALLOC_ARENA_MAX="4")  # the user's own setting wins
     assert said == "False" and 2 < heaps <= 4
+
+
+def test_the_progress_line_names_the_pass_when_there_are_several():
+    import io
+
+    from krasr_batch.pipeline.assemble import Progress
+
+    stats = RunStats(total_files=120_000, files_done=60_000, passes=2, passes_planned=3)
+    assert Progress(stats, True, io.StringIO()).line().split("  ")[-1] == "pass 2/3"
+    stats.passes_planned = stats.passes = 1  # one pass: nothing to say
+    assert "pass" not in Progress(stats, True, io.StringIO()).line()

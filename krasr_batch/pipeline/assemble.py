@@ -45,6 +45,7 @@ class RunStats:
     timeline: dict[str, float] = field(default_factory=dict)
     replicas: int = 0  # model replicas the run started
     passes: int = 0  # Ray Data executions the run went through (one per --pass-files files)
+    passes_planned: int = 0  # the passes this run's files make
     # the whole output, earlier runs included (what the exit status and the summary's failures describe)
     output_ok: int = 0
     output_failed: int = 0
@@ -77,6 +78,7 @@ class Progress:
                 f"{s.files_committed + s.skipped_files} committed)  "
                 f"audio {s.audio_s / 3600:.2f} h  segments {s.segments}  "
                 f"RTFx {s.audio_s / wall if wall > 0 else 0:.1f}  elapsed {time.strftime('%H:%M:%S', time.gmtime(wall))}  ETA {eta_txt}"
+                + (f"  pass {s.passes}/{s.passes_planned}" if s.passes_planned > 1 else "")
                 + (f"  {self.notice}" if self.notice else ""))
 
     def update(self, force: bool = False) -> None:

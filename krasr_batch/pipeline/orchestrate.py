@@ -523,11 +523,11 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
     stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
     in_flight = blocks_in_flight(use_gpu)
     asm = Assembler(summary, stats)
-    passes = -(-sum(g.num_rows for g in groups) // res.pass_files)
-    for i, part in enumerate(_passes(groups, res.pass_files)):
+    stats.passes_planned = -(-sum(g.num_rows for g in groups) // res.pass_files)
+    for part in _passes(groups, res.pass_files):
         stats.passes += 1
-        if passes > 1:
-            log.info("pass %d of %d: %d files", i + 1, passes, sum(g.num_rows for g in part))
+        if stats.passes_planned > 1:
+            log.info("pass %d of %d: %d files", stats.passes, stats.passes_planned, sum(g.num_rows for g in part))
         ds = _read_manifest(normalized, part)
         ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
         ds = ds.flat_map(segment_file, fn_kwargs=dict(

@@ -176,7 +176,9 @@ def _execute_plan(normalized: str, settings: RunSettings, summary: ManifestSumma
     # holding one each (Ray Data's default) while they wait for those tasks to take their blocks keep CPUs
     # from them (150,000 files on 2 CPUs: 8,552 planned in the first 150 s with Ray's default, 10,928 so)
     asm = Assembler(summary, stats, decoded=False)
-    for part in _passes(_manifest_groups(normalized), settings.resources.pass_files):  # as run's
+    groups = _manifest_groups(normalized)
+    stats.passes_planned = -(-sum(g.num_rows for g in groups) // settings.resources.pass_files)
+    for part in _passes(groups, settings.resources.pass_files):  # as run's
         stats.passes += 1
         ds = _sized(_read_manifest(normalized, part).repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), 0)
         ds = ds.flat_map(plan_file, fn_kwargs=dict(
