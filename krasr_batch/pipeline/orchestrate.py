@@ -522,12 +522,8 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
 
     stage = model_stage_class(dec, "cuda" if use_gpu else "cpu", threads)
     in_flight = blocks_in_flight(use_gpu)
-    asm = Assembler(summary, stats)
-    stats.passes_planned = -(-sum(g.num_rows for g in groups) // res.pass_files)
-    for part in _passes(groups, res.pass_files):
-        stats.passes += 1
-        if stats.passes_planned > 1:
-            log.info("pass %d of %d: %d files", stats.passes, stats.passes_planned, sum(g.num_rows for g in part))
+
+    def graph(part: list):
         ds = _read_manifest(normalized, part)
         ds = _sized(ds.repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), place.repartition_cpus)
         ds = ds.flat_map(segment_file, fn_kwargs=dict(
@@ -537,9 +533,24 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         # blocks_in_flight): a long recording's segments, or the first blocks that arrive while other
         # replicas still load, spread over every actor instead of queueing behind one
         ds = _sized(ds.repartition(target_num_rows_per_block=batch), place.repartition_cpus)
-        ds = ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
-                            **stage_res)
+        return ds.map_batches(stage, batch_size=batch, batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
+                              **stage_res)
+
+    _drain_passes(groups, graph, Assembler(summary, stats), stats, writer, prog, settings)
+
+
+def _drain_passes(groups: list, graph, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progress,
+                  settings: RunSettings) -> None:
+    """Drain ``graph(part)`` (a Ray Dataset over a pass's row groups) for each pass of ``groups`` in turn
+    (:func:`_passes`), into one ``asm`` (``run`` and ``plan``); ``stats`` counts the passes."""
+    size = settings.resources.pass_files
+    stats.passes_planned = -(-sum(g.num_rows for g in groups) // size)
+    for part in _passes(groups, size):
+        stats.passes += 1
+        if stats.passes_planned > 1:
+            log.info("pass %d of %d: %d files", stats.passes, stats.passes_planned, sum(g.num_rows for g in part))
+        ds = graph(part)
         _drain(ds, asm, stats, writer, prog, settings)
         del ds  # the execution's state (Ray Data keeps some per block until the dataset goes) goes with it
 

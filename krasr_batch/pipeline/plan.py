@@ -36,11 +36,10 @@ from krasr_batch.pipeline.errors import RunAborted
 from krasr_batch.pipeline.orchestrate import (
     ROWS_PER_SEGMENT_TASK,
     _check_settings,
-    _drain,
+    _drain_passes,
     _init_ray,
     _manifest_groups,
     _normalize,
-    _passes,
     _read_manifest,
     _sized,
     _versions,
@@ -172,20 +171,19 @@ def _execute_plan(normalized: str, settings: RunSettings, summary: ManifestSumma
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # one repartition task at a time, holding no CPU: the plan's tasks take whole CPUs, and repartition tasks
-    # holding one each (Ray Data's default) while they wait for those tasks to take their blocks keep CPUs
-    # from them (150,000 files on 2 CPUs: 8,552 planned in the first 150 s with Ray's default, 10,928 so)
-    asm = Assembler(summary, stats, decoded=False)
-    groups = _manifest_groups(normalized)
-    stats.passes_planned = -(-sum(g.num_rows for g in groups) // settings.resources.pass_files)
-    for part in _passes(groups, settings.resources.pass_files):  # as run's
-        stats.passes += 1
+
+    def graph(part: list):
+        # one repartition task at a time, holding no CPU: the plan's tasks take whole CPUs, and repartition
+        # tasks holding one each (Ray Data's default) while they wait for those tasks to take their blocks
+        # keep CPUs from them (150,000 files on 2 CPUs: 8,552 planned in the first 150 s with Ray's default,
+        # 10,928 so)
         ds = _sized(_read_manifest(normalized, part).repartition(target_num_rows_per_block=ROWS_PER_SEGMENT_TASK), 0)
-        ds = ds.flat_map(plan_file, fn_kwargs=dict(
+        return ds.flat_map(plan_file, fn_kwargs=dict(
             segment_options=settings.segment, default_language=settings.decode.language,
             input_root=settings.resources.input_root, token_limit=settings.decode.token_limit), num_cpus=1)
-        _drain(ds, asm, stats, writer, prog, settings)
-        del ds
+
+    _drain_passes(_manifest_groups(normalized), graph, Assembler(summary, stats, decoded=False), stats, writer, prog,
+                  settings)
 
 
 def format_plan(report: PlanReport, out: str) -> str:
