@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -284,11 +285,51 @@ def test_the_driver_keeps_to_two_malloc_arenas():
 
 
 def test_the_progress_line_names_the_pass_when_there_are_several():
-    import io
-
     from krasr_batch.pipeline.assemble import Progress
 
     stats = RunStats(total_files=120_000, files_done=60_000, passes=2, passes_planned=3)
     assert Progress(stats, True, io.StringIO()).line().split("  ")[-1] == "pass 2/3"
     stats.passes_planned = stats.passes = 1  # one pass: nothing to say
     assert "pass" not in Progress(stats, True, io.StringIO()).line()
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_writes_a_line_every_30_s_to_a_log_and_every_2_s_to_a_terminal(monkeypatch):
+    """A multi-day job's log gets a line every 30 s (2,880 a day, not 43,200), and one at once when the run
+    has news (a stall named, the next pass); a terminal's line is rewritten every 2 s; --progress-every sets
+    both."""
+    from krasr_batch.pipeline import assemble
+
+    clock = [1000.0]
+    monkeypatch.setattr(assemble.time, "perf_counter", lambda: clock[0])
+
+    def lines(tty: bool, every_s=None, notice_at=None, pass_at=None) -> list[float]:
+        stats = RunStats(total_files=10, passes=1, passes_planned=2)
+        stream = _Stream(tty)
+        prog = assemble.Progress(stats, True, stream, every_s)
+        shown = []
+        for t in range(0, 121):  # the drain loop calls update() far more often than once a second
+            clock[0] = 1000.0 + t
+            prog.notice = "STALLED" if notice_at is not None and t >= notice_at else None
+            stats.passes = 2 if pass_at is not None and t >= pass_at else 1
+            before = stream.tell()
+            prog.update()
+            if stream.tell() != before:
+                shown.append(t)
+        return shown
+
+    assert lines(tty=False) == [0, 30, 60, 90, 120]
+    assert lines(tty=True) == list(range(0, 121, 2))
+    assert lines(tty=False, every_s=45) == [0, 45, 90]
+    assert lines(tty=True, every_s=45) == [0, 45, 90]
+    assert lines(tty=False, notice_at=41) == [0, 30, 41, 71, 101]  # the stall, at once
+    assert lines(tty=False, pass_at=50) == [0, 30, 50, 80, 110]  # the next pass, at once
+    assert lines(tty=True, notice_at=41) == list(range(0, 121, 2))  # a terminal's line is never far behind

@@ -185,13 +185,13 @@ def test_sigterm_commits_what_is_finished_and_exits_143(job, tmp_path):
     manifest, args, ref, n = job
     out = tmp_path / "out"
     cmd = ["run", str(manifest), "--out", str(out), *[a for a in args if a != "--no-progress"],
-           "--flush-s", "100000", "--flush-files", "100000"]
+           "--progress-every", "0.5", "--flush-s", "100000", "--flush-files", "100000"]
     p = start(cmd)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
     reader.start()
 
-    def finished() -> int:  # the progress line (a new line every 2 s off a terminal): "files N/M (..."
+    def finished() -> int:  # the progress line (a new line every 0.5 s here, off a terminal): "files N/M (..."
         counts = [int(x.split()[1].split("/")[0]) for x in list(lines) if x.startswith("files ")]
         return counts[-1] if counts else 0
 

@@ -17,7 +17,8 @@ from krasr_batch.cli.run import GLOB, job_settings, run
 
 # the run options a plan takes: where to read and write, the segmentation, and where to run
 _PLAN_OPTIONS = ("out", "job", "language", "token_limit", "max_segment_s", "max_gain_db", "address", "num_cpus",
-                 "input_root", "max_failed_fraction", "stall_timeout", "pass_files", "overwrite", "progress", "ship_code")
+                 "input_root", "max_failed_fraction", "stall_timeout", "pass_files", "overwrite", "progress", "progress_every",
+                 "ship_code")
 
 
 @click.command("manifest")
@@ -43,7 +44,7 @@ def manifest_command(source: str, globs: tuple[str, ...]) -> None:
 @click.argument("manifest")
 @GLOB
 def plan_command(manifest: str, out: str | None, job: str | None, overwrite: bool, progress: bool,
-                 globs: tuple[str, ...], **flags: Any) -> None:
+                 progress_every: float | None, globs: tuple[str, ...], **flags: Any) -> None:
     """Decode and segment every file of MANIFEST (or folder) on CPUs, without a model: what a run would cost.
 
     Writes the files/ rows a run would (status, error, duration_s, speech_s, num_segments; no text), the
@@ -61,7 +62,7 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
     try:
         with quiet_ray(out, verbose) as console:  # Ray's own lines to OUT/logs/, as for run
             report = plan(manifest, out, settings, overwrite=overwrite, progress=progress,
-                          progress_stream=console.stream, globs=globs)
+                          progress_stream=console.stream, globs=globs, progress_every=progress_every)
     except (ManifestError, SettingsMismatch, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:

@@ -80,6 +80,9 @@ GLOB = click.option(
 @click.option("--flush-s", type=click.FloatRange(min=0.0), hidden=True, help="Commit finished files at least this often.")
 @click.option("--flush-files", type=click.IntRange(min=1), hidden=True, help="Commit once this many files are finished.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress line on stderr.")
+@click.option("--progress-every", "progress_every", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Seconds between progress lines. Off a terminal (a job log) each is a new line, and one comes at "
+                   "once when a pass starts or a stall is named. [default: 2 on a terminal, else 30]")
 @click.option("--actor-resource", metavar="NAME",
               help="Place model actors only on nodes with this custom Ray resource (each actor takes 1 unit; "
                    "ray start --resources='{\"NAME\": 1}'). [default: GPU nodes when the cluster has GPUs]")
@@ -88,7 +91,7 @@ GLOB = click.option(
                    "py_modules; `run` does so only with --address). Turn off when the nodes have this "
                    "version installed. [default: on]")
 def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool,
-        globs: tuple[str, ...], **flags: Any) -> None:
+        progress_every: float | None, globs: tuple[str, ...], **flags: Any) -> None:
     """Transcribe every file of MANIFEST into Parquet under --out.
 
     MANIFEST is JSON Lines (krasr-batch's or NeMo's), a CSV or TSV file, a Parquet table, Hugging Face dataset
@@ -110,7 +113,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     try:
         with quiet_ray(out, verbose) as console:
             stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress,
-                                 progress_stream=console.stream, globs=globs)
+                                 progress_stream=console.stream, globs=globs, progress_every=progress_every)
     except (ManifestError, SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:

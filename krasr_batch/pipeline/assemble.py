@@ -56,16 +56,26 @@ class RunStats:
         return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-class Progress:
-    """One status line: files, audio hours, RTFx (audio seconds per wall second) and an ETA."""
+PROGRESS_EVERY_TTY_S = 2.0  # a terminal's line is rewritten in place
+PROGRESS_EVERY_LOG_S = 30.0  # off a terminal (a job log) each line stays: 2,880 a day rather than 43,200
 
-    def __init__(self, stats: RunStats, enabled: bool, stream=None, every_s: float = 2.0):
+
+class Progress:
+    """One status line: files, audio hours, RTFx (audio seconds per wall second) and an ETA.
+
+    On a terminal the line is rewritten every ``PROGRESS_EVERY_TTY_S``; elsewhere (a scheduler's log, a pipe) a
+    new line is written every ``PROGRESS_EVERY_LOG_S``, and at once when the notice (e.g. a stall) or the pass
+    changes. ``every_s`` sets the interval for both.
+    """
+
+    def __init__(self, stats: RunStats, enabled: bool, stream=None, every_s: float | None = None):
         self.stats, self.enabled, self.stream = stats, enabled, stream or sys.stderr
-        self.every_s = every_s
-        self.t0 = time.perf_counter()
-        self.last = 0.0
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every_s = every_s if every_s is not None else PROGRESS_EVERY_TTY_S if self.tty else PROGRESS_EVERY_LOG_S
+        self.t0 = time.perf_counter()
+        self.last = float("-inf")
         self.notice: str | None = None  # e.g. what Ray cannot place, shown after the counts
+        self._shown: tuple = (None, 0)  # the notice and pass of the last line written
 
     def line(self) -> str:
         s = self.stats
@@ -85,8 +95,9 @@ class Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if force or now - self.last >= self.every_s:
-            self.last = now
+        news = (self.notice, self.stats.passes) != self._shown
+        if force or now - self.last >= self.every_s or (news and not self.tty):
+            self.last, self._shown = now, (self.notice, self.stats.passes)
             if self.tty:
                 self.stream.write("\r\033[K" + self.line())
             else:

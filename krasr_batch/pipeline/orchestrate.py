@@ -196,11 +196,12 @@ def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, 
 
 
 def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
-        progress_stream=None, globs: tuple[str, ...] = ()) -> RunStats:
+        progress_stream=None, globs: tuple[str, ...] = (), progress_every: float | None = None) -> RunStats:
     """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
 
     ``manifest`` is any input :mod:`krasr_batch.inputs` reads (a folder, CSV, Parquet, dataset shards, JSON
-    Lines); ``globs`` narrow a folder's files.
+    Lines); ``globs`` narrow a folder's files. ``progress_every``: seconds between progress lines (default:
+    :class:`~krasr_batch.pipeline.assemble.Progress`'s, 2 on a terminal, 30 elsewhere).
 
     Raises ModelUnavailable (local runs) or ManifestError before any work for a model that does not load or a
     bad manifest, SettingsMismatch for an ``out`` made with other settings, RunAborted when too many files fail.
@@ -213,7 +214,8 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     ray_was_up = ray.is_initialized()  # a caller's own Ray session is left running
     try:
         settings, why = _resolve_engine(settings)
-        return _run(manifest, out, settings, overwrite, progress, progress_stream, t0,
+        prog = dict(enabled=progress, stream=progress_stream, every_s=progress_every)
+        return _run(manifest, out, settings, overwrite, prog, t0,
                     {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
     finally:
         if not ray_was_up and ray.is_initialized():
@@ -242,8 +244,9 @@ def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
     return settings.with_engine(engine), why
 
 
-def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: bool, progress_stream,
-         t0: float, engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
+def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: dict[str, Any], t0: float,
+         engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
+    """``run`` once the engine is chosen; ``progress``: :class:`Progress`'s keyword arguments but the stats."""
     import ray
 
     layout = OutputLayout(out)
@@ -274,7 +277,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
         _init_ray(settings)
     timeline["ray_ready"] = time.perf_counter() - t0
     stats.timeline = timeline
-    prog = Progress(stats, progress, progress_stream)
+    prog = Progress(stats, **progress)
     try:
         if todo:
             _execute(normalized, settings, summary, stats, writer, prog)

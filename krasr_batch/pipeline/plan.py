@@ -123,7 +123,7 @@ def summarize(output: RunOutput, stats: RunStats | None = None, cpus: float | No
 
 
 def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
-         progress_stream=None, globs: tuple[str, ...] = ()) -> PlanReport:
+         progress_stream=None, globs: tuple[str, ...] = (), progress_every: float | None = None) -> PlanReport:
     """Decode and segment every file of ``manifest`` into ``out`` without a model; returns the plan's figures.
 
     Raises ManifestError for a bad manifest, SettingsMismatch for an ``out`` made with other settings (or by a
@@ -143,7 +143,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
     todo = summary.num_files - stats.skipped_files
     started_ray = _init_ray(settings) if todo else False
     cpus = ray.cluster_resources().get("CPU") if todo else None
-    prog = Progress(stats, progress, progress_stream)
+    prog = Progress(stats, progress, progress_stream, progress_every)
     try:
         if todo:
             _execute_plan(normalized, settings, summary, stats, writer, prog)
