@@ -318,7 +318,7 @@ def test_progress_writes_a_line_every_30_s_to_a_log_and_every_2_s_to_a_terminal(
         shown = []
         for t in range(0, 121):  # the drain loop calls update() far more often than once a second
             clock[0] = 1000.0 + t
-            prog.notice = "STALLED" if notice_at is not None and t >= notice_at else None
+            prog.notice = f"STALLED {t - notice_at} s" if notice_at is not None and notice_at <= t < notice_at + 50 else None
             stats.passes = 2 if pass_at is not None and t >= pass_at else 1
             before = stream.tell()
             prog.update()
@@ -330,6 +330,6 @@ def test_progress_writes_a_line_every_30_s_to_a_log_and_every_2_s_to_a_terminal(
     assert lines(tty=True) == list(range(0, 121, 2))
     assert lines(tty=False, every_s=45) == [0, 45, 90]
     assert lines(tty=True, every_s=45) == [0, 45, 90]
-    assert lines(tty=False, notice_at=41) == [0, 30, 41, 71, 101]  # the stall, at once
+    assert lines(tty=False, notice_at=41) == [0, 30, 41, 71, 91]  # the stall at once (its clock is no news), its end
     assert lines(tty=False, pass_at=50) == [0, 30, 50, 80, 110]  # the next pass, at once
     assert lines(tty=True, notice_at=41) == list(range(0, 121, 2))  # a terminal's line is never far behind

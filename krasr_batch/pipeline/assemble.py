@@ -64,8 +64,8 @@ class Progress:
     """One status line: files, audio hours, RTFx (audio seconds per wall second) and an ETA.
 
     On a terminal the line is rewritten every ``PROGRESS_EVERY_TTY_S``; elsewhere (a scheduler's log, a pipe) a
-    new line is written every ``PROGRESS_EVERY_LOG_S``, and at once when the notice (e.g. a stall) or the pass
-    changes. ``every_s`` sets the interval for both.
+    new line is written every ``PROGRESS_EVERY_LOG_S``, and at once when a notice (e.g. a stall) comes or goes
+    or the next pass starts. ``every_s`` sets the interval for both.
     """
 
     def __init__(self, stats: RunStats, enabled: bool, stream=None, every_s: float | None = None):
@@ -75,7 +75,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.last = float("-inf")
         self.notice: str | None = None  # e.g. what Ray cannot place, shown after the counts
-        self._shown: tuple = (None, 0)  # the notice and pass of the last line written
+        self._shown = (False, 0)  # whether the last line written had a notice, and its pass
 
     def line(self) -> str:
         s = self.stats
@@ -95,9 +95,9 @@ class Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        news = (self.notice, self.stats.passes) != self._shown
-        if force or now - self.last >= self.every_s or (news and not self.tty):
-            self.last, self._shown = now, (self.notice, self.stats.passes)
+        state = (self.notice is not None, self.stats.passes)  # a notice's wording (its clock) is no news
+        if force or now - self.last >= self.every_s or (state != self._shown and not self.tty):
+            self.last, self._shown = now, state
             if self.tty:
                 self.stream.write("\r\033[K" + self.line())
             else:
