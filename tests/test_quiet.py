@@ -51,6 +51,37 @@ def test_descriptor_2_goes_to_the_log_and_our_lines_to_the_terminal(tmp_path, ca
     assert "after the block" in capfd.readouterr().err
 
 
+PUSHED = """
+import os, sys
+from ray._private.worker import print_to_stdstream
+from krasr_batch.cli.quiet import quiet_ray
+print("before the block")
+with quiet_ray(sys.argv[1], verbose=False):
+    print_to_stdstream({"lines": ["Task MapWorker(MapBatches(ModelStage)).submit failed: the actor is dead"],
+                        "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    os.write(1, b"C++ on descriptor 1\\n")
+print("after the block")
+"""
+
+
+def test_what_ray_pushes_to_the_driver_goes_to_the_log(tmp_path):
+    """The errors the raylet pushes to the driver (e.g. after a SIGTERM, "(raylet) Task ... submit failed ...
+    killed by ray.kill") are printed by Ray to standard output: they go to the log too, not to the user's
+    stdout (where the summary and, with `plan`, the report go). A process of its own, as the CLI is: pytest's
+    capture would take Python's prints before they reach descriptor 1."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", PUSHED, str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["before the block", "after the block"], r.stdout
+    log = (out / "logs").iterdir().__next__().read_text()
+    assert "(raylet)" in log and "Task MapWorker(MapBatches(ModelStage)).submit failed" in log
+    assert "C++ on descriptor 1" in log
+
+
 def test_verbose_keeps_everything_on_the_terminal(tmp_path, capfd):
     with quiet_ray(str(tmp_path / "out"), verbose=True) as console:
         os.write(2, b"ray says hello\n")

@@ -1,8 +1,9 @@
 """A run's terminal shows krasr-batch's own lines only: Ray's messages go to a log file under ``--out``.
 
 Ray writes to this process's standard error from Python (its loggers: the token-authentication notice,
-Ray Data's executor lines) and from C++ (the core worker's ``core_worker.cc`` lines), so the redirection is
-of file descriptor 2 itself, for the length of the run. krasr-batch's progress line and its own warnings go
+Ray Data's executor lines) and from C++ (the core worker's ``core_worker.cc`` lines), and to its standard
+output the errors the raylet and the autoscaler push to the driver (``(raylet) Task ... submit failed``, seen
+after a SIGTERM), so the redirection is of file descriptors 2 and 1 themselves, for the length of the run. krasr-batch's progress line and its own warnings go
 to the terminal through a copy of the original descriptor. When the run ends, the log is read back and a
 real problem among Ray's lines (an error or a traceback, less the known harmless ones below) is surfaced as
 one line with the log's path. ``-v`` turns all of this off: everything goes to the terminal as before.
@@ -65,7 +66,7 @@ def problems_in(text: str) -> list[str]:
 
 @contextmanager
 def quiet_ray(out: str, verbose: bool):
-    """Send file descriptor 2 to a log file under ``out`` for the block; yields a :class:`Console`."""
+    """Send file descriptors 2 and 1 to a log file under ``out`` for the block; yields a :class:`Console`."""
     if verbose:
         yield Console()
         return
@@ -73,7 +74,8 @@ def quiet_ray(out: str, verbose: bool):
     # written in the temporary folder first: a run refused before it writes anything leaves --out untouched
     path = _temporary_log(time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     sys.stderr.flush()
-    saved = os.dup(2)
+    sys.stdout.flush()
+    saved, saved_out = os.dup(2), os.dup(1)
     terminal = os.fdopen(os.dup(saved), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
                          errors="replace")
     ours = logging.StreamHandler(terminal)
@@ -86,12 +88,16 @@ def quiet_ray(out: str, verbose: bool):
     console = Console(terminal, path)
     with open(path, "ab") as f:
         os.dup2(f.fileno(), 2)
+        os.dup2(f.fileno(), 1)
     try:
         yield console
     finally:
         sys.stderr.flush()
+        sys.stdout.flush()  # what Ray printed is written to the log, not held for the terminal
         os.dup2(saved, 2)
+        os.dup2(saved_out, 1)
         os.close(saved)
+        os.close(saved_out)
         pkg.removeHandler(ours)
         pkg.propagate = propagate
         terminal.flush()
