@@ -17,8 +17,8 @@ from krasr_batch.cli.run import GLOB, job_settings, run
 
 # the run options a plan takes: where to read and write, the segmentation, and where to run
 _PLAN_OPTIONS = ("out", "job", "language", "token_limit", "max_segment_s", "max_gain_db", "address", "num_cpus",
-                 "input_root", "max_failed_fraction", "stall_timeout", "pass_files", "overwrite", "progress", "progress_every",
-                 "ship_code")
+                 "input_root", "max_failed_fraction", "stall_timeout", "pass_files", "overwrite", "progress",
+                 "progress_every", "ship_code")
 
 
 @click.command("manifest")

@@ -2,11 +2,12 @@
 
 Ray writes to this process's standard error from Python (its loggers: the token-authentication notice,
 Ray Data's executor lines) and from C++ (the core worker's ``core_worker.cc`` lines), and to its standard
-output the errors the raylet and the autoscaler push to the driver (``(raylet) Task ... submit failed``, seen
-after a SIGTERM), so the redirection is of file descriptors 2 and 1 themselves, for the length of the run. krasr-batch's progress line and its own warnings go
-to the terminal through a copy of the original descriptor. When the run ends, the log is read back and a
-real problem among Ray's lines (an error or a traceback, less the known harmless ones below) is surfaced as
-one line with the log's path. ``-v`` turns all of this off: everything goes to the terminal as before.
+output the errors the raylet and the autoscaler push to the driver (``(raylet) Task ... submit failed``,
+seen after a SIGTERM), so the redirection is of file descriptors 2 and 1 themselves, for the length of the
+run. krasr-batch's progress line and its own warnings go to the terminal through a copy of the original
+standard error. When the run ends, the log is read back and a real problem among Ray's lines (an error or
+a traceback, less the known harmless ones below) is surfaced as one line with the log's path. ``-v`` turns
+all of this off: everything goes to the terminal as before.
 """
 
 from __future__ import annotations
