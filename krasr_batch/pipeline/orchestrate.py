@@ -496,9 +496,6 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
              writer: PartWriter, prog: Progress) -> None:
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     from krasr_batch.cluster import plan_placement
 
     res = settings.resources
@@ -547,6 +544,11 @@ def _drain_passes(groups: list, graph, asm: Assembler, stats: RunStats, writer: 
                   settings: RunSettings) -> None:
     """Drain ``graph(part)`` (a Ray Dataset over a pass's row groups) for each pass of ``groups`` in turn
     (:func:`_passes`), into one ``asm`` (``run`` and ``plan``); ``stats`` counts the passes."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()  # no progress bars or start banner of Ray Data's own
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     size = settings.resources.pass_files
     stats.passes_planned = -(-sum(g.num_rows for g in groups) // size)
     for part in _passes(groups, size):

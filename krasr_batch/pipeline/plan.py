@@ -166,12 +166,6 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
 
 def _execute_plan(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
                   writer: PartWriter, prog: Progress) -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
     def graph(part: list):
         # one repartition task at a time, holding no CPU: the plan's tasks take whole CPUs, and repartition
         # tasks holding one each (Ray Data's default) while they wait for those tasks to take their blocks
