@@ -214,8 +214,7 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     ray_was_up = ray.is_initialized()  # a caller's own Ray session is left running
     try:
         settings, why = _resolve_engine(settings)
-        prog = dict(enabled=progress, stream=progress_stream, every_s=progress_every)
-        return _run(manifest, out, settings, overwrite, prog, t0,
+        return _run(manifest, out, settings, overwrite, progress, progress_stream, progress_every, t0,
                     {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
     finally:
         if not ray_was_up and ray.is_initialized():
@@ -244,9 +243,8 @@ def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
     return settings.with_engine(engine), why
 
 
-def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: dict[str, Any], t0: float,
-         engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
-    """``run`` once the engine is chosen; ``progress``: :class:`Progress`'s keyword arguments but the stats."""
+def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: bool, progress_stream,
+         progress_every: float | None, t0: float, engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
     import ray
 
     layout = OutputLayout(out)
@@ -277,7 +275,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
         _init_ray(settings)
     timeline["ray_ready"] = time.perf_counter() - t0
     stats.timeline = timeline
-    prog = Progress(stats, **progress)
+    prog = Progress(stats, progress, progress_stream, progress_every)
     try:
         if todo:
             _execute(normalized, settings, summary, stats, writer, prog)
