@@ -13,12 +13,13 @@ mapped). BENCHMARKS.md, "What the driver's growth is made of", has the figures.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import sys
 import time
 
 import numpy as np
+
+from krasr_batch.pipeline.orchestrate import limit_malloc_arenas
 
 
 def resident_mb() -> dict[str, int]:
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", action="store_true", help="the last stage as tasks, not an actor pool")
     ap.add_argument("--num-cpus", type=int, default=2)
     args = ap.parse_args(argv)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).mallopt(-8, 2)  # two malloc arenas, as krasr-batch's driver keeps
+    limit_malloc_arenas()  # two malloc arenas, as krasr-batch's driver keeps
     import ray
     import ray.data
 
