@@ -79,6 +79,22 @@ def test_the_decoder_equals_transformers_decoder(tiny_model):
         np.testing.assert_allclose(g.numpy(), expected[:, 3 + k].numpy(), atol=2e-4, rtol=2e-4)
 
 
+def test_reduced_precision_gives_float32_logits_as_transformers_generate_takes_them(tiny_model):
+    """transformers' generate() takes each step's logits in float32 before the logits processors; so does the
+    stack in bfloat16: the repetition penalty, n-gram ban and log-softmax run on float32 logits (on a CPU the
+    scatters into bfloat16 cost 20 to 40 times more), and equal the float32 rounding of its bfloat16 product."""
+    stack = WhisperDecoderStack(tiny_model, "bfloat16")
+    encoded = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 1500, stack.d)).astype(np.float32))
+    prompt = torch.tensor([_prompt(tiny_model)] * 3)
+    with torch.inference_mode():
+        cross = stack.cross(encoded.to(torch.bfloat16))
+        cache = stack.new_cache(3, 8, zeroed=True)
+        first = stack.step(prompt, 0, cache, cross, 3)
+        fixed = stack.step_at(prompt[:, -1:], torch.tensor([4]), cache, cross, 3, 8)
+    assert first.dtype == fixed.dtype == torch.float32
+    assert torch.equal(first, first.to(torch.bfloat16).float())  # nothing but the bfloat16 product, widened
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
 def test_the_teacher_forced_pass_gives_transformers_cross_attention(tiny_model, fused):
     """Word timing's pass (WhisperDecoderStack.teacher_forced): the chosen heads' cross-attention weights and

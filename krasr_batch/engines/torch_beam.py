@@ -96,8 +96,10 @@ class WhisperDecoderStack:
 
     ``cross(encoded)`` computes each layer's cross-attention keys and values once per window;
     ``step(tokens, pos, cache, cross, beams, where)`` runs ``tokens`` (rows x t, rows = windows x beams, a
-    window's beams adjacent) at positions ``pos..pos+t-1`` and returns the logits of the last position (in
-    ``dtype``). ``where``: each window's index in ``cross`` when ``cross`` holds more windows (ended ones not
+    window's beams adjacent) at positions ``pos..pos+t-1`` and returns the logits of the last position in
+    float32, as transformers' ``generate()`` takes them: the card's logits processing and the log-softmax
+    then run in float32 whatever ``dtype`` (on a CPU also 20 to 40 times faster than scattering into
+    bfloat16). ``where``: each window's index in ``cross`` when ``cross`` holds more windows (ended ones not
     yet dropped), else None.
 
     On a CPU the cross-attention keys are held transposed and the beams' queries multiply them in one product;
@@ -224,7 +226,7 @@ class WhisperDecoderStack:
             x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, 1, d))
             x = self._cross_and_mlp(i, x, cross, beams)
         x = self._norm("layer_norm", x[:, -1])
-        return _apply(self.logits, x)
+        return _apply(self.logits, x).float()
 
     def teacher_forced(self, tokens, cross: list, heads: list[tuple[int, int]]):
         """One pass over whole rows of ``tokens`` (windows x t, one row a window, causal): the final layer
@@ -284,7 +286,7 @@ class WhisperDecoderStack:
             x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, t, d))
             x = self._cross_and_mlp(i, x, cross, beams, where)
         x = self._norm("layer_norm", x[:, -1])
-        return _apply(self.logits, x)
+        return _apply(self.logits, x).float()
 
 
 # on a GPU, cross-attention keys and values of ended windows are dropped once the windows still decoding fall
@@ -361,7 +363,7 @@ def beam_search(stack: WhisperDecoderStack, cross: list, prompts: list[list[int]
     while True:
         cur = plen + n
         _process_logits(logits, seqs, cur, n == 0, repetition_penalty, no_repeat_ngram_size, suppress_t, begin_t)
-        total = (torch.log_softmax(logits, -1, dtype=torch.float32) + scores[:, None]).view(len(alive), k * vocab)
+        total = (torch.log_softmax(logits, -1) + scores[:, None]).view(len(alive), k * vocab)
         top_s, top_i = total.topk(2 * k, dim=1)
         top = torch.stack((top_s.double(), top_i.double()), 1).cpu().tolist()  # one transfer (exact: ids < 2^53)
         n += 1
@@ -669,7 +671,7 @@ def beam_search_device(stack: WhisperDecoderStack, cross: list, prompts: list[li
         w = st.ids.shape[0]
         _process_logits(st.logits, st.seqs, cur, n == 1, repetition_penalty, no_repeat_ngram_size, st.suppress,
                         st.begin)
-        total = (torch.log_softmax(st.logits, -1, dtype=torch.float32) + st.scores[:, None]).view(w, k * vocab)
+        total = (torch.log_softmax(st.logits, -1) + st.scores[:, None]).view(w, k * vocab)
         st.logits = None  # used: a drop below need not keep it
         top_s, top_i = total.topk(2 * k, dim=1)
         nsrc, ntok, nscore, st.active = ended.choose(top_s, top_i, vocab, st.seqs, st.ids, st.active, n_t)
@@ -791,7 +793,7 @@ def beam_search_graphed(stack: WhisperDecoderStack, cross: list, prompts: list[l
         if first and len(begin_t):
             lg.index_fill_(1, begin_t, -math.inf)
         w = st.ids.shape[0]
-        total = (torch.log_softmax(lg, -1, dtype=torch.float32) + st.scores[:, None]).view(w, k * vocab)
+        total = (torch.log_softmax(lg, -1) + st.scores[:, None]).view(w, k * vocab)
         top_s, top_i = total.topk(2 * k, dim=1)
         nsrc, ntok, nscore, still = ended.choose(top_s, top_i, vocab, seqs, st.ids, active, n_t)
         active.copy_(still)
@@ -950,7 +952,7 @@ class TorchBeamDecoder(Decoder):
             # the first step (after <|startoftranscript|>) gives language scores and the no-speech probability
             first = self.stack.step(torch.full((len(batch), 1), sot, device=dev), 0,
                                     self.stack.new_cache(len(batch), 1), cross, 1)
-            first_lp = torch.log_softmax(first, -1, dtype=torch.float32).cpu().numpy()
+            first_lp = torch.log_softmax(first, -1).cpu().numpy()
             codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
                      for x, lp in zip(batch, first_lp)]
             search = SEARCHES[self.search]
