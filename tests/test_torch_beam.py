@@ -224,14 +224,34 @@ class _ReplayedCalls:
     def replay(self):
         assert _addresses(self.st) == self.addresses, "a replay would step other tensors than its capture"
         self.counts["replayed"] += 1
-        self.fn()
+        with _NoHostReads():
+            self.fn()
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails on what a CUDA graph cannot hold: a value brought to the host (``item``, ``tolist``, a tensor's
+    truth, ``cpu``) or a result whose shape depends on values (``nonzero``, a boolean mask's selection), each
+    of which waits for the device, and during a capture stops it."""
+
+    T = torch.Tensor
+    WAITS = {T.item, T.tolist, T.__bool__, T.__int__, T.__float__, T.__index__, T.cpu, T.numpy, T.nonzero,
+             torch.nonzero, torch.argwhere, T.masked_select, torch.masked_select, torch.unique, T.unique}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        waits = func in self.WAITS or (func is torch.where and len(args) == 1)
+        if func in (self.T.__getitem__, self.T.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            waits = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        assert not waits, f"{getattr(func, '__name__', func)} inside a captured step waits for the device"
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("compact_below", [0.5, 0.0], ids=["dropped-at-half", "never-dropped"])
 def test_the_graphed_search_replays_what_it_captured(tiny_model, monkeypatch, compact_below):
     """beam_search_graphed's loop with graphs on (warm-up step, capture, replays; drops that discard the
     graphs), on the CPU: CUDA's streams are no-ops and a graph is a call replayed, never run at capture, as a
-    CUDA graph's capture runs nothing. The results are beam_search's, and most steps are replays."""
+    CUDA graph's capture runs nothing, and a replay that brings a value to the host fails. The results are
+    beam_search's, and most steps are replays."""
     import contextlib
 
     from krasr_batch.engines import torch_beam
