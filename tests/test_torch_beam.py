@@ -230,12 +230,13 @@ class _ReplayedCalls:
 
 class _NoHostReads(torch.overrides.TorchFunctionMode):
     """Fails on what a CUDA graph cannot hold: a value brought to the host (``item``, ``tolist``, a tensor's
-    truth, ``cpu``) or a result whose shape depends on values (``nonzero``, a boolean mask's selection), each
-    of which waits for the device, and during a capture stops it."""
+    truth, ``cpu``), a result whose shape depends on values (``nonzero``, a boolean mask's selection), each
+    of which waits for the device, or host data copied in (``torch.tensor``); during a capture each stops it."""
 
     T = torch.Tensor
     WAITS = {T.item, T.tolist, T.__bool__, T.__int__, T.__float__, T.__index__, T.cpu, T.numpy, T.nonzero,
-             torch.nonzero, torch.argwhere, T.masked_select, torch.masked_select, torch.unique, T.unique}
+             torch.nonzero, torch.argwhere, T.masked_select, torch.masked_select, torch.unique, T.unique,
+             torch.tensor, torch.as_tensor, torch.from_numpy}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         waits = func in self.WAITS or (func is torch.where and len(args) == 1)
