@@ -82,7 +82,8 @@ def test_the_decoder_equals_transformers_decoder(tiny_model):
 def test_reduced_precision_gives_float32_logits_as_transformers_generate_takes_them(tiny_model):
     """transformers' generate() takes each step's logits in float32 before the logits processors; so does the
     stack in bfloat16: the repetition penalty, n-gram ban and log-softmax run on float32 logits (on a CPU the
-    scatters into bfloat16 cost 20 to 40 times more), and equal the float32 rounding of its bfloat16 product."""
+    scatters into bfloat16 cost 1.2-1.8 ms at 48 rows, into float32 0.03-0.08 ms), and the logits are its
+    bfloat16 product, widened."""
     stack = WhisperDecoderStack(tiny_model, "bfloat16")
     encoded = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 1500, stack.d)).astype(np.float32))
     prompt = torch.tensor([_prompt(tiny_model)] * 3)

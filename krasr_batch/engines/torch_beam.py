@@ -98,9 +98,9 @@ class WhisperDecoderStack:
     ``step(tokens, pos, cache, cross, beams, where)`` runs ``tokens`` (rows x t, rows = windows x beams, a
     window's beams adjacent) at positions ``pos..pos+t-1`` and returns the logits of the last position in
     float32, as transformers' ``generate()`` takes them: the card's logits processing and the log-softmax
-    then run in float32 whatever ``dtype`` (on a CPU also 20 to 40 times faster than scattering into
-    bfloat16). ``where``: each window's index in ``cross`` when ``cross`` holds more windows (ended ones not
-    yet dropped), else None.
+    then run in float32 whatever ``dtype`` (on a CPU also faster: scattering the penalty into 48 rows of
+    bfloat16 logits took 1.2-1.8 ms, into float32 0.03-0.08 ms). ``where``: each window's index in
+    ``cross`` when ``cross`` holds more windows (ended ones not yet dropped), else None.
 
     On a CPU the cross-attention keys are held transposed and the beams' queries multiply them in one product;
     on a GPU (``device="cuda"``) both go through ``scaled_dot_product_attention`` (fused kernels, in float16 or
