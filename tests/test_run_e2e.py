@@ -35,6 +35,15 @@ def test_exit_status_and_summary(corpus_run):
     assert f"krasr-batch: {len(rows)} files in the manifest" in r.stdout
     assert "failed (undecodable): 2" in r.stdout
     assert "warning (nonfinite): 1: nan_samples.wav" in r.stdout  # ok files with a warning, by its kind
+    # the segment line's counts are the segments table's, each under its own name
+    seg = duckdb.connect().execute(
+        f"select count(*), count(*) filter (truncated), count(*) filter (truncation = 'repetition'), "
+        f"count(*) filter (truncation = 'did_not_fit'), count(*) filter (suspect) "
+        f"from '{out}/segments/*.parquet'").fetchone()
+    n, cut, loops, unfit, suspect = seg
+    cut_text = (f"{cut} stopped at the token limit ({loops} repetition loops, {unfit} did not fit)" if cut
+                else "none stopped at the token limit")
+    assert f"; {n} segments: {cut_text}; {suspect} suspect by the quality signals\n" in r.stdout
     assert (out / "_SUCCESS").exists()
     info = json.loads((out / "run.json").read_text())
     assert info["counts"]["files"] == len(rows)

@@ -171,7 +171,7 @@ def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
     if not truncated:
         return "none stopped at the token limit"
     loops, unfit = by_cause.get("repetition", 0), by_cause.get("did_not_fit", 0)
-    return f"{truncated} stopped at the token limit: {loops} repetition loops, {unfit} did not fit"
+    return f"{truncated} stopped at the token limit ({loops} repetition loops, {unfit} did not fit)"
 
 
 def _summary(stats, out: str, log_path: str | None = None) -> None:
@@ -179,9 +179,9 @@ def _summary(stats, out: str, log_path: str | None = None) -> None:
     echo("")
     echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
          + (f", {stats.skipped_files} already done by an earlier run" if stats.skipped_files else ""))
-    echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments "
-         f"({truncation_text(stats.truncated_segments, stats.truncated_by_cause)}, "
-         f"{stats.suspect_segments} suspect)")
+    echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments: "
+         f"{truncation_text(stats.truncated_segments, stats.truncated_by_cause)}; "
+         f"{stats.suspect_segments} suspect by the quality signals")
     echo(f"  output: ok {stats.output_ok}, failed {stats.output_failed}")
     echo(f"  audio {stats.audio_s / 3600:.3f} h (speech {stats.speech_s / 3600:.3f} h) in {stats.wall_s:.1f} s: "
          f"RTFx {stats.rtfx:.1f}")
