@@ -96,6 +96,45 @@ def test_reduced_precision_gives_float32_logits_as_transformers_generate_takes_t
     assert torch.equal(first, first.to(torch.bfloat16).float())  # nothing but the bfloat16 product, widened
 
 
+class _MatmulDtypes(torch.overrides.TorchFunctionMode):
+    """Records the operand dtypes of every ``torch.matmul`` inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.matmul:
+            self.seen.append((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_cpu_bfloat16_stack_attends_over_a_float32_cache(tiny_model):
+    """On a CPU the self-attention's keys and values are held in float32 whatever the stack's dtype: oneDNN's
+    bfloat16 product of one query with the cache is 2-3x slower than float32's and keeps a primitive, with
+    memory, for every cache length (6.6 GB a whisper-small replica over 360 steps). The cross-attention and
+    the linear layers stay in bfloat16; the step and the fixed-shape step agree; a GPU stack keeps its dtype."""
+    stack = WhisperDecoderStack(tiny_model, "bfloat16")
+    assert WhisperDecoderStack(tiny_model, "bfloat16", fused=True).new_cache(3, 8)[0][0].dtype == torch.bfloat16
+    encoded = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 1500, stack.d)).astype(np.float32))
+    tokens = torch.tensor([_prompt(tiny_model) + [50, 60]] * 3)
+    with torch.inference_mode():
+        cross = stack.cross(encoded.to(torch.bfloat16))
+        cache, fixed_cache = stack.new_cache(3, 8), stack.new_cache(3, 8, zeroed=True)
+        assert {t.dtype for kv in cache + fixed_cache for t in kv} == {torch.float32}
+        stack.step(tokens[:, :4], 0, cache, cross, 3)
+        stack.step(tokens[:, :4], 0, fixed_cache, cross, 3)
+        with _MatmulDtypes() as mm:
+            one = stack.step(tokens[:, 4:5], 4, cache, cross, 3)
+        fixed = stack.step_at(tokens[:, 4:5], torch.tensor([4]), fixed_cache, cross, 3, 8)
+        again = stack.step_at(tokens[:, 5:6], torch.tensor([5]), fixed_cache, cross, 3, 8)
+        after = stack.step(tokens[:, 5:6], 5, cache, cross, 3)
+    f32, bf16 = (torch.float32,) * 2, (torch.bfloat16,) * 2
+    assert mm.seen.count(f32) == 2 * stack.layers and mm.seen.count(bf16) == 2 * stack.layers, mm.seen
+    torch.testing.assert_close(fixed, one, atol=1e-2, rtol=1e-2)  # masked positions add exact zeros
+    torch.testing.assert_close(again, after, atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["cpu-attention", "gpu-attention"])
 def test_the_teacher_forced_pass_gives_transformers_cross_attention(tiny_model, fused):
     """Word timing's pass (WhisperDecoderStack.teacher_forced): the chosen heads' cross-attention weights and

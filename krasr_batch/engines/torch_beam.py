@@ -122,6 +122,13 @@ class WhisperDecoderStack:
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device)
         self.fused = self.device.type != "cpu" if fused is None else fused
+        # the self-attention's keys and values: on a CPU in float32 whatever ``dtype``. oneDNN's bfloat16
+        # product of one query with the cache is 2 to 3 times slower than float32's (5.6 against 1.8 ms at 48
+        # rows and 200 positions), and it keeps a primitive for every cache length it meets, with memory that
+        # grows with the length: a whisper-small replica's search over 16 windows of 360 tokens held 6.6 GB
+        # more than its float32 search (BENCHMARKS.md, "Ninth round"). The values are the bfloat16 projections,
+        # held exactly; only the products are wider.
+        self.cache_dtype = self.dtype if self.fused else torch.float32
         raw = weights_under(folder, ("model.decoder.", "decoder."))
         expected = ["embed_tokens.weight", "embed_positions.weight", "layer_norm.weight"] + [
             f"layers.{i}.{n}.weight" for i in range(self.layers)
@@ -170,7 +177,8 @@ class WhisperDecoderStack:
 
         shape = (rows, self.heads, length, self.head_dim)
         new = torch.zeros if zeroed else torch.empty
-        return [(new(shape, dtype=self.dtype, device=self.device), new(shape, dtype=self.dtype, device=self.device))
+        dt = self.cache_dtype
+        return [(new(shape, dtype=dt, device=self.device), new(shape, dtype=dt, device=self.device))
                 for _ in range(self.layers)]
 
     def _cross_and_mlp(self, i: int, x, cross: list, beams: int, where=None):
@@ -213,16 +221,18 @@ class WhisperDecoderStack:
         h, hd, d = self.heads, self.head_dim, self.d
         x = self.embed[tokens] + self.w["embed_positions.weight"].index_select(0, pos_t)
         ahead = torch.arange(length, device=self.device) > pos_t
-        mask = torch.zeros(length, dtype=self.dtype, device=self.device).masked_fill_(ahead, -math.inf)
+        dt = self.cache_dtype
+        mask = torch.zeros(length, dtype=dt, device=self.device).masked_fill_(ahead, -math.inf)
         for i in range(self.layers):
             p = f"layers.{i}."
             y = self._norm(p + "self_attn_layer_norm", x)
-            q = self._linear(p + "self_attn.q_proj", y).view(rows, 1, h, hd).transpose(1, 2)
+            q = self._linear(p + "self_attn.q_proj", y).view(rows, 1, h, hd).transpose(1, 2).to(dt)
             ck, cv = cache[i]
-            ck.index_copy_(2, pos_t, self._linear(p + "self_attn.k_proj", y).view(rows, 1, h, hd).transpose(1, 2))
-            cv.index_copy_(2, pos_t, self._linear(p + "self_attn.v_proj", y).view(rows, 1, h, hd).transpose(1, 2))
+            for c, n in ((ck, "k"), (cv, "v")):
+                c.index_copy_(2, pos_t, self._linear(p + f"self_attn.{n}_proj", y).view(rows, 1, h, hd)
+                              .transpose(1, 2).to(dt))
             a = torch.matmul((torch.matmul(q, ck[:, :, :length].transpose(-1, -2)) + mask).softmax(-1),
-                             cv[:, :, :length])
+                             cv[:, :, :length]).to(x.dtype)
             x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, 1, d))
             x = self._cross_and_mlp(i, x, cross, beams)
         x = self._norm("layer_norm", x[:, -1])
@@ -272,8 +282,8 @@ class WhisperDecoderStack:
         for i in range(self.layers):
             p = f"layers.{i}."
             y = self._norm(p + "self_attn_layer_norm", x)
-            q = self._linear(p + "self_attn.q_proj", y).view(rows, t, h, hd).transpose(1, 2)
             ck, cv = cache[i]
+            q = self._linear(p + "self_attn.q_proj", y).view(rows, t, h, hd).transpose(1, 2).to(ck.dtype)
             ck[:, :, pos:pos + t] = self._linear(p + "self_attn.k_proj", y).view(rows, t, h, hd).transpose(1, 2)
             cv[:, :, pos:pos + t] = self._linear(p + "self_attn.v_proj", y).view(rows, t, h, hd).transpose(1, 2)
             # the prompt attends causally over itself; a later step's one token over all before it: on a CPU two
@@ -283,6 +293,7 @@ class WhisperDecoderStack:
             else:
                 a = F.scaled_dot_product_attention(q, ck[:, :, :pos + t], cv[:, :, :pos + t],
                                                    is_causal=t > 1 and pos == 0, scale=1.0)
+            a = a.to(x.dtype)
             x = x + self._linear(p + "self_attn.out_proj", a.transpose(1, 2).reshape(rows, t, d))
             x = self._cross_and_mlp(i, x, cross, beams, where)
         x = self._norm("layer_norm", x[:, -1])
