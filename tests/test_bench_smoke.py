@@ -222,6 +222,19 @@ def test_beam_cost_compares_the_engines_searches(corpus, tiny_model, capsys):
     assert rows["torch engine float32"].endswith("| 2 of 2 |")  # 360 tokens each, all CTranslate2's
 
 
+def test_replica_memory_reports_one_replicas_peak(corpus, tiny_model, capsys):
+    """benchmarks/replica_memory.py on two windows: one row, the peak at least what stays after the decode,
+    and the tokens the limit allows (random weights decode to it)."""
+    from benchmarks import replica_memory
+
+    replica_memory.main([str(tiny_model), str(corpus / "long" / "long_00.flac"), "--windows", "2", "--limit", "20"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| loaded")][0]
+    loaded, peak, kept, _, _, tokens = (float(x) for x in row.strip("| ").split(" | "))
+    assert 0 < loaded and 0 < kept <= peak
+    assert 2 <= tokens <= 40
+
+
 def test_cpu_by_process_counts_the_command_and_its_children(tmp_path):
     """benchmarks/cpu_by_process.py: a command that starts a busy child shows both, the child's CPU seconds
     included; the exit status is the command's."""

@@ -125,9 +125,9 @@ class WhisperDecoderStack:
         # the self-attention's keys and values: on a CPU in float32 whatever ``dtype``. oneDNN's bfloat16
         # product of one query with the cache is 2 to 3 times slower than float32's (5.6 against 1.8 ms at 48
         # rows and 200 positions), and it keeps a primitive for every cache length it meets, with memory that
-        # grows with the length: a whisper-small replica's search over 16 windows of 360 tokens held 6.6 GB
-        # more than its float32 search (BENCHMARKS.md, "Ninth round"). The values are the bfloat16 projections,
-        # held exactly; only the products are wider.
+        # grows with the length: a whisper-small replica over 16 windows of 360 tokens peaked at 9.0 GB and
+        # kept 7.5 GB, against 3.3 and 1.2 GB now (BENCHMARKS.md, "Ninth round"). The values are the bfloat16
+        # projections, held exactly; only the products are wider.
         self.cache_dtype = self.dtype if self.fused else torch.float32
         raw = weights_under(folder, ("model.decoder.", "decoder."))
         expected = ["embed_tokens.weight", "embed_positions.weight", "layer_norm.weight"] + [
@@ -287,7 +287,8 @@ class WhisperDecoderStack:
             ck[:, :, pos:pos + t] = self._linear(p + "self_attn.k_proj", y).view(rows, t, h, hd).transpose(1, 2)
             cv[:, :, pos:pos + t] = self._linear(p + "self_attn.v_proj", y).view(rows, t, h, hd).transpose(1, 2)
             # the prompt attends causally over itself; a later step's one token over all before it: on a CPU two
-            # products, 2 to 2.7x faster there than the flash kernel at one query (BENCHMARKS.md, "Seventh round")
+            # products (over a bfloat16 cache 2 to 2.7x faster than the flash kernel at one query, BENCHMARKS.md,
+            # "Seventh round"; over today's float32 cache level with it: 6.4 against 5.9 ms at 48 rows x 200)
             if t == 1 and not self.fused:
                 a = torch.matmul(torch.matmul(q, ck[:, :, :pos + 1].transpose(-1, -2)).softmax(-1), cv[:, :, :pos + 1])
             else:
