@@ -189,8 +189,17 @@ def _best_share(nodes, a_pref: float, t_u: int, use_gpu: bool, resource: str | N
     return None
 
 
+def memory_bound_actors(nodes: list[dict[str, float]], replica_bytes: int | None) -> int | None:
+    """How many CPU replicas of ``replica_bytes`` the nodes' ``memory`` resources hold, at most one per CPU of
+    each node (None: no size given, or no node reports its memory)."""
+    if not replica_bytes or not any("memory" in nd for nd in nodes):
+        return None
+    return sum(min(int(nd["CPU"]), int(nd.get("memory", 0) // replica_bytes)) if "memory" in nd else int(nd["CPU"])
+               for nd in nodes if nd.get("CPU", 0) >= 1)
+
+
 def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, actor_resource: str | None,
-                   work_bound: int | None = None) -> Placement:
+                   work_bound: int | None = None, replica_bytes: int | None = None) -> Placement:
     """What each stage asks Ray for, from the shapes of the cluster's alive nodes (``ray.nodes()`` resources).
 
     Pure: the same node shapes always give the same plan. The plan holds whatever node each actor lands on:
@@ -210,6 +219,10 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
     - ``work_bound``: at most this many model blocks are to be decoded (None: not known). CPU actors chosen by
       default are then no more than that, and as wide as ``actors`` would make them: a replica that could get
       no block costs seconds of CPU to start and nothing else (a small job; ``orchestrate.model_blocks_bound``).
+    - ``replica_bytes``: a CPU replica's peak memory (``engines.base.replica_memory_bytes``). CPU actors chosen
+      by default are then no more than each node's ``memory`` resource holds (Ray's memory for tasks and
+      actors, beside its object store), and as wide as ``actors`` would make them: one replica per core of
+      the KRASR model takes about 3.5 GiB each, more than many machines have per core.
     """
     nodes = [dict(nd) for nd in nodes]
     use_gpu = device == "cuda" or (sum(int(nd.get("GPU", 0)) for nd in nodes) > 0 and device != "cpu")
@@ -229,8 +242,10 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
     else:
         per_node = [int(nd.get("CPU", 0)) for nd in nodes if nd.get("CPU", 0) >= 1]
         n = actors or max(1, min(sum(per_node), MAX_CPU_ACTORS))
-        if not actors and work_bound is not None and work_bound < n:
-            actors = n = max(work_bound, 1)
+        if not actors:  # fewer than one per CPU: what memory holds, the blocks a small job has
+            fewer = [b for b in (memory_bound_actors(nodes, replica_bytes), work_bound) if b is not None and b < n]
+            if fewer:
+                actors = n = max(min(fewer), 1)
         shares = [(nd.get("CPU", 0) - reserve(nd.get("CPU", 0), SEGMENT_CPUS_ON_CPU_CLUSTER)) / int(nd["CPU"])
                   for nd in nodes if nd.get("CPU", 0) >= 1]
         if actors:  # fewer, wider replicas: as wide as the largest node allows

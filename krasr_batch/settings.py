@@ -129,7 +129,7 @@ class ResourceOptions:
     """Where and how wide the pipeline runs. None of these change the output."""
 
     address: str | None = None  # None: an embedded local Ray
-    actors: int = 0  # model replicas; 0: one per GPU, else one single-threaded replica per CPU (cluster.plan_placement)
+    actors: int = 0  # model replicas; 0: one per GPU, else one replica per CPU that memory holds (cluster.plan_placement)
     num_cpus: int | None = None  # CPUs for the embedded local Ray (default: all)
     device: str = "auto"  # auto, cpu or cuda
     flush_s: float = 20.0  # how often finished files are committed to Parquet

@@ -527,6 +527,58 @@ def test_a_work_bound_caps_only_the_default_cpu_replicas():
     assert plan_placement(gpus, "auto", 0, None, work_bound=1) == plan_placement(gpus, "auto", 0, None)
 
 
+def test_node_memory_caps_only_the_default_cpu_replicas():
+    """plan_placement's replica_bytes (a CPU replica's peak): default CPU replicas are no more than each node's
+    Ray ``memory`` resource holds, as wide as --actors would make them, and with a small job's bound the
+    smaller wins; nodes that do not report memory, --actors and GPUs are left alone."""
+    from krasr_batch.cluster import memory_bound_actors, plan_placement
+
+    gib = 2**30
+    laptop = [{"CPU": 8, "memory": 11 * gib}]  # 16 GB, less Ray's object store
+    place = plan_placement(laptop, "auto", 0, None, replica_bytes=int(3.5 * gib))
+    assert place == plan_placement(laptop, "auto", 3, None) and place.threads == 2  # fewer, wider
+    assert plan_placement(laptop, "auto", 0, None, replica_bytes=gib).actors == 8  # room for one per CPU
+    assert plan_placement(laptop, "auto", 0, None, replica_bytes=20 * gib).actors == 1  # never none
+    assert plan_placement(laptop, "auto", 0, None, replica_bytes=int(3.5 * gib), work_bound=2).actors == 2
+    assert plan_placement(laptop, "auto", 6, None, replica_bytes=int(3.5 * gib)).actors == 6  # --actors wins
+    assert plan_placement([{"CPU": 8}], "auto", 0, None, replica_bytes=20 * gib).actors == 8  # no memory known
+    mixed = [{"CPU": 16, "memory": 30 * gib}, {"CPU": 4, "memory": 60 * gib}, {"CPU": 0.5}]
+    assert memory_bound_actors(mixed, 7 * gib) == 4 + 4  # each node: its CPUs or its memory, the fewer
+    assert plan_placement(mixed, "auto", 0, None, replica_bytes=7 * gib).actors == 8
+    gpus = [{"CPU": 8, "GPU": 2, "memory": 4 * gib}]
+    assert plan_placement(gpus, "auto", 0, None, replica_bytes=20 * gib) == plan_placement(gpus, "auto", 0, None)
+
+
+def test_the_driver_estimates_a_replica_from_the_models_config(tiny_model, monkeypatch):
+    """orchestrate.cpu_replica_bytes: from a local folder's config.json, larger for the ctranslate2 engine
+    than for torch; a hub id that cannot be read offline gives None (one replica per CPU, as before)."""
+    from krasr_batch.pipeline.orchestrate import cpu_replica_bytes
+    from krasr_batch.settings import DecodeOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch_bytes = cpu_replica_bytes(DecodeOptions(model=str(tiny_model), engine="torch"))
+    assert 0 < torch_bytes < cpu_replica_bytes(DecodeOptions(model=str(tiny_model), engine="ctranslate2"))
+    assert cpu_replica_bytes(DecodeOptions(model="no-such-org/no-such-model", engine="torch")) is None
+
+
+def test_a_replicas_memory_estimate_covers_what_was_measured():
+    """engines.base.replica_memory_bytes against the peaks benchmarks/replica_memory.py measured with the KRASR
+    model's shape (16 windows decoded to 360 tokens; BENCHMARKS.md, "Ninth round"): at or above each, by at
+    most a fifth; larger with batch and beams."""
+    from krasr_batch.engines.base import replica_memory_bytes, whisper_parameters
+
+    small = {"d_model": 768, "vocab_size": 51865, "encoder_layers": 12, "decoder_layers": 12,
+             "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "num_mel_bins": 80,
+             "max_source_positions": 1500, "max_target_positions": 448}
+    assert abs(whisper_parameters(small) - 241_734_912) < 1_000_000  # whisper-small, tied output projection
+    mib = 2**20
+    for engine, batch, measured in (("torch", 16, 3314), ("ctranslate2", 16, 5267), ("transformers", 1, 2592)):
+        est = replica_memory_bytes(small, engine, batch, 3) / mib
+        assert measured <= est <= 1.2 * measured, (engine, est, measured)
+    assert replica_memory_bytes(small, "torch", 8, 3) < replica_memory_bytes(small, "torch", 16, 3)
+    assert replica_memory_bytes(small, "torch", 16, 1) < replica_memory_bytes(small, "torch", 16, 3)
+
+
 # ---------------------------------------------------------------- a run that cannot be placed
 
 @pytest.mark.e2e

@@ -48,7 +48,7 @@ GLOB = click.option(
                    "the card's call does. [default: 50]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: on a GPU 64 with torch, 16 with transformers; on a CPU 16 with ctranslate2 and torch, 1 with transformers]")
 @click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
-@click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU; on CPUs one single-threaded replica per core (up to 32), fewer for a small job]")
+@click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU; on CPUs one single-threaded replica per core (up to 32), fewer where a node's memory holds fewer, and for a small job]")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8"]),

@@ -163,6 +163,51 @@ CT2_CPU_BATCH = 16
 TORCH_GPU_BATCH = 64
 
 
+def model_config(model: str) -> dict:
+    """The model's ``config.json``: from its folder, or the hub's (cached) copy for a hub id."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return json.loads((folder / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+
+
+def whisper_parameters(config: dict) -> int:
+    """Whisper's parameter count from its ``config.json`` (transformers' ``WhisperConfig`` keys)."""
+    d, mels = config["d_model"], config.get("num_mel_bins", 80)
+    f_enc, f_dec = config.get("encoder_ffn_dim", 4 * d), config.get("decoder_ffn_dim", 4 * d)
+    positions = config.get("max_source_positions", 1500) + config.get("max_target_positions", 448)
+    return (3 * mels * d + 3 * d * d + positions * d + config["vocab_size"] * d
+            + config["encoder_layers"] * (4 * d * d + 2 * d * f_enc)
+            + config["decoder_layers"] * (8 * d * d + 2 * d * f_dec))
+
+
+# what a CPU replica holds besides its model's tensors: Python, torch, the engine's libraries
+REPLICA_RUNTIME_BYTES = 256 * 2**20
+
+
+def replica_memory_bytes(config: dict, engine: str, batch: int, beams: int) -> int:
+    """A CPU replica's peak resident memory, estimated from the model's shape: a fixed part (the weights as
+    the engine loads them) and, for each window of a model call, its cross-attention keys and values (1500
+    frames) and its beams' self-attention caches (the model's 448 positions: the worst case).
+
+    Measured with ``benchmarks/replica_memory.py`` on the KRASR model's shape (``small-random``, windows
+    decoded to the limit 360; BENCHMARKS.md, "Ninth round"), peak against estimate: torch at 16 windows 3.24
+    GiB against 3.45; CTranslate2 at 16, 5.14 against 5.40; transformers at its one window a call, 2.53
+    against 2.95."""
+    p = whisper_parameters(config)
+    kv = 2 * config["decoder_layers"] * config["d_model"]  # the values one position holds over the layers
+    frames, positions = config.get("max_source_positions", 1500), config.get("max_target_positions", 448)
+    if engine == "torch":  # bfloat16 cross-attention shared by a window's beams, float32 self-attention cache
+        fixed, window = 4 * p, kv * (2 * frames + 4 * beams * positions)
+    elif engine == "ctranslate2":  # float32 decoder, the torch encoder beside it
+        fixed, window = 9 * p, kv * (4 * frames + 4 * beams * positions)
+    else:  # transformers' float32 generate(): every beam with its own cross-attention keys and values
+        fixed, window = 10 * p, kv * 4 * beams * (frames + positions)
+    return fixed + batch * window + REPLICA_RUNTIME_BYTES
+
+
 def default_batch_size(batch_size: int, device: str, engine: str = "transformers") -> int:
     """Segments per model call: ``--batch-size``, else on a GPU :data:`TORCH_GPU_BATCH` with the torch engine
     and 16 with transformers, and on a CPU :data:`CT2_CPU_BATCH` with CTranslate2 and the torch engine (both

@@ -428,6 +428,21 @@ def _sized(ds, num_cpus: float):
     return ds
 
 
+def cpu_replica_bytes(dec) -> int | None:
+    """A CPU replica's peak memory for this run's model, engine, batch and beams
+    (``engines.base.replica_memory_bytes``), or None where the model's config cannot be read here: the
+    placement then holds one replica per CPU as before."""
+    from krasr_batch.engines.base import default_batch_size, model_config, replica_memory_bytes
+
+    try:
+        config = model_config(dec.model)
+        return replica_memory_bytes(config, dec.engine, default_batch_size(dec.batch_size, "cpu", dec.engine),
+                                    dec.beams)
+    except Exception as e:  # noqa: BLE001 - a hub id offline, a config of another shape: the CPU count decides
+        log.info("no replica memory estimate for %s (%s): one replica per CPU", dec.model, e)
+        return None
+
+
 def block_rows(dec, use_gpu: bool) -> int:
     """Segments per model-stage block (one ``map_batches`` call on a replica).
 
@@ -507,14 +522,17 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
         # a GPU run ignores it: one replica per GPU). Reading up to SMALL_JOB_FILES headers costs milliseconds.
         paths = [p for g in groups for p in g.column("path").to_pylist()]
         bound = model_blocks_bound(paths, settings.segment, block_rows(dec, False), res.input_root)
-    place = plan_placement(nodes, res.device, res.actors, res.actor_resource, work_bound=bound)
+    replica = None if res.actors else cpu_replica_bytes(dec)
+    place = plan_placement(nodes, res.device, res.actors, res.actor_resource, work_bound=bound,
+                           replica_bytes=replica)
     use_gpu, actors, stage_res, threads = place.use_gpu, place.actors, place.ray_args, place.threads
     if use_gpu and not cluster.get("GPU") and not res.address:  # no autoscaler to bring one: fail, don't wait
         raise RunAborted("--device cuda, but Ray sees no GPU on this machine (is CUDA's torch installed?)")
     batch = block_rows(dec, use_gpu)
     stats.replicas = actors
-    log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s%s", len(nodes), cluster.get("CPU", 0),
-             cluster.get("GPU", 0), place.describe(), "" if bound is None or use_gpu else f" (at most {bound} model blocks)")
+    log.info("cluster: %d node(s), %d CPUs, %d GPUs; %s%s%s", len(nodes), cluster.get("CPU", 0),
+             cluster.get("GPU", 0), place.describe(), "" if bound is None or use_gpu else f" (at most {bound} model blocks)",
+             "" if replica is None or use_gpu else f" (a replica up to {replica / 2**30:.1f} GiB)")
     if place.problem:
         log.warning("placement: %s (%s)", place.problem, place.describe())
 
