@@ -187,20 +187,22 @@ def whisper_parameters(config: dict) -> int:
 REPLICA_RUNTIME_BYTES = 256 * 2**20
 
 
-def replica_memory_bytes(config: dict, engine: str, batch: int, beams: int) -> int:
+def replica_memory_bytes(config: dict, engine: str, batch: int, beams: int, dtype: str = "bfloat16") -> int:
     """A CPU replica's peak resident memory, estimated from the model's shape: a fixed part (the weights as
     the engine loads them) and, for each window of a model call, its cross-attention keys and values (1500
-    frames) and its beams' self-attention caches (the model's 448 positions: the worst case).
+    frames) and its beams' self-attention caches (the model's 448 positions: the worst case). ``dtype``: the
+    torch engine's (its cross-attention keys and values take twice the bytes in float32).
 
     Measured with ``benchmarks/replica_memory.py`` on the KRASR model's shape (``small-random``, windows
     decoded to the limit 360; BENCHMARKS.md, "Ninth round"), peak against estimate: torch at 16 windows 3.24
-    GiB against 3.45; CTranslate2 at 16, 5.14 against 5.40; transformers at its one window a call, 2.53
-    against 2.95."""
+    GiB against 3.45 (in float32 4.66 against 4.95); CTranslate2 at 16, 5.14 against 5.40; transformers at its
+    one window a call, 2.53 against 2.95."""
     p = whisper_parameters(config)
     kv = 2 * config["decoder_layers"] * config["d_model"]  # the values one position holds over the layers
     frames, positions = config.get("max_source_positions", 1500), config.get("max_target_positions", 448)
     if engine == "torch":  # bfloat16 cross-attention shared by a window's beams, float32 self-attention cache
-        fixed, window = 4 * p, kv * (2 * frames + 4 * beams * positions)
+        wide = dtype == "float32"  # float32 weights, and their packed copies, as loaded
+        fixed, window = (7 if wide else 4) * p, kv * ((4 if wide else 2) * frames + 4 * beams * positions)
     elif engine == "ctranslate2":  # float32 decoder, the torch encoder beside it
         fixed, window = 9 * p, kv * (4 * frames + 4 * beams * positions)
     else:  # transformers' float32 generate(): every beam with its own cross-attention keys and values

@@ -433,11 +433,13 @@ def cpu_replica_bytes(dec) -> int | None:
     (``engines.base.replica_memory_bytes``), or None where the model's config cannot be read here: the
     placement then holds one replica per CPU as before."""
     from krasr_batch.engines.base import default_batch_size, model_config, replica_memory_bytes
+    from krasr_batch.engines.encoder import cpu_has_bf16_matmul
 
+    dtype = dec.dtype if dec.dtype != "auto" else "bfloat16" if cpu_has_bf16_matmul() else "float32"
     try:
         config = model_config(dec.model)
         return replica_memory_bytes(config, dec.engine, default_batch_size(dec.batch_size, "cpu", dec.engine),
-                                    dec.beams)
+                                    dec.beams, dtype)
     except Exception as e:  # noqa: BLE001 - a hub id offline, a config of another shape: the CPU count decides
         log.info("no replica memory estimate for %s (%s): one replica per CPU", dec.model, e)
         return None
