@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from krasr_batch.engines.ctranslate2 import converted_model, ct2_max_length
-    from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
+    from krasr_batch.engines.encoder import TorchEncoder, cpu_compute_type, cpu_has_bf16_matmul
     from krasr_batch.engines.torch_beam import WhisperDecoderStack, beam_search
     from krasr_batch.engines.vocab import generation_config
 
     torch.set_num_threads(a.threads)
     gc = generation_config(a.model)
     windows, feats = long_windows(a.model, a.audio, a.windows)
-    enc_dtype = "bfloat16" if cpu_has_bf16_matmul() else "float32"
+    enc_dtype = cpu_compute_type()
     encoded = TorchEncoder(a.model, enc_dtype, a.threads)(feats)
     prompt = [gc.decoder_start_token_id, gc.lang_to_id["<|kk|>"], gc.task_to_id["transcribe"], gc.no_timestamps_token_id]
     limit = 360

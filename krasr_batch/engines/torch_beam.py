@@ -907,7 +907,7 @@ class TorchBeamDecoder(Decoder):
         import torch
 
         from krasr_batch.engines.ctranslate2 import local_model_dir
-        from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
+        from krasr_batch.engines.encoder import TorchEncoder, cpu_compute_type
         device = resolve_device(device)
         super().__init__(options, device)
         t0 = time.perf_counter()
@@ -917,7 +917,7 @@ class TorchBeamDecoder(Decoder):
         gpu = device == "cuda"
         allowed = ("float16", "bfloat16", "float32") if gpu else ("bfloat16", "float32")
         if options.dtype == "auto":
-            self.compute_type = "float16" if gpu else "bfloat16" if cpu_has_bf16_matmul() else "float32"
+            self.compute_type = "float16" if gpu else cpu_compute_type()
         elif options.dtype in allowed:
             self.compute_type = options.dtype
         else:

@@ -433,9 +433,9 @@ def cpu_replica_bytes(dec) -> int | None:
     (``engines.base.replica_memory_bytes``), or None where the model's config cannot be read here: the
     placement then holds one replica per CPU as before."""
     from krasr_batch.engines.base import default_batch_size, model_config, replica_memory_bytes
-    from krasr_batch.engines.encoder import cpu_has_bf16_matmul
+    from krasr_batch.engines.encoder import cpu_compute_type
 
-    dtype = dec.dtype if dec.dtype != "auto" else "bfloat16" if cpu_has_bf16_matmul() else "float32"
+    dtype = cpu_compute_type() if dec.dtype == "auto" else dec.dtype
     try:
         config = model_config(dec.model)
         return replica_memory_bytes(config, dec.engine, default_batch_size(dec.batch_size, "cpu", dec.engine),
