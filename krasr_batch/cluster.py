@@ -194,7 +194,7 @@ def memory_bound_actors(nodes: list[dict[str, float]], replica_bytes: int | None
     each node (None: no size given, or no node reports its memory)."""
     if not replica_bytes or not any("memory" in nd for nd in nodes):
         return None
-    return sum(min(int(nd["CPU"]), int(nd.get("memory", 0) // replica_bytes)) if "memory" in nd else int(nd["CPU"])
+    return sum(min(int(nd["CPU"]), int(nd["memory"] // replica_bytes)) if "memory" in nd else int(nd["CPU"])
                for nd in nodes if nd.get("CPU", 0) >= 1)
 
 
