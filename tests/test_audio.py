@@ -58,6 +58,64 @@ def test_pyav_reads_what_libsndfile_cannot(tmp_path, corpus):
     assert abs(len(y) - len(src)) < 0.1 * SAMPLE_RATE
 
 
+def _speech(corpus, index=0):
+    return load_audio(str(corpus / "clips" / sorted(os.listdir(corpus / "clips"))[index]))
+
+
+def _write_m4a(path, audio: np.ndarray):
+    """(frames, channels) float32 at 16 kHz -> AAC in MP4 (libsndfile cannot read it: PyAV decodes it)."""
+    import av
+
+    layout = {1: "mono", 2: "stereo"}[audio.shape[1]]
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("aac", rate=SAMPLE_RATE)
+        st.layout = layout
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.T), format="fltp", layout=layout)
+        frame.rate = SAMPLE_RATE
+        for p in st.encode(frame):
+            out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+
+
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+@pytest.mark.parametrize("fmt", ["wav", "m4a"])
+def test_a_channel_in_opposite_phase_is_inverted_not_cancelled(tmp_path, corpus, fmt):
+    x = _speech(corpus)
+    stereo = np.stack([x, -x], 1)
+    assert _rms(stereo.mean(axis=1)) == 0  # what a plain average (and ffmpeg -ac 1) makes of it: silence
+    path = tmp_path / f"phase.{fmt}"
+    sf.write(path, stereo, SAMPLE_RATE, subtype="FLOAT") if fmt == "wav" else _write_m4a(path, stereo)
+    report = DecodeReport()
+    y = load_audio(str(path), report)
+    assert report.backend == ("soundfile" if fmt == "wav" else "pyav")
+    assert _rms(y) == pytest.approx(_rms(x), rel=0.05)
+    (channel, seconds), = report.inverted.items()  # the quieter of the two (AAC may make either the louder)
+    assert channel == 2 or fmt == "m4a"
+    assert seconds == pytest.approx(len(x) / SAMPLE_RATE, abs=0.1)
+    assert [w for w in report.warnings() if w.startswith(f"phase: channel {channel} of 2 for ")] == report.warnings()
+
+
+def test_channels_are_averaged_as_they_are_unless_one_opposes_the_loudest(tmp_path, corpus):
+    x, other = _speech(corpus, 0), _speech(corpus, 1)
+    n = min(len(x), len(other))
+    x, other = x[:n], 0.8 * other[:n]
+    sf.write(tmp_path / "two.wav", np.stack([x, other], 1), SAMPLE_RATE, subtype="FLOAT")
+    report = DecodeReport()
+    y = load_audio(str(tmp_path / "two.wav"), report)
+    np.testing.assert_allclose(y, (x + other) / 2, atol=1e-6)  # two voices: both kept, nothing inverted
+    assert report.inverted == {} and report.warnings() == []
+    sf.write(tmp_path / "three.wav", np.stack([x, other, -0.5 * x], 1), SAMPLE_RATE, subtype="FLOAT")
+    report = DecodeReport()
+    y = load_audio(str(tmp_path / "three.wav"), report)
+    np.testing.assert_allclose(y, (x + other + 0.5 * x) / 3, atol=1e-6)
+    assert list(report.inverted) == [3]
+    assert report.warnings()[0].startswith("phase: channel 3 of 3 for ")
+
+
 def test_wav_header_declared_length(tmp_path):
     sf.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000, subtype="PCM_16")
     head = (tmp_path / "a.wav").read_bytes()
