@@ -103,6 +103,8 @@ def check_path(path: str, input_root: str | None = None) -> None:
         if e.errno == errno.ELOOP:
             raise AudioError("symlink_loop", f"symbolic link loop: {path}") from e
         if e.errno == errno.ENOENT:
+            if os.path.islink(path):
+                raise AudioError("not_found", f"a symbolic link to nothing: {path} -> {os.readlink(path)}") from e
             raise AudioError("not_found", f"no such file: {path}") from e
         raise AudioError("unreadable", f"cannot resolve {path}: {e.strerror}") from e
     if input_root is not None:

@@ -25,11 +25,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from krasr_batch.inputs import MEDIA_EXTENSIONS
 from krasr_batch.output.reader import RunOutput
 from krasr_batch.storage import filesystem, join
 
@@ -37,8 +39,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("srt", "vtt", "txt", "jsonl")
 MAX_NAME_CHARS = 120
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4", ".mkv",
-                  ".aiff", ".aif", ".amr", ".3gp")
 _UNSAFE = re.compile(r"[^\w.\-]+")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 SEGMENT_COLUMNS = ("file_id", "segment_index", "start_s", "end_s", "text", "language", "truncated", "suspect",
@@ -93,14 +93,13 @@ def _hash(file_id: str) -> str:
 
 def safe_stem(file_id: str) -> str:
     """A file name (no extension) from a file id: scheme dropped, path separators and anything other than
-    letters, digits, ``.``, ``-`` and ``_`` turned into ``_``, a trailing audio extension dropped."""
+    letters, digits, ``.``, ``-`` and ``_`` turned into ``_``, a trailing audio or video extension (:data:`~krasr_batch.inputs.MEDIA_EXTENSIONS`) dropped."""
     text = unicodedata.normalize("NFC", file_id)
     text = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", text)
     lowered = text.lower()
-    for suffix in AUDIO_SUFFIXES:
-        if lowered.endswith(suffix) and len(text) > len(suffix):
-            text = text[: -len(suffix)]
-            break
+    suffix = os.path.splitext(lowered)[1]
+    if suffix in MEDIA_EXTENSIONS and len(text) > len(suffix):
+        text = text[: -len(suffix)]
     stem = _UNSAFE.sub("_", text).strip("._-")
     if stem.lower() in _WINDOWS_RESERVED:
         stem = f"_{stem}"

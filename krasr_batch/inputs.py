@@ -6,6 +6,7 @@ An input is detected from what it is, then from its extension, then from its col
   name order, depth first; audio and video files (:data:`MEDIA_EXTENSIONS`) are taken, ``globs`` narrow them
   (``fnmatch`` on the path relative to the folder, where ``*`` also crosses ``/``). A file's id is that relative
   path; a sidecar ``NAME.txt`` beside ``NAME.wav`` is its reference text. Hidden entries (``.name``) are skipped.
+  A symbolic link to nothing is listed all the same: its run reports it (``not_found``) rather than skip it.
   One folder's listing is held at a time, never the whole tree's;
 - ``*.csv`` / ``*.tsv``: a header line, then one row per file (``path``; ``id``, ``language``, ``text`` when
   present; empty cells count as absent);
@@ -42,12 +43,25 @@ log = logging.getLogger(__name__)
 MEDIA_EXTENSIONS = frozenset({
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aiff", ".aif", ".amr", ".3gp",
     ".wv", ".ac3", ".mka", ".caf", ".au", ".webm", ".mp4", ".m4v", ".mkv", ".mov", ".avi", ".mpg", ".mpeg", ".ts",
-    ".flv",
+    ".flv", ".mp2", ".m4b", ".aifc", ".w64", ".wmv", ".mts",
 })
 SIDECAR_EXTENSION = ".txt"
 PATH_COLUMNS = ("path", "audio_filepath")  # krasr-batch's name, and NeMo's
 SIDECAR_READERS = 16  # sidecar texts read at once from object storage
 GLOB_CHARS = "*?["
+
+
+def _dangling_links(directory: str, listed: set[str]) -> list:
+    """The symbolic links in local ``directory`` that point nowhere (pyarrow's listing leaves them out), as
+    NotFound entries: a file the archive names is reported as missing, not skipped without a word."""
+    import pyarrow.fs as pafs
+
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [pafs.FileInfo(os.path.join(directory, n), pafs.FileType.NotFound) for n in names
+            if n not in listed and os.path.islink(os.path.join(directory, n)) and not os.path.exists(os.path.join(directory, n))]
 
 
 class ManifestError(ValueError):
@@ -311,6 +325,8 @@ def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
             infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
         except OSError as e:
             raise ManifestError(full(directory), 0, f"cannot list this folder: {e}") from e
+        if not prefix:  # pyarrow leaves out a dangling symbolic link: listed here, it fails as not_found
+            infos += _dangling_links(directory, {i.base_name for i in infos})
         infos.sort(key=lambda i: i.base_name)
         names = {i.base_name for i in infos if i.type == pafs.FileType.File}
         media = []

@@ -205,6 +205,20 @@ def test_walk_follows_a_symlink_loop_once(tmp_path, corpus):
     assert [j.file_id for j in iter_manifest(str(root))] == ["a.wav"]
 
 
+def test_a_dangling_link_is_listed_and_fails_as_not_found(tmp_path, corpus):
+    """pyarrow's listing leaves a symbolic link to nothing out; the walk lists it, so it is reported missing."""
+    root = tmp_path / "links"
+    root.mkdir()
+    shutil.copy(corpus / "clips" / "ru_000.wav", root / "a.wav")
+    os.symlink(root / "a.wav", root / "b.wav")
+    os.symlink(tmp_path / "gone.wav", root / "c.wav")
+    os.symlink(tmp_path / "gone.pdf", root / "d.pdf")  # not audio by its name: left out, as files are
+    assert [j.file_id for j in iter_manifest(str(root))] == ["a.wav", "b.wav", "c.wav"]
+    with pytest.raises(AudioError, match=r"a symbolic link to nothing: .*c\.wav -> .*gone\.wav") as e:
+        check_path(str(root / "c.wav"))
+    assert e.value.kind == "not_found"
+
+
 def test_an_s3_prefix_is_walked_and_its_shards_read(tmp_path, corpus, monkeypatch):
     """The walk and a shard's bytes over object storage (moto's S3 on 127.0.0.1), as on a local disk."""
     import socket
