@@ -32,8 +32,8 @@ from typing import Any
 
 import jiwer
 
+from krasr_batch.inputs import ManifestError, text_lines
 from krasr_batch.output.reader import RunOutput, suspect_file_ids
-from krasr_batch.storage import is_uri, open_input_stream
 from krasr_batch.textnorm import normalize
 
 log = logging.getLogger(__name__)
@@ -169,12 +169,6 @@ def aggregate(scores: Iterable[PairScore], hallucination_like: int = 0) -> Metri
 
 # ---------------------------------------------------------------- references
 
-def _open_text(path: str) -> io.TextIOBase:
-    if is_uri(path):
-        return io.TextIOWrapper(open_input_stream(path), encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
-
-
 def _ref_line(path: str, lineno: int, line: str) -> tuple[str, str | None]:
     try:
         obj = json.loads(line)
@@ -196,18 +190,19 @@ def _ref_line(path: str, lineno: int, line: str) -> tuple[str, str | None]:
 def load_refs(path: str) -> dict[str, str | None]:
     """id -> reference text from a JSON Lines manifest (``id`` defaults to ``path``; no ``text``: None)."""
     refs: dict[str, str | None] = {}
+    lines = text_lines(path)
     try:
-        fh = _open_text(path)
-    except OSError as e:
-        raise RefsError(f"cannot open {path}: {e.strerror or e}") from e
-    with fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             file_id, text = _ref_line(path, lineno, raw)
             if file_id in refs:
                 raise RefsError(f"{path}, line {lineno}: duplicate id {file_id!r}")
             refs[file_id] = text
+    except ManifestError as e:  # cannot open it, or a line that is not UTF-8
+        raise RefsError(str(e)) from e
+    finally:
+        lines.close()
     return refs
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob as globlib
-import io
 import json
 import logging
 import os
@@ -168,44 +167,63 @@ def expand_glob(pattern: str) -> list[str]:
                   if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, name))
 
 
-def _open_text(source: str):
-    # utf-8-sig: a byte-order mark opening the file (Excel's "CSV UTF-8", PowerShell 5's UTF8) is not content
-    if is_uri(source):
-        return io.TextIOWrapper(open_input_stream(source), encoding="utf-8-sig", newline="")
-    return open(os.path.expanduser(source), encoding="utf-8-sig", newline="")
+def text_lines(source: str) -> Iterator[str]:
+    """The lines of the text file ``source`` (a path or URI), each with its line ending.
 
-
-def _open_or_fail(source: str):
+    Each line is decoded on its own, so that bytes that are not UTF-8 are reported on their own line (a text
+    stream decodes 8 KB ahead and blames an earlier one). A byte-order mark opening the file is not content
+    (Excel's "CSV UTF-8", PowerShell 5's UTF8). Raises :class:`ManifestError` naming the file and the line."""
     try:
-        return _open_text(source)
+        fh = open_input_stream(source) if is_uri(source) else open(os.path.expanduser(source), "rb")
     except OSError as e:
         raise ManifestError(source, 0, f"cannot open it: {e.strerror or e}") from e
+    with fh:
+        pending, lineno = bytearray(), 0
+        while True:
+            chunk = fh.read(TEXT_CHUNK_BYTES)
+            start = 0
+            if chunk:
+                pending += chunk
+                ends = []
+                while (end := pending.find(b"\n", start)) >= 0:
+                    ends.append(end + 1)
+                    start = end + 1
+            else:
+                ends = [len(pending)] if pending else []
+            first = 0
+            for end in ends:
+                lineno += 1
+                raw = bytes(pending[first:end])
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ManifestError(source, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1})") from e
+                first = end
+            del pending[:first]
+            if not chunk:
+                return
+
+
+TEXT_CHUNK_BYTES = 1 << 16
 
 
 # ---------------------------------------------------------------- JSON Lines (krasr-batch's and NeMo's)
 
 def read_jsonl(source: str) -> Iterator[Record]:
     base = _base_dir(source)
-    with _open_or_fail(source) as fh:
-        lineno = 0
-        while True:
-            try:
-                raw = fh.readline()
-            except UnicodeDecodeError as e:
-                raise ManifestError(source, lineno + 1, f"not UTF-8 text ({e.reason})") from e
-            if not raw:
-                break
-            lineno += 1
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(source, lineno, f"not valid JSON: {e.msg} at column {e.colno}") from e
-            if not isinstance(obj, dict):
-                raise ManifestError(source, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            yield Record(obj, source, lineno, "line", base)
+    for lineno, raw in enumerate(text_lines(source), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(source, lineno, f"not valid JSON: {e.msg} at column {e.colno}") from e
+        if not isinstance(obj, dict):
+            raise ManifestError(source, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield Record(obj, source, lineno, "line", base)
 
 
 # ---------------------------------------------------------------- CSV / TSV
@@ -216,23 +234,23 @@ def _missing_path_column(columns: Sequence[str]) -> str:
 
 def read_csv(source: str, delimiter: str) -> Iterator[Record]:
     base = _base_dir(source)
-    with _open_or_fail(source) as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        try:
-            header = reader.fieldnames
-            if not header:
-                raise ManifestError(source, 0, "empty: a header line naming the columns comes first")
-            if not any(c in header for c in PATH_COLUMNS):
-                raise ManifestError(source, 1, _missing_path_column(header))
-            for row in reader:
-                if None in row:
-                    raise ManifestError(source, reader.line_num, f"more fields than the header's {len(header)}")
-                yield Record({k: v for k, v in row.items() if v not in (None, "")}, source, reader.line_num,
-                             "line", base)
-        except UnicodeDecodeError as e:
-            raise ManifestError(source, reader.line_num + 1, f"not UTF-8 text ({e.reason})") from e
-        except csv.Error as e:
-            raise ManifestError(source, reader.line_num, f"not valid CSV: {e}") from e
+    lines = text_lines(source)
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise ManifestError(source, 0, "empty: a header line naming the columns comes first")
+        if not any(c in header for c in PATH_COLUMNS):
+            raise ManifestError(source, 1, _missing_path_column(header))
+        for row in reader:
+            if None in row:
+                raise ManifestError(source, reader.line_num, f"more fields than the header's {len(header)}")
+            yield Record({k: v for k, v in row.items() if v not in (None, "")}, source, reader.line_num,
+                         "line", base)
+    except csv.Error as e:
+        raise ManifestError(source, reader.line_num, f"not valid CSV: {e}") from e
+    finally:
+        lines.close()
 
 
 # ---------------------------------------------------------------- Parquet: a table, or dataset shards

@@ -232,6 +232,9 @@ def test_eval_refs_manifest(out: Path, tmp_path: Path):
     bad.write_text('{"text": "x"}\n', encoding="utf-8")
     r = invoke("eval", str(out), "--refs", str(bad))
     assert r.exit_code == 2 and "line 1" in r.output
+    bad.write_bytes(refs.read_bytes() + '{"id": "ru1", "text": "Ж"}\n'.encode("cp1251"))  # a Windows-1251 line
+    r = invoke("eval", str(out), "--refs", str(bad))
+    assert r.exit_code == 2 and f"{bad}, line 5: not UTF-8 text" in r.output, r.output
 
 
 def test_eval_hallucination_like_computed_and_from_column(tmp_path: Path):

@@ -117,6 +117,24 @@ def test_a_byte_order_mark_and_crlf_line_ends_are_not_content(tmp_path):
                         for j in iter_manifest(str(f))]
 
 
+@pytest.mark.parametrize("name", ["m.jsonl", "m.csv"])
+def test_bytes_that_are_not_utf8_are_blamed_on_their_own_line(tmp_path, name):
+    """A text stream decodes 8 KB ahead: the error named an earlier line (line 1 for a file of two lines)."""
+    row = (lambda i, x: b'{"path": "a.wav", "id": "%s"}\n' % x) if name.endswith("jsonl") else \
+        (lambda i, x: b"a.wav,%s\n" % x)
+    head = b"" if name.endswith("jsonl") else b"path,id\n"
+    rows = [row(i, b"x%d" % i) for i in range(5000)]
+    rows[3999] = row(3999, "Ж".encode("cp1251"))  # a Windows-1251 export: one byte, not UTF-8
+    f = tmp_path / name
+    f.write_bytes(head + b"".join(rows))  # line 4000 (4001 after a header), well past the first chunks read
+    line = 4000 + bool(head)
+    with pytest.raises(ManifestError, match=rf"{name}, line {line}: not UTF-8 text \(invalid "):
+        list(iter_manifest(str(f)))
+    f.write_bytes(head + b"".join(rows[:2]) + b"\xff")  # the last line, with no line end
+    with pytest.raises(ManifestError, match=rf"line {3 + bool(head)}: not UTF-8 text"):
+        list(iter_manifest(str(f)))
+
+
 def test_parquet_table(tmp_path, corpus):
     f = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": ["clips/ru_000.wav", str(corpus / "clips" / "ru_001.flac")],
