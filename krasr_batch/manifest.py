@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from krasr_batch.engines.vocab import whisper_language
 from krasr_batch.inputs import PATH_COLUMNS, ManifestError, Record, iter_records
+from krasr_batch.settings import check_language
 from krasr_batch.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,9 @@ def _text_field(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _job(rec: Record, seen: dict[str, tuple[int, str]]) -> FileJob:
-    """Validate one record into a FileJob (``seen``: id -> where it was first, for duplicates)."""
+def _job(rec: Record, seen: dict[str, tuple[int, str]], model_languages: Collection[str] | None = None) -> FileJob:
+    """Validate one record into a FileJob (``seen``: id -> where it was first, for duplicates; a ``language``
+    must be one Whisper knows and, with ``model_languages`` (Whisper codes), one the model has a token for)."""
     obj = rec.fields
     key = next((k for k in PATH_COLUMNS if k in obj), None)
     if key is None:
@@ -79,8 +82,16 @@ def _job(rec: Record, seen: dict[str, tuple[int, str]]) -> FileJob:
         raise rec.error(f"duplicate id {file_id!r} (first on {unit} {line})")
     seen[file_id] = (rec.position, rec.unit)
     language = obj.get("language")
-    if language is not None and (not isinstance(language, str) or not language):
-        raise rec.error("'language' must be a non-empty string")
+    if language is not None:
+        if not isinstance(language, str) or not language.strip():
+            raise rec.error("'language' must be a non-empty string")
+        try:
+            check_language(language, "'language'")
+        except ValueError as e:
+            raise rec.error(str(e)) from None
+        if model_languages is not None and language.strip().lower() != "auto" \
+                and whisper_language(language) not in model_languages:
+            raise rec.error(f"'language': the model has no language token for {language!r}")
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
         raise rec.error("'text' must be a string")
@@ -92,13 +103,15 @@ def _job(rec: Record, seen: dict[str, tuple[int, str]]) -> FileJob:
     return FileJob(file_id, resolved, rec.position, language, text, extra)
 
 
-def iter_manifest(manifest: str, globs: Sequence[str] = ()) -> Iterator[FileJob]:
+def iter_manifest(manifest: str, globs: Sequence[str] = (),
+                  model_languages: Collection[str] | None = None) -> Iterator[FileJob]:
     """Read and validate an input of any shape (:mod:`krasr_batch.inputs`) entry by entry; raise
     ManifestError at the first bad one. Blank lines are skipped. A duplicate id is an error naming both places.
+    ``model_languages``: the Whisper codes the model has tokens for, when known (see :func:`_job`).
     """
     seen: dict[str, tuple[int, str]] = {}
     for rec in iter_records(manifest, globs):
-        yield _job(rec, seen)
+        yield _job(rec, seen, model_languages)
 
 
 @dataclass
@@ -161,10 +174,12 @@ NORMALIZED_SCHEMA = pa.schema([
 
 
 def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = None,
-                       rows_per_group: int = 50_000, globs: Sequence[str] = ()) -> ManifestSummary:
+                       rows_per_group: int = 50_000, globs: Sequence[str] = (),
+                       model_languages: Collection[str] | None = None) -> ManifestSummary:
     """Validate the whole manifest and write it as Parquet (``dest``) in the stable schema the pipeline reads.
 
     Rows whose id is in ``skip_ids`` (already finished in an earlier run) are validated but not written.
+    ``model_languages``: as :func:`iter_manifest`'s.
     """
     kinds: dict[str, set[str]] = {}
     n = 0
@@ -178,7 +193,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
                 v.clear()
 
     try:
-        for job in iter_manifest(manifest, globs):
+        for job in iter_manifest(manifest, globs, model_languages):
             n += 1
             for k, v in job.extra.items():
                 kinds.setdefault(k, set()).add(_json_kind(v))

@@ -68,6 +68,16 @@ class DecodeOptions:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not self.language:
             raise ValueError("language must not be empty (use 'auto' to let Whisper detect it)")
+        check_language(self.language, "language")
+
+
+def check_language(value: str, what: str) -> None:
+    """Raise ValueError unless ``value`` is 'auto' or a language Whisper knows (a code or a name, any case)."""
+    from krasr_batch.engines.vocab import whisper_language  # the table, without transformers
+
+    if value.strip().lower() != "auto" and whisper_language(value) is None:
+        raise ValueError(f"{what}: Whisper knows no language {value!r} (a code or a name: kk or kazakh, ru or "
+                         "russian; auto: detect it)")
 
 
 def parse_languages(value: str | list | tuple | None) -> tuple[str, ...]:

@@ -95,6 +95,28 @@ def test_large_manifest_streams(tmp_path):
     assert pq.ParquetFile(tmp_path / "n.parquet").metadata.num_rows == n
 
 
+def test_a_language_that_whisper_or_the_model_does_not_know_names_its_line(tmp_path):
+    """Such a line used to stop the whole run at its first batch (a replica's ValueError, through Ray)."""
+    good = ['{"path": "a.wav", "language": "Kazakh"}', '{"path": "b.wav", "language": "auto"}',
+            '{"path": "c.wav", "language": "<|ru|>"}']
+    m = write(tmp_path, [*good, '{"path": "d.wav", "language": "klingon"}'])
+    with pytest.raises(ManifestError, match=r"line 4: 'language': Whisper knows no language 'klingon'"):
+        list(iter_manifest(str(m)))
+    m = write(tmp_path, [*good, '{"path": "d.wav", "language": "cantonese"}'])  # large-v3's 100th language
+    assert [j.language for j in iter_manifest(str(m))] == ["Kazakh", "auto", "<|ru|>", "cantonese"]
+    with pytest.raises(ManifestError, match=r"line 4: 'language': the model has no language token for 'cantonese'"):
+        list(iter_manifest(str(m), model_languages=frozenset({"kk", "ru"})))
+
+
+def test_the_run_language_must_be_one_whisper_knows():
+    from krasr_batch.settings import DecodeOptions
+
+    assert DecodeOptions(language="Russian").language == "Russian"
+    assert DecodeOptions(language="auto").language == "auto"
+    with pytest.raises(ValueError, match="language: Whisper knows no language 'kazak'"):
+        DecodeOptions(language="kazak")
+
+
 @pytest.mark.e2e
 def test_cli_reports_bad_manifest_without_traceback(tmp_path, tiny_model):
     m = write(tmp_path, ['{"path": "a.wav"}', '{"path": "a.wav"}'])
@@ -103,3 +125,11 @@ def test_cli_reports_bad_manifest_without_traceback(tmp_path, tiny_model):
     assert f"{m}, line 2: duplicate id 'a.wav' (first on line 1)" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "files").exists()
+    # Whisper knows Cantonese (large-v3), whisper-small's 99 languages do not: the driver's model check says so
+    m = write(tmp_path, ['{"path": "a.wav"}', '{"path": "b.wav", "language": "yue"}'])
+    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{m}, line 2: 'language': the model has no language token for 'yue'" in r.stderr
+    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--language", "yue"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--language yue: the model" in r.stderr and "has no language token for it" in r.stderr

@@ -83,21 +83,24 @@ def engine_class(name: str) -> type[Decoder]:
     return getattr(importlib.import_module(module), cls)
 
 
-def check_model(options: DecodeOptions) -> None:
+def check_model(options: DecodeOptions) -> frozenset[str]:
     """Fail fast, in the driver, with one clear RuntimeError when ``options.model`` cannot be used: its
-    tokenizer, feature extractor and generation config load, a local folder holds safetensors weights, and
-    the CTranslate2 engine has its converted copy (converted here once, so replicas find it cached)."""
+    tokenizer, feature extractor and generation config load, a local folder holds safetensors weights, it
+    has a token for ``--language`` and ``--languages``, and the CTranslate2 engine has its converted copy
+    (converted here once, so replicas find it cached). Returns the Whisper codes of the model's languages."""
     local = Path(options.model).expanduser()
     if local.is_dir():
         require_safetensors(local, options.model)
     numpy = options.engine in ("ctranslate2", "torch")
     # read as those engines' replicas read it: from the folder, without importing transformers (over a second of CPU
     # on the driver while the embedded Ray starts)
-    Decoder(options, "cpu")._load_processor(numpy_features=numpy, folder=local if numpy and local.is_dir() else None)
+    decoder = Decoder(options, "cpu")
+    decoder._load_processor(numpy_features=numpy, folder=local if numpy and local.is_dir() else None)
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 
         converted_model(options.model)
+    return frozenset(decoder.token_by_code)
 
 
 def load_decoder(options: DecodeOptions, device: str = "auto", threads: int | None = None) -> Decoder:

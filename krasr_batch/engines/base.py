@@ -117,12 +117,11 @@ def model_error(model: str, cause: Exception) -> RuntimeError:
 
 def language_code(language: str | None) -> str:
     """Whisper's code for a language name or code ("kazakh" -> "kk"); "" when unknown."""
-    from krasr_batch.engines.vocab import LANGUAGES, TO_LANGUAGE_CODE
+    from krasr_batch.engines.vocab import whisper_language
 
     if not language:
         return ""
-    lang = language.lower().strip("<|>")
-    return lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang, lang)
+    return whisper_language(language) or language.strip().lower().strip("<|>")
 
 
 def no_nvidia_gpu() -> bool:
@@ -396,6 +395,9 @@ class Decoder:
         missing = [c for c in self.options.languages if c not in self.token_by_code]
         if missing:
             raise RuntimeError(f"--languages: the model {model!r} has no language token for {', '.join(missing)}")
+        forced = self.options.language
+        if forced and forced != "auto" and language_code(forced) not in self.token_by_code:
+            raise RuntimeError(f"--language {forced}: the model {model!r} has no language token for it")
         self.alignment_heads = [tuple(h) for h in (getattr(gc, "alignment_heads", None) or [])]
         if self.options.word_timestamps and not self.alignment_heads:
             raise RuntimeError(

@@ -87,6 +87,13 @@ def _clean_up(text: str) -> str:
     return text
 
 
+def whisper_language(value: str) -> str | None:
+    """Whisper's code for a language name or code, any case ("Kazakh", "kk", "<|kk|>" -> "kk"); None for a
+    language Whisper does not know."""
+    lang = value.strip().lower().strip("<|>")
+    return lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang)
+
+
 def generation_config(folder: str | Path) -> SimpleNamespace:
     """``generation_config.json`` as attributes (``decoder_start_token_id``, ``lang_to_id``, ...)."""
     return SimpleNamespace(**json.loads((Path(folder) / "generation_config.json").read_text(encoding="utf-8")))

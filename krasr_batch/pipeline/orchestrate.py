@@ -248,6 +248,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     import ray
 
     layout = OutputLayout(out)
+    model_languages = None  # the model's language codes, checked against the manifest's (known here only)
     if not settings.resources.address:  # on a cluster the nodes load the model; here it must load before any work
         # the check (reading the tokenizer and configs, about 4 s with its imports) runs while the embedded Ray
         # starts (about 5 s), unless the output says the job is finished (a rerun that needs no Ray at all)
@@ -258,14 +259,14 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
             if not ray.is_initialized() and read_text(layout.success) is None:
                 _init_ray(settings)
             try:
-                check.result()
+                model_languages = check.result()
             except RuntimeError as e:
                 raise ModelUnavailable(str(e)) from e
     timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
     normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done, globs)
+    summary = _normalize(manifest, normalized, done, globs, model_languages)
     stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
     writer = PartWriter(layout, files_schema(summary.extra_schema()), words=settings.decode.word_timestamps)
     todo = summary.num_files - stats.skipped_files
@@ -293,14 +294,15 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     return stats
 
 
-def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = ()) -> ManifestSummary:
+def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = (),
+               model_languages: frozenset[str] | None = None) -> ManifestSummary:
     """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``."""
     local_norm = None if is_uri(normalized) else normalized
     if local_norm is None:
         import tempfile
 
         local_norm = os.path.join(tempfile.mkdtemp(prefix="krasr-"), "manifest.parquet")
-    summary = normalize_manifest(manifest, local_norm, skip_ids=done, globs=globs)
+    summary = normalize_manifest(manifest, local_norm, skip_ids=done, globs=globs, model_languages=model_languages)
     if local_norm != normalized:
         from krasr_batch.storage import upload_file
 
