@@ -172,6 +172,16 @@ def model_config(model: str) -> dict:
     return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
 
 
+def model_languages(model: str) -> frozenset[str] | None:
+    """The Whisper codes of the model's language tokens, from its folder's ``generation_config.json``; None
+    where this machine cannot read it (a hub id, a folder only the cluster's nodes have)."""
+    try:
+        gc = json.loads((Path(model).expanduser() / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return frozenset(k.strip("<|>") for k in gc.get("lang_to_id") or {}) or None
+
+
 def whisper_parameters(config: dict) -> int:
     """Whisper's parameter count from its ``config.json`` (transformers' ``WhisperConfig`` keys)."""
     d, mels = config["d_model"], config.get("num_mel_bins", 80)

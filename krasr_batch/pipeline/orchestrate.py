@@ -25,6 +25,7 @@ from typing import Any
 
 from krasr_batch import __version__
 from krasr_batch.engines import FIT_TOKENS_PER_S, check_model, choose_engine
+from krasr_batch.engines.base import model_languages as model_language_codes
 from krasr_batch.manifest import ManifestSummary, normalize_manifest
 from krasr_batch.output import (
     OutputError,
@@ -262,6 +263,8 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
                 model_languages = check.result()
             except RuntimeError as e:
                 raise ModelUnavailable(str(e)) from e
+    else:  # the nodes load the model; its languages are checked here where this machine has its folder too
+        model_languages = model_language_codes(settings.decode.model)
     timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
