@@ -108,6 +108,17 @@ def test_a_language_that_whisper_or_the_model_does_not_know_names_its_line(tmp_p
         list(iter_manifest(str(m), model_languages=frozenset({"kk", "ru"})))
 
 
+def test_the_model_languages_the_driver_reads_from_its_folder(tiny_model, tmp_path):
+    from krasr_batch.engines import check_model
+    from krasr_batch.engines.base import model_languages
+    from krasr_batch.settings import DecodeOptions
+
+    codes = model_languages(str(tiny_model))
+    assert len(codes) == 99 and {"kk", "ru", "en"} <= codes and "yue" not in codes
+    assert check_model(DecodeOptions(model=str(tiny_model), engine="torch")) == codes
+    assert model_languages(str(tmp_path)) is None and model_languages("KRASR/not-here") is None
+
+
 def test_the_run_language_must_be_one_whisper_knows():
     from krasr_batch.settings import DecodeOptions
 
