@@ -91,6 +91,7 @@ def test_export_srt(out: Path):
     d = out / "export" / "srt"
     assert sorted(p.name for p in d.iterdir()) == ["bucket_b.srt", "calls_a.srt", "silence.srt"]
     assert "exported 3 files (4 cues)" in r.stdout
+    assert "note: this run has no word times, so each cue is a whole segment" in r.stderr
     cues = _srt_cues((d / "calls_a.srt").read_text(encoding="utf-8"))
     assert [c[0] for c in cues] == [1, 2, 3]  # the empty segment is skipped
     assert cues[0][3] == "Бірінші сөйлем." and cues[2][3] == "Соңғы жол"

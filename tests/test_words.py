@@ -338,6 +338,7 @@ def test_a_word_timed_run_keeps_the_text_and_writes_words_languages_and_cues(tmp
         assert sum(got.values()) == pytest.approx(sum(s["audio_s"] for s in mine), abs=1e-3)
 
     output = open_output(str(outs[True]))
+    assert output.words_parts and not open_output(str(outs[False])).words_parts  # what export's note goes by
     export(output, "srt")
     long_name = next((outs[True] / "export" / "srt").glob("long_00*.srt"))
     cues = _srt_cues(long_name.read_text(encoding="utf-8"))

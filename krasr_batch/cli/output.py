@@ -119,3 +119,6 @@ def export_command(out_dir: str, fmt: str, to: str | None, where: str | None) ->
     except OSError as e:
         raise RunFailed(f"cannot write the export: {e}") from None
     click.echo(f"exported {result.files} files ({result.cues} cues) to {result.directory}")
+    if fmt in ("srt", "vtt") and result.cues and not output.words_parts:
+        click.echo("note: this run has no word times, so each cue is a whole segment (up to 30 s of speech); "
+                   "a run with --word-timestamps gives cues of subtitle size (two lines, 7 s at most)", err=True)
