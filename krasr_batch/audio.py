@@ -275,10 +275,12 @@ def _pyav_blocks(path: str, report: DecodeReport, block_s: float) -> Iterator[np
 
     fh = _open_binary(path)
     try:
-        try:
-            container = av.open(fh, mode="r")
+        try:  # metadata is not ours to read: a tag in a local code page (cp1251) must not fail the audio
+            container = av.open(fh, mode="r", metadata_errors="replace")
         except av.error.FFmpegError as e:
             raise AudioError("undecodable", f"not a readable audio file ({e.strerror or type(e).__name__}): {path}") from e
+        except (ValueError, OverflowError) as e:  # PyAV reading a header of random bytes as fields
+            raise AudioError("undecodable", f"not a readable audio file ({type(e).__name__}: {e}): {path}") from e
         with container:
             if not container.streams.audio:
                 raise AudioError("no_audio_stream", f"no audio stream in {path}")

@@ -198,6 +198,22 @@ def test_undecodable_inputs(corpus, name, kind):
     assert e.value.kind == kind
 
 
+def test_a_metadata_tag_that_is_not_utf8_does_not_fail_the_audio(tmp_path, corpus):
+    """A tagger that wrote its local code page (cp1251) into an MP4's tags: PyAV's strict UTF-8 reading of the
+    metadata raised UnicodeDecodeError, and the file failed as ``internal``. The same bytes as random data
+    named .wav (the corpus generator's, seed 9001) failed that way too."""
+    src = _speech(corpus)
+    path = tmp_path / "tagged.m4a"
+    _write_m4a(path, src[:, None])
+    data = path.read_bytes()
+    at = data.find(b"Lavf")  # the encoder tag PyAV's muxer writes, overwritten in place (the atoms keep their sizes)
+    assert at > 0
+    path.write_bytes(data[:at] + "Запись".encode("cp1251")[:4] + data[at + 4:])
+    report = DecodeReport()
+    y = load_audio(str(path), report)
+    assert report.backend == "pyav" and abs(len(y) - len(src)) < 0.1 * SAMPLE_RATE
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_garbage_in_the_middle_of_a_compressed_stream(tmp_path, corpus, which):
     """libsndfile gives up at the first corrupt MPEG frame; PyAV resyncs and keeps the timeline, flagged."""
