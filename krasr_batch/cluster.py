@@ -85,10 +85,12 @@ class Placement:
     problem: str | None = None  # why this plan may not fit the nodes it was made for (None: it does)
 
     def actor_request(self) -> dict[str, float]:
-        """One model actor's Ray resources, as Ray lists them (``{"CPU": .., "GPU": .., NAME: ..}``)."""
+        """One model actor's Ray resources, as Ray lists them (``{"CPU": .., "GPU": .., "memory": .., NAME: ..}``)."""
         req = {"CPU": float(self.ray_args.get("num_cpus", 0))}
         if self.ray_args.get("num_gpus"):
             req["GPU"] = float(self.ray_args["num_gpus"])
+        if self.ray_args.get("memory"):
+            req["memory"] = float(self.ray_args["memory"])
         req.update(self.ray_args.get("resources", {}))
         return req
 
@@ -100,17 +102,22 @@ class Placement:
 
     def describe(self) -> str:
         tasks = ", ".join(f"{k} {v['CPU']:g}" for k, v in self.task_requests().items())
-        return f"{self.actors} model actor(s) of {self.actor_request()}; CPUs per task: {tasks}"
+        req = {k: (amount(k, v) if k == "memory" else v) for k, v in self.actor_request().items()}
+        return f"{self.actors} model actor(s) of {req}; CPUs per task: {tasks}"
 
 
-def _actor_cap(node: dict[str, float], use_gpu: bool, resource: str | None) -> int | None:
-    """How many model actors a node could hold by its GPUs / custom resource (None: no such limit)."""
+def _actor_cap(node: dict[str, float], use_gpu: bool, resource: str | None, memory: float | None = None) -> int | None:
+    """How many model actors a node could hold by its GPUs / custom resource / Ray ``memory`` when each actor
+    asks for ``memory`` bytes (None: no such limit)."""
     cap = None
     if use_gpu:
         cap = int(node.get("GPU", 0) + 1e-9)
     if resource:
         r = int(node.get(resource, 0) + 1e-9)
         cap = r if cap is None else min(cap, r)
+    if memory and "memory" in node:
+        m = int(node["memory"] // memory)
+        cap = m if cap is None else min(cap, m)
     return cap
 
 
@@ -122,9 +129,9 @@ def _max_actors(cpu_u: int, cap: int | None, a_u: int, n: int) -> int:
 def fits(nodes: list[dict[str, float]], place: Placement) -> bool:
     """True if, however Ray spreads the model actors over ``nodes``, every actor and one task of each other
     stage can run at the same time (the condition ``plan_placement`` plans for). See ``_feasible``."""
-    res = _resource_of(place)
+    res, mem = _resource_of(place), place.ray_args.get("memory")
     return _feasible(nodes, _units(place.actor_request()["CPU"]), _task_units(place), place.use_gpu, res,
-                     place.actors, _capacity_target(nodes, place.use_gpu, res, place.actors))
+                     place.actors, _capacity_target(nodes, place.use_gpu, res, place.actors, mem), mem)
 
 
 def _resource_of(place: Placement) -> str | None:
@@ -135,16 +142,18 @@ def _task_units(place: Placement) -> int:
     return sum(_units(r["CPU"]) for r in place.task_requests().values())
 
 
-def _capacity_target(nodes: list[dict[str, float]], use_gpu: bool, resource: str | None, n: int) -> int:
-    """Actors the nodes seen now must hold: all of them, or as many as their GPUs / resource units allow
-    (an autoscaler adds nodes for the others)."""
-    caps = [_actor_cap(nd, use_gpu, resource) for nd in nodes]
+def _capacity_target(nodes: list[dict[str, float]], use_gpu: bool, resource: str | None, n: int,
+                     memory: float | None = None) -> int:
+    """Actors the nodes seen now must hold: all of them, or as many as their GPUs / resource units / memory
+    allow (an autoscaler adds nodes for the others)."""
+    caps = [_actor_cap(nd, use_gpu, resource, memory) for nd in nodes]
     if any(c is None for c in caps):
         return n
     return min(n, sum(caps))  # type: ignore[arg-type]
 
 
-def _feasible(nodes, a_u: int, t_u: int, use_gpu: bool, resource: str | None, n: int, target: int) -> bool:
+def _feasible(nodes, a_u: int, t_u: int, use_gpu: bool, resource: str | None, n: int, target: int,
+              memory: float | None = None) -> bool:
     """Integer (Ray unit) check of a plan: actors of ``a_u`` CPU, ``t_u`` CPU for one task of each stage.
 
     - the nodes can hold ``target`` actors at once;
@@ -156,7 +165,7 @@ def _feasible(nodes, a_u: int, t_u: int, use_gpu: bool, resource: str | None, n:
     held, need_all, always_room = 0, 0, False
     for nd in nodes:
         cpu_u = _units(nd.get("CPU", 0))
-        most = _max_actors(cpu_u, _actor_cap(nd, use_gpu, resource), a_u, n)
+        most = _max_actors(cpu_u, _actor_cap(nd, use_gpu, resource, memory), a_u, n)
         held += most
         if cpu_u < t_u:
             continue  # never room for the tasks, whatever runs there
@@ -168,7 +177,7 @@ def _feasible(nodes, a_u: int, t_u: int, use_gpu: bool, resource: str | None, n:
 
 
 def _best_share(nodes, a_pref: float, t_u: int, use_gpu: bool, resource: str | None, n: int,
-                target: int) -> int | None:
+                target: int, memory: float | None = None) -> int | None:
     """The largest actor CPU share (units, at most ``a_pref``) for which ``_feasible`` holds, or None.
 
     ``_feasible`` only changes where a node's actor count (``CPU / m``) or the count that takes it below
@@ -178,13 +187,13 @@ def _best_share(nodes, a_pref: float, t_u: int, use_gpu: bool, resource: str | N
     cands = {hi}
     for nd in nodes:
         cpu_u = _units(nd.get("CPU", 0))
-        cap = _actor_cap(nd, use_gpu, resource)
+        cap = _actor_cap(nd, use_gpu, resource, memory)
         top = min(n if cap is None else min(cap, n), cpu_u // lo) + 1
         for m in range(1, top + 1):
             for b in ((cpu_u - t_u) // m, cpu_u // m):
                 cands.update((b, b - 1))
     for a_u in sorted((c for c in cands if lo <= c <= hi), reverse=True):
-        if _feasible(nodes, a_u, t_u, use_gpu, resource, n, target):
+        if _feasible(nodes, a_u, t_u, use_gpu, resource, n, target, memory):
             return a_u
     return None
 
@@ -222,12 +231,20 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
     - ``replica_bytes``: a CPU replica's peak memory (``engines.base.replica_memory_bytes``). CPU actors chosen
       by default are then no more than each node's ``memory`` resource holds (Ray's memory for tasks and
       actors, beside its object store), and as wide as ``actors`` would make them: one replica per core of
-      the KRASR model takes about 3.5 GiB each, more than many machines have per core.
+      the KRASR model takes about 3.5 GiB each, more than many machines have per core. Each such replica also
+      asks Ray for ``replica_bytes`` of ``memory``, so that Ray, which places actors by their CPU share,
+      puts no more on a node than its memory holds (on nodes of unequal memory it would otherwise crowd a
+      node of many cores and little memory); the plan's shares are made to fit with that cap.
     """
     nodes = [dict(nd) for nd in nodes]
     use_gpu = device == "cuda" or (sum(int(nd.get("GPU", 0)) for nd in nodes) > 0 and device != "cpu")
     res = actor_resource
-    caps = [_actor_cap(nd, use_gpu, res) for nd in nodes]
+    # default CPU replicas ask Ray for their memory, so that no node gets more than it holds (Ray places them
+    # by CPU share otherwise: on nodes of unequal memory, a node of many cores and little memory takes too
+    # many); only where some node holds one, or none could ever be placed
+    mem = float(replica_bytes) if (not use_gpu and not res and not actors and replica_bytes
+                                   and any(nd.get("memory", 0) >= replica_bytes for nd in nodes)) else None
+    caps = [_actor_cap(nd, use_gpu, res, mem) for nd in nodes]
     hosts = [(nd, c) for nd, c in zip(nodes, caps) if c is None or c >= 1]
     fixed = 2 * REPARTITION_CPUS  # the manifest is read by the driver (pipeline.orchestrate._read_manifest): no task
 
@@ -253,12 +270,12 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
                           for nd in nodes)]
         a_pref = min(shares) if shares else 1.0
     a_pref = max(a_pref, MIN_ACTOR_CPUS)
-    target = _capacity_target(nodes, use_gpu, res, n)
+    target = _capacity_target(nodes, use_gpu, res, n, mem)
 
     seg = SEGMENT_CPUS_ON_GPU_CLUSTER if use_gpu else SEGMENT_CPUS_ON_CPU_CLUSTER
     share_u, problem = None, None
     while share_u is None and seg >= MIN_SEGMENT_CPUS - 1e-9:
-        share_u = _best_share(nodes, a_pref, _units(fixed + seg), use_gpu, res, n, target)
+        share_u = _best_share(nodes, a_pref, _units(fixed + seg), use_gpu, res, n, target, mem)
         if share_u is None:
             seg = round(seg / 2, 4)
     if share_u is None:
@@ -275,6 +292,8 @@ def plan_placement(nodes: list[dict[str, float]], device: str, actors: int, acto
     extra = {"resources": {res: 1}} if res else {}
     if use_gpu:
         return Placement(True, n, {"num_gpus": 1, "num_cpus": share, **extra}, None, seg, problem=problem)
+    if mem:
+        extra["memory"] = int(mem)
     return Placement(False, n, {"num_cpus": share, **extra}, max(1, round(share)), seg, problem=problem)
 
 
@@ -356,8 +375,13 @@ class Demand:
     count: int
 
     def describe(self) -> str:
-        shape = ", ".join(f"{k}: {v:g}" for k, v in sorted(self.bundle.items()))
+        shape = ", ".join(f"{k}: {amount(k, v)}" for k, v in sorted(self.bundle.items()))
         return f"{{{shape}}} x{self.count}"
+
+
+def amount(resource: str, value: float) -> str:
+    """A Ray resource's quantity as a person reads it: bytes of memory in GiB, the rest as numbers."""
+    return f"{value / 2**30:.2f} GiB" if "memory" in resource else f"{value:g}"
 
 
 def unplaceable(demands: list[Demand], free: list[dict[str, float]]) -> list[Demand]:
@@ -412,4 +436,7 @@ def placement_advice(stuck: list[Demand], actor_resource: str | None) -> str:
     if "CPU" in keys:
         tips.append("give the cluster nodes with more free CPUs, or fewer --actors (the model actors hold "
                     "their CPUs for the whole run)")
+    if "memory" in keys:
+        tips.append("give the cluster nodes with more free memory (each CPU model actor asks Ray for its "
+                    "estimated peak), or set --actors (actors of a given count ask for no memory)")
     return "; ".join(tips) or "check `ray status` for what holds the cluster's resources"

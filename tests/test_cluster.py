@@ -531,12 +531,16 @@ def test_node_memory_caps_only_the_default_cpu_replicas():
     """plan_placement's replica_bytes (a CPU replica's peak): default CPU replicas are no more than each node's
     Ray ``memory`` resource holds, as wide as --actors would make them, and with a small job's bound the
     smaller wins; nodes that do not report memory, --actors and GPUs are left alone."""
-    from krasr_batch.cluster import memory_bound_actors, plan_placement
+    from krasr_batch.cluster import fits, memory_bound_actors, plan_placement
 
     gib = 2**30
     laptop = [{"CPU": 8, "memory": 11 * gib}]  # 16 GB, less Ray's object store
     place = plan_placement(laptop, "auto", 0, None, replica_bytes=int(3.5 * gib))
-    assert place == plan_placement(laptop, "auto", 3, None) and place.threads == 2  # fewer, wider
+    three = plan_placement(laptop, "auto", 3, None)
+    assert place.actors == 3 and place.threads == three.threads == 2  # fewer, wider
+    assert place.actor_request() == {**three.actor_request(), "memory": float(int(3.5 * gib))}
+    assert "memory" not in plan_placement(laptop, "auto", 6, None, replica_bytes=gib).actor_request()  # --actors
+    assert "'memory': '3.50 GiB'" in place.describe()
     assert plan_placement(laptop, "auto", 0, None, replica_bytes=gib).actors == 8  # room for one per CPU
     assert plan_placement(laptop, "auto", 0, None, replica_bytes=20 * gib).actors == 1  # never none
     assert plan_placement(laptop, "auto", 0, None, replica_bytes=int(3.5 * gib), work_bound=2).actors == 2
@@ -544,7 +548,14 @@ def test_node_memory_caps_only_the_default_cpu_replicas():
     assert plan_placement([{"CPU": 8}], "auto", 0, None, replica_bytes=20 * gib).actors == 8  # no memory known
     mixed = [{"CPU": 16, "memory": 30 * gib}, {"CPU": 4, "memory": 60 * gib}, {"CPU": 0.5}]
     assert memory_bound_actors(mixed, 7 * gib) == 4 + 4  # each node: its CPUs or its memory, the fewer
-    assert plan_placement(mixed, "auto", 0, None, replica_bytes=7 * gib).actors == 8
+    place = plan_placement(mixed, "auto", 0, None, replica_bytes=7 * gib)
+    assert place.actors == 8 and fits(mixed, place)
+    # Ray places actors by what they ask for: asking for CPUs alone (2.29 each, before), up to 7 of the 8
+    # could land on the first node, 49 GiB of replicas on 30; asking for memory too, at most 4 do
+    req = place.actor_request()
+    per_node = [int(min(nd.get("CPU", 0) // req["CPU"], nd.get("memory", 0) // req.get("memory", 1)))
+                for nd in mixed]
+    assert req.get("memory") == 7 * gib and per_node[0] == 4 and sum(per_node) >= 8
     gpus = [{"CPU": 8, "GPU": 2, "memory": 4 * gib}]
     assert plan_placement(gpus, "auto", 0, None, replica_bytes=20 * gib) == plan_placement(gpus, "auto", 0, None)
 
@@ -622,6 +633,17 @@ def test_stall_watch_reports_only_what_no_node_can_place():
     with pytest.raises(RunStalled, match=r"cannot place \{CPU: 1\} x3 on any node.*fewer --actors"):
         watch.check(t0 + 700)
     assert StallWatch(0, None, read=read).check(t0 + 10**6) is not None  # 0: reports, never stops
+    # a CPU model actor that asks for memory no node has free: the request and each node's free memory in
+    # GiB, and what to change
+    gib = 2**30
+    free = [{"CPU": 4.0, "memory": 2.5 * gib, "object_store_memory": gib}]
+    read = lambda: ClusterDemand([Demand({"CPU": 1.0, "memory": 3.5 * gib}, 2)], free, False)  # noqa: E731
+    watch = StallWatch(300, None, read=read)
+    t0 = watch.last_progress
+    watch.check(t0 + 600)
+    with pytest.raises(RunStalled, match=r"cannot place \{CPU: 1, memory: 3.50 GiB\} x2 on any node \(free per "
+                                         r"node: CPU 4, memory 2.50 GiB\)\..*more free memory.*set --actors"):
+        watch.check(t0 + 700)
 
 
 def test_an_abandoned_feed_closes_its_iterator_before_the_driver_goes_on():

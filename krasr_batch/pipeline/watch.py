@@ -126,10 +126,12 @@ class StallWatch:
             return None
         what = "; ".join(d.describe() for d in self.stuck)
         if self.timeout_s > 0 and quiet >= self.timeout_s and now - self.blocked_since >= self.POLL_S:
-            from krasr_batch.cluster import placement_advice
+            from krasr_batch.cluster import amount, placement_advice
 
-            free = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(nd.items())
-                                       if k in ("CPU", "GPU") or not (k.startswith("node:") or "memory" in k))
+            asked = {k for d in self.stuck for k in d.bundle}  # memory is listed when a stuck request asks for it
+            free = "; ".join(", ".join(f"{k} {amount(k, v)}" for k, v in sorted(nd.items())
+                                       if k in ("CPU", "GPU") or k in asked
+                                       or not (k.startswith("node:") or "memory" in k))
                              or "nothing" for nd in self.free)
             raise RunStalled(
                 f"nothing came back for {_hms(quiet)} and Ray cannot place {what} on any node (free per node: "
