@@ -99,6 +99,23 @@ def test_a_channel_in_opposite_phase_is_inverted_not_cancelled(tmp_path, corpus,
     assert [w for w in report.warnings() if w.startswith(f"phase: channel {channel} of 2 for ")] == report.warnings()
 
 
+def test_hum_in_opposite_phase_under_speech_in_phase_keeps_the_speech(tmp_path, corpus):
+    """A correlation over the raw samples is the hum's when a strong hum is in opposite phase between the
+    channels: inverting a channel then cancelled the speech and kept the hum. Over the speech band (first
+    differences) the speech decides, at telephone and studio rates alike."""
+    import soxr
+
+    x16 = _speech(corpus)
+    for rate in (8000, 16000, 48000):
+        x = x16 if rate == SAMPLE_RATE else soxr.resample(x16, SAMPLE_RATE, rate).astype(np.float32)
+        hum = 0.5 * np.sin(2 * np.pi * 50 * np.arange(len(x)) / rate).astype(np.float32)
+        sf.write(tmp_path / "hum.wav", np.stack([x + hum, x - hum], 1) / 1.5, rate, subtype="FLOAT")
+        report = DecodeReport()
+        y = load_audio(str(tmp_path / "hum.wav"), report)
+        n = min(len(y), len(x16))
+        assert report.inverted == {} and np.corrcoef(y[:n], x16[:n])[0, 1] > 0.98, rate
+
+
 def test_channels_are_averaged_as_they_are_unless_one_opposes_the_loudest(tmp_path, corpus):
     x, other = _speech(corpus, 0), _speech(corpus, 1)
     n = min(len(x), len(other))
