@@ -177,33 +177,30 @@ def text_lines(source: str) -> Iterator[str]:
         fh = open_input_stream(source) if is_uri(source) else open(os.path.expanduser(source), "rb")
     except OSError as e:
         raise ManifestError(source, 0, f"cannot open it: {e.strerror or e}") from e
+
+    def decoded(raw: bytes, lineno: int) -> str:
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ManifestError(source, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1})") from e
+
     with fh:
-        pending, lineno = bytearray(), 0
-        while True:
-            chunk = fh.read(TEXT_CHUNK_BYTES)
-            start = 0
-            if chunk:
-                pending += chunk
-                ends = []
-                while (end := pending.find(b"\n", start)) >= 0:
-                    ends.append(end + 1)
-                    start = end + 1
-            else:
-                ends = [len(pending)] if pending else []
-            first = 0
-            for end in ends:
+        lineno, tail = 0, []  # tail: the pieces of a line not yet ended (a list: a huge line is not copied over)
+        while chunk := fh.read(TEXT_CHUNK_BYTES):
+            lines = chunk.split(b"\n")
+            if len(lines) == 1:
+                tail.append(chunk)
+                continue
+            lines[0] = b"".join([*tail, lines[0]])
+            tail = [lines.pop()]
+            for raw in lines:
                 lineno += 1
-                raw = bytes(pending[first:end])
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ManifestError(source, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1})") from e
-                first = end
-            del pending[:first]
-            if not chunk:
-                return
+                yield decoded(raw + b"\n", lineno)
+        last = b"".join(tail)
+        if last:
+            yield decoded(last, lineno + 1)
 
 
 TEXT_CHUNK_BYTES = 1 << 16
