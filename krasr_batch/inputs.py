@@ -9,7 +9,8 @@ An input is detected from what it is, then from its extension, then from its col
   A symbolic link to nothing is listed all the same: its run reports it (``not_found``) rather than skip it.
   One folder's listing is held at a time, never the whole tree's;
 - ``*.csv`` / ``*.tsv``: a header line, then one row per file (``path``; ``id``, ``language``, ``text`` when
-  present; empty cells count as absent);
+  present; empty cells count as absent); the header tells a .csv separated by semicolons (Excel's, where a
+  comma is the decimal mark);
 - ``*.parquet``: a table with the same columns, or a Hugging Face dataset shard, told by its ``audio`` struct
   column (``bytes``, ``path``): each row becomes the path ``SHARD#row=N`` (:mod:`krasr_batch.shards`), its id the
   audio's ``path``, else its row number counted over all the shards given;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob as globlib
+import itertools
 import json
 import logging
 import os
@@ -229,10 +231,22 @@ def _missing_path_column(columns: Sequence[str]) -> str:
     return f"no 'path' column (NeMo's 'audio_filepath' also does); columns: {', '.join(columns) or 'none'}"
 
 
+def _header_delimiter(header: str, delimiter: str) -> str:
+    """``delimiter``, unless only another of , ; and tab makes the header name a path column: a .csv that
+    Excel saved in a locale whose decimal mark is a comma (Russian, Kazakh, most of Europe) is separated by
+    semicolons."""
+    for d in (delimiter, *(c for c in (",", ";", "\t") if c != delimiter)):
+        fields = next(csv.reader([header], delimiter=d), [])
+        if any(f in PATH_COLUMNS for f in fields):
+            return d
+    return delimiter
+
+
 def read_csv(source: str, delimiter: str) -> Iterator[Record]:
     base = _base_dir(source)
     lines = text_lines(source)
-    reader = csv.DictReader(lines, delimiter=delimiter)
+    first = next(lines, "")
+    reader = csv.DictReader(itertools.chain([first], lines), delimiter=_header_delimiter(first, delimiter))
     try:
         header = reader.fieldnames
         if not header:

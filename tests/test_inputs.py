@@ -135,6 +135,19 @@ def test_bytes_that_are_not_utf8_are_blamed_on_their_own_line(tmp_path, name):
         list(iter_manifest(str(f)))
 
 
+def test_a_csv_separated_by_semicolons_is_read_as_excel_wrote_it(tmp_path):
+    """Excel in a Russian or Kazakh locale (a comma is the decimal mark there) saves "CSV" with semicolons."""
+    f = tmp_path / "m.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + 'path;id;text\r\na.wav;one;"Текст, с запятой"\r\nb.wav;two;\r\n'.encode())
+    jobs = [(j.file_id, j.reference_text, j.line, os.path.basename(j.path)) for j in iter_manifest(str(f))]
+    assert jobs == [("one", "Текст, с запятой", 2, "a.wav"), ("two", None, 3, "b.wav")]
+    f.write_text("path,id\na;b.wav,x\n", encoding="utf-8")  # a comma header wins: its path holds a semicolon
+    assert [os.path.basename(j.path) for j in iter_manifest(str(f))] == ["a;b.wav"]
+    f.write_text("file;text\na.wav;x\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 1: no 'path' column .*columns: file;text"):
+        list(iter_manifest(str(f)))
+
+
 def test_parquet_table(tmp_path, corpus):
     f = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": ["clips/ru_000.wav", str(corpus / "clips" / "ru_001.flac")],
