@@ -186,7 +186,8 @@ def text_lines(source: str) -> Iterator[str]:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ManifestError(source, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1})") from e
+            raise ManifestError(source, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1}); save it as "
+                                                "UTF-8 (Excel: \"CSV UTF-8\"; iconv -f cp1251 -t utf-8)") from e
 
     with fh:
         lineno, tail = 0, []  # tail: the pieces of a line not yet ended (a list: a huge line is not copied over)
