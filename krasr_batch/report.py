@@ -198,6 +198,15 @@ def _worker_lines(workers: tuple[WorkerStats, ...]) -> list[str]:
     return lines
 
 
+def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
+    """"N stopped at the token limit (R repetition loops, F did not fit)": the causes of
+    quality.truncation_cause, as the run's summary and ``inspect`` say them."""
+    if not truncated:
+        return "none stopped at the token limit"
+    loops, unfit = by_cause.get("repetition", 0), by_cause.get("did_not_fit", 0)
+    return f"{truncated} stopped at the token limit ({loops} repetition loops, {unfit} did not fit)"
+
+
 def format_inspect(report: InspectReport) -> str:
     """The human-readable ``inspect`` text."""
     r = report
@@ -213,10 +222,8 @@ def format_inspect(report: InspectReport) -> str:
         if g.count > len(g.examples):
             lines.append(f"    … {g.count - len(g.examples)} more")
     lines.append(f"  audio {r.audio_s / 3600:.3f} h, speech {r.speech_s / 3600:.3f} h (ok files)")
-    loops, unfit = r.truncated_by_cause.get("repetition", 0), r.truncated_by_cause.get("did_not_fit", 0)
-    lines.append(f"  segments: {r.segments} ({r.truncated_segments} truncated at the token limit: {loops} repetition "
-                 f"loops, {unfit} did not fit; {r.suspect_segments} suspect in {r.suspect_files} files "
-                 f"[{r.suspect_source}])")
+    lines.append(f"  segments: {r.segments}: {truncation_text(r.truncated_segments, r.truncated_by_cause)}; "
+                 f"{r.suspect_segments} suspect by the quality signals, in {r.suspect_files} files [{r.suspect_source}]")
     if r.run:
         wall = r.run.get("wall_s")
         rtfx = f"{r.rtfx:.1f}" if isinstance(r.rtfx, (int, float)) else "?"

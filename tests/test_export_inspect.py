@@ -145,8 +145,8 @@ def test_inspect_text(out: Path):
     assert "failed (undecodable): 1" in t and "junk: cannot decode" in t
     assert t.index("not_found") < t.index("undecodable")  # most frequent cause first
     assert f"audio {3735 / 3600:.3f} h, speech {3620 / 3600:.3f} h" in t
-    assert ("segments: 5 (1 truncated at the token limit: 0 repetition loops, 1 did not fit; 1 suspect in 1 files "
-            "[computed])") in t
+    assert ("segments: 5: 1 stopped at the token limit (0 repetition loops, 1 did not fit); 1 suspect by the "
+            "quality signals, in 1 files [computed]") in t
     assert "RTFx 9.5" in t
     assert "n1:10:cuda" in t and "n1:11:cuda" in t
     assert "beams=3" in t and "KRASR/kazakh-russian-asr-whisper-small-full-ft" in t
@@ -176,7 +176,7 @@ def test_inspect_without_run_json_and_with_suspect_column(tmp_path: Path):
     segments = [dict(seg("a", 0, 0.0, 2.0, "жақсы"), suspect=True), dict(seg("a", 1, 2.0, 4.0, "иә"), suspect=False)]
     out = write_output(tmp_path / "o", [frow("a", "жақсы иә", duration_s=4.0)], segments, segments_schema=WITH_SUSPECT)
     t = invoke("inspect", str(out)).stdout
-    assert "1 suspect in 1 files [column]" in t and "no run.json" in t
+    assert "1 suspect by the quality signals, in 1 files [column]" in t and "no run.json" in t
     data = json.loads(invoke("inspect", str(out), "--format", "json").stdout)
     assert data["rtfx"] is None and data["run_json"] is False and data["suspect_source"] == "column"
 

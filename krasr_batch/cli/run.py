@@ -166,15 +166,9 @@ def _ray_problems(console) -> None:
                    f"see {console.log_path}", err=True)
 
 
-def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
-    """"N stopped at the token limit (R repetition loops, F did not fit)": the causes of quality.truncation_cause."""
-    if not truncated:
-        return "none stopped at the token limit"
-    loops, unfit = by_cause.get("repetition", 0), by_cause.get("did_not_fit", 0)
-    return f"{truncated} stopped at the token limit ({loops} repetition loops, {unfit} did not fit)"
-
-
 def _summary(stats, out: str, log_path: str | None = None) -> None:
+    from krasr_batch.report import truncation_text
+
     echo = click.echo
     echo("")
     echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
