@@ -45,6 +45,10 @@ VAD_PAD_MS = 30  # Silero's own padding of each speech span
 QUIET_BELOW_DBFS = -25.0
 QUIET_TARGET_DBFS = -15.0
 SILENT_DBFS = -90.0
+# A loudest frame this far above the loudest level held over 3 of 5 frames is a click, not the speech's
+# level (see file_level): 9.1 dB at most on the corpus recordings, 46 dB for a 1 ms click 45 dB above speech.
+IMPULSE_GAP_DB = 20.0
+IMPULSE_FRAMES = 5
 
 
 def _silero_data() -> Path:
@@ -319,6 +323,31 @@ def loudest_dbfs(energy: np.ndarray) -> float:
     return float(20 * np.log10(loudest)) if loudest > 0 else -float("inf")
 
 
+def sustained_dbfs(energy: np.ndarray) -> float:
+    """The loudest level the file holds over 3 of 5 consecutive frames (about 0.1 s), in dBFS: its loudest
+    frame, unless that stands alone (a median of 5 frames; a file of fewer frames: their median)."""
+    if len(energy) < IMPULSE_FRAMES:
+        return loudest_dbfs(np.array([np.median(energy)], np.float32)) if len(energy) else -float("inf")
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    return loudest_dbfs(np.median(sliding_window_view(energy, IMPULSE_FRAMES), axis=1))
+
+
+def file_level(energy: np.ndarray) -> tuple[float, float | None]:
+    """(the level that decides whether a file is quiet, in dBFS; the level of a click set aside, or None).
+
+    The loudest frame, as a rule; but frames standing more than IMPULSE_GAP_DB above the loudest sustained
+    level (:func:`sustained_dbfs`) are a click, a pop or a bump, which say nothing of the speech's level: the
+    loudest of the other frames decides then (a quiet recording with one 1 ms click at -1 dBFS was never
+    raised). On every corpus recording the loudest frame stands at most 9.1 dB above the sustained level,
+    so their levels are as before."""
+    top = loudest_dbfs(energy)
+    held = sustained_dbfs(energy)
+    if not top - held > IMPULSE_GAP_DB:
+        return top, None
+    return loudest_dbfs(energy[energy <= 10 ** ((held + IMPULSE_GAP_DB) / 20)]), top
+
+
 def quiet_gain_db(level: float, max_gain_db: float) -> float:
     """How many dB a file whose loudest frame is at ``level`` dBFS is raised by (0: none): see
     QUIET_BELOW_DBFS."""
@@ -328,8 +357,8 @@ def quiet_gain_db(level: float, max_gain_db: float) -> float:
 
 
 class _VadPass:
-    """Consumes one decoding pass: feeds the VAD (the samples times ``gain``), and keeps the audio of a file
-    up to ``keep_audio_s`` (as decoded)."""
+    """Consumes one decoding pass: feeds the VAD (the samples times ``gain``, within full scale: see
+    :func:`segment_audio`), and keeps the audio of a file up to ``keep_audio_s`` (as decoded)."""
 
     def __init__(self, keep_audio_s: float, gain: float = 1.0):
         self.keep_audio_s = keep_audio_s
@@ -339,7 +368,7 @@ class _VadPass:
         vad = VadStream()
         kept: list[np.ndarray] | None = []
         for block in blocks:
-            vad.feed(block * self.gain if self.gain != 1.0 else block)
+            vad.feed(np.clip(block * self.gain, -1.0, 1.0) if self.gain != 1.0 else block)
             if kept is not None:
                 kept.append(block)
                 if vad.samples > self.keep_audio_s * SAMPLE_RATE:
@@ -355,7 +384,7 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
     report, (vad, kept) = decode_with_fallback(path, _VadPass(keep_audio_s))
     probs, energy = vad.finish()
     warnings = report.warnings()
-    level = loudest_dbfs(energy)
+    level, click = file_level(energy)
     gain_db = quiet_gain_db(level, opts.max_gain_db)
     gain = 10 ** (gain_db / 20) if gain_db else 1.0
     if gain_db:  # the VAD again, on the raised samples: from memory, else a second decoding pass
@@ -364,7 +393,8 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
         else:
             vad = decode_with_fallback(path, _VadPass(0.0, gain))[1][0]
         probs, energy = vad.finish()
-        warnings.append(f"quiet: its loudest moment is at {level:.1f} dBFS, raised "
+        aside = f" (a click at {click:.1f} dBFS aside)" if click is not None else ""
+        warnings.append(f"quiet: its loudest moment is at {level:.1f} dBFS{aside}, raised "
                         f"{gain_db:.1f} dB for speech detection and the model")
     spans = speech_spans(probs, vad.samples, opts)
     windows = windows_from_spans(spans, energy, vad.samples, opts)
@@ -376,10 +406,14 @@ def analyse(path: str, opts: SegmentOptions, keep_audio_s: float = KEEP_AUDIO_S)
 
 def segment_audio(plan: FilePlan) -> Iterator[np.ndarray]:
     """Yield each planned window's samples in order (its stretches back to back); decodes the file a second
-    time when it was not kept."""
+    time when it was not kept. A raised file's samples are held within full scale (±1): a quiet file's speech
+    never reaches it (its loudest frame goes to -15 dBFS), but a click raised with it would stand 40 dB and
+    more above the speech (on 20 Russian clips 45 dB down with one 1 ms click each, CER 53.6 % unclipped
+    against 48.0 % clipped and 48.1 % with no click)."""
     for window in _windows(plan):
         if plan.gain != 1.0:
             window *= np.float32(plan.gain)
+            np.clip(window, -1.0, 1.0, out=window)
         yield window
 
 

@@ -7,6 +7,7 @@ from krasr_batch.segment import (
     QUIET_BELOW_DBFS,
     _split_long,
     analyse,
+    file_level,
     loudest_dbfs,
     plan_segments,
     quiet_gain_db,
@@ -110,6 +111,39 @@ def test_how_much_a_quiet_file_is_raised():
     assert quiet_gain_db(-95.0, 50.0) == 0.0 and quiet_gain_db(-float("inf"), 50.0) == 0.0  # silence, dither
     assert loudest_dbfs(np.array([0.0, 0.1, 0.01], np.float32)) == pytest.approx(-20.0)
     assert loudest_dbfs(np.zeros(3, np.float32)) == -float("inf") and loudest_dbfs(np.zeros(0)) == -float("inf")
+
+
+def test_a_click_does_not_set_a_files_level():
+    """file_level: the loudest frame, unless it stands alone far above what the file holds for 0.1 s."""
+    speech = np.full(40, 10 ** (-60 / 20), np.float32)  # 1.3 s held at -60 dBFS
+    speech[::7] = 10 ** (-52 / 20)  # louder single frames, as syllables make them: not clicks
+    assert file_level(speech) == (pytest.approx(-52.0), None)
+    clicked = speech.copy()
+    clicked[11] = 10 ** (-6 / 20)  # one 32 ms frame holding a click
+    level, click = file_level(clicked)
+    assert level == pytest.approx(-52.0) and click == pytest.approx(-6.0)
+    assert quiet_gain_db(level, 50.0) == 37.0  # raised as if the click were not there
+    assert file_level(np.array([0.1, 0.001], np.float32)) == (pytest.approx(-20.0), None)  # too short to tell
+    assert file_level(np.zeros(0, np.float32)) == (-float("inf"), None)
+    assert file_level(np.zeros(9, np.float32)) == (-float("inf"), None)
+
+
+def test_a_quiet_recording_with_a_click_is_raised_all_the_same(corpus, tmp_path):
+    """A clip 45 dB down with one 1 ms click at -1 dBFS: its loudest frame (the click's, near -16 dBFS) said it
+    was not quiet, and the VAD found 1.6 of its 2.8 s of speech."""
+    import soundfile as sf
+
+    own = load_audio(str(corpus / "clips" / "ru_000.wav"))
+    quiet = own * 10 ** (-45 / 20)
+    quiet[20000:20016] = 0.9
+    sf.write(tmp_path / "click.wav", quiet, SR, subtype="FLOAT")
+    plan = analyse(str(tmp_path / "click.wav"), SegmentOptions())
+    assert plan.gain > 10 ** (40 / 20) and plan.warnings[0].startswith("quiet: its loudest moment is at -")
+    assert "(a click at -16." in plan.warnings[0]
+    assert plan.speech_s >= 0.95 * analyse(str(corpus / "clips" / "ru_000.wav"), SegmentOptions()).speech_s
+    (window,) = list(segment_audio(plan))  # raised within full scale: the click clipped, the speech as raised
+    np.testing.assert_allclose(window, np.clip(quiet * np.float32(plan.gain), -1, 1), atol=1e-5)
+    assert np.abs(window).max() == 1.0 and np.abs(np.delete(window, range(20000, 20016))).max() < 1.0
 
 
 @pytest.mark.parametrize("clip", ["kk_020.wav", "ru_000.wav", "mixed_040.wav"])
