@@ -327,9 +327,10 @@ def _matches(rel: str, globs: Sequence[str]) -> bool:
 def _read_sidecar(fs: pafs.FileSystem, path: str, shown: str) -> str:
     try:
         with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8").strip()
+            return f.read().decode("utf-8-sig").strip()  # Notepad's byte-order mark is not text
     except UnicodeDecodeError as e:
-        raise ManifestError(shown, 0, f"sidecar text is not UTF-8 ({e.reason})") from e
+        raise ManifestError(shown, 0, f"sidecar text is not UTF-8 ({e.reason} at byte {e.start + 1}); save it as "
+                                      "UTF-8 (iconv -f cp1251 -t utf-8)") from e
     except OSError as e:
         raise ManifestError(shown, 0, f"cannot read the sidecar text: {e}") from e
 

@@ -51,6 +51,14 @@ def test_a_folder_is_walked_in_order_with_sidecar_texts(tree):
     assert input_kind(str(tree)) == "folder"
 
 
+def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree):
+    (tree / "a.txt").write_bytes("\ufeffТекст первый.\r\n".encode())  # Notepad's UTF-8
+    assert next(iter_manifest(str(tree))).reference_text == "Текст первый."
+    (tree / "a.txt").write_bytes("Текст".encode("cp1251"))
+    with pytest.raises(ManifestError, match=r"a\.txt: sidecar text is not UTF-8 \(.* at byte 1\); save it as UTF-8"):
+        list(iter_manifest(str(tree)))
+
+
 def test_glob_narrows_a_folder_and_only_a_folder(tree, corpus):
     assert [j.file_id for j in iter_manifest(str(tree), ["b/*"])] == ["b/deeper/y.mp3", "b/x.FLAC"]
     assert [j.file_id for j in iter_manifest(str(tree), ["*.wav", "*.mp3"])] == ["a.wav", "b/deeper/y.mp3"]
