@@ -23,13 +23,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-@functools.cache
 def cpu_compute_type() -> str:
     """What ``--dtype auto`` resolves to for the torch engine on this CPU: bfloat16 where it multiplies
     bfloat16 matrices natively (:func:`cpu_has_bf16_matmul`), else float32."""
     return "bfloat16" if cpu_has_bf16_matmul() else "float32"
 
 
+@functools.cache
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AMX-BF16 or AVX512-BF16), which torch's oneDNN
     kernels use. Read from /proc/cpuinfo once per process (a replica asks for its compute type and its
