@@ -20,7 +20,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from krasr_batch.engines.vocab import whisper_language
 from krasr_batch.inputs import PATH_COLUMNS, ManifestError, Record, iter_records
 from krasr_batch.settings import check_language
 from krasr_batch.storage import is_uri
@@ -86,11 +85,10 @@ def _job(rec: Record, seen: dict[str, tuple[int, str]], model_languages: Collect
         if not isinstance(language, str) or not language.strip():
             raise rec.error("'language' must be a non-empty string")
         try:
-            check_language(language, "'language'")
+            code = check_language(language, "'language'")
         except ValueError as e:
             raise rec.error(str(e)) from None
-        if model_languages is not None and language.strip().lower() != "auto" \
-                and whisper_language(language) not in model_languages:
+        if code is not None and model_languages is not None and code not in model_languages:
             raise rec.error(f"'language': the model has no language token for {language!r}")
     text = obj.get("text")
     if text is not None and not isinstance(text, str):

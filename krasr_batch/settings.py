@@ -71,32 +71,35 @@ class DecodeOptions:
         check_language(self.language, "language")
 
 
-def check_language(value: str, what: str) -> None:
-    """Raise ValueError unless ``value`` is 'auto' or a language Whisper knows (a code or a name, any case)."""
+def check_language(value: str, what: str) -> str | None:
+    """Whisper's code for ``value`` (a code or a name, any case), None for 'auto'; ValueError for a language
+    Whisper does not know."""
     from krasr_batch.engines.vocab import whisper_language  # the table, without transformers
 
-    if value.strip().lower() != "auto" and whisper_language(value) is None:
+    if value.strip().lower() == "auto":
+        return None
+    code = whisper_language(value)
+    if code is None:
         raise ValueError(f"{what}: Whisper knows no language {value!r} (a code or a name: kk or kazakh, ru or "
                          "russian; auto: detect it)")
+    return code
 
 
 def parse_languages(value: str | list | tuple | None) -> tuple[str, ...]:
     """``--languages``: "kk,ru", "russian, kazakh" or a list -> Whisper codes, sorted: ("kk", "ru").
 
-    Raises ValueError naming a language Whisper does not know. (transformers' own table, imported here only
-    when there is something to parse.)
+    Raises ValueError naming a language Whisper does not know (``engines.vocab``'s table, held equal to
+    transformers' by a test, without importing transformers).
     """
     if not value:
         return ()
+    from krasr_batch.engines.vocab import whisper_language
+
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     items = [v.strip().lower().strip("<|>") for v in items if v.strip()]
-    if not items:
-        return ()
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
     codes: list[str] = []
     for v in items:
-        code = v if v in LANGUAGES else TO_LANGUAGE_CODE.get(v)
+        code = whisper_language(v)
         if code is None:
             raise ValueError(f"languages: Whisper knows no language {v!r} (give codes or names: kk,ru or kazakh,russian)")
         if code not in codes:
