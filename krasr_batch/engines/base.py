@@ -175,11 +175,13 @@ def model_config(model: str) -> dict:
 def model_languages(model: str) -> frozenset[str] | None:
     """The Whisper codes of the model's language tokens, from its folder's ``generation_config.json``; None
     where this machine cannot read it (a hub id, a folder only the cluster's nodes have)."""
+    from krasr_batch.engines.vocab import generation_config
+
     try:
-        gc = json.loads((Path(model).expanduser() / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        gc = generation_config(Path(model).expanduser())
+    except (OSError, ValueError, TypeError):  # no such file, not JSON, not an object
         return None
-    return frozenset(k.strip("<|>") for k in gc.get("lang_to_id") or {}) or None
+    return frozenset(k[2:-2] for k in getattr(gc, "lang_to_id", None) or {}) or None  # as Decoder reads them
 
 
 def whisper_parameters(config: dict) -> int:
