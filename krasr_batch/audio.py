@@ -192,7 +192,7 @@ def wav_declared_frames(head: bytes) -> int | None:
 ANTIPHASE_CORR = -0.5  # a channel correlated below this with a block's loudest one is mixed in inverted
 
 
-def _mono(block: np.ndarray, report: DecodeReport | None = None, rate: int = 0) -> np.ndarray:
+def _mono(block: np.ndarray, report: DecodeReport, rate: int) -> np.ndarray:
     """(frames, channels) or (frames,) float -> (frames,) float32: the channel average, phase-aligned.
 
     A channel in opposite phase to the block's loudest (a swapped pair of wires, a phone line's balanced
@@ -204,7 +204,7 @@ def _mono(block: np.ndarray, report: DecodeReport | None = None, rate: int = 0) 
     return np.ascontiguousarray(block, dtype=np.float32)
 
 
-def _mix_weights(block: np.ndarray, report: DecodeReport | None, rate: int) -> np.ndarray:
+def _mix_weights(block: np.ndarray, report: DecodeReport, rate: int) -> np.ndarray:
     """Each channel's weight in the mix: 1/channels, negated for a channel in opposite phase to the loudest.
 
     (A product with these weights is also ten times faster than ``mean(axis=1)`` over a few channels.)"""
@@ -221,12 +221,9 @@ def _mix_weights(block: np.ndarray, report: DecodeReport | None, rate: int) -> n
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = gram[ref] / np.sqrt(energy[ref] * energy)
     flip = corr < ANTIPHASE_CORR  # NaN (a block holding NaN samples, a silent channel) compares False
-    if flip.any():
-        weights[flip] = -weights[flip]
-        if report is not None:
-            seconds = len(block) / rate if rate else 0.0
-            for c in np.flatnonzero(flip):
-                report.inverted[int(c) + 1] = report.inverted.get(int(c) + 1, 0.0) + seconds
+    weights[flip] = -weights[flip]
+    for c in np.flatnonzero(flip):
+        report.inverted[int(c) + 1] = report.inverted.get(int(c) + 1, 0.0) + len(block) / rate
     return weights
 
 
