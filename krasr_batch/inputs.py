@@ -61,8 +61,8 @@ def _dangling_links(directory: str, listed: set[str]) -> list:
         names = os.listdir(directory)
     except OSError:
         return []
-    return [pafs.FileInfo(os.path.join(directory, n), pafs.FileType.NotFound) for n in names
-            if n not in listed and os.path.islink(os.path.join(directory, n)) and not os.path.exists(os.path.join(directory, n))]
+    unlisted = (os.path.join(directory, n) for n in names if n not in listed)
+    return [pafs.FileInfo(p, pafs.FileType.NotFound) for p in unlisted if os.path.islink(p) and not os.path.exists(p)]
 
 
 class ManifestError(ValueError):
