@@ -53,7 +53,7 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
     """
     from krasr_batch.cluster import ClusterAuthError
     from krasr_batch.manifest import ManifestError
-    from krasr_batch.pipeline import RunAborted, SettingsMismatch, format_plan, plan
+    from krasr_batch.pipeline import OutputBusy, RunAborted, SettingsMismatch, format_plan, plan
 
     manifest, out, settings = job_settings(job, flags, manifest, out)
     from krasr_batch.cli.quiet import quiet_ray
@@ -63,7 +63,7 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
         with quiet_ray(out, verbose) as console:  # Ray's own lines to OUT/logs/, as for run
             report = plan(manifest, out, settings, overwrite=overwrite, progress=progress,
                           progress_stream=console.stream, globs=globs, progress_every=progress_every)
-    except (ManifestError, SettingsMismatch, ClusterAuthError) as e:
+    except (ManifestError, SettingsMismatch, OutputBusy, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:
         raise RunFailed(str(e)) from None

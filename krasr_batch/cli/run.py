@@ -102,7 +102,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     """
     from krasr_batch.cluster import ClusterAuthError
     from krasr_batch.manifest import ManifestError
-    from krasr_batch.pipeline import ModelUnavailable, RunAborted, SettingsMismatch
+    from krasr_batch.pipeline import ModelUnavailable, OutputBusy, RunAborted, SettingsMismatch
     from krasr_batch.pipeline import run as run_pipeline
 
     if flags.pop("no_token_limit"):
@@ -114,7 +114,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         with quiet_ray(out, verbose) as console:
             stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress,
                                  progress_stream=console.stream, globs=globs, progress_every=progress_every)
-    except (ManifestError, SettingsMismatch, ModelUnavailable, ClusterAuthError) as e:
+    except (ManifestError, SettingsMismatch, OutputBusy, ModelUnavailable, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:
         _ray_problems(console)

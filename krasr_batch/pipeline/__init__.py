@@ -11,9 +11,16 @@ Row shapes are in :mod:`krasr_batch.schema`; the output folder in :mod:`krasr_ba
 """
 
 from krasr_batch.pipeline.assemble import RunStats
-from krasr_batch.pipeline.errors import ModelUnavailable, RunAborted, RunStalled, SettingsMismatch, Terminated
+from krasr_batch.pipeline.errors import (
+           ModelUnavailable,
+           OutputBusy,
+           RunAborted,
+           RunStalled,
+           SettingsMismatch,
+           Terminated,
+)
 from krasr_batch.pipeline.orchestrate import run
 from krasr_batch.pipeline.plan import PlanReport, format_plan, plan
 
-__all__ = ["run", "plan", "PlanReport", "format_plan", "RunStats", "ModelUnavailable", "RunAborted", "RunStalled", "SettingsMismatch",
+__all__ = ["run", "plan", "PlanReport", "format_plan", "RunStats", "ModelUnavailable", "OutputBusy", "RunAborted", "RunStalled", "SettingsMismatch",
            "Terminated"]

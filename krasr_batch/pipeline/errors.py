@@ -1,5 +1,7 @@
 """Why a run stops: the exceptions the pipeline raises and the CLI turns into exit statuses."""
 
+from krasr_batch.output.claim import OutputBusy  # noqa: F401  (raised by run and plan, from the output claim)
+
 
 class SettingsMismatch(RuntimeError):
     """``--out`` holds output made with other model or decoding settings."""

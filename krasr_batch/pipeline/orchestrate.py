@@ -31,6 +31,7 @@ from krasr_batch.output import (
     OutputError,
     OutputLayout,
     PartWriter,
+    claim_output,
     clear_output,
     failures_by_kind,
     mark_success,
@@ -205,7 +206,8 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     :class:`~krasr_batch.pipeline.assemble.Progress`'s, 2 on a terminal, 30 elsewhere).
 
     Raises ModelUnavailable (local runs) or ManifestError before any work for a model that does not load or a
-    bad manifest, SettingsMismatch for an ``out`` made with other settings, RunAborted when too many files fail.
+    bad manifest, SettingsMismatch for an ``out`` made with other settings, OutputBusy for an ``out`` another
+    run is writing, RunAborted when too many files fail.
     """
     import ray
 
@@ -214,9 +216,10 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
     requested = settings.decode.engine
     ray_was_up = ray.is_initialized()  # a caller's own Ray session is left running
     try:
-        settings, why = _resolve_engine(settings)
-        return _run(manifest, out, settings, overwrite, progress, progress_stream, progress_every, t0,
-                    {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
+        with claim_output(out, "run"):  # before Ray starts: a second run into this out stops at once
+            settings, why = _resolve_engine(settings)
+            return _run(manifest, out, settings, overwrite, progress, progress_stream, progress_every, t0,
+                        {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
     finally:
         if not ray_was_up and ray.is_initialized():
             shutdown_ray()

@@ -25,6 +25,7 @@ from krasr_batch.output import (
     OutputLayout,
     PartWriter,
     RunOutput,
+    claim_output,
     failures_by_kind,
     mark_success,
     open_output,
@@ -127,41 +128,42 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
     """Decode and segment every file of ``manifest`` into ``out`` without a model; returns the plan's figures.
 
     Raises ManifestError for a bad manifest, SettingsMismatch for an ``out`` made with other settings (or by a
-    run), RunAborted when too many files fail.
+    run), OutputBusy for an ``out`` another run or plan is writing, RunAborted when too many files fail.
     """
     import ray
 
     t0 = time.perf_counter()
     limit_malloc_arenas()
     layout = OutputLayout(out)
-    _check_settings(layout, settings, manifest, overwrite, fingerprint=plan_fingerprint(settings))
-    done = recover(layout)
-    normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done, globs)
-    stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
-    writer = PartWriter(layout, files_schema(summary.extra_schema()))
-    todo = summary.num_files - stats.skipped_files
-    started_ray = _init_ray(settings) if todo else False
-    cpus = ray.cluster_resources().get("CPU") if todo else None
-    prog = Progress(stats, progress, progress_stream, progress_every)
-    try:
-        if todo:
-            _execute_plan(normalized, settings, summary, stats, writer, prog)
-    finally:
-        prog.close()
-        if started_ray:
-            shutdown_ray()
-    stats.wall_s = time.perf_counter() - t0
-    if len(recover(layout)) != summary.num_files:
-        raise RunAborted(f"the plan ended with {len(recover(layout))} of {summary.num_files} files committed")
-    report = summarize(open_output(out), stats, cpus)
-    info = {"manifest": manifest, "out": out, "settings": {"segment": dataclasses.asdict(settings.segment),
-                                                           "token_limit": settings.decode.token_limit},
-            "passes": stats.passes, "versions": _versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **report.to_dict()}
-    write_bytes_atomic((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode(), join(out, "plan.json"))
-    mark_success(layout)
-    return report
+    with claim_output(out, "plan"):
+        _check_settings(layout, settings, manifest, overwrite, fingerprint=plan_fingerprint(settings))
+        done = recover(layout)
+        normalized = join(layout.work, "manifest.parquet")
+        summary = _normalize(manifest, normalized, done, globs)
+        stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
+        writer = PartWriter(layout, files_schema(summary.extra_schema()))
+        todo = summary.num_files - stats.skipped_files
+        started_ray = _init_ray(settings) if todo else False
+        cpus = ray.cluster_resources().get("CPU") if todo else None
+        prog = Progress(stats, progress, progress_stream, progress_every)
+        try:
+            if todo:
+                _execute_plan(normalized, settings, summary, stats, writer, prog)
+        finally:
+            prog.close()
+            if started_ray:
+                shutdown_ray()
+        stats.wall_s = time.perf_counter() - t0
+        if len(recover(layout)) != summary.num_files:
+            raise RunAborted(f"the plan ended with {len(recover(layout))} of {summary.num_files} files committed")
+        report = summarize(open_output(out), stats, cpus)
+        info = {"manifest": manifest, "out": out, "settings": {"segment": dataclasses.asdict(settings.segment),
+                                                               "token_limit": settings.decode.token_limit},
+                "passes": stats.passes, "versions": _versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **report.to_dict()}
+        write_bytes_atomic((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode(), join(out, "plan.json"))
+        mark_success(layout)
+        return report
 
 
 def _execute_plan(normalized: str, settings: RunSettings, summary: ManifestSummary, stats: RunStats,
