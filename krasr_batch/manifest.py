@@ -114,10 +114,12 @@ def iter_manifest(manifest: str, globs: Sequence[str] = (),
 
 @dataclass
 class ManifestSummary:
-    """What validation learned: how many files, and the Arrow type of each extra field."""
+    """What validation learned: how many files (and how many of them ``skip_ids`` held), and the Arrow type of
+    each extra field."""
 
     num_files: int
     extra_types: dict[str, pa.DataType]
+    num_skipped: int = 0
 
     def extra_schema(self) -> list[pa.Field]:
         return [pa.field(k, t) for k, t in self.extra_types.items()]
@@ -180,7 +182,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
     ``model_languages``: as :func:`iter_manifest`'s.
     """
     kinds: dict[str, set[str]] = {}
-    n = 0
+    n = skipped = 0
     buf: dict[str, list] = {name: [] for name in NORMALIZED_SCHEMA.names}
     writer = pq.ParquetWriter(dest, NORMALIZED_SCHEMA)
 
@@ -196,6 +198,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
             for k, v in job.extra.items():
                 kinds.setdefault(k, set()).add(_json_kind(v))
             if skip_ids and job.file_id in skip_ids:
+                skipped += 1
                 continue
             buf["file_id"].append(job.file_id)
             buf["path"].append(job.path)
@@ -210,4 +213,4 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
         writer.close()
     if n == 0:
         raise ManifestError(manifest, 0, "the manifest holds no entries")
-    return ManifestSummary(n, {k: _arrow_type(v) for k, v in sorted(kinds.items())})
+    return ManifestSummary(n, {k: _arrow_type(v) for k, v in sorted(kinds.items())}, skipped)

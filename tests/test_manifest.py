@@ -78,6 +78,16 @@ def test_normalize_skips_done_ids_but_counts_them(tmp_path):
     assert pq.read_table(tmp_path / "n.parquet").column("file_id").to_pylist() == ["0.wav", "2.wav", "4.wav"]
 
 
+def test_skipped_counts_only_this_manifests_lines(tmp_path):
+    """The done ids of an earlier run with another manifest: only those on this manifest's lines are skipped
+    (counting all of them made a rerun with 4 new files out of 6 skip everything and exit 0)."""
+    m = write(tmp_path, [json.dumps({"path": f"{i}.wav"}) for i in range(4, 10)])
+    done = {f"{i}.wav" for i in range(6)}
+    summary = normalize_manifest(str(m), str(tmp_path / "n.parquet"), skip_ids=done)
+    assert (summary.num_files, summary.num_skipped) == (6, 2)
+    assert pq.read_table(tmp_path / "n.parquet").column("file_id").to_pylist() == [f"{i}.wav" for i in range(6, 10)]
+
+
 def test_empty_manifest_is_an_error(tmp_path):
     m = write(tmp_path, [""])
     with pytest.raises(ManifestError, match="no entries"):

@@ -103,3 +103,20 @@ def test_words_are_committed_with_their_segments_and_orphans_are_removed(tmp_pat
     pa.parquet.write_table(pa.Table.from_pylist([word], schema=WORDS_SCHEMA), orphan)
     assert recover(layout) == {"a", "b"}
     assert not orphan.exists() and len(list_parts(layout.words)) == 2
+
+
+def test_a_run_is_complete_only_when_every_line_of_its_manifest_is_committed(tmp_path):
+    import pytest
+
+    from krasr_batch.manifest import normalize_manifest
+    from krasr_batch.pipeline import RunAborted
+    from krasr_batch.pipeline.orchestrate import check_committed
+
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(f'{{"path": "{i}.wav"}}\n' for i in range(4, 10)))
+    normalized = str(tmp_path / "n.parquet")
+    earlier = {f"{i}.wav" for i in range(6)}  # an earlier run's, with another manifest
+    summary = normalize_manifest(str(m), normalized, skip_ids=earlier)
+    with pytest.raises(RunAborted, match=r"3 of the manifest's 6 files not committed: 7.wav, 8.wav, 9.wav"):
+        check_committed(normalized, summary, earlier | {"6.wav"}, "run")
+    assert check_committed(normalized, summary, earlier | {f"{i}.wav" for i in range(6, 10)}, "run") == 4

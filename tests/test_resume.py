@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import REPO, read_jsonl
+from .conftest import REPO, read_jsonl, write_manifest
 
 pytestmark = pytest.mark.e2e  # Ray runs in subprocesses
 
@@ -245,6 +245,31 @@ def test_a_manifest_of_several_row_groups_is_decoded_from_the_start(tmp_path, ti
         assert p.returncode == 143, log[-3000:]
     finally:
         kill_run(p)
+
+
+def test_a_rerun_with_another_manifest_does_its_new_files_and_keeps_the_old(tmp_path, tiny_model, corpus):
+    """The same --out with a shifted manifest, then a smaller one. Before: the second run counted the 6 files
+    done by the first as its own skipped lines, processed none of its 4 new files and exited 0; the third
+    exited 1 with 'the run ended with 10 of 4 files committed'."""
+    clips = read_jsonl(corpus / "clips.jsonl")[:10]
+    out = tmp_path / "out"
+
+    def run_lines(lo: int, hi: int) -> tuple[str, dict]:
+        manifest = write_manifest(tmp_path / f"m{lo}_{hi}.jsonl", clips[lo:hi], base=corpus)
+        p = start(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--no-progress"])
+        log, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, log[-3000:]
+        return log, json.loads((out / "run.json").read_text())
+
+    run_lines(0, 6)
+    log, info = run_lines(4, 10)
+    assert "4 processed in this run, 2 already done by an earlier run" in log
+    assert (info["counts"]["files_this_run"], info["output"]["not_in_manifest"]) == (4, 4)
+    ids = pads.dataset(out / "files", format="parquet").to_table(columns=["file_id"]).column(0).to_pylist()
+    assert sorted(ids) == sorted(c["id"] for c in clips)
+    log, info = run_lines(0, 4)
+    assert "0 processed in this run, 4 already done" in log and "6 of them committed by earlier runs" in log
+    assert info["output"] == {**info["output"], "ok": 10, "not_in_manifest": 6}
 
 
 def test_mostly_broken_inputs_stop_the_run(tmp_path, tiny_model, corpus):

@@ -102,6 +102,16 @@ def mark_success(layout: OutputLayout) -> None:
     write_bytes_atomic(b"", layout.success)
 
 
+def unmark_success(layout: OutputLayout) -> None:
+    """Take ``_SUCCESS`` away while a rerun adds files (a new manifest's): readers must not take the folder for
+    complete meanwhile."""
+    fs, p = filesystem(layout.success)
+    try:
+        fs.delete_file(p)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def clear_output(layout: OutputLayout) -> None:
     """Remove what krasr-batch wrote in ``out`` (for --overwrite)."""
     fs, p = filesystem(layout.out)

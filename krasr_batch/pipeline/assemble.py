@@ -50,6 +50,7 @@ class RunStats:
     output_ok: int = 0
     output_failed: int = 0
     output_failures_by_kind: dict[str, list[str]] = field(default_factory=dict)
+    output_other: int = 0  # committed files that are not in this run's manifest (an earlier run's, another manifest)
 
     @property
     def rtfx(self) -> float:

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from krasr_batch import __version__
 from krasr_batch.engines import FIT_TOKENS_PER_S, check_model, choose_engine
 from krasr_batch.engines.base import model_languages as model_language_codes
@@ -38,6 +40,7 @@ from krasr_batch.output import (
     open_output,
     read_text,
     recover,
+    unmark_success,
     write_bytes_atomic,
     write_run_json,
 )
@@ -273,9 +276,11 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     done = recover(layout)
     normalized = join(layout.work, "manifest.parquet")
     summary = _normalize(manifest, normalized, done, globs, model_languages)
-    stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
+    stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
     writer = PartWriter(layout, files_schema(summary.extra_schema()), words=settings.decode.word_timestamps)
     todo = summary.num_files - stats.skipped_files
+    if todo:
+        unmark_success(layout)  # the folder is complete again only when these files are in
     log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
 
     if todo and not ray.is_initialized():
@@ -291,9 +296,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     stats.wall_s = time.perf_counter() - t0
     timeline["written"] = stats.wall_s
     timeline.update({k: v - t0 for k, v in stats.timeline.items() if k in ("first_result", "last_result")})
-    final_ids = recover(layout)
-    if len(final_ids) != summary.num_files:
-        raise RunAborted(f"the run ended with {len(final_ids)} of {summary.num_files} files committed")
+    stats.output_other = check_committed(normalized, summary, recover(layout), "run")
     _tally_output(out, stats)
     write_run_json(layout, {**_run_info(manifest, out, settings, stats), "engine": engine})
     mark_success(layout)
@@ -317,6 +320,23 @@ def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str,
     return summary
 
 
+def check_committed(normalized: str, summary: ManifestSummary, committed: set[str], what: str) -> int:
+    """Raise RunAborted unless every file of this manifest is in ``committed`` (the ids in ``files/``); return
+    how many committed files are not in this manifest (an earlier run's, with another manifest).
+
+    The ``normalized`` manifest holds the files this run had to do; the rest were in ``committed`` already."""
+    fs, p = filesystem(normalized)
+    missing: list[str] = []
+    with fs.open_input_file(p) as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["file_id"]):
+            missing.extend(i for i in batch.column(0).to_pylist() if i not in committed)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", … ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise RunAborted(f"the {what} ended with {len(missing)} of the manifest's {summary.num_files} files "
+                         f"not committed: {shown}; rerun the same command to do them")
+    return len(committed) - summary.num_files
+
+
 def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -> dict[str, Any]:
     """What run.json records: the model, every setting, versions, counts, audio and wall seconds."""
     return {
@@ -330,7 +350,7 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
                    "truncated_segments": stats.truncated_segments, "truncated_by_cause": stats.truncated_by_cause,
                    "suspect_segments": stats.suspect_segments,
                    "warnings_by_kind": {k: len(v) for k, v in stats.warnings_by_kind.items()}},
-        "output": {"ok": stats.output_ok, "failed": stats.output_failed,
+        "output": {"ok": stats.output_ok, "failed": stats.output_failed, "not_in_manifest": stats.output_other,
                    "failures_by_kind": {k: len(v) for k, v in stats.output_failures_by_kind.items()}},
         "replicas": stats.replicas,  # model replicas this run started (0: it had nothing to decode)
         "passes": stats.passes,  # Ray Data executions, one per --pass-files files (replicas started anew each)

@@ -30,10 +30,10 @@ from krasr_batch.output import (
     mark_success,
     open_output,
     recover,
+    unmark_success,
     write_bytes_atomic,
 )
 from krasr_batch.pipeline.assemble import Assembler, Progress, RunStats
-from krasr_batch.pipeline.errors import RunAborted
 from krasr_batch.pipeline.orchestrate import (
     ROWS_PER_SEGMENT_TASK,
     _check_settings,
@@ -44,6 +44,7 @@ from krasr_batch.pipeline.orchestrate import (
     _read_manifest,
     _sized,
     _versions,
+    check_committed,
     limit_malloc_arenas,
     shutdown_ray,
 )
@@ -140,9 +141,11 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
         done = recover(layout)
         normalized = join(layout.work, "manifest.parquet")
         summary = _normalize(manifest, normalized, done, globs)
-        stats = RunStats(total_files=summary.num_files, skipped_files=min(len(done), summary.num_files))
+        stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
         writer = PartWriter(layout, files_schema(summary.extra_schema()))
         todo = summary.num_files - stats.skipped_files
+        if todo:
+            unmark_success(layout)
         started_ray = _init_ray(settings) if todo else False
         cpus = ray.cluster_resources().get("CPU") if todo else None
         prog = Progress(stats, progress, progress_stream, progress_every)
@@ -154,8 +157,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
             if started_ray:
                 shutdown_ray()
         stats.wall_s = time.perf_counter() - t0
-        if len(recover(layout)) != summary.num_files:
-            raise RunAborted(f"the plan ended with {len(recover(layout))} of {summary.num_files} files committed")
+        check_committed(normalized, summary, recover(layout), "plan")
         report = summarize(open_output(out), stats, cpus)
         info = {"manifest": manifest, "out": out, "settings": {"segment": dataclasses.asdict(settings.segment),
                                                                "token_limit": settings.decode.token_limit},
