@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from krasr_batch.inputs import PATH_COLUMNS, ManifestError, Record, iter_records
 from krasr_batch.settings import check_language
-from krasr_batch.storage import is_uri
+from krasr_batch.storage import is_uri, writing
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,13 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
     kinds: dict[str, set[str]] = {}
     n = skipped = 0
     buf: dict[str, list] = {name: [] for name in NORMALIZED_SCHEMA.names}
-    writer = pq.ParquetWriter(dest, NORMALIZED_SCHEMA)
+    with writing(dest):
+        writer = pq.ParquetWriter(dest, NORMALIZED_SCHEMA)
 
     def flush() -> None:
         if buf["file_id"]:
-            writer.write_table(pa.table(buf, schema=NORMALIZED_SCHEMA))
+            with writing(dest):
+                writer.write_table(pa.table(buf, schema=NORMALIZED_SCHEMA))
             for v in buf.values():
                 v.clear()
 
@@ -210,7 +212,8 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
                 flush()
         flush()
     finally:
-        writer.close()
+        with writing(dest):
+            writer.close()
     if n == 0:
         raise ManifestError(manifest, 0, "the manifest holds no entries")
     return ManifestSummary(n, {k: _arrow_type(v) for k, v in sorted(kinds.items())}, skipped)

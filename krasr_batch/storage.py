@@ -32,6 +32,23 @@ COPY_CHUNK_BYTES = 8 << 20
 LOCATION_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+class WriteFailed(OSError):
+    """Writing the output failed: a full disk, a quota, a read-only mount, storage refusing the credentials."""
+
+
+@contextmanager
+def writing(dest: str):
+    """Turn an OSError raised by the block into :class:`WriteFailed` naming ``dest`` and the system's reason."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as e:
+        failed = WriteFailed(f"cannot write {dest}: {os.strerror(e.errno) if e.errno else e}")
+        failed.errno = e.errno
+        raise failed from e
+
+
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` (object storage), False for a local path."""
     return "://" in path

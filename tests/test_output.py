@@ -120,3 +120,20 @@ def test_a_run_is_complete_only_when_every_line_of_its_manifest_is_committed(tmp
     with pytest.raises(RunAborted, match=r"3 of the manifest's 6 files not committed: 7.wav, 8.wav, 9.wav"):
         check_committed(normalized, summary, earlier | {"6.wav"}, "run")
     assert check_committed(normalized, summary, earlier | {f"{i}.wav" for i in range(6, 10)}, "run") == 4
+
+
+def test_a_part_that_cannot_be_written_names_its_path_and_leaves_no_temporary(tmp_path):
+    """A full disk, a quota or a read-only mount while committing: WriteFailed names the part (the CLI's
+    'error: cannot write …', exit 1) instead of a traceback, and the half-written temporary file goes."""
+    import pytest
+
+    from krasr_batch.storage import WriteFailed
+
+    layout = OutputLayout(str(tmp_path / "out"))
+    writer = PartWriter(layout, files_schema(EXTRA))
+    blocked = tmp_path / "out" / "segments" / f"part-{writer.run_tag}-000000.parquet"
+    (blocked / "in-the-way").mkdir(parents=True)  # a folder where the part's rename must land
+    with pytest.raises(WriteFailed, match=rf"cannot write {blocked}: "):
+        writer.write([seg("a", 0)], [file_row("a")])
+    assert sorted(p.name for p in blocked.parent.iterdir()) == [blocked.name]  # no .tmp- left
+    assert list_parts(layout.files) == [] and recover(layout) == set()  # nothing counted as done

@@ -304,3 +304,35 @@ def test_input_root_confines_paths(tmp_path, tiny_model, corpus):
     files = {r["file_id"]: r for r in pads.dataset(tmp_path / "out" / "files").to_table().to_pylist()}
     assert files["in"]["status"] == "ok"
     assert files["escape"]["error_kind"] == files["outside"]["error_kind"] == "outside_input_root"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (skipped where this process may not mount one)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_stops_the_run_naming_the_part_and_a_rerun_finishes(small_disk, tmp_path, tiny_model, corpus):
+    """Before: a traceback of the log file's move (the disk was full for it too), hiding the cause."""
+    clips = read_jsonl(corpus / "clips.jsonl")[:30]
+    manifest = write_manifest(tmp_path / "m.jsonl", clips, base=corpus)
+    (small_disk / "fill").write_bytes(b"\0" * (200 << 10))  # about 56 KiB left: a few parts fit
+    args = ["run", str(manifest), "--out", str(small_disk / "out"), "--model", str(tiny_model), "--no-progress",
+            "--flush-s", "0.3"]
+    log, _ = (p := start(args)).communicate(timeout=600)
+    assert p.returncode == 1, log[-3000:]
+    assert f"error: cannot write {small_disk / 'out'}/" in log and "No space left on device" in log, log[-3000:]
+    assert "rerun the same command" in log and "Traceback" not in log
+    (small_disk / "fill").unlink()
+    log, _ = (p := start(args)).communicate(timeout=600)
+    assert p.returncode == 0 and "already done by an earlier run" in log, log[-3000:]
+    ids = pads.dataset(small_disk / "out" / "files", format="parquet").to_table(columns=["file_id"]).column(0)
+    assert sorted(ids.to_pylist()) == sorted(c["id"] for c in clips)

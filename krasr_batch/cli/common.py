@@ -75,6 +75,12 @@ def stopped(e: KeyboardInterrupt) -> CommandError:
     return Interrupted("interrupted; finished files are kept, rerun the same command to continue")
 
 
+def write_failed(e: OSError) -> CommandError:
+    """What a command raises when writing its output failed (storage.WriteFailed): exit 1, with what to do."""
+    return RunFailed(f"{e}. Files committed before it are kept: make room (or fix the folder) and rerun the "
+                     "same command to continue.")
+
+
 _BY_STATUS = {c.exit_code: c for c in (RunFailed, BadUsage, FilesFailed, Interrupted, Terminated)}
 
 

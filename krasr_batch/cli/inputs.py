@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from krasr_batch.cli.common import BadUsage, FilesFailed, RunFailed, stopped
+from krasr_batch.cli.common import BadUsage, FilesFailed, RunFailed, stopped, write_failed
 from krasr_batch.cli.run import GLOB, job_settings, run
 
 # the run options a plan takes: where to read and write, the segmentation, and where to run
@@ -54,6 +54,7 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
     from krasr_batch.cluster import ClusterAuthError
     from krasr_batch.manifest import ManifestError
     from krasr_batch.pipeline import OutputBusy, RunAborted, SettingsMismatch, format_plan, plan
+    from krasr_batch.storage import WriteFailed
 
     manifest, out, settings = job_settings(job, flags, manifest, out)
     from krasr_batch.cli.quiet import quiet_ray
@@ -67,6 +68,8 @@ def plan_command(manifest: str, out: str | None, job: str | None, overwrite: boo
         raise BadUsage(str(e)) from None
     except RunAborted as e:
         raise RunFailed(str(e)) from None
+    except WriteFailed as e:
+        raise write_failed(e) from None
     except KeyboardInterrupt as e:
         raise stopped(e) from None
     click.echo(format_plan(report, out))

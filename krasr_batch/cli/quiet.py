@@ -109,9 +109,13 @@ def quiet_ray(out: str, verbose: bool):
         except OSError:
             pass
         if final != path and os.path.isdir(out):  # the run wrote its output folder: the log goes beside it
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            shutil.move(path, final)
-            console.log_path = final
+            try:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                shutil.move(path, final)
+                console.log_path = final
+            except OSError:  # a full disk, a read-only folder: the log stays where it is, named in the summary
+                with suppress(OSError):
+                    os.remove(final)  # a half copy
         elif not is_uri(out) and not console.problems:  # refused before --out existed, nothing worth keeping
             with suppress(OSError):
                 os.remove(path)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from krasr_batch.cli.common import BadUsage, FilesFailed, RunFailed, mark_done, stopped
+from krasr_batch.cli.common import BadUsage, FilesFailed, RunFailed, mark_done, stopped, write_failed
 from krasr_batch.cli.quiet import quiet_ray
 from krasr_batch.settings import DEFAULT_MODEL, ENGINES, TOKEN_LIMIT_POLICIES, build_settings, load_preset
 
@@ -104,6 +104,7 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     from krasr_batch.manifest import ManifestError
     from krasr_batch.pipeline import ModelUnavailable, OutputBusy, RunAborted, SettingsMismatch
     from krasr_batch.pipeline import run as run_pipeline
+    from krasr_batch.storage import WriteFailed
 
     if flags.pop("no_token_limit"):
         flags["token_limit"] = "none"
@@ -119,6 +120,8 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     except RunAborted as e:
         _ray_problems(console)
         raise RunFailed(str(e)) from None
+    except WriteFailed as e:
+        raise write_failed(e) from None
     except KeyboardInterrupt as e:
         raise stopped(e) from None
     except BaseException:

@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from krasr_batch.storage import filesystem, is_uri, join
+from krasr_batch.storage import filesystem, is_uri, join, writing
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,22 @@ def claim_output(out: str, command: str = "run") -> Iterator[None]:
         with _lease(out, command):
             yield
         return
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, CLAIM_NAME)
-    with open(path, "a+b") as fh:
+    with writing(path):
+        os.makedirs(out, exist_ok=True)
+        fh = open(path, "a+b")
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             raise _busy(out, _parse(fh.read())) from None
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(json.dumps(_holder(command)).encode() + b"\n")
-            fh.flush()
+            with writing(path):
+                fh.seek(0)
+                fh.truncate()
+                fh.write(json.dumps(_holder(command)).encode() + b"\n")
+                fh.flush()
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
@@ -124,7 +127,8 @@ def _lease(out: str, command: str) -> Iterator[None]:
     if holder is not None:
         log.warning("%s: taking over the lease of %s, silent for %.0f s", out, _describe(holder), age or 0.0)
     mine = _holder(command)
-    _write_lease(fs, p, mine)
+    with writing(join(out, CLAIM_NAME)):
+        _write_lease(fs, p, mine)
     again, _ = _read_lease(fs, p)  # a run that wrote its lease just after ours won: the last writer holds it
     if again and (again.get("host"), again.get("pid")) != (mine["host"], mine["pid"]):
         raise _busy(out, again)

@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from krasr_batch.output.layout import TMP_PREFIX, OutputLayout, list_parts, list_tmp
 from krasr_batch.schema import SEGMENTS_SCHEMA, WORDS_SCHEMA
-from krasr_batch.storage import filesystem, join
+from krasr_batch.storage import filesystem, join, writing
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,30 @@ def _tmp_name(p: str) -> str:
     return f"{head}/{TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
 
 
-def _write_atomic_table(table: pa.Table, dest: str) -> None:
+@contextmanager
+def _atomic(dest: str) -> Iterator[tuple[pafs.FileSystem, str]]:
+    """(filesystem, temporary path) to write ``dest`` under; moved into place when the block ends. A failure
+    (a full disk, a quota) raises WriteFailed naming ``dest``, and the temporary file is removed."""
     fs, p = filesystem(dest)
     tmp = _tmp_name(p)
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, p)  # a rename on local disks; on object storage the object appears whole on upload
+    with writing(dest):
+        try:
+            yield fs, tmp
+            fs.move(tmp, p)  # a rename on local disks; on object storage the object appears whole on upload
+        except OSError:
+            with suppress(OSError):
+                fs.delete_file(tmp)
+            raise
+
+
+def _write_atomic_table(table: pa.Table, dest: str) -> None:
+    with _atomic(dest) as (fs, tmp):
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
 
 
 def write_bytes_atomic(data: bytes, dest: str) -> None:
-    fs, p = filesystem(dest)
-    tmp = _tmp_name(p)
-    with fs.open_output_stream(tmp) as f:
+    with _atomic(dest) as (fs, tmp), fs.open_output_stream(tmp) as f:
         f.write(data)
-    fs.move(tmp, p)
 
 
 class PartWriter:
@@ -60,7 +74,8 @@ class PartWriter:
         self.seq = 0
         for d in (layout.segments, layout.files, layout.work, *([layout.words] if words else [])):
             fs, p = filesystem(d)
-            fs.create_dir(p, recursive=True)
+            with writing(d):
+                fs.create_dir(p, recursive=True)
 
     def write(self, segment_rows: list[dict], file_rows: list[dict], word_rows: list[dict] | None = None) -> int:
         """Commit finished files; returns how many."""

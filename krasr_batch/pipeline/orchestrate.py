@@ -50,7 +50,7 @@ from krasr_batch.pipeline.stages import model_stage_class, segment_file
 from krasr_batch.pipeline.watch import Feed, StallWatch
 from krasr_batch.schema import files_schema
 from krasr_batch.settings import RunSettings
-from krasr_batch.storage import filesystem, is_uri, join
+from krasr_batch.storage import filesystem, is_uri, join, writing
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,8 @@ def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, 
                 "Use another --out, or --overwrite to replace it.")
         return
     fs, p = filesystem(layout.work)
-    fs.create_dir(p, recursive=True)
+    with writing(layout.work):
+        fs.create_dir(p, recursive=True)
     write_bytes_atomic(json.dumps({"fingerprint": fingerprint, "manifest": manifest,
                                    "settings": settings.to_dict()}, indent=2).encode(), stamp_path)
 
