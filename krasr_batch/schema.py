@@ -51,7 +51,7 @@ FILES_BASE_SCHEMA = pa.schema([
     ("num_segments", pa.int32()),
     ("text", pa.string()),
     ("reference_text", pa.string()),
-    ("language", pa.string()),  # requested (the stage's req_language)
+    ("language", pa.string()),  # requested, as its Whisper code ("kk", "ru"; "auto": detected); the stage's req_language
     # seconds of the file's segments (end_s - start_s, those with text) by the language each was decoded in
     ("language_s", pa.map_(pa.string(), pa.float64())),
     ("segment_wall_s", pa.float64()),

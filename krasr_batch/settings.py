@@ -68,7 +68,8 @@ class DecodeOptions:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not self.language:
             raise ValueError("language must not be empty (use 'auto' to let Whisper detect it)")
-        check_language(self.language, "language")
+        if check_language(self.language, "language") is None:  # " AUTO", "Auto": one spelling for engines
+            object.__setattr__(self, "language", "auto")
 
 
 def check_language(value: str, what: str) -> str | None:

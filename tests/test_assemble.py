@@ -333,3 +333,20 @@ def test_progress_writes_a_line_every_30_s_to_a_log_and_every_2_s_to_a_terminal(
     assert lines(tty=False, notice_at=41) == [0, 30, 41, 71, 91]  # the stall at once (its clock is no news), its end
     assert lines(tty=False, pass_at=50) == [0, 30, 50, 80, 110]  # the next pass, at once
     assert lines(tty=True, notice_at=41) == list(range(0, 121, 2))  # a terminal's line is never far behind
+
+
+@pytest.mark.parametrize("asked, default, stored", [
+    (" Russian ", "kazakh", "ru"), (None, "kazakh", "kk"), ("<|kk|>", "auto", "kk"), ("Auto", "kazakh", "auto"),
+    (None, "auto", "auto"),
+])
+def test_a_files_requested_language_is_its_whisper_code_however_spelled(corpus, asked, default, stored):
+    """What the engines take and files.language holds. Before: a manifest's "Auto" passed validation, was
+    handed to the replica as a language and failed its batch, stopping the whole run; "Russian" and
+    "russian" were two values of files.language."""
+    from krasr_batch.pipeline.stages import segment_file
+    from krasr_batch.settings import SegmentOptions
+
+    row = {"file_id": "c", "path": str(sorted((corpus / "clips").glob("*.wav"))[0]),
+           "line": 1, "language": asked, "reference_text": None, "extra_json": None}
+    rows = list(segment_file(row, SegmentOptions(), default, None, "fit", cut_audio=False))
+    assert {r["req_language"] for r in rows} == {stored}

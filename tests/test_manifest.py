@@ -134,6 +134,8 @@ def test_the_run_language_must_be_one_whisper_knows():
 
     assert DecodeOptions(language="Russian").language == "Russian"
     assert DecodeOptions(language="auto").language == "auto"
+    # every spelling of auto is the one the engines test for (" AUTO" was refused: 'no language token')
+    assert DecodeOptions(language=" AUTO").language == "auto"
     with pytest.raises(ValueError, match="language: Whisper knows no language 'kazak'"):
         DecodeOptions(language="kazak")
 

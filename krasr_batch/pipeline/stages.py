@@ -27,7 +27,7 @@ from krasr_batch.quality import compression_ratio, truncation_cause
 from krasr_batch.quality import suspect as is_suspect
 from krasr_batch.schema import FILE_ROW, MODEL_OUTPUT_NAMES, STAGE_SCHEMA
 from krasr_batch.segment import analyse, segment_audio
-from krasr_batch.settings import DecodeOptions, SegmentOptions
+from krasr_batch.settings import DecodeOptions, SegmentOptions, check_language
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     (``plan``) the segments come without their audio, and a long file is not decoded a second time.
     """
     t0 = time.perf_counter()
-    language = row["language"] or default_language
-    language = None if language == "auto" else language
+    # the Whisper code (None: detect it), however the manifest or --language spelled it ("Russian", " ru ",
+    # "Auto"): what the engines take, and what files.language holds (checked on the driver before any work)
+    language = check_language(row["language"] or default_language, "language")
     base = _file_fields(row, language)
     info = {"status": "ok", "error": None, "error_kind": None, "warning": None, "duration_s": None,
             "speech_s": None, "num_segments": 0}
