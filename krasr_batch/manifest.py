@@ -115,14 +115,40 @@ def iter_manifest(manifest: str, globs: Sequence[str] = (),
 @dataclass
 class ManifestSummary:
     """What validation learned: how many files (and how many of them ``skip_ids`` held), and the Arrow type of
-    each extra field."""
+    each extra field (``extra_kinds``: the JSON kinds of its values, each with the first line holding one)."""
 
     num_files: int
     extra_types: dict[str, pa.DataType]
     num_skipped: int = 0
+    extra_kinds: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def extra_schema(self) -> list[pa.Field]:
         return [pa.field(k, t) for k, t in self.extra_types.items()]
+
+    def adopt(self, existing: pa.Schema, manifest: str) -> None:
+        """Write each extra field under the type ``existing`` (the output's files/ table, from earlier runs)
+        gives it, so that the folder stays one table. A field this manifest fills with values that type cannot
+        hold (text where the output has integers) is a ManifestError naming its first such line."""
+        for name, dtype in list(self.extra_types.items()):
+            if name not in existing.names or existing.field(name).type == dtype:
+                continue
+            old = existing.field(name).type
+            held = _HELD_BY.get(str(old))
+            misfit = {k: line for k, line in self.extra_kinds.get(name, {}).items()
+                      if k != "null" and held is not None and k not in held}
+            if held is None or misfit:
+                kind, line = min(misfit.items(), key=lambda kv: kv[1]) if misfit else ("", 0)
+                raise ManifestError(manifest, line, f"field {name!r} holds {_KIND_WORDS.get(kind, 'values')} here, "
+                                    f"but the output's files/ table holds it as {old} (from an earlier run into "
+                                    "this --out): give the field another name, or use another --out")
+            self.extra_types[name] = old
+
+
+# which JSON kinds a column of each Arrow type (as an earlier run wrote it) can hold (``convert_extra``)
+_HELD_BY = {"string": {"bool", "int", "float", "str", "json"}, "double": {"int", "float"}, "int64": {"int"},
+            "bool": {"bool"}}
+_KIND_WORDS = {"str": "text", "json": "lists or objects", "float": "fractional numbers", "int": "integers",
+               "bool": "true/false values"}
 
 
 def _json_kind(v: Any) -> str:
@@ -181,7 +207,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
     Rows whose id is in ``skip_ids`` (already finished in an earlier run) are validated but not written.
     ``model_languages``: as :func:`iter_manifest`'s.
     """
-    kinds: dict[str, set[str]] = {}
+    kinds: dict[str, dict[str, int]] = {}  # field -> JSON kind -> first line with it
     n = skipped = 0
     buf: dict[str, list] = {name: [] for name in NORMALIZED_SCHEMA.names}
     with writing(dest):
@@ -198,7 +224,7 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
         for job in iter_manifest(manifest, globs, model_languages):
             n += 1
             for k, v in job.extra.items():
-                kinds.setdefault(k, set()).add(_json_kind(v))
+                kinds.setdefault(k, {}).setdefault(_json_kind(v), job.line)
             if skip_ids and job.file_id in skip_ids:
                 skipped += 1
                 continue
@@ -216,4 +242,4 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
             writer.close()
     if n == 0:
         raise ManifestError(manifest, 0, "the manifest holds no entries")
-    return ManifestSummary(n, {k: _arrow_type(v) for k, v in sorted(kinds.items())}, skipped)
+    return ManifestSummary(n, {k: _arrow_type(set(v)) for k, v in sorted(kinds.items())}, skipped, kinds)

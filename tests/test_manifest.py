@@ -156,3 +156,24 @@ def test_cli_reports_bad_manifest_without_traceback(tmp_path, tiny_model):
     r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--language", "yue"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--language yue: the model" in r.stderr and "has no language token for it" in r.stderr
+
+
+def test_a_rerun_writes_extra_fields_under_the_types_the_output_has(tmp_path):
+    """A second manifest into the same --out: its fields take the earlier run's column types where their
+    values fit (the folder stays one table for pyarrow, pandas, DuckDB and Spark), else exit 2 naming the
+    line. Before: 'speaker' as text, then as numbers, stopped the second run at its end with pyarrow's
+    'Unable to merge: Field speaker has incompatible types: string vs int64', and inspect with it."""
+    existing = pa.schema([("file_id", pa.string()), ("speaker", pa.string()), ("channel", pa.int64()),
+                          ("gain", pa.float64())])
+    m = write(tmp_path, [json.dumps({"path": "a.wav", "speaker": 5, "channel": 2, "gain": 3, "new": 1}),
+                         json.dumps({"path": "b.wav", "speaker": None, "channel": None, "gain": 0.5})])
+    summary = normalize_manifest(str(m), str(tmp_path / "n.parquet"))
+    assert summary.extra_types["speaker"] == pa.int64() and summary.extra_types["gain"] == pa.float64()
+    summary.adopt(existing, str(m))
+    assert summary.extra_types == {"channel": pa.int64(), "gain": pa.float64(), "new": pa.int64(),
+                                   "speaker": pa.string()}
+    m2 = write(tmp_path, [json.dumps({"path": "c.wav", "channel": 2}), json.dumps({"path": "d.wav", "channel": "L"})])
+    summary = normalize_manifest(str(m2), str(tmp_path / "n.parquet"))
+    with pytest.raises(ManifestError, match=r", line 2: field 'channel' holds text here, but the output's files/ "
+                                            r"table holds it as int64"):
+        summary.adopt(existing, str(m2))

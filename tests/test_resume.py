@@ -255,7 +255,9 @@ def test_a_rerun_with_another_manifest_does_its_new_files_and_keeps_the_old(tmp_
     out = tmp_path / "out"
 
     def run_lines(lo: int, hi: int) -> tuple[str, dict]:
-        manifest = write_manifest(tmp_path / f"m{lo}_{hi}.jsonl", clips[lo:hi], base=corpus)
+        # 'speaker' as text in the first manifest, as numbers in the next: written as text, one table
+        rows = [{**c, "speaker": f"s{i}" if lo == 0 else i} for i, c in enumerate(clips[lo:hi], lo)]
+        manifest = write_manifest(tmp_path / f"m{lo}_{hi}.jsonl", rows, base=corpus)
         p = start(["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "--no-progress"])
         log, _ = p.communicate(timeout=600)
         assert p.returncode == 0, log[-3000:]
@@ -270,6 +272,10 @@ def test_a_rerun_with_another_manifest_does_its_new_files_and_keeps_the_old(tmp_
     log, info = run_lines(0, 4)
     assert "0 processed in this run, 4 already done" in log and "6 of them committed by earlier runs" in log
     assert info["output"] == {**info["output"], "ok": 10, "not_in_manifest": 6}
+    import pandas as pd
+
+    speakers = pd.read_parquet(out / "files").set_index("file_id")["speaker"].to_dict()
+    assert speakers == {c["id"]: f"s{i}" if i < 6 else str(i) for i, c in enumerate(clips)}
 
 
 def test_mostly_broken_inputs_stop_the_run(tmp_path, tiny_model, corpus):

@@ -276,7 +276,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     _check_settings(layout, settings, manifest, overwrite)
     done = recover(layout)
     normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done, globs, model_languages)
+    summary = _normalize(manifest, normalized, done, globs, model_languages, layout)
     stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
     writer = PartWriter(layout, files_schema(summary.extra_schema()), words=settings.decode.word_timestamps)
     todo = summary.num_files - stats.skipped_files
@@ -305,8 +305,10 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
 
 
 def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = (),
-               model_languages: frozenset[str] | None = None) -> ManifestSummary:
-    """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``."""
+               model_languages: frozenset[str] | None = None, layout: OutputLayout | None = None) -> ManifestSummary:
+    """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``. With files
+    already committed in ``layout`` (``done``), its extra fields take the types they have there
+    (:meth:`ManifestSummary.adopt`)."""
     local_norm = None if is_uri(normalized) else normalized
     if local_norm is None:
         import tempfile
@@ -318,6 +320,8 @@ def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str,
 
         upload_file(local_norm, normalized)  # streamed; the object appears whole or not at all
         shutil.rmtree(os.path.dirname(local_norm), ignore_errors=True)
+    if done and layout is not None:
+        summary.adopt(open_output(layout.out).files_schema, manifest)
     return summary
 
 

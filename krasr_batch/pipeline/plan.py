@@ -140,7 +140,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
         _check_settings(layout, settings, manifest, overwrite, fingerprint=plan_fingerprint(settings))
         done = recover(layout)
         normalized = join(layout.work, "manifest.parquet")
-        summary = _normalize(manifest, normalized, done, globs)
+        summary = _normalize(manifest, normalized, done, globs, layout=layout)
         stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
         writer = PartWriter(layout, files_schema(summary.extra_schema()))
         todo = summary.num_files - stats.skipped_files
