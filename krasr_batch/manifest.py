@@ -21,17 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from krasr_batch.inputs import PATH_COLUMNS, ManifestError, Record, iter_records
+from krasr_batch.schema import FILES_BASE_SCHEMA
 from krasr_batch.settings import check_language
 from krasr_batch.storage import is_uri, writing
 
 log = logging.getLogger(__name__)
 
 RESERVED = {"path", "id", "language", "text"}
-# Columns of the files table that a manifest field may not shadow.
-FILES_COLUMNS = {
-    "file_id", "path", "status", "error", "error_kind", "warning", "duration_s", "speech_s", "num_segments",
-    "text", "reference_text", "language",
-}
+# Columns of the files table that a manifest field may not shadow, in lower case: Spark (by default) and DuckDB
+# take names case-insensitively, so "Text" beside our "text" is a duplicate column to them
+FILES_COLUMNS = frozenset(n.lower() for n in FILES_BASE_SCHEMA.names)
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def _job(rec: Record, seen: dict[str, tuple[int, str]], model_languages: Collect
         raise rec.error("'text' must be a string")
     # other fields are carried into the files table; one named like a column krasr-batch writes
     # itself (duration_s, status, ...) is kept as manifest_<name>
-    extra = {(f"manifest_{k}" if k in FILES_COLUMNS else k): v for k, v in obj.items()
+    extra = {(f"manifest_{k}" if k.lower() in FILES_COLUMNS else k): v for k, v in obj.items()
              if k not in RESERVED and k != key}
     resolved = path if rec.resolved else _resolve(path, rec.base_dir)
     return FileJob(file_id, resolved, rec.position, language, text, extra)

@@ -58,6 +58,21 @@ def test_fields_named_like_our_columns_are_prefixed(tmp_path):
     assert job.extra == {"manifest_duration_s": 3.5, "manifest_status": "new"}
 
 
+def test_every_files_column_is_protected_whatever_its_case(tmp_path):
+    """'segment_wall_s' and 'language_s' were missing from the hand-kept list: such a manifest field made the
+    files/ parts hold the name twice, the run failed at its end and no reader could open the folder
+    ('Can't unify schema with duplicate field names'). 'Text' beside 'text' is the same column to Spark and
+    DuckDB."""
+    from krasr_batch.schema import FILES_BASE_SCHEMA, files_schema
+
+    m = write(tmp_path, [json.dumps({"path": "a.wav", "segment_wall_s": 3, "language_s": 1, "Text": "x", "Who": 1})])
+    (job,) = iter_manifest(str(m))
+    assert job.extra == {"manifest_segment_wall_s": 3, "manifest_language_s": 1, "manifest_Text": "x", "Who": 1}
+    summary = normalize_manifest(str(m), str(tmp_path / "n.parquet"))
+    names = [n.lower() for n in files_schema(summary.extra_schema()).names]
+    assert len(names) == len(set(names)) == len(FILES_BASE_SCHEMA) + 4
+
+
 def test_normalize_types_extra_fields(tmp_path):
     m = write(tmp_path, [
         json.dumps({"path": "a.wav", "n": 1, "f": 1, "b": True, "s": "x", "mix": 1, "obj": {"k": 1}}),
