@@ -228,6 +228,17 @@ def read_jsonl(source: str) -> Iterator[Record]:
 
 # ---------------------------------------------------------------- CSV / TSV
 
+RESERVED_COLUMNS = (*PATH_COLUMNS, "id", "language", "text")
+
+
+def canonical_columns(names: Sequence[str]) -> list[str]:
+    """A table's column names as the manifest reads them: stripped of spaces, and one of ours in any case
+    (``Path``, ``TEXT``: a spreadsheet's header) in lower case, unless the table also has it in lower case."""
+    stripped = [n.strip() if isinstance(n, str) else n for n in names]
+    return [n.lower() if isinstance(n, str) and n.lower() in RESERVED_COLUMNS and n.lower() not in stripped else n
+            for n in stripped]
+
+
 def _missing_path_column(columns: Sequence[str]) -> str:
     return f"no 'path' column (NeMo's 'audio_filepath' also does); columns: {', '.join(columns) or 'none'}"
 
@@ -237,7 +248,7 @@ def _header_delimiter(header: str, delimiter: str) -> str:
     Excel saved in a locale whose decimal mark is a comma (Russian, Kazakh, most of Europe) is separated by
     semicolons."""
     for d in (delimiter, *(c for c in (",", ";", "\t") if c != delimiter)):
-        fields = next(csv.reader([header], delimiter=d), [])
+        fields = canonical_columns(next(csv.reader([header], delimiter=d), []))
         if any(f in PATH_COLUMNS for f in fields):
             return d
     return delimiter
@@ -252,8 +263,9 @@ def read_csv(source: str, delimiter: str) -> Iterator[Record]:
         header = reader.fieldnames
         if not header:
             raise ManifestError(source, 0, "empty: a header line naming the columns comes first")
-        if not any(c in header for c in PATH_COLUMNS):
+        if not any(c in canonical_columns(header) for c in PATH_COLUMNS):
             raise ManifestError(source, 1, _missing_path_column(header))
+        reader.fieldnames = header = canonical_columns(header)
         for row in reader:
             if None in row:
                 raise ManifestError(source, reader.line_num, f"more fields than the header's {len(header)}")
@@ -284,13 +296,14 @@ def read_parquet(source: str, counter: list[int]) -> Iterator[Record]:
         if audio >= 0 and is_audio_struct(schema.field(audio)):
             yield from _read_shard(source, pf, counter)
             return
-        if not any(c in schema.names for c in PATH_COLUMNS):
+        names = canonical_columns(schema.names)
+        if not any(c in names for c in PATH_COLUMNS):
             hint = "" if audio < 0 else " ('audio' is not a struct of bytes and path, so this is no dataset shard)"
             raise ManifestError(source, 0, _missing_path_column(schema.names) + hint)
         base, row = _base_dir(source), 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for obj in batch.to_pylist():
-                yield Record({k: v for k, v in obj.items() if v is not None}, source, row, "row", base)
+            for values in zip(*(c.to_pylist() for c in batch.columns)):
+                yield Record({k: v for k, v in zip(names, values) if v is not None}, source, row, "row", base)
                 row += 1
 
 

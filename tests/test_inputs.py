@@ -297,3 +297,19 @@ def test_an_s3_prefix_is_walked_and_its_shards_read(tmp_path, corpus, monkeypatc
     finally:
         server.stop()
         storage._filesystem.cache_clear()
+
+
+def test_a_spreadsheets_header_names_our_columns_in_any_case_and_spacing(tmp_path):
+    """'Path,Text' (a spreadsheet's header) was 'no path column'; 'path, text' carried ' text' as an extra
+    field and the reference was lost to eval. Our column names are matched stripped and in any case."""
+    import pandas as pd
+
+    (tmp_path / "a.csv").write_text("\ufeffPath, TEXT ,Language,Speaker\na.wav,hello,ru,s1\n", encoding="utf-8")
+    (tmp_path / "b.csv").write_text("path,Path\na.wav,other\n", encoding="utf-8")  # ours, exactly, wins
+    pd.DataFrame({"Path": ["c.wav"], "ID": ["c1"], "Text": ["hi"], "n": [1]}).to_parquet(tmp_path / "c.parquet")
+    (a,) = iter_manifest(str(tmp_path / "a.csv"))
+    assert (a.path, a.reference_text, a.language, a.extra) == (str(tmp_path / "a.wav"), "hello", "ru", {"Speaker": "s1"})
+    (b,) = iter_manifest(str(tmp_path / "b.csv"))
+    assert b.path == str(tmp_path / "a.wav") and b.extra == {"manifest_Path": "other"}
+    (c,) = iter_manifest(str(tmp_path / "c.parquet"))
+    assert (c.file_id, c.path, c.reference_text, c.extra) == ("c1", str(tmp_path / "c.wav"), "hi", {"n": 1})
