@@ -167,3 +167,18 @@ def test_s3_lease_of_a_run_that_is_gone_is_taken_over(s3_out, monkeypatch, caplo
     with claim_output(out):
         assert _lease(client)["pid"] == os.getpid()
     assert "taking over the lease of krasr-batch run (pid 4242 on node-7" in caplog.text
+
+
+def test_a_folder_whose_filesystem_has_no_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some FUSE mounts (bucket mounts) answer flock with ENOLCK or EOPNOTSUPP: the run goes on, and says
+    that a second run would not be stopped, rather than failing on a lock it does not need to work."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with claim_output(str(tmp_path / "out")):
+        pass
+    assert "cannot lock .krasr-batch.lock (No locks available): a second run" in caplog.text

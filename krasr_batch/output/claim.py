@@ -86,6 +86,11 @@ def claim_output(out: str, command: str = "run") -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             raise _busy(out, _parse(fh.read())) from None
+        except OSError as e:  # a mount without locks (some FUSE filesystems): run, unguarded, and say so
+            log.warning("%s: cannot lock %s (%s): a second run into this folder would not be stopped",
+                        out, CLAIM_NAME, os.strerror(e.errno) if e.errno else e)
+            yield
+            return
         try:
             with writing(path):
                 fh.seek(0)
