@@ -344,6 +344,27 @@ def use_cluster_token() -> None:
         Config.initialize("")
 
 
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers at ``address`` (``host:port`` or ``ray://host:port``), or None when something does or
+    the address names no port (``auto``: Ray looks it up). Ray itself retries a dead address for minutes with
+    its messages held back, which looks like a hang."""
+    import socket
+
+    scheme, sep, rest = address.strip().partition("://")
+    if not sep:
+        scheme, rest = "", scheme
+    if scheme not in ("", "ray"):
+        return None
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
+
+
 def auth_refused(address: str | None, detail: str = "") -> ClusterAuthError:
     """The one-line error for a cluster that refused this process's token (or got none)."""
     src = token_source()

@@ -142,7 +142,7 @@ class SegmentOptions:
 class ResourceOptions:
     """Where and how wide the pipeline runs. None of these change the output."""
 
-    address: str | None = None  # None: an embedded local Ray
+    address: str | None = None  # None (or "local", as Ray spells it): an embedded local Ray
     actors: int = 0  # model replicas; 0: one per GPU, else one replica per CPU that memory holds (cluster.plan_placement)
     num_cpus: int | None = None  # CPUs for the embedded local Ray (default: all)
     device: str = "auto"  # auto, cpu or cuda
@@ -162,6 +162,8 @@ class ResourceOptions:
     def __post_init__(self) -> None:
         if self.pass_files < 1:
             raise ValueError(f"pass_files must be at least 1, got {self.pass_files}")
+        if self.address is not None and self.address.strip().lower() in ("", "local"):
+            object.__setattr__(self, "address", None)
 
 
 @dataclass(frozen=True)

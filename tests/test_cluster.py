@@ -36,6 +36,52 @@ CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003", "ru_004", "ru_005", "ru_006", "
 MODEL_STAGE = "ModelStage"
 
 
+# ---------------------------------------------------------------- $RAY_ADDRESS, --address local, a dead address
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed on return: nothing listens there
+
+
+def test_an_address_where_nothing_answers_is_named_at_once():
+    from krasr_batch.cluster import unreachable
+    from krasr_batch.settings import ResourceOptions
+
+    port = _dead_port()
+    assert unreachable(f"127.0.0.1:{port}") == "Connection refused"
+    assert unreachable(f"ray://127.0.0.1:{port}") == "Connection refused"
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        assert unreachable(f"127.0.0.1:{live.getsockname()[1]}") is None
+    assert unreachable("auto") is None and unreachable("http://head:8265") is None
+    assert ResourceOptions(address=" Local ").address is None  # Ray's spelling of "an embedded Ray"
+
+
+def test_ray_address_in_the_environment_is_the_cluster_a_run_uses(tmp_path, tiny_model):
+    """Ray's convention. Before: the embedded Ray's ray.init() read $RAY_ADDRESS itself and retried a dead
+    address for minutes with its messages held back (killed after 300 s with no line printed)."""
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "a.wav"}\n')
+    addr = f"127.0.0.1:{_dead_port()}"
+    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model)],
+                env={"RAY_ADDRESS": addr}, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"using the Ray cluster at $RAY_ADDRESS ({addr})" in r.stderr
+    assert f"error: cannot connect to the Ray cluster at {addr}: nothing answers there" in r.stderr
+
+
+@pytest.mark.e2e
+def test_address_local_runs_an_embedded_ray_whatever_ray_address_says(tmp_path, corpus, tiny_model):
+    rows = read_jsonl(corpus / "clips.jsonl")[:2]
+    m = write_manifest(tmp_path / "m.jsonl", rows, base=corpus)
+    r = run_cli(["run", str(m), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--address", "local",
+                 "--no-progress"], env={"RAY_ADDRESS": f"127.0.0.1:{_dead_port()}"}, timeout=300)
+    assert r.returncode == 0 and "2 processed in this run" in r.stdout, r.stderr[-2000:]
+    assert "$RAY_ADDRESS" not in r.stderr
+
+
 # ---------------------------------------------------------------- cluster.yaml
 
 def test_cluster_yaml_is_a_valid_launcher_config():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -47,7 +48,8 @@ GLOB = click.option(
                    "detection and the model, which miss or misread quiet speech; 0 takes the audio as it is, as "
                    "the card's call does. [default: 50]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Segments per model call. [default: on a GPU 64 with torch, 16 with transformers; on a CPU 16 with ctranslate2 and torch, 1 with transformers]")
-@click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto). [default: an embedded local Ray]")
+@click.option("--address", help="Address of a running Ray cluster (e.g. ray://head:10001 or auto); local: an embedded "
+              "local Ray. [default: $RAY_ADDRESS, else an embedded local Ray]")
 @click.option("--actors", type=click.IntRange(min=1), help="Model replicas. [default: one per GPU; on CPUs one single-threaded replica per core (up to 32), fewer where a node's memory holds fewer, and for a small job]")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs for the embedded local Ray. [default: all]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs. [default: auto]")
@@ -145,6 +147,12 @@ def job_settings(job: str | None, flags: dict[str, Any], manifest: str | None,
         except ValueError as e:
             raise BadUsage(str(e)) from None
     options.update({k: v for k, v in flags.items() if v is not None})
+    if "address" in flags and not options.get("address") and os.environ.get("RAY_ADDRESS"):
+        # Ray's convention: a cluster named in $RAY_ADDRESS (a head node's shell, a Ray job's driver) is the
+        # one to use; before, ray.init connected there with the embedded Ray's arguments and waited silently
+        options["address"] = os.environ["RAY_ADDRESS"]
+        click.echo(f"krasr-batch: using the Ray cluster at $RAY_ADDRESS ({options['address']}); "
+                   "--address local runs on an embedded local Ray instead", err=True)
     manifest = manifest or options.get("manifest")
     out = out or options.get("out")
     options.pop("manifest", None)

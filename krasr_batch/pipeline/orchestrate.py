@@ -92,8 +92,17 @@ def _init_ray(settings: RunSettings):
     res = settings.resources
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if res.address:
-        from krasr_batch.cluster import auth_refused, driver_runtime_env, is_auth_failure, use_cluster_token
+        from krasr_batch.cluster import (
+            auth_refused,
+            driver_runtime_env,
+            is_auth_failure,
+            unreachable,
+            use_cluster_token,
+        )
 
+        why = unreachable(res.address)
+        if why:
+            raise RunAborted(f"cannot connect to the Ray cluster at {res.address}: nothing answers there ({why})")
         use_cluster_token()  # a token this process has goes to the cluster, as Ray does for "auto"
         # workers import krasr_batch: ship this process's copy (and the storage endpoint) to the cluster.
         # Ray's C++ client writes its connection retries to stderr: held back, so that a refused token
@@ -111,7 +120,8 @@ def _init_ray(settings: RunSettings):
             raise RunAborted(f"cannot connect to the Ray cluster at {res.address}: {error}") from error
         sys.stderr.write(said())
     else:
-        ray.init(num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+        # "local": a new Ray of our own even where $RAY_ADDRESS names a cluster (--address local) or one runs here
+        ray.init(address="local", num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
     _stop_on_sigterm()
     return True
 
