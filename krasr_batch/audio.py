@@ -6,6 +6,7 @@ Decoders under-read without raising, so the decoded length is compared with what
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import logging
@@ -76,6 +77,17 @@ class DecodeReport:
         return w
 
 
+def _named_in_other_bytes(path: str) -> bool:
+    """True when ``path`` is how ``inputs.printable_path`` wrote a name that is not UTF-8, and that file exists."""
+    if "\\x" not in path:
+        return False
+    try:
+        raw = codecs.escape_decode(path.encode("utf-8"))[0]
+    except ValueError:
+        return False
+    return os.path.lexists(raw)
+
+
 def check_path(path: str, input_root: str | None = None) -> None:
     """Raise AudioError for a local path that cannot be read as a file (before any decoder sees it).
 
@@ -105,6 +117,10 @@ def check_path(path: str, input_root: str | None = None) -> None:
         if e.errno == errno.ENOENT:
             if os.path.islink(path):
                 raise AudioError("not_found", f"a symbolic link to nothing: {path} -> {os.readlink(path)}") from e
+            if _named_in_other_bytes(path):
+                raise AudioError("bad_name", f"the file's name is not UTF-8 ({path}, its other bytes as \\xNN): "
+                                 "rename it in UTF-8 (e.g. convmv -f cp1251 -t utf-8 -r --notest FOLDER) and "
+                                 "rerun") from e
             raise AudioError("not_found", f"no such file: {path}") from e
         raise AudioError("unreadable", f"cannot resolve {path}: {e.strerror}") from e
     if input_root is not None:

@@ -52,17 +52,22 @@ SIDECAR_READERS = 16  # sidecar texts read at once from object storage
 GLOB_CHARS = "*?["
 
 
-def _dangling_links(directory: str, listed: set[str]) -> list:
-    """The symbolic links in local ``directory`` that point nowhere (pyarrow's listing leaves them out), as
-    NotFound entries: a file the archive names is reported as missing, not skipped without a word."""
-    import pyarrow.fs as pafs
-
+def printable_path(path: str) -> str:
+    """A local path as UTF-8 text. A name whose bytes are not UTF-8 (an archive unpacked from cp1251 or cp866
+    zips) comes from the OS with those bytes as surrogates, which no Parquet string holds: here they are
+    written ``\\xNN`` (``audio.check_path`` then names the file as one to rename)."""
     try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    unlisted = (os.path.join(directory, n) for n in names if n not in listed)
-    return [pafs.FileInfo(p, pafs.FileType.NotFound) for p in unlisted if os.path.islink(p) and not os.path.exists(p)]
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _local_entries(directory: str) -> list[tuple[str, str, bool, bool]]:
+    """(name, path, is a folder, is a regular file) of each entry of a local folder. Everything but a folder
+    is a candidate: a dangling symbolic link or a FIFO named like audio fails as its file's row."""
+    with os.scandir(directory) as it:
+        return [(e.name, e.path, e.is_dir(), e.is_file()) for e in it]
 
 
 class ManifestError(ValueError):
@@ -366,30 +371,34 @@ def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
                 return
             seen_dirs.add(real)
         try:
-            infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+            if prefix:
+                entries = [(i.base_name, i.path, i.type == pafs.FileType.Directory, i.type == pafs.FileType.File)
+                           for i in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))]
+            else:  # os.scandir: pyarrow's listing leaves out dangling links, and fails on a name not in UTF-8
+                entries = _local_entries(directory)
         except OSError as e:
-            raise ManifestError(full(directory), 0, f"cannot list this folder: {e}") from e
-        if not prefix:  # pyarrow leaves out a dangling symbolic link: listed here, it fails as not_found
-            infos += _dangling_links(directory, {i.base_name for i in infos})
-        infos.sort(key=lambda i: i.base_name)
-        names = {i.base_name for i in infos if i.type == pafs.FileType.File}
+            raise ManifestError(full(printable_path(directory)), 0, f"cannot list this folder: {e}") from e
+        entries.sort(key=lambda e: e[0])
+        names = {name for name, _, _, regular in entries if regular}
         media = []
-        for info in infos:
-            if info.base_name.startswith("."):
+        for name, path, is_dir, _ in entries:
+            if name.startswith("."):
                 continue
-            if info.type == pafs.FileType.Directory:
+            if is_dir:
                 yield from _flush(media)
                 media = []
-                yield from level(info.path)
+                yield from level(path)
                 continue
-            stem, ext = os.path.splitext(info.base_name)
+            stem, ext = os.path.splitext(name)
             if ext.lower() not in MEDIA_EXTENSIONS:
                 continue
-            rel = info.path[len(base):].lstrip("/")
+            text = path if prefix else printable_path(path)
+            rel = text[len(base):].lstrip("/")
             if not _matches(rel, globs):
                 continue
             sidecar = stem + SIDECAR_EXTENSION
-            media.append((info.path, rel, f"{directory.rstrip('/')}/{sidecar}" if sidecar in names else None))
+            has_text = sidecar in names and text == path  # a name to rename has no sidecar read
+            media.append((text, rel, f"{directory.rstrip('/')}/{sidecar}" if has_text else None))
         yield from _flush(media)
 
     def _flush(media: list[tuple[str, str, str | None]]) -> Iterator[Record]:
