@@ -132,11 +132,10 @@ class ManifestSummary:
             if name not in existing.names or existing.field(name).type == dtype:
                 continue
             old = existing.field(name).type
-            held = _HELD_BY.get(str(old))
-            misfit = {k: line for k, line in self.extra_kinds.get(name, {}).items()
-                      if k != "null" and held is not None and k not in held}
-            if held is None or misfit:
-                kind, line = min(misfit.items(), key=lambda kv: kv[1]) if misfit else ("", 0)
+            held = _HELD_BY.get(str(old), set())  # a type krasr-batch does not write holds only nulls
+            misfit = {k: line for k, line in self.extra_kinds.get(name, {}).items() if k != "null" and k not in held}
+            if misfit:
+                kind, line = min(misfit.items(), key=lambda kv: kv[1])
                 raise ManifestError(manifest, line, f"field {name!r} holds {_KIND_WORDS.get(kind, 'values')} here, "
                                     f"but the output's files/ table holds it as {old} (from an earlier run into "
                                     "this --out): give the field another name, or use another --out")

@@ -113,7 +113,7 @@ def quiet_ray(out: str, verbose: bool):
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 shutil.move(path, final)
                 console.log_path = final
-            except OSError:  # a full disk, a read-only folder: the log stays where it is, named in the summary
+            except OSError:  # a full disk, a read-only folder: the log stays in the temporary folder (log_path)
                 with suppress(OSError):
                     os.remove(final)  # a half copy
         elif not is_uri(out) and not console.problems:  # refused before --out existed, nothing worth keeping
