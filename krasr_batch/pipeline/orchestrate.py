@@ -284,14 +284,8 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
         model_languages = model_language_codes(settings.decode.model)
     timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
-    done = recover(layout)
-    normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done, globs, model_languages, layout)
-    stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
-    writer = PartWriter(layout, files_schema(summary.extra_schema()), words=settings.decode.word_timestamps)
-    todo = summary.num_files - stats.skipped_files
-    if todo:
-        unmark_success(layout)  # the folder is complete again only when these files are in
+    normalized, summary, stats, writer, todo = prepare_output(layout, manifest, globs, model_languages,
+                                                              settings.decode.word_timestamps)
     log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
 
     if todo and not ray.is_initialized():
@@ -312,6 +306,24 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     write_run_json(layout, {**_run_info(manifest, out, settings, stats), "engine": engine})
     mark_success(layout)
     return stats
+
+
+def prepare_output(layout: OutputLayout, manifest: str, globs: tuple[str, ...] = (),
+                   model_languages: frozenset[str] | None = None,
+                   words: bool = False) -> tuple[str, ManifestSummary, RunStats, PartWriter, int]:
+    """What ``run`` and ``plan`` do in ``out`` before any work: recover from an interrupted run, validate and
+    normalize the manifest less the files already done, and take ``_SUCCESS`` away when there is work (the
+    folder is complete again only when these files are in). Returns (the normalized manifest's path, its
+    summary, the run's counts, the part writer, how many files are to do)."""
+    done = recover(layout)
+    normalized = join(layout.work, "manifest.parquet")
+    summary = _normalize(manifest, normalized, done, globs, model_languages, layout)
+    stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
+    writer = PartWriter(layout, files_schema(summary.extra_schema()), words=words)
+    todo = summary.num_files - summary.num_skipped
+    if todo:
+        unmark_success(layout)
+    return normalized, summary, stats, writer, todo
 
 
 def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = (),

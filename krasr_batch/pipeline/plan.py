@@ -30,7 +30,6 @@ from krasr_batch.output import (
     mark_success,
     open_output,
     recover,
-    unmark_success,
     write_bytes_atomic,
 )
 from krasr_batch.pipeline.assemble import Assembler, Progress, RunStats
@@ -40,16 +39,15 @@ from krasr_batch.pipeline.orchestrate import (
     _drain_passes,
     _init_ray,
     _manifest_groups,
-    _normalize,
     _read_manifest,
     _sized,
     _versions,
     check_committed,
     limit_malloc_arenas,
+    prepare_output,
     shutdown_ray,
 )
 from krasr_batch.pipeline.stages import plan_file
-from krasr_batch.schema import files_schema
 from krasr_batch.settings import MAX_WINDOW_S, RunSettings
 from krasr_batch.storage import join
 
@@ -138,14 +136,7 @@ def plan(manifest: str, out: str, settings: RunSettings, overwrite: bool = False
     layout = OutputLayout(out)
     with claim_output(out, "plan"):
         _check_settings(layout, settings, manifest, overwrite, fingerprint=plan_fingerprint(settings))
-        done = recover(layout)
-        normalized = join(layout.work, "manifest.parquet")
-        summary = _normalize(manifest, normalized, done, globs, layout=layout)
-        stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
-        writer = PartWriter(layout, files_schema(summary.extra_schema()))
-        todo = summary.num_files - stats.skipped_files
-        if todo:
-            unmark_success(layout)
+        normalized, summary, stats, writer, todo = prepare_output(layout, manifest, globs)
         started_ray = _init_ray(settings) if todo else False
         cpus = ray.cluster_resources().get("CPU") if todo else None
         prog = Progress(stats, progress, progress_stream, progress_every)
