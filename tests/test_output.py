@@ -137,3 +137,24 @@ def test_a_part_that_cannot_be_written_names_its_path_and_leaves_no_temporary(tm
         writer.write([seg("a", 0)], [file_row("a")])
     assert sorted(p.name for p in blocked.parent.iterdir()) == [blocked.name]  # no .tmp- left
     assert list_parts(layout.files) == [] and recover(layout) == set()  # nothing counted as done
+
+
+def test_drop_failed_takes_out_only_the_asked_failed_files_rows_in_place(tmp_path):
+    """--retry-failed: a failed file's rows leave files/ (and its segments/ twin, where it has any) so that
+    the run does it again; ok files, and failed ones not asked for (not in this run's manifest), stay."""
+    from krasr_batch.output import drop_failed
+
+    layout = OutputLayout(str(tmp_path / "out"))
+    w = PartWriter(layout, files_schema(EXTRA))
+    w.write([seg("a", 0), seg("b", 0)], [file_row("a"), file_row("b", "error", "internal")])
+    w.write([seg("c", 0)], [file_row("c", "error", "not_found"), file_row("d", "error", "not_found")])
+    w.write([seg("e", 0)], [file_row("e")])
+    names_before = [p.rsplit("/", 1)[1] for p in list_parts(layout.files)]
+    assert sorted(drop_failed(layout, {"b", "c", "zz"})) == ["b", "c"]
+    assert [p.rsplit("/", 1)[1] for p in list_parts(layout.files)] == names_before  # same parts, rewritten
+    out = open_output(layout.out)
+    assert sorted(out.files_table(["file_id"]).column(0).to_pylist()) == ["a", "d", "e"]
+    assert sorted(r["file_id"] for b in out.segment_batches(["file_id"]) for r in b.to_pylist()) == ["a", "e"]
+    assert recover(layout) == {"a", "d", "e"}  # b and c are not done: the next run does them
+    assert not list((tmp_path / "out" / "files").glob(".tmp-*"))
+    assert drop_failed(layout, set()) == []

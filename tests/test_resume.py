@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,3 +343,26 @@ def test_a_full_disk_stops_the_run_naming_the_part_and_a_rerun_finishes(small_di
     assert p.returncode == 0 and "already done by an earlier run" in log, log[-3000:]
     ids = pads.dataset(small_disk / "out" / "files", format="parquet").to_table(columns=["file_id"]).column(0)
     assert sorted(ids.to_pylist()) == sorted(c["id"] for c in clips)
+
+
+def test_retry_failed_does_the_failed_files_again_and_replaces_their_rows(tmp_path, tiny_model, corpus):
+    """A mount that was down: two files fail as not_found. A plain rerun keeps them failed (they are done);
+    --retry-failed does them again once they are there, and their error rows are replaced, not doubled."""
+    clips = read_jsonl(corpus / "clips.jsonl")[:4]
+    later = tmp_path / "later"
+    rows = clips[:2] + [{"id": f"late{i}", "path": str(later / f"{i}.wav")} for i in range(2)]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows, base=corpus)
+    args = ["run", str(manifest), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--no-progress"]
+    log, _ = (p := start(args)).communicate(timeout=600)
+    assert p.returncode == 3 and "failed (not_found): 2: late0, late1" in log, log[-3000:]
+    later.mkdir()
+    for i, c in enumerate(clips[2:]):
+        shutil.copy(corpus / c["path"], later / f"{i}.wav")
+    log, _ = (p := start(args)).communicate(timeout=600)
+    assert p.returncode == 3 and "0 processed in this run, 4 already done" in log, log[-3000:]
+    log, _ = (p := start([*args, "--retry-failed"])).communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+    assert "2 processed in this run (2 of them failed before, retried), 2 already done" in log
+    files = pads.dataset(tmp_path / "out" / "files", format="parquet").to_table(columns=["file_id", "status"])
+    assert sorted(files.to_pylist(), key=lambda r: r["file_id"]) == sorted(
+        ({"file_id": r["id"], "status": "ok"} for r in rows), key=lambda r: r["file_id"])

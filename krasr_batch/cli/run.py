@@ -79,6 +79,9 @@ GLOB = click.option(
                    "another, so the driver's memory stays bounded (it grows with a pass's files); each pass "
                    "starts the model replicas anew. [default: 50000]")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds instead of resuming it.")
+@click.option("--retry-failed", is_flag=True,
+              help="Resume, and also do again the files an earlier run into --out committed as failed (a mount "
+                   "that was down, storage that refused): their rows are replaced, never doubled.")
 @click.option("--flush-s", type=click.FloatRange(min=0.0), hidden=True, help="Commit finished files at least this often.")
 @click.option("--flush-files", type=click.IntRange(min=1), hidden=True, help="Commit once this many files are finished.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress line on stderr.")
@@ -92,7 +95,7 @@ GLOB = click.option(
               help="Send this krasr_batch package to the cluster's workers with the run (Ray runtime_env "
                    "py_modules; `run` does so only with --address). Turn off when the nodes have this "
                    "version installed. [default: on]")
-def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, progress: bool,
+def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool, retry_failed: bool, progress: bool,
         progress_every: float | None, globs: tuple[str, ...], **flags: Any) -> None:
     """Transcribe every file of MANIFEST into Parquet under --out.
 
@@ -116,7 +119,8 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
     try:
         with quiet_ray(out, verbose) as console:
             stats = run_pipeline(manifest, out, settings, overwrite=overwrite, progress=progress,
-                                 progress_stream=console.stream, globs=globs, progress_every=progress_every)
+                                 progress_stream=console.stream, globs=globs, progress_every=progress_every,
+                                 retry_failed=retry_failed)
     except (ManifestError, SettingsMismatch, OutputBusy, ModelUnavailable, ClusterAuthError) as e:
         raise BadUsage(str(e)) from None
     except RunAborted as e:
@@ -183,6 +187,7 @@ def _summary(stats, out: str, log_path: str | None = None) -> None:
     echo = click.echo
     echo("")
     echo(f"krasr-batch: {stats.total_files} files in the manifest; {stats.files_done} processed in this run"
+         + (f" ({stats.retried_files} of them failed before, retried)" if stats.retried_files else "")
          + (f", {stats.skipped_files} already done by an earlier run" if stats.skipped_files else ""))
     echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments: "
          f"{truncation_text(stats.truncated_segments, stats.truncated_by_cause)}; "

@@ -14,6 +14,7 @@ from krasr_batch.output.reader import OutputError, RunOutput, open_output
 from krasr_batch.output.writer import (
     PartWriter,
     clear_output,
+    drop_failed,
     mark_success,
     recover,
     unmark_success,
@@ -24,5 +25,5 @@ from krasr_batch.output.writer import (
 __all__ = [
     "OutputBusy", "claim_output",
     "OutputLayout", "failures_by_kind", "warnings_by_kind", "list_parts", "read_text", "OutputError", "RunOutput", "open_output",
-    "PartWriter", "clear_output", "mark_success", "recover", "unmark_success", "write_bytes_atomic", "write_run_json",
+    "PartWriter", "clear_output", "drop_failed", "mark_success", "recover", "unmark_success", "write_bytes_atomic", "write_run_json",
 ]

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -107,6 +108,40 @@ def recover(layout: OutputLayout) -> set[str]:
     ds = pads.dataset(p, filesystem=fs_files, format="parquet")
     ids = ds.to_table(columns=["file_id"]).column("file_id").to_pylist()
     return set(ids)
+
+
+def drop_failed(layout: OutputLayout, only: set[str]) -> list[str]:
+    """Take the rows of failed files (``status`` error) whose id is in ``only`` out of ``files/``, so that the
+    run about to start does them again (``--retry-failed``: a mount that was down, storage that throttled);
+    returns their ids.
+
+    Each ``files/`` part holding one is rewritten whole under its own name (a temporary file, then a rename:
+    a kill leaves the old part or the new one), and its ``segments/`` and ``words/`` twins lose those files'
+    rows too, where they have any. Until the run commits them again they count as not done, so a kill in
+    between loses nothing: the next run, with or without the flag, does them."""
+    fs, _ = filesystem(layout.files)
+    dropped: list[str] = []
+    wanted = pa.array(sorted(only), pa.string())
+    for part in list_parts(layout.files) if only else []:
+        table = pq.read_table(part, filesystem=fs)
+        failed = pc.and_(pc.equal(table.column("status"), "error"), pc.is_in(table.column("file_id"), value_set=wanted))
+        ids = table.filter(failed).column("file_id").to_pylist()
+        if not ids:
+            continue
+        name = part.rsplit("/", 1)[1]
+        gone = pa.array(ids, pa.string())
+        for twin in (layout.words, layout.segments):  # before files/: a file stays done until its row goes
+            twin_fs, twin_dir = filesystem(twin)
+            path = f"{twin_dir.rstrip('/')}/{name}"
+            if twin_fs.get_file_info(path).type != pafs.FileType.File:
+                continue
+            rows = pq.read_table(path, filesystem=twin_fs)
+            theirs = pc.is_in(rows.column("file_id"), value_set=gone)
+            if pc.any(theirs).as_py():
+                _write_atomic_table(rows.filter(pc.invert(theirs)), join(twin, name))
+        _write_atomic_table(table.filter(pc.invert(failed)), join(layout.files, name))
+        dropped.extend(ids)
+    return dropped
 
 
 def write_run_json(layout: OutputLayout, info: dict) -> None:

@@ -25,6 +25,7 @@ from krasr_batch.schema import FILE_ROW, file_row, language_seconds, segment_row
 class RunStats:
     total_files: int = 0
     skipped_files: int = 0  # done by an earlier run
+    retried_files: int = 0  # failed in an earlier run, done again (--retry-failed)
     files_done: int = 0  # decoded and assembled in this run
     files_committed: int = 0  # of those, written to files/
     files_ok: int = 0

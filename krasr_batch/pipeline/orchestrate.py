@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from krasr_batch import __version__
@@ -35,6 +36,7 @@ from krasr_batch.output import (
     PartWriter,
     claim_output,
     clear_output,
+    drop_failed,
     failures_by_kind,
     mark_success,
     open_output,
@@ -212,8 +214,10 @@ def _check_settings(layout: OutputLayout, settings: RunSettings, manifest: str, 
 
 
 def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False, progress: bool = True,
-        progress_stream=None, globs: tuple[str, ...] = (), progress_every: float | None = None) -> RunStats:
-    """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics.
+        progress_stream=None, globs: tuple[str, ...] = (), progress_every: float | None = None,
+        retry_failed: bool = False) -> RunStats:
+    """Transcribe every file of ``manifest`` into ``out``; returns the run's statistics. ``retry_failed``: files
+    an earlier run committed as failed are done again (:func:`~krasr_batch.output.drop_failed`).
 
     ``manifest`` is any input :mod:`krasr_batch.inputs` reads (a folder, CSV, Parquet, dataset shards, JSON
     Lines); ``globs`` narrow a folder's files. ``progress_every``: seconds between progress lines (default:
@@ -233,7 +237,7 @@ def run(manifest: str, out: str, settings: RunSettings, overwrite: bool = False,
         with claim_output(out, "run"):  # before Ray starts: a second run into this out stops at once
             settings, why = _resolve_engine(settings)
             return _run(manifest, out, settings, overwrite, progress, progress_stream, progress_every, t0,
-                        {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs)
+                        {"requested": requested, "chosen": settings.decode.engine, "why": why}, globs, retry_failed)
     finally:
         if not ray_was_up and ray.is_initialized():
             shutdown_ray()
@@ -262,7 +266,8 @@ def _resolve_engine(settings: RunSettings) -> tuple[RunSettings, str]:
 
 
 def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progress: bool, progress_stream,
-         progress_every: float | None, t0: float, engine: dict[str, Any], globs: tuple[str, ...] = ()) -> RunStats:
+         progress_every: float | None, t0: float, engine: dict[str, Any], globs: tuple[str, ...] = (),
+         retry_failed: bool = False) -> RunStats:
     import ray
 
     layout = OutputLayout(out)
@@ -285,7 +290,7 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
     timeline = {"model_checked": time.perf_counter() - t0}  # on a cluster: nothing to check here
     _check_settings(layout, settings, manifest, overwrite)
     normalized, summary, stats, writer, todo = prepare_output(layout, manifest, globs, model_languages,
-                                                              settings.decode.word_timestamps)
+                                                              settings.decode.word_timestamps, retry_failed)
     log.info("manifest: %d files, %d already done, %d to do", summary.num_files, stats.skipped_files, todo)
 
     if todo and not ray.is_initialized():
@@ -309,16 +314,21 @@ def _run(manifest: str, out: str, settings: RunSettings, overwrite: bool, progre
 
 
 def prepare_output(layout: OutputLayout, manifest: str, globs: tuple[str, ...] = (),
-                   model_languages: frozenset[str] | None = None,
-                   words: bool = False) -> tuple[str, ManifestSummary, RunStats, PartWriter, int]:
+                   model_languages: frozenset[str] | None = None, words: bool = False,
+                   retry_failed: bool = False) -> tuple[str, ManifestSummary, RunStats, PartWriter, int]:
     """What ``run`` and ``plan`` do in ``out`` before any work: recover from an interrupted run, validate and
-    normalize the manifest less the files already done, and take ``_SUCCESS`` away when there is work (the
-    folder is complete again only when these files are in). Returns (the normalized manifest's path, its
-    summary, the run's counts, the part writer, how many files are to do)."""
+    normalize the manifest less the files already done (with ``retry_failed``, failed files of this manifest
+    are not done: their rows are dropped, :func:`~krasr_batch.output.drop_failed`), and take ``_SUCCESS``
+    away when there is work (the folder is complete again only when these files are in). Returns (the
+    normalized manifest's path, its summary, the run's counts, the part writer, how many files are to do)."""
     done = recover(layout)
+    failed = _failed_ids(layout.out) if retry_failed and done else set()
     normalized = join(layout.work, "manifest.parquet")
-    summary = _normalize(manifest, normalized, done, globs, model_languages, layout)
-    stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped)
+    summary = _normalize(manifest, normalized, done - failed, globs, model_languages)
+    if done:
+        summary.adopt(open_output(layout.out).files_schema, manifest)
+    retried = drop_failed(layout, failed & _ids_in(normalized)) if failed else []
+    stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped, retried_files=len(retried))
     writer = PartWriter(layout, files_schema(summary.extra_schema()), words=words)
     todo = summary.num_files - summary.num_skipped
     if todo:
@@ -326,11 +336,21 @@ def prepare_output(layout: OutputLayout, manifest: str, globs: tuple[str, ...] =
     return normalized, summary, stats, writer, todo
 
 
+def _failed_ids(out: str) -> set[str]:
+    rows = open_output(out).files_table(["file_id", "status"])
+    return set(rows.filter(pc.equal(rows.column("status"), "error")).column("file_id").to_pylist())
+
+
+def _ids_in(normalized: str) -> set[str]:
+    """The file ids of a normalized manifest (the files a run is to do)."""
+    fs, p = filesystem(normalized)
+    with fs.open_input_file(p) as f:
+        return set(pq.read_table(f, columns=["file_id"]).column(0).to_pylist())
+
+
 def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str, ...] = (),
-               model_languages: frozenset[str] | None = None, layout: OutputLayout | None = None) -> ManifestSummary:
-    """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``. With files
-    already committed in ``layout`` (``done``), its extra fields take the types they have there
-    (:meth:`ManifestSummary.adopt`)."""
+               model_languages: frozenset[str] | None = None) -> ManifestSummary:
+    """Validate the manifest and write it, less the ``done`` files, as Parquet at ``normalized``."""
     local_norm = None if is_uri(normalized) else normalized
     if local_norm is None:
         import tempfile
@@ -342,8 +362,6 @@ def _normalize(manifest: str, normalized: str, done: set[str], globs: tuple[str,
 
         upload_file(local_norm, normalized)  # streamed; the object appears whole or not at all
         shutil.rmtree(os.path.dirname(local_norm), ignore_errors=True)
-    if done and layout is not None:
-        summary.adopt(open_output(layout.out).files_schema, manifest)
     return summary
 
 
@@ -373,6 +391,7 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
                         "fit_tokens_per_s": FIT_TOKENS_PER_S},
         "versions": _versions(),
         "counts": {"files": stats.total_files, "files_this_run": stats.files_done, "skipped_done": stats.skipped_files,
+                   "retried_failed": stats.retried_files,
                    "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
                    "truncated_segments": stats.truncated_segments, "truncated_by_cause": stats.truncated_by_cause,
                    "suspect_segments": stats.suspect_segments,
