@@ -263,7 +263,9 @@ def read_csv(source: str, delimiter: str) -> Iterator[Record]:
     base = _base_dir(source)
     lines = text_lines(source)
     first = next(lines, "")
-    reader = csv.DictReader(itertools.chain([first], lines), delimiter=_header_delimiter(first, delimiter))
+    # skipinitialspace: "a.wav, hello" (a space after each comma, as people type) is the path a.wav
+    reader = csv.DictReader(itertools.chain([first], lines), delimiter=_header_delimiter(first, delimiter),
+                            skipinitialspace=True)
     try:
         header = reader.fieldnames
         if not header:

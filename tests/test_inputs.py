@@ -328,7 +328,7 @@ def test_a_spreadsheets_header_names_our_columns_in_any_case_and_spacing(tmp_pat
     field and the reference was lost to eval. Our column names are matched stripped and in any case."""
     import pandas as pd
 
-    (tmp_path / "a.csv").write_text("\ufeffPath, TEXT ,Language,Speaker\na.wav,hello,ru,s1\n", encoding="utf-8")
+    (tmp_path / "a.csv").write_text("\ufeffSpeaker, TEXT ,Language,Path\ns1, hello,ru, a.wav\n", encoding="utf-8")
     (tmp_path / "b.csv").write_text("path,Path\na.wav,other\n", encoding="utf-8")  # ours, exactly, wins
     pd.DataFrame({"Path": ["c.wav"], "ID": ["c1"], "Text": ["hi"], "n": [1]}).to_parquet(tmp_path / "c.parquet")
     (a,) = iter_manifest(str(tmp_path / "a.csv"))
