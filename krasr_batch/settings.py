@@ -255,6 +255,9 @@ def load_preset(path: str | Path) -> dict[str, Any]:
         elif k == "no_token_limit":
             out["token_limit"] = "none" if value else "fit"
         elif k in PRESET_KEYS:
+            expected = _preset_type_error(k, value)
+            if expected:
+                raise ValueError(f"job preset {path}: {key}: expected {expected}, got {value!r}")
             out[k] = value
         else:
             raise ValueError(f"job preset {path}: unknown option {key!r} (known: {', '.join(sorted(PRESET_KEYS))})")
@@ -263,6 +266,26 @@ def load_preset(path: str | Path) -> dict[str, Any]:
         if candidate.exists():
             out["model"] = str(candidate)
     return out
+
+
+_PRESET_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {  # a field's annotation -> (in words, YAML types)
+    "int": ("a whole number", (int,)), "float": ("a number", (int, float)), "bool": ("true or false", (bool,)),
+    "str": ("text", (str,)), "str | None": ("text", (str, type(None))), "int | None": ("a whole number", (int, type(None))),
+    "tuple[str, ...]": ("a list or comma-separated text", (str, list, tuple)),
+}
+
+
+def _preset_type_error(key: str, value: Any) -> str | None:
+    """What a preset's ``key`` should hold, in words, when ``value`` is not of its type (YAML typed it); None
+    when it is. Before, ``beams: three`` ended the command with "'<' not supported between 'str' and 'int'"."""
+    group, name = PRESET_KEYS[key]
+    cls = {"decode": DecodeOptions, "segment": SegmentOptions, "resources": ResourceOptions}[group]
+    annotation = next(f.type for f in dataclasses.fields(cls) if f.name == name)
+    words, types = _PRESET_TYPES.get(str(annotation), ("", (object,)))
+    if value is None or key == "token_limit" and isinstance(value, bool):  # null: the default; older presets:
+        return None                                                     # true / false for card / none
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    return None if ok else words
 
 
 def _looks_like_hub_id(s: str) -> bool:

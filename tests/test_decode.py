@@ -145,6 +145,22 @@ def test_every_job_preset_builds_settings(preset):
         assert settings.decode.engine == "auto" and settings.resources.device == "cpu"
 
 
+def test_a_preset_value_of_the_wrong_type_names_the_file_and_the_option(tmp_path):
+    """Before: 'beams: three' ended the command with "'<' not supported between instances of 'str' and
+    'int'", naming neither the preset nor the option."""
+    bad = tmp_path / "j.yaml"
+    for text, words in [("beams: three", "beams: expected a whole number, got 'three'"),
+                        ("flush_s: yes", "flush_s: expected a number, got True"),
+                        ("language: 5", "language: expected text, got 5")]:
+        bad.write_text(text + "\n")
+        with pytest.raises(ValueError, match=f"job preset {bad}: {words}"):
+            load_preset(bad)
+    bad.write_text("languages: [kk, ru]\nactors: null\ntoken_limit: true\nmax_segment_s: 20\n")
+    settings = build_settings(load_preset(bad))  # null is the default; true is the card's limit (older presets)
+    assert (settings.decode.languages, settings.decode.token_limit, settings.segment.max_segment_s) == (
+        ("kk", "ru"), "card", 20)
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_our_ngram_ban_bans_exactly_what_transformers_bans(n):
     import torch
