@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,12 +71,16 @@ def _local_entries(directory: str) -> list[tuple[str, str, bool, bool]]:
         return [(e.name, e.path, e.is_dir(), e.is_file()) for e in it]
 
 
+STDIN = "-"  # a manifest read from standard input (JSON Lines; relative paths from the current folder)
+
+
 class ManifestError(ValueError):
     """An input that cannot be used; names the file and the line (or row) at fault, 0 for the whole file."""
 
     def __init__(self, manifest: str, line: int | None, message: str, unit: str = "line"):
         whole = line is None or (line == 0 and unit == "line")  # 0: the whole file (rows count from 0)
-        super().__init__(f"{manifest}: {message}" if whole else f"{manifest}, {unit} {line}: {message}")
+        shown = "<stdin>" if manifest == STDIN else manifest
+        super().__init__(f"{shown}: {message}" if whole else f"{shown}, {unit} {line}: {message}")
         self.manifest, self.line, self.message, self.unit = manifest, line, message, unit
 
 
@@ -114,7 +119,9 @@ def is_folder(source: str) -> bool:
 
 
 def input_kind(source: str) -> str:
-    """``folder``, ``glob``, ``csv``, ``tsv``, ``parquet`` or ``jsonl`` (the default)."""
+    """``folder``, ``glob``, ``csv``, ``tsv``, ``parquet`` or ``jsonl`` (the default, and standard input's)."""
+    if source == STDIN:
+        return "jsonl"
     if is_folder(source):
         return "folder"
     if is_glob(source):
@@ -181,7 +188,10 @@ def text_lines(source: str) -> Iterator[str]:
     stream decodes 8 KB ahead and blames an earlier one). A byte-order mark opening the file is not content
     (Excel's "CSV UTF-8", PowerShell 5's UTF8). Raises :class:`ManifestError` naming the file and the line."""
     try:
-        fh = open_input_stream(source) if is_uri(source) else open(os.path.expanduser(source), "rb")
+        if source == STDIN:  # JSON Lines piped in: `krasr-batch manifest archive/ | jq ... | krasr-batch run - ...`
+            fh = os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+        else:
+            fh = open_input_stream(source) if is_uri(source) else open(os.path.expanduser(source), "rb")
     except OSError as e:
         raise ManifestError(source, 0, f"cannot open it: {e.strerror or e}") from e
 

@@ -337,3 +337,28 @@ def test_a_spreadsheets_header_names_our_columns_in_any_case_and_spacing(tmp_pat
     assert b.path == str(tmp_path / "a.wav") and b.extra == {"manifest_Path": "other"}
     (c,) = iter_manifest(str(tmp_path / "c.parquet"))
     assert (c.file_id, c.path, c.reference_text, c.extra) == ("c1", str(tmp_path / "c.wav"), "hi", {"n": 1})
+
+
+def test_a_manifest_piped_on_standard_input(tmp_path, corpus):
+    """`krasr-batch manifest archive/ | jq ... | krasr-batch run - ...`: '-' is standard input (JSON Lines,
+    relative paths from the current folder), named <stdin> in errors; submit, which ships a file, says so."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    clip = corpus / "clips" / "ru_000.wav"
+    shutil.copy(clip, tmp_path / "a.wav")
+    lines = json.dumps({"path": "a.wav", "text": "x"}) + "\n" + json.dumps({"id": "b", "path": str(clip)}) + "\n"
+    r = subprocess.run([sys.executable, "-m", "krasr_batch", "manifest", "-"], input=lines, capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x) for x in r.stdout.splitlines()] == [
+        {"id": "a.wav", "path": str(tmp_path / "a.wav"), "text": "x"}, {"id": "b", "path": str(clip)}]
+    r = subprocess.run([sys.executable, "-m", "krasr_batch", "manifest", "-"], input='{"path": "a.wav"}\n[1]\n',
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "error: <stdin>, line 2: expected a JSON object, got list" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "krasr_batch", "submit", "-", "--out", str(tmp_path / "o"),
+                        "--address", "http://127.0.0.1:9"], input=lines, capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "takes a file, not standard input" in r.stderr, r.stderr

@@ -242,6 +242,9 @@ def _job_inputs(opts: dict[str, Any], workdir: str) -> tuple[str, str, str, str 
         raise click.UsageError("give --out DIR (or a --job preset that names one)")
     if is_uri(manifest):
         return manifest, out, manifest, job_file
+    if manifest == "-":
+        raise BadUsage("submit ships the manifest to the cluster, so it takes a file, not standard input: "
+                       "save the lines first (... > manifest.jsonl) and submit that")
     try:
         shipped, lines, local = ship_manifest(manifest, workdir, opts.get("globs") or ())
     except ManifestError as e:
