@@ -370,11 +370,7 @@ def check_committed(normalized: str, summary: ManifestSummary, committed: set[st
     how many committed files are not in this manifest (an earlier run's, with another manifest).
 
     The ``normalized`` manifest holds the files this run had to do; the rest were in ``committed`` already."""
-    fs, p = filesystem(normalized)
-    missing: list[str] = []
-    with fs.open_input_file(p) as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["file_id"]):
-            missing.extend(i for i in batch.column(0).to_pylist() if i not in committed)
+    missing = sorted(_ids_in(normalized) - committed)
     if missing:
         shown = ", ".join(missing[:5]) + (f", … ({len(missing) - 5} more)" if len(missing) > 5 else "")
         raise RunAborted(f"the {what} ended with {len(missing)} of the manifest's {summary.num_files} files "
