@@ -182,3 +182,20 @@ def test_a_folder_whose_filesystem_has_no_locks_runs_unguarded_with_a_warning(tm
     with claim_output(str(tmp_path / "out")):
         pass
     assert "cannot lock .krasr-batch.lock (No locks available): a second run" in caplog.text
+
+
+def test_a_claim_that_was_the_only_write_leaves_no_folder(tmp_path):
+    """A run refused before it writes anything (a model that does not load) leaves --out as it found it:
+    missing when it was missing; a folder that existed, or one the run wrote into, stays."""
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="no model"):
+        with claim_output(str(out)):
+            raise RuntimeError("no model")
+    assert not out.exists()
+    with claim_output(str(out)):
+        (out / "_work").mkdir()
+    assert (out / "_work").is_dir()
+    (empty := tmp_path / "empty").mkdir()
+    with claim_output(str(empty)):
+        pass
+    assert empty.is_dir()

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -77,29 +77,42 @@ def claim_output(out: str, command: str = "run") -> Iterator[None]:
             yield
         return
     path = os.path.join(out, CLAIM_NAME)
+    created = not os.path.exists(out)
     with writing(path):
         os.makedirs(out, exist_ok=True)
         fh = open(path, "a+b")
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    try:
+        with fh:
+            yield from _locked(fh, out, path, command)
+    finally:
+        with suppress(OSError):  # refused before it wrote anything (a model that does not load): no folder left
+            if created and os.listdir(out) == [CLAIM_NAME]:
+                os.remove(path)
+                os.rmdir(out)
+
+
+def _locked(fh, out: str, path: str, command: str) -> Iterator[None]:
+    """The body of :func:`claim_output` on a local folder: lock ``fh`` (``out``'s claim file) for the block,
+    or raise OutputBusy naming who holds it."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise _busy(out, _parse(fh.read())) from None
+    except OSError as e:  # a mount without locks (some FUSE filesystems): run, unguarded, and say so
+        log.warning("%s: cannot lock %s (%s): a second run into this folder would not be stopped",
+                    out, CLAIM_NAME, os.strerror(e.errno) if e.errno else e)
+        yield
+        return
+    try:
+        with writing(path):
             fh.seek(0)
-            raise _busy(out, _parse(fh.read())) from None
-        except OSError as e:  # a mount without locks (some FUSE filesystems): run, unguarded, and say so
-            log.warning("%s: cannot lock %s (%s): a second run into this folder would not be stopped",
-                        out, CLAIM_NAME, os.strerror(e.errno) if e.errno else e)
-            yield
-            return
-        try:
-            with writing(path):
-                fh.seek(0)
-                fh.truncate()
-                fh.write(json.dumps(_holder(command)).encode() + b"\n")
-                fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.truncate()
+            fh.write(json.dumps(_holder(command)).encode() + b"\n")
+            fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _read_lease(fs: pafs.FileSystem, p: str) -> tuple[dict[str, Any] | None, float | None]:
