@@ -158,3 +158,17 @@ def test_drop_failed_takes_out_only_the_asked_failed_files_rows_in_place(tmp_pat
     assert recover(layout) == {"a", "d", "e"}  # b and c are not done: the next run does them
     assert not list((tmp_path / "out" / "files").glob(".tmp-*"))
     assert drop_failed(layout, set()) == []
+
+
+def test_the_files_schema_unifies_every_runs_parts(tmp_path):
+    """One footer is read per run (its parts share its writer's schema), and every run's columns are there."""
+    layout = OutputLayout(str(tmp_path / "out"))
+    first = PartWriter(layout, files_schema(EXTRA))
+    for fid in ("a", "b", "c"):
+        first.write([seg(fid, 0)], [file_row(fid)])
+    second = PartWriter(layout, files_schema([pa.field("channel", pa.int64())]))
+    row = {**{n: None for n in files_schema([]).names}, "file_id": "d", "path": "/d", "status": "ok", "channel": 2}
+    second.write([seg("d", 0)], [row])
+    schema = open_output(layout.out).files_schema
+    assert schema.field("speaker").type == pa.string() and schema.field("channel").type == pa.int64()
+    assert sorted(open_output(layout.out).files_table(["file_id"]).column(0).to_pylist()) == ["a", "b", "c", "d"]

@@ -152,14 +152,17 @@ def mark_success(layout: OutputLayout) -> None:
     write_bytes_atomic(b"", layout.success)
 
 
+def _remove(path: str) -> None:
+    """Delete the file at ``path`` (local or URI) if it is there."""
+    fs, p = filesystem(path)
+    with suppress(OSError):  # FileNotFoundError among them
+        fs.delete_file(p)
+
+
 def unmark_success(layout: OutputLayout) -> None:
     """Take ``_SUCCESS`` away while a rerun adds files (a new manifest's): readers must not take the folder for
     complete meanwhile."""
-    fs, p = filesystem(layout.success)
-    try:
-        fs.delete_file(p)
-    except (FileNotFoundError, OSError):
-        pass
+    _remove(layout.success)
 
 
 def clear_output(layout: OutputLayout) -> None:
@@ -172,8 +175,4 @@ def clear_output(layout: OutputLayout) -> None:
         except (FileNotFoundError, OSError):
             pass
     for f in (layout.run_json, layout.success):
-        _, fp = filesystem(f)
-        try:
-            fs.delete_file(fp)
-        except (FileNotFoundError, OSError):
-            pass
+        _remove(f)
