@@ -6,7 +6,6 @@ Decoders under-read without raising, so the decoded length is compared with what
 
 from __future__ import annotations
 
-import codecs
 import errno
 import io
 import logging
@@ -19,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from krasr_batch.shards import RowAudio, ShardRowError, parse_ref, read_row_audio, resolve_beside
-from krasr_batch.storage import is_uri
+from krasr_batch.storage import is_uri, os_path, printable_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,17 +76,6 @@ class DecodeReport:
         return w
 
 
-def _named_in_other_bytes(path: str) -> bool:
-    """True when ``path`` is how ``inputs.printable_path`` wrote a name that is not UTF-8, and that file exists."""
-    if "\\x" not in path:
-        return False
-    try:
-        raw = codecs.escape_decode(path.encode("utf-8"))[0]
-    except ValueError:
-        return False
-    return os.path.lexists(raw)
-
-
 def check_path(path: str, input_root: str | None = None) -> None:
     """Raise AudioError for a local path that cannot be read as a file (before any decoder sees it).
 
@@ -109,24 +97,23 @@ def check_path(path: str, input_root: str | None = None) -> None:
             raise AudioError("outside_input_root", f"{path} is outside --input-root {input_root}")
         _check_object(path)
         return
+    local = os_path(path)
     try:
-        real = os.path.realpath(path, strict=True)
+        real = os.path.realpath(local, strict=True)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise AudioError("symlink_loop", f"symbolic link loop: {path}") from e
         if e.errno == errno.ENOENT:
-            if os.path.islink(path):
-                raise AudioError("not_found", f"a symbolic link to nothing: {path} -> {os.readlink(path)}") from e
-            if _named_in_other_bytes(path):
-                raise AudioError("bad_name", f"the file's name is not UTF-8 ({path}, its other bytes as \\xNN): "
-                                 "rename it in UTF-8 (e.g. convmv -f cp1251 -t utf-8 -r --notest FOLDER) and "
-                                 "rerun") from e
+            if os.path.islink(local):
+                target = printable_path(os.readlink(local))
+                raise AudioError("not_found", f"a symbolic link to nothing: {path} -> {target}") from e
             raise AudioError("not_found", f"no such file: {path}") from e
         raise AudioError("unreadable", f"cannot resolve {path}: {e.strerror}") from e
     if input_root is not None:
         root = os.path.realpath(input_root)
         if os.path.commonpath([root, real]) != root:
-            raise AudioError("outside_input_root", f"{path} resolves to {real}, outside --input-root {root}")
+            raise AudioError("outside_input_root",
+                             f"{path} resolves to {printable_path(real)}, outside --input-root {root}")
     if os.path.isdir(real):
         raise AudioError("not_a_file", f"a directory, not an audio file: {path}")
     if not os.path.isfile(real):
@@ -181,7 +168,7 @@ def _open_binary(path: str):
 
         return open_input_file(path)
     try:
-        return open(path, "rb")
+        return open(os_path(path), "rb")
     except PermissionError as e:
         raise AudioError("permission_denied", f"permission denied: {path}") from e
     except OSError as e:

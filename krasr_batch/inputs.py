@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from krasr_batch.shards import AUDIO_COLUMN, is_audio_struct, shard_ref
-from krasr_batch.storage import filesystem, is_uri, open_input_stream
+from krasr_batch.storage import filesystem, is_uri, open_input_stream, printable_path
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,6 @@ SIDECAR_EXTENSION = ".txt"
 PATH_COLUMNS = ("path", "audio_filepath")  # krasr-batch's name, and NeMo's
 SIDECAR_READERS = 16  # sidecar texts read at once from object storage
 GLOB_CHARS = "*?["
-
-
-def printable_path(path: str) -> str:
-    """A local path as UTF-8 text. A name whose bytes are not UTF-8 (an archive unpacked from cp1251 or cp866
-    zips) comes from the OS with those bytes as surrogates, which no Parquet string holds: here they are
-    written ``\\xNN`` (``audio.check_path`` then names the file as one to rename)."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _local_entries(directory: str) -> list[tuple[str, str, bool, bool]]:
@@ -354,9 +343,11 @@ def _matches(rel: str, globs: Sequence[str]) -> bool:
     return not globs or any(fnmatch.fnmatchcase(rel, g) for g in globs)
 
 
-def _read_sidecar(fs: pafs.FileSystem, path: str, shown: str) -> str:
+def _read_sidecar(fs: pafs.FileSystem | None, path: str, shown: str) -> str:
+    """The text beside a media file; ``fs`` None reads a local file with Python's own ``open``, which takes
+    a name whose bytes are not UTF-8 (pyarrow's local filesystem does not)."""
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path) if fs is not None else open(path, "rb") as f:
             return f.read().decode("utf-8-sig").strip()  # Notepad's byte-order mark is not text
     except UnicodeDecodeError as e:
         raise ManifestError(shown, 0, f"sidecar text is not UTF-8 ({e.reason} at byte {e.start + 1}); save it as "
@@ -409,8 +400,7 @@ def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
             if not _matches(rel, globs):
                 continue
             sidecar = stem + SIDECAR_EXTENSION
-            has_text = sidecar in names and text == path  # a name to rename has no sidecar read
-            media.append((text, rel, f"{directory.rstrip('/')}/{sidecar}" if has_text else None))
+            media.append((text, rel, f"{directory.rstrip('/')}/{sidecar}" if sidecar in names else None))
         yield from _flush(media)
 
     def _flush(media: list[tuple[str, str, str | None]]) -> Iterator[Record]:
@@ -420,8 +410,10 @@ def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
         if prefix and len(sidecars) > 1:  # object storage: one request each, so several at once
             with ThreadPoolExecutor(SIDECAR_READERS) as ex:
                 texts = dict(zip(sidecars, ex.map(lambda s: _read_sidecar(fs, s, full(s)), sidecars)))
-        else:
+        elif prefix:
             texts = {s: _read_sidecar(fs, s, full(s)) for s in sidecars}
+        else:
+            texts = {s: _read_sidecar(None, s, printable_path(s)) for s in sidecars}
         for path, rel, sidecar in media:
             position[0] += 1
             obj: dict[str, Any] = {"id": rel, "path": full(path)}

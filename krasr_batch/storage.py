@@ -12,6 +12,7 @@ Reads are streamed: :func:`open_input_file` gives a seekable file that fetches b
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import functools
 import io
@@ -52,6 +53,32 @@ def writing(dest: str):
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` (object storage), False for a local path."""
     return "://" in path
+
+
+def printable_path(path: str) -> str:
+    """A local path as UTF-8 text. A name whose bytes are not UTF-8 (an archive unpacked from cp1251 or cp866
+    zips) comes from the OS with those bytes as surrogates, which no Parquet string holds: here they are
+    written ``\\xNN`` (:func:`os_path` finds the file again)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def os_path(path: str) -> str:
+    """The name the OS knows a local ``path`` by. :func:`printable_path` writes a name whose bytes are not
+    UTF-8 (a folder unpacked from a cp1251 or cp866 zip) with those bytes as ``\\xNN``, since no Parquet string
+    holds them. Where no file has that printable name and one has the bytes it stands for, this is that
+    file's name as Python's os functions take it (the bytes as surrogates): such files are read and
+    transcribed under their printable id and path."""
+    if "\\x" not in path or os.path.lexists(path):
+        return path
+    try:
+        raw = codecs.escape_decode(path.encode("utf-8"))[0]
+    except ValueError:
+        return path
+    return os.fsdecode(raw) if os.path.lexists(raw) else path
 
 
 def _s3_options(bucket: str) -> dict:

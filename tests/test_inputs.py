@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -258,28 +259,37 @@ def test_a_dangling_link_is_listed_and_fails_as_not_found(tmp_path, corpus):
     assert e.value.kind == "not_found"
 
 
-def test_a_name_that_is_not_utf8_fails_its_own_row_naming_the_fix(tmp_path, corpus):
-    """A folder unpacked from a cp1251 zip: a file (or folder) name whose bytes are not UTF-8. Before, one
-    such name anywhere in the tree stopped `manifest` and `run` with pyarrow's UnicodeDecodeError; now the
-    walk goes on, and that file's row fails as bad_name with what to do."""
+def test_a_name_that_is_not_utf8_is_listed_printable_and_read(tmp_path, corpus):
+    """A folder unpacked from a cp1251 zip: a file (or folder) name whose bytes are not UTF-8. Before stop 35
+    one such name anywhere in the tree stopped `manifest` and `run` with pyarrow's UnicodeDecodeError; stop 36
+    listed it as ``\\xNN`` and failed its row as bad_name (rename it and rerun). Now the file is read under
+    that printable id: its audio and its sidecar text, as a file named in UTF-8 is."""
     root = tmp_path / "archive"
     (root / "ok").mkdir(parents=True)
-    shutil.copy(corpus / "clips" / "ru_000.wav", root / "ok" / "a.wav")
+    clip = corpus / "clips" / "ru_000.wav"
+    shutil.copy(clip, root / "ok" / "a.wav")
     raw_root = os.fsencode(root)
     os.mkdir(raw_root + b"/\xc1\xe0\xe9")  # "Бай" in cp1251
-    shutil.copy(corpus / "clips" / "ru_000.wav", raw_root + b"/\xc1\xe0\xe9/\xc0.wav")
-    shutil.copy(corpus / "clips" / "ru_000.wav", raw_root + b"/ok/\xd1.wav")
+    shutil.copy(clip, raw_root + b"/\xc1\xe0\xe9/\xc0.wav")
+    shutil.copy(clip, raw_root + b"/ok/\xd1.wav")
     (root / "ok" / "b.txt").write_text("x")
+    with open(raw_root + b"/ok/\xd1.txt", "w", encoding="utf-8") as f:
+        f.write("Привет\n")
     jobs = list(iter_manifest(str(root)))
     assert [j.file_id for j in jobs] == ["ok/a.wav", "ok/\\xd1.wav", "\\xc1\\xe0\\xe9/\\xc0.wav"]
-    check_path(jobs[0].path)
-    for j in jobs[1:]:
-        with pytest.raises(AudioError, match=r"the file's name is not UTF-8 .*convmv -f cp1251") as e:
-            check_path(j.path)
-        assert e.value.kind == "bad_name"
+    assert [j.reference_text for j in jobs] == [None, "Привет", None]
+    pa.array([j.path for j in jobs])  # printable: Arrow takes them
+    want = load_audio(str(clip))
+    for j in jobs:
+        check_path(j.path)
+        np.testing.assert_array_equal(load_audio(j.path), want)
     with pytest.raises(AudioError) as e:  # a path that only looks escaped is missing, as any other
         check_path(str(root / "ok" / "\\xd2.wav"))
     assert e.value.kind == "not_found"
+    (root / "ok" / "\\xd1.wav").write_bytes(b"")  # a file really named so is that file, not the escaped one
+    with pytest.raises(AudioError) as e:
+        check_path(jobs[1].path)
+    assert e.value.kind == "empty_file"
 
 
 def test_an_s3_prefix_is_walked_and_its_shards_read(tmp_path, corpus, monkeypatch):
