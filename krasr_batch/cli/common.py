@@ -3,14 +3,18 @@
 A command that cannot go on raises one of these; click prints its message as one ``error: ...`` line on
 stderr and exits with the exception's status. Exit statuses of ``run``: 0 every file ok; 3 the run
 completed but some files failed (listed by cause); 2 bad usage, a bad manifest or an ``--out`` made with
-other settings (nothing was started); 1 a run that could not complete; 130 interrupted (Ctrl-C); 143 stopped by SIGTERM.
+other settings (nothing was started); 1 a run that could not complete; 130 interrupted (Ctrl-C); 143 stopped by SIGTERM; 129 stopped by SIGHUP
+(its terminal closed).
 """
 
 from __future__ import annotations
 
+import signal
+
 import click
 
 EXIT_OK, EXIT_FAILED_RUN, EXIT_USAGE, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+EXIT_HANGUP = 129
 
 
 # set by ``run`` (mark_done) once its output is committed, Ray shut down and the summary printed: the console
@@ -66,10 +70,19 @@ class Terminated(CommandError):
     exit_code = EXIT_TERMINATED
 
 
+class HungUp(CommandError):
+    """Exit 129 (128 + SIGHUP): stopped by SIGHUP (the terminal or ssh session it was started from closed)."""
+
+    exit_code = EXIT_HANGUP
+
+
 def stopped(e: KeyboardInterrupt) -> CommandError:
     """What a command that Ctrl-C or SIGTERM stopped raises: its message and exit status."""
     from krasr_batch.pipeline.errors import Terminated as SigTerm
 
+    if isinstance(e, SigTerm) and e.signum == signal.SIGHUP:
+        return HungUp("stopped by SIGHUP (its terminal closed; nohup, tmux or screen keep a run going); "
+                      "finished files are kept, rerun the same command to continue")
     if isinstance(e, SigTerm):
         return Terminated("stopped by SIGTERM; finished files are kept, rerun the same command to continue")
     return Interrupted("interrupted; finished files are kept, rerun the same command to continue")
@@ -81,7 +94,7 @@ def write_failed(e: OSError) -> CommandError:
                      "same command to continue.")
 
 
-_BY_STATUS = {c.exit_code: c for c in (RunFailed, BadUsage, FilesFailed, Interrupted, Terminated)}
+_BY_STATUS = {c.exit_code: c for c in (RunFailed, BadUsage, FilesFailed, Interrupted, Terminated, HungUp)}
 
 
 def exit_with(code: int) -> None:

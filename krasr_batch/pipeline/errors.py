@@ -1,5 +1,7 @@
 """Why a run stops: the exceptions the pipeline raises and the CLI turns into exit statuses."""
 
+import signal
+
 from krasr_batch.output.claim import OutputBusy  # noqa: F401  (raised by run and plan, from the output claim)
 
 
@@ -20,5 +22,10 @@ class RunStalled(RunAborted):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM reached the run (a scheduler's preemption or time limit, ``kill``, ``docker stop``): it stops as
-    Ctrl-C stops it, keeping every finished file."""
+    """SIGTERM (a scheduler's preemption or time limit, ``kill``, ``docker stop``) or SIGHUP (the terminal or
+    ssh session the run was started from closed) reached the run: it stops as Ctrl-C stops it, keeping every
+    finished file. ``signum`` says which."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -128,32 +128,38 @@ def _init_ray(settings: RunSettings):
     return True
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _stop_on_sigterm() -> None:
-    """From here on SIGTERM stops the run as Ctrl-C does: finished files are committed, Ray is shut down,
-    the command says so and exits 143.
+    """From here on SIGTERM and SIGHUP stop the run as Ctrl-C does: finished files are committed, Ray is shut
+    down, the command says so and exits 143 (SIGTERM) or 129 (SIGHUP).
 
     ``ray.init`` leaves SIGTERM to the handler of Ray's C++ core worker, which prints a stack trace and
     aborts the process (signal 6): a batch scheduler's stop (Slurm's time limit, a Kubernetes eviction)
     ended a run with no word of what became of it, and the files it had finished but not yet committed were
-    decoded again by the next run. Only the main thread can take a signal handler; elsewhere (a caller's
-    thread) Ray's stays.
+    decoded again by the next run. SIGHUP (the ssh session of a run started without nohup or tmux dropped)
+    ended it the same way, silently, by its default action. Only the main thread can take a signal handler;
+    elsewhere (a caller's thread) Ray's stays.
     """
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _raise_terminated)
 
 
 def shutdown_ray() -> None:
-    """``ray.shutdown()``, then SIGTERM back to its default action (see :func:`_stop_on_sigterm`)."""
+    """``ray.shutdown()``, then SIGTERM and SIGHUP back to their default action (see :func:`_stop_on_sigterm`)."""
     import ray
 
     ray.shutdown()
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is _raise_terminated:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 class _stderr_captured:
