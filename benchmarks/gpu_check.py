@@ -95,7 +95,7 @@ FULL = dict(correct_clips=8, correct_windows=4, correct_b=64, fp32_n=4, workload
             diagnostic_batch=64,
             peer_clips=16, peer_long=1, chunk_batches=(16, 64), feed_tasks=45,
             compile_runs=(("float16", 64), ("bfloat16", 64)), compile_workload=192, model="small-random")
-QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=8,
+QUICK = dict(correct_clips=2, correct_windows=1, correct_b=4, fp32_n=1, workload=4,
              runs=(("torch-graphed", "float16", 4), ("torch-device", "float16", 4), ("torch", "float16", 4),
                    ("transformers", "float16", 4), ("torch", "bfloat16", 4)),
              diagnostic_batch=4,

@@ -176,7 +176,7 @@ def test_gpu_check_dry_run_on_cpu(corpus, tiny_model, tmp_path):
         ("transformers", "float16", 4),
         ("torch", "bfloat16", 4)}
     for r in runs:
-        assert r["status"] == "done" and r["rtfx"] > 0 and r["segments"] == 8, r
+        assert r["status"] == "done" and r["rtfx"] > 0 and r["segments"] == 4, r
         assert len(r["pass_walls_s"]) == 2 and r["wall_s"] == min(r["pass_walls_s"]), r
     assert any(r["no_repeat_ngram_size"] == 0 for r in runs)  # the diagnostic run
     assert all(r["no_repeat_ngram_s"] >= 0 for r in runs if r["no_repeat_ngram_size"] and r["engine"] == "transformers")

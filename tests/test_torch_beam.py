@@ -364,12 +364,10 @@ def test_the_device_searches_at_other_settings(tiny_model, beams, repetition_pen
     _same_results(runs[2], runs[0])
 
 
-@pytest.mark.parametrize("search, compact_below", [(beam_search_device, None), (beam_search_graphed, None),
-                                                   (beam_search_graphed, 0.0)],
-                         ids=["device", "graphed", "graphed-never-dropped"])
-def test_the_device_searches_on_real_speech(base_model, corpus, search, compact_below):
-    """On real speech and weights, where hypotheses end at end-of-text at different steps and a window may
-    end before its limit with all its beams: the host search's results, window for window."""
+@pytest.fixture(scope="module")
+def real_speech(base_model, corpus):
+    """Eight clips encoded by whisper-base, their prompts and limits, and the host search's results (once for
+    the searches compared with it)."""
     audios = _clips(corpus, 8, step=3)
     encoded = _encoded(base_model, audios)
     limits = [max_new_tokens_for(len(a) / 16000) for a in audios]
@@ -377,6 +375,16 @@ def test_the_device_searches_on_real_speech(base_model, corpus, search, compact_
     stack = WhisperDecoderStack(base_model, "float32")
     want = _search(base_model, stack, encoded, prompts, limits)
     assert any(ended for _, _, ended in want)  # end-of-text is exercised, not only the limits
+    return stack, encoded, prompts, limits, want
+
+
+@pytest.mark.parametrize("search, compact_below", [(beam_search_device, None), (beam_search_graphed, None),
+                                                   (beam_search_graphed, 0.0)],
+                         ids=["device", "graphed", "graphed-never-dropped"])
+def test_the_device_searches_on_real_speech(base_model, real_speech, search, compact_below):
+    """On real speech and weights, where hypotheses end at end-of-text at different steps and a window may
+    end before its limit with all its beams: the host search's results, window for window."""
+    stack, encoded, prompts, limits, want = real_speech
     _same_results(_search(base_model, stack, encoded, prompts, limits, search=search, compact_below=compact_below),
                   want)
 
