@@ -12,6 +12,7 @@ which is what lets a rerun skip finished files and never double a row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,12 +124,29 @@ def _init_ray(settings: RunSettings):
         sys.stderr.write(said())
     else:
         # "local": a new Ray of our own even where $RAY_ADDRESS names a cluster (--address local) or one runs here
-        ray.init(address="local", num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+        with _sighup_ignored_by_children():
+            ray.init(address="local", num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                     **kwargs)
     _stop_on_sigterm()
     return True
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _sighup_ignored_by_children():
+    """SIGHUP ignored while the embedded Ray starts: its processes (GCS, raylet, workers) inherit the ignore
+    across exec, as under ``nohup``. A closed terminal sends SIGHUP to the run's whole process group; Ray's
+    processes died of it while the driver was still committing, and Ray then ended the driver with exit 1
+    and no message (2 of 3 tries). The driver alone takes it (:func:`_stop_on_sigterm`) and shuts them down."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.signal(signal.SIGHUP, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGHUP, saved)
 
 
 def _raise_terminated(signum, frame):
@@ -675,7 +693,10 @@ def _drain(ds, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progre
             prog.notice = watch.check(now)
             prog.update()
     except BaseException as e:
-        feed.abandon(0.0 if isinstance(e, RunStalled) else 10.0)  # a stalled feed brings nothing more
+        try:  # what finished is committed first: a scheduler's SIGKILL may follow its SIGTERM within seconds
+            stats.files_committed += writer.write(*asm.take())
+        finally:
+            feed.abandon(0.0 if isinstance(e, RunStalled) else 10.0)  # a stalled feed brings nothing more
         raise
     finally:
         feed.stop()
