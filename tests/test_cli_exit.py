@@ -83,11 +83,11 @@ def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(sig, status, says):
     started without nohup) ended the driver by its default action: no summary, finished files decoded again."""
     from krasr_batch.cli.common import stopped
     from krasr_batch.pipeline import Terminated
-    from krasr_batch.pipeline.orchestrate import STOP_SIGNALS, _stop_on_sigterm
+    from krasr_batch.pipeline.orchestrate import STOP_SIGNALS, _stop_on_signals
 
     saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
-        _stop_on_sigterm()
+        _stop_on_signals()
         with pytest.raises(Terminated) as e:
             os.kill(os.getpid(), sig)
             time.sleep(5)  # the handler runs at the next bytecode: the sleep is cut short

@@ -3,8 +3,8 @@
 A command that cannot go on raises one of these; click prints its message as one ``error: ...`` line on
 stderr and exits with the exception's status. Exit statuses of ``run``: 0 every file ok; 3 the run
 completed but some files failed (listed by cause); 2 bad usage, a bad manifest or an ``--out`` made with
-other settings (nothing was started); 1 a run that could not complete; 130 interrupted (Ctrl-C); 143 stopped by SIGTERM; 129 stopped by SIGHUP
-(its terminal closed).
+other settings (nothing was started); 1 a run that could not complete; 130 interrupted (Ctrl-C); 143 stopped
+by SIGTERM; 129 stopped by SIGHUP (its terminal closed).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class HungUp(CommandError):
 
 
 def stopped(e: KeyboardInterrupt) -> CommandError:
-    """What a command that Ctrl-C or SIGTERM stopped raises: its message and exit status."""
+    """What a command that Ctrl-C, SIGTERM or SIGHUP stopped raises: its message and exit status."""
     from krasr_batch.pipeline.errors import Terminated as SigTerm
 
     if isinstance(e, SigTerm) and e.signum == signal.SIGHUP:

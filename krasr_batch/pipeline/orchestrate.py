@@ -127,7 +127,7 @@ def _init_ray(settings: RunSettings):
         with _sighup_ignored_by_children():
             ray.init(address="local", num_cpus=res.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                      **kwargs)
-    _stop_on_sigterm()
+    _stop_on_signals()
     return True
 
 
@@ -139,13 +139,13 @@ def _sighup_ignored_by_children():
     """SIGHUP ignored while the embedded Ray starts: its processes (GCS, raylet, workers) inherit the ignore
     across exec, as under ``nohup``. A closed terminal sends SIGHUP to the run's whole process group; Ray's
     processes died of it while the driver was still committing, and Ray then ended the driver with exit 1
-    and no message (2 of 3 tries). The driver alone takes it (:func:`_stop_on_sigterm`) and shuts them down."""
+    and no message (2 of 3 tries before this). The driver alone takes it (:func:`_stop_on_signals`) and shuts them down."""
     main = threading.current_thread() is threading.main_thread()
     saved = signal.signal(signal.SIGHUP, signal.SIG_IGN) if main else None
     try:
         yield
     finally:
-        if main:
+        if saved is not None:  # None: not ours to restore (another thread, or a handler installed outside Python)
             signal.signal(signal.SIGHUP, saved)
 
 
@@ -153,7 +153,7 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_signals() -> None:
     """From here on SIGTERM and SIGHUP stop the run as Ctrl-C does: finished files are committed, Ray is shut
     down, the command says so and exits 143 (SIGTERM) or 129 (SIGHUP).
 
@@ -170,7 +170,7 @@ def _stop_on_sigterm() -> None:
 
 
 def shutdown_ray() -> None:
-    """``ray.shutdown()``, then SIGTERM and SIGHUP back to their default action (see :func:`_stop_on_sigterm`)."""
+    """``ray.shutdown()``, then SIGTERM and SIGHUP back to their default action (see :func:`_stop_on_signals`)."""
     import ray
 
     ray.shutdown()
