@@ -407,13 +407,15 @@ def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
         if not media:
             return
         sidecars = [s for _, _, s in media if s]
+        if prefix:
+            read = lambda s: _read_sidecar(fs, s, full(s))  # noqa: E731
+        else:  # Python's open: a local name may hold bytes that are not UTF-8
+            read = lambda s: _read_sidecar(None, s, printable_path(s))  # noqa: E731
         if prefix and len(sidecars) > 1:  # object storage: one request each, so several at once
             with ThreadPoolExecutor(SIDECAR_READERS) as ex:
-                texts = dict(zip(sidecars, ex.map(lambda s: _read_sidecar(fs, s, full(s)), sidecars)))
-        elif prefix:
-            texts = {s: _read_sidecar(fs, s, full(s)) for s in sidecars}
+                texts = dict(zip(sidecars, ex.map(read, sidecars)))
         else:
-            texts = {s: _read_sidecar(None, s, printable_path(s)) for s in sidecars}
+            texts = {s: read(s) for s in sidecars}
         for path, rel, sidecar in media:
             position[0] += 1
             obj: dict[str, Any] = {"id": rel, "path": full(path)}
