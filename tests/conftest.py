@@ -78,24 +78,7 @@ E2E_ELSEWHERE = {
 }
 
 
-# ---------------------------------------------------------------- two workers: pytest -n 2 --dist loadfile
-
-# The files that take longest, in the order their tests run: with --no-loadscope-reorder each xdist worker takes
-# the next file of this order when it is almost done with its own, so the files left for the end are short.
-# xdist's own order (most tests first) started test_parity.py, one test of 3 to 5 minutes, last of all.
-# Serial seconds on 2 cores (CI, --durations): test_resume ~420, test_cluster ~240, test_parity ~200,
-# test_bench_smoke ~150, test_engine_ct2 ~130, test_words, test_inputs_e2e ~110, test_torch_beam ~90.
-LONGEST_FIRST = ("test_resume.py", "test_cluster.py", "test_parity.py", "test_bench_smoke.py", "test_engine_ct2.py",
-                 "test_words.py", "test_inputs_e2e.py", "test_torch_beam.py", "test_run_e2e.py")
-
-
-def _file_rank(item) -> int:
-    name = item.path.name
-    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if f"{item.path.name}::{item.originalname}" in E2E_ELSEWHERE:
             item.add_marker(pytest.mark.e2e)
-    items.sort(key=_file_rank)  # stable: each file's tests keep their order, the other files theirs
