@@ -21,6 +21,7 @@ class Feed:
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.tick_s = tick_s
         self.stopped = threading.Event()
+        self._threads_before = set(threading.enumerate())  # Ray Data's executors started after this are ours
         self.thread = threading.Thread(target=self._pull, args=(ds,), name="krasr-feed", daemon=True)
         self.thread.start()
 
@@ -67,13 +68,38 @@ class Feed:
         given ``wait_s`` to end, closing Ray Data's iterator and executor, before the caller shuts Ray down.
         Ray ends the whole process, with status 1 and none of krasr-batch's lines, when a thread calls into
         it after its shutdown ("The core worker has already been shutdown ... The process will exit"): a
-        run aborted while batches still came lost its message that way. An executor still waiting (on an
-        actor that cannot be placed) cannot be closed from here; once Ray shuts down its thread only logs
-        tracebacks about it."""
+        run aborted while batches still came lost its message that way.
+
+        A thread still waiting inside the iterator (on actors that cannot be placed: a stalled run) cannot be
+        told anything, so the executors this feed started are shut down first (:func:`_close_executors`):
+        their output ends and the thread leaves the iterator. Left running, Ray's shutdown freed what they
+        were still using, and a stalled run ended in a segmentation fault (-11) instead of its message."""
         self.stop()
-        self.thread.join(wait_s)
+        self.thread.join(min(wait_s, 1.0))  # a thread between batches ends at once, closing them itself
+        if self.thread.is_alive():
+            _close_executors(self._threads_before)
+            self.thread.join(max(wait_s, 5.0))
         for name in ("ray.data", "ray._private.services"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _close_executors(before: set) -> int:
+    """Shut down Ray Data's streaming executors that are not in ``before`` (the threads alive when a
+    :class:`Feed` started): each is a thread of its own. Returns how many; 0 where this Ray Data's executor
+    is not where 2.60 has it (the thread is then left to Ray's shutdown, as before)."""
+    import threading
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:
+        return 0
+    mine = [t for t in threading.enumerate() if isinstance(t, StreamingExecutor) and t not in before]
+    for ex in mine:
+        try:
+            ex.shutdown(force=True)
+        except Exception:  # noqa: BLE001 - best effort: the run is stopping anyway, with its own message
+            logging.getLogger(__name__).debug("closing Ray Data's executor failed", exc_info=True)
+    return len(mine)
 
 
 class StallWatch:
