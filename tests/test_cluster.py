@@ -718,3 +718,48 @@ def test_an_abandoned_feed_closes_its_iterator_before_the_driver_goes_on():
     assert got == [0, 1, 2]
     feed.abandon(5.0)
     assert closed.is_set() and not feed.thread.is_alive()
+
+
+def test_an_abandoned_feed_stuck_in_its_iterator_shuts_down_the_executor_it_started(monkeypatch):
+    """A stalled run: the feed's thread waits inside Ray Data's iterator for an actor that cannot be placed, so
+    telling it to stop does nothing; abandon must shut down the executor (a thread of Ray Data's) that the feed
+    started, and no other, before Ray shuts down (left running, a stalled run ended in SIGSEGV). Stand-ins for
+    Ray Data's StreamingExecutor and for a dataset whose iterator waits until its executor is shut down."""
+    import threading
+
+    import ray.data._internal.execution.streaming_executor as streaming
+
+    from krasr_batch.pipeline.watch import Feed
+
+    class Executor(threading.Thread):
+        def __init__(self):
+            super().__init__(daemon=True)
+            self.ended = threading.Event()
+
+        def run(self):
+            self.ended.wait()
+
+        def shutdown(self, force: bool, exception=None):
+            self.ended.set()
+
+    monkeypatch.setattr(streaming, "StreamingExecutor", Executor)
+    callers = Executor()  # a dataset of the caller's own, running before the feed started
+    callers.start()
+    started = threading.Event()
+    mine: list[Executor] = []
+
+    class Stalled:
+        def iter_batches(self, **kw):
+            ex = Executor()
+            ex.start()
+            mine.append(ex)
+            started.set()
+            ex.ended.wait()  # no batch until the executor ends, as when its actors cannot be placed
+            return iter(())
+
+    feed = Feed(Stalled(), tick_s=0.05)
+    assert started.wait(10)
+    feed.abandon(0.0)
+    assert not feed.thread.is_alive() and mine[0].ended.is_set()
+    assert not callers.ended.is_set()
+    callers.shutdown(force=True)
