@@ -209,3 +209,46 @@ def test_the_benchmarks_count_of_model_calls_is_the_engines_own(tiny_model, engi
     dec.decode(inputs)
     assert generate_calls(inputs, 2, engine)[0] == len(calls)
     assert sorted(len(b) for b in dec.batch_plan(inputs, 2)) == sorted(calls)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine", ["torch", "transformers"])
+def test_a_hub_id_where_the_hub_cannot_be_reached_loads_from_the_cache_or_fails_at_once(tmp_path, tiny_model, engine):
+    """A hub id with no network (the hub at a closed port here; HF_HUB_OFFLINE not set, as on a user's machine):
+    the model comes from the hub's cache, or the run fails naming the model. Before, transformers' loading
+    asked the hub for each file with five retries: a cached model took 210 s to load and an uncached one
+    failed after 302 s, with nothing said in between and then a misleading cause (no preprocessor_config.json)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_model, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
+            "from krasr_batch.settings import DecodeOptions\n"
+            "for model in sys.argv[2:]:\n"
+            "    o = DecodeOptions(model=model, engine=sys.argv[1])\n"
+            "    try:\n"
+            "        print(model, 'languages', len(check_model(o)), 'replica', load_decoder(o, 'cpu').engine, flush=True)\n"
+            "    except RuntimeError as e:\n"
+            "        print(model, 'error', e, flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code, engine, "org/tiny", "org/elsewhere"], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cached, missing = p.stdout.splitlines()
+    assert cached == f"org/tiny languages 99 replica {engine}", p.stdout
+    assert missing.startswith("org/elsewhere error cannot load the model 'org/elsewhere'") and "local folder" in missing
+    assert "Retrying" not in p.stderr, p.stderr[-3000:]  # the hub was asked once, not file by file with retries

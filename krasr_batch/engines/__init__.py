@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from pathlib import Path
 
 from krasr_batch.engines.base import (
     FIT_TOKENS_PER_S,
@@ -88,14 +87,18 @@ def check_model(options: DecodeOptions) -> frozenset[str]:
     tokenizer, feature extractor and generation config load, a local folder holds safetensors weights, it
     has a token for ``--language`` and ``--languages``, and the CTranslate2 engine has its converted copy
     (converted here once, so replicas find it cached). Returns the Whisper codes of the model's languages."""
-    local = Path(options.model).expanduser()
-    if local.is_dir():
-        require_safetensors(local, options.model)
+    from krasr_batch.engines.ctranslate2 import local_model_dir
+
+    # a hub id: its snapshot, downloaded here once for every replica on this machine. Where the hub cannot be
+    # reached this fails at once (or finds the cached snapshot); transformers' own loading retried each file
+    # for about 20 s, and the run said nothing for minutes before its error
+    folder = local_model_dir(options.model)
+    require_safetensors(folder, options.model)
     numpy = options.engine in ("ctranslate2", "torch")
     # read as those engines' replicas read it: from the folder, without importing transformers (over a second of CPU
     # on the driver while the embedded Ray starts)
     decoder = Decoder(options, "cpu")
-    decoder._load_processor(numpy_features=numpy, folder=local if numpy and local.is_dir() else None)
+    decoder._load_processor(numpy_features=numpy, folder=folder)
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 

@@ -110,7 +110,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def model_error(model: str, cause: Exception) -> RuntimeError:
-    reason = str(cause).strip().rstrip(".")
+    reason = " ".join(str(cause).split()).rstrip(".")  # one line: the hub's messages span several
     return RuntimeError(f"cannot load the model {model!r}: {reason}. Give --model a local folder "
                         "(transformers format, safetensors) or a hub id reachable from here.")
 
@@ -163,13 +163,16 @@ TORCH_GPU_BATCH = 64
 
 
 def model_config(model: str) -> dict:
-    """The model's ``config.json``: from its folder, or the hub's (cached) copy for a hub id."""
+    """The model's ``config.json``: from its folder, or for a hub id from the hub's cache, else the hub (a cached
+    copy is read without asking the hub, which retries for about 20 s where it cannot be reached)."""
     folder = Path(model).expanduser()
     if folder.is_dir():
         return json.loads((folder / "config.json").read_text())
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    cached = try_to_load_from_cache(model, "config.json")
+    path = cached if isinstance(cached, str) else hf_hub_download(model, "config.json")
+    return json.loads(Path(path).read_text())
 
 
 def model_languages(model: str) -> frozenset[str] | None:
@@ -363,10 +366,11 @@ class Decoder:
     def _load_processor(self, numpy_features: bool = False, folder: Path | None = None) -> None:
         """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id).
 
-        ``numpy_features``: log-mel features from :class:`NumpyLogMel` instead of transformers'
-        WhisperFeatureExtractor, and, when ``folder`` (the model's local folder) has ``tokenizer.json``, the
-        tokenizer and generation config read without transformers (:mod:`krasr_batch.engines.vocab`): an
-        engine that runs on neither torch nor transformers (CTranslate2) starts several seconds sooner.
+        ``folder``: the model's local folder (a hub id's snapshot, ``local_model_dir``), read instead of
+        ``options.model``. ``numpy_features``: log-mel features from :class:`NumpyLogMel` instead of
+        transformers' WhisperFeatureExtractor, and, when ``folder`` has ``tokenizer.json``, the tokenizer and
+        generation config read without transformers (:mod:`krasr_batch.engines.vocab`): an engine that runs on
+        neither torch nor transformers (CTranslate2) starts several seconds sooner.
         """
         model = self.options.model
         if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
@@ -383,16 +387,17 @@ class Decoder:
                 from transformers.generation.configuration_utils import GenerationConfig
                 from transformers.models.whisper.tokenization_whisper import WhisperTokenizer
 
+                src = str(folder) if folder is not None else model
                 if numpy_features:
-                    self.tokenizer = WhisperTokenizer.from_pretrained(model)
-                    self.feature_extractor = NumpyLogMel.from_pretrained(model)
+                    self.tokenizer = WhisperTokenizer.from_pretrained(src)
+                    self.feature_extractor = NumpyLogMel.from_pretrained(src)
                 else:
                     from transformers import WhisperProcessor
 
-                    self.processor = WhisperProcessor.from_pretrained(model)
+                    self.processor = WhisperProcessor.from_pretrained(src)
                     self.tokenizer = self.processor.tokenizer
                     self.feature_extractor = self.processor.feature_extractor
-                gc = GenerationConfig.from_pretrained(model)
+                gc = GenerationConfig.from_pretrained(src)
         except (OSError, ValueError) as e:
             raise model_error(model, e) from e
         self.generation_config = gc

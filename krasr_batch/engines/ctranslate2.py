@@ -77,7 +77,7 @@ def local_model_dir(model: str) -> Path:
     if path.is_dir():
         return path
     if path.exists() or model.startswith((".", "/", "~")):
-        raise RuntimeError(f"cannot load the model {model!r}: not a folder")
+        raise RuntimeError(f"cannot load the model {model!r}: {'not a' if path.exists() else 'no such'} folder")
     from huggingface_hub import snapshot_download
 
     try:

@@ -23,6 +23,7 @@ from krasr_batch.engines.base import (
     model_error,
     resolve_device,
 )
+from krasr_batch.engines.ctranslate2 import local_model_dir
 from krasr_batch.engines.timing import Word, num_frames, words_from_weights
 from krasr_batch.settings import DecodeOptions
 
@@ -46,10 +47,11 @@ class WhisperDecoder(Decoder):
         else:
             self.dtype = getattr(torch, default_dtype_name(options.dtype, self.device))
         t0 = time.perf_counter()
-        self._load_processor()
+        folder = local_model_dir(options.model)  # a hub id's snapshot: files read from here, no hub request each
+        self._load_processor(folder=folder)
         try:
             self.model = WhisperForConditionalGeneration.from_pretrained(
-                options.model, dtype=self.dtype, attn_implementation="sdpa", use_safetensors=True,
+                str(folder), dtype=self.dtype, attn_implementation="sdpa", use_safetensors=True,
                 trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise model_error(options.model, e) from e
