@@ -130,9 +130,15 @@ def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
     if globs and kind != "folder":
         raise ManifestError(source, 0, "--glob narrows a folder input; this is not a folder")
     if kind == "folder":
-        yield from walk_folder(source, globs)
+        try:
+            yield from walk_folder(source, globs)
+        except OSError as e:  # object storage out of reach, a mount gone: one line naming the folder
+            raise ManifestError(source, 0, f"cannot list it: {e.strerror or e}") from e
     elif kind == "glob":
-        files = expand_glob(source)
+        try:
+            files = expand_glob(source)
+        except OSError as e:
+            raise ManifestError(source, 0, f"cannot list it: {e.strerror or e}") from e
         if not files:
             raise ManifestError(source, 0, "no file matches this pattern")
         counter = [0]

@@ -60,6 +60,15 @@ def write_manifest(path: Path, rows: list[dict], base: Path | None = None) -> Pa
     return path
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on (bound, then closed): for a server to start, or a connection refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real ``krasr-batch`` command in its own process."""
     e = dict(os.environ)

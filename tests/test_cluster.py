@@ -30,7 +30,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from .conftest import REPO, read_jsonl, run_cli, write_manifest
+from .conftest import REPO, free_port, read_jsonl, run_cli, write_manifest
 
 CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003", "ru_004", "ru_005", "ru_006", "ru_007"]
 MODEL_STAGE = "ModelStage"
@@ -203,12 +203,6 @@ def test_placement_fits_every_stage_on_any_spread_of_the_actors(shape, device, a
 
 # ---------------------------------------------------------------- a two-node local cluster
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _session_of(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -303,16 +297,16 @@ def cluster():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1")
-    port, dash_port = _free_port(), _free_port()
+    port, dash_port = free_port(), free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-gpus=0", "--object-store-memory=200000000"]
     try:
         _ray_start(["--head", f"--port={port}", *common, "--num-cpus=0", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                    f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                     f"--temp-dir={base}/head"], sessions, env)
         for w in ("w1", "w2"):
             _ray_start([f"--address=127.0.0.1:{port}", *common, "--num-cpus=2",
-                        f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={base}/{w}"], sessions, env)
+                        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={base}/{w}"], sessions, env)
         dashboard = f"http://127.0.0.1:{dash_port}"
         from krasr_batch.cluster import use_cluster_token
 

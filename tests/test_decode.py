@@ -14,6 +14,8 @@ from krasr_batch.engines import (
 from krasr_batch.engines.transformers import WhisperDecoder
 from krasr_batch.settings import DecodeOptions, build_settings, load_preset
 
+from .conftest import free_port
+
 
 @pytest.mark.parametrize("duration, limit", [
     (0.0, 40), (0.1, 40), (5.0, 40), (5.001, 64), (10.0, 64), (10.01, 80), (15.0, 80), (15.5, 96),
@@ -211,12 +213,6 @@ def test_the_benchmarks_count_of_model_calls_is_the_engines_own(tiny_model, engi
     assert sorted(len(b) for b in dec.batch_plan(inputs, 2)) == sorted(calls)
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # bound, then closed: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("engine", ["torch", "transformers"])
@@ -236,7 +232,7 @@ def test_a_hub_id_where_the_hub_cannot_be_reached_loads_from_the_cache_or_fails_
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(rev)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE"))}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     code = ("import sys; from krasr_batch.engines import check_model, load_decoder; "
             "from krasr_batch.settings import DecodeOptions\n"
             "for model in sys.argv[2:]:\n"

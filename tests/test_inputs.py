@@ -23,6 +23,8 @@ from krasr_batch.inputs import input_kind
 from krasr_batch.manifest import ManifestError, iter_manifest, normalize_manifest
 from krasr_batch.shards import parse_ref
 
+from .conftest import free_port
+
 CLIPS = ["ru_000.wav", "ru_001.flac", "ru_002.ogg", "ru_003.mp3"]
 
 
@@ -372,3 +374,21 @@ def test_a_manifest_piped_on_standard_input(tmp_path, corpus):
                         "--address", "http://127.0.0.1:9"], input=lines, capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "takes a file, not standard input" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("source", ["s3://archive/calls/", "s3://archive/calls/*.wav"])
+def test_object_storage_out_of_reach_is_one_line_naming_the_input(source, monkeypatch):
+    """A folder or pattern on object storage that cannot be reached (its endpoint a closed local port): the
+    manifest error naming it, as for a file that cannot be opened, not pyarrow's traceback."""
+    from krasr_batch import storage
+
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    storage._filesystem.cache_clear()
+    try:
+        with pytest.raises(ManifestError, match=rf"^{source.replace('*', '[*]')}: cannot list it: "):
+            list(iter_manifest(source))
+    finally:
+        storage._filesystem.cache_clear()

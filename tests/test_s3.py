@@ -7,14 +7,13 @@ installed offline, so DuckDB reads the Arrow table): every manifest line exactly
 from __future__ import annotations
 
 import json
-import socket
 
 import duckdb
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
 
-from .conftest import read_jsonl, run_cli
+from .conftest import free_port, read_jsonl, run_cli
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -25,16 +24,12 @@ BUCKET = "krasr-test"
 CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003"]  # wav, flac, ogg, mp3: soundfile and PyAV over ranged reads
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 on a free local port; yields (env for krasr-batch, boto3 client, pyarrow filesystem)."""
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

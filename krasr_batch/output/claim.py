@@ -138,7 +138,8 @@ def _write_lease(fs: pafs.FileSystem, p: str, holder: dict[str, Any]) -> None:
 @contextmanager
 def _lease(out: str, command: str) -> Iterator[None]:
     fs, p = filesystem(join(out, CLAIM_NAME))
-    holder, age = _read_lease(fs, p)
+    with writing(join(out, CLAIM_NAME)):  # storage out of reach (no network, a wrong endpoint): one line naming it
+        holder, age = _read_lease(fs, p)
     if holder is not None and age is not None and age < LEASE_S:
         raise _busy(out, holder, f", last heard from {age:.0f} s ago (a lease older than {LEASE_S:.0f} s is "
                                  "taken to be a run that is gone)")
