@@ -133,12 +133,12 @@ def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
         try:
             yield from walk_folder(source, globs)
         except OSError as e:  # object storage out of reach, a mount gone: one line naming the folder
-            raise ManifestError(source, 0, f"cannot list it: {e.strerror or e}") from e
+            raise ManifestError(source, 0, f"cannot list it: {e}") from e
     elif kind == "glob":
         try:
             files = expand_glob(source)
         except OSError as e:
-            raise ManifestError(source, 0, f"cannot list it: {e.strerror or e}") from e
+            raise ManifestError(source, 0, f"cannot list it: {e}") from e
         if not files:
             raise ManifestError(source, 0, "no file matches this pattern")
         counter = [0]
