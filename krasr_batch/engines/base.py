@@ -363,21 +363,18 @@ class Decoder:
         so output decoded on nodes that resolved ``--dtype auto`` differently says which rows are which."""
         return f"{self.engine}/{self.precision}" if self.precision else self.engine
 
-    def _load_processor(self, numpy_features: bool = False, folder: Path | None = None) -> None:
-        """Tokenizer, feature extractor and generation config of ``options.model`` (a folder or a hub id).
+    def _load_processor(self, folder: Path, numpy_features: bool = False) -> None:
+        """Tokenizer, feature extractor and generation config of ``options.model``, read from ``folder``: its
+        local folder (a hub id's snapshot), as :func:`~krasr_batch.engines.ctranslate2.local_model_dir` gives it.
 
-        ``folder``: the model's local folder (a hub id's snapshot, ``local_model_dir``), read instead of
-        ``options.model``. ``numpy_features``: log-mel features from :class:`NumpyLogMel` instead of
-        transformers' WhisperFeatureExtractor, and, when ``folder`` has ``tokenizer.json``, the tokenizer and
-        generation config read without transformers (:mod:`krasr_batch.engines.vocab`): an engine that runs on
-        neither torch nor transformers (CTranslate2) starts several seconds sooner.
+        ``numpy_features``: log-mel features from :class:`NumpyLogMel` instead of transformers'
+        WhisperFeatureExtractor, and, when ``folder`` has ``tokenizer.json``, the tokenizer and generation config
+        read without transformers (:mod:`krasr_batch.engines.vocab`): an engine that runs on neither torch nor
+        transformers (CTranslate2) starts several seconds sooner.
         """
         model = self.options.model
-        if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
-            raise RuntimeError(f"cannot load the model {model!r}: no such folder")
         try:
-            if numpy_features and folder is not None and (folder / "tokenizer.json").exists() \
-                    and (folder / "generation_config.json").exists():
+            if numpy_features and (folder / "tokenizer.json").exists() and (folder / "generation_config.json").exists():
                 from krasr_batch.engines.vocab import WhisperText, generation_config
 
                 self.tokenizer = WhisperText(folder)
@@ -387,17 +384,16 @@ class Decoder:
                 from transformers.generation.configuration_utils import GenerationConfig
                 from transformers.models.whisper.tokenization_whisper import WhisperTokenizer
 
-                src = str(folder) if folder is not None else model
                 if numpy_features:
-                    self.tokenizer = WhisperTokenizer.from_pretrained(src)
-                    self.feature_extractor = NumpyLogMel.from_pretrained(src)
+                    self.tokenizer = WhisperTokenizer.from_pretrained(str(folder))
+                    self.feature_extractor = NumpyLogMel.from_pretrained(str(folder))
                 else:
                     from transformers import WhisperProcessor
 
-                    self.processor = WhisperProcessor.from_pretrained(src)
+                    self.processor = WhisperProcessor.from_pretrained(str(folder))
                     self.tokenizer = self.processor.tokenizer
                     self.feature_extractor = self.processor.feature_extractor
-                gc = GenerationConfig.from_pretrained(src)
+                gc = GenerationConfig.from_pretrained(str(folder))
         except (OSError, ValueError) as e:
             raise model_error(model, e) from e
         self.generation_config = gc
