@@ -213,8 +213,6 @@ def test_the_benchmarks_count_of_model_calls_is_the_engines_own(tiny_model, engi
     assert sorted(len(b) for b in dec.batch_plan(inputs, 2)) == sorted(calls)
 
 
-
-
 @pytest.mark.parametrize("engine", ["torch", "transformers"])
 def test_a_hub_id_where_the_hub_cannot_be_reached_loads_from_the_cache_or_fails_at_once(tmp_path, tiny_model, engine):
     """A hub id with no network (the hub at a closed port here; HF_HUB_OFFLINE not set, as on a user's machine):

@@ -83,23 +83,21 @@ class Feed:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _close_executors(before: set) -> int:
+def _close_executors(before: set) -> None:
     """Shut down Ray Data's streaming executors that are not in ``before`` (the threads alive when a
-    :class:`Feed` started): each is a thread of its own. Returns how many; 0 where this Ray Data's executor
-    is not where 2.60 has it (the thread is then left to Ray's shutdown, as before)."""
+    :class:`Feed` started): each is a thread of its own. Nothing is done where this Ray Data's executor is
+    not where 2.60 has it (the thread is then left to Ray's shutdown, as before)."""
     import threading
 
     try:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
     except ImportError:
-        return 0
-    mine = [t for t in threading.enumerate() if isinstance(t, StreamingExecutor) and t not in before]
-    for ex in mine:
+        return
+    for ex in [t for t in threading.enumerate() if isinstance(t, StreamingExecutor) and t not in before]:
         try:
             ex.shutdown(force=True)
         except Exception:  # noqa: BLE001 - best effort: the run is stopping anyway, with its own message
             logging.getLogger(__name__).debug("closing Ray Data's executor failed", exc_info=True)
-    return len(mine)
 
 
 class StallWatch:
