@@ -21,6 +21,7 @@ from krasr_batch.engines.base import (
     SegmentInput,
     SegmentOutput,
     language_code,
+    local_model_dir,
     max_new_tokens_for,
     require_safetensors,
     resolve_device,
@@ -87,8 +88,6 @@ def check_model(options: DecodeOptions) -> frozenset[str]:
     tokenizer, feature extractor and generation config load, a local folder holds safetensors weights, it
     has a token for ``--language`` and ``--languages``, and the CTranslate2 engine has its converted copy
     (converted here once, so replicas find it cached). Returns the Whisper codes of the model's languages."""
-    from krasr_batch.engines.ctranslate2 import local_model_dir
-
     # a hub id: its snapshot, downloaded here once for every replica on this machine. Where the hub cannot be
     # reached this fails at once (or finds the cached snapshot); transformers' own loading retried each file
     # for about 20 s, and the run said nothing for minutes before its error
@@ -102,7 +101,7 @@ def check_model(options: DecodeOptions) -> frozenset[str]:
     if options.engine == "ctranslate2":
         from krasr_batch.engines.ctranslate2 import converted_model
 
-        converted_model(options.model)
+        converted_model(str(folder))
     return frozenset(decoder.token_by_code)
 
 

@@ -115,6 +115,21 @@ def model_error(model: str, cause: Exception) -> RuntimeError:
                         "(transformers format, safetensors) or a hub id reachable from here.")
 
 
+def local_model_dir(model: str) -> Path:
+    """The model's local folder: ``model`` itself, or the hub snapshot of a hub id (downloaded if needed)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise RuntimeError(f"cannot load the model {model!r}: {'not a' if path.exists() else 'no such'} folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, no access: one clear message
+        raise model_error(model, e) from e
+
+
 def language_code(language: str | None) -> str:
     """Whisper's code for a language name or code ("kazakh" -> "kk"); "" when unknown."""
     from krasr_batch.engines.vocab import whisper_language
@@ -365,7 +380,7 @@ class Decoder:
 
     def _load_processor(self, folder: Path, numpy_features: bool = False) -> None:
         """Tokenizer, feature extractor and generation config of ``options.model``, read from ``folder``: its
-        local folder (a hub id's snapshot), as :func:`~krasr_batch.engines.ctranslate2.local_model_dir` gives it.
+        local folder (a hub id's snapshot), as :func:`local_model_dir` gives it.
 
         ``numpy_features``: log-mel features from :class:`NumpyLogMel` instead of transformers'
         WhisperFeatureExtractor, and, when ``folder`` has ``tokenizer.json``, the tokenizer and generation config

@@ -44,7 +44,7 @@ from krasr_batch.engines.base import (
     default_dtype_name,
     feature_extractor_config,
     language_code,
-    model_error,
+    local_model_dir,
     require_safetensors,
 )
 from krasr_batch.engines.timing import MEDIAN_FILTER_WIDTH, Word, num_frames, words_from_alignment
@@ -69,21 +69,6 @@ def import_ctranslate2():
 
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "krasr-batch")
-
-
-def local_model_dir(model: str) -> Path:
-    """The model's local folder: ``model`` itself, or the hub snapshot of a hub id (downloaded if needed)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise RuntimeError(f"cannot load the model {model!r}: {'not a' if path.exists() else 'no such'} folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - offline, unknown id, no access: one clear message
-        raise model_error(model, e) from e
 
 
 def _cache_key(src: Path, quantization: str | None) -> str:
@@ -208,8 +193,9 @@ class CTranslate2Decoder(Decoder):
         super().__init__(options, device)
         t0 = time.perf_counter()
         # no torch and no transformers in a CTranslate2 replica
-        self._load_processor(numpy_features=True, folder=local_model_dir(options.model))
-        path = converted_model(options.model)
+        folder = local_model_dir(options.model)  # a hub id asks the hub once, not once for each use below
+        self._load_processor(numpy_features=True, folder=folder)
+        path = converted_model(str(folder))
         self.compute_type = weights = compute_type_for(options.dtype, device)
         try:
             self.model = ct2.models.Whisper(str(path), device=device, compute_type=self.compute_type,
@@ -224,7 +210,7 @@ class CTranslate2Decoder(Decoder):
         if cpu_bf16_encoder(options.dtype, device):
             from krasr_batch.engines.encoder import TorchEncoder
 
-            self.torch_encoder = TorchEncoder(local_model_dir(options.model), "bfloat16", threads)
+            self.torch_encoder = TorchEncoder(folder, "bfloat16", threads)
             self.compute_type += ", encoder bfloat16 (torch)"
         self.precision = weights + ("+encoder-bfloat16" if self.torch_encoder else "")
         self.load_s = time.perf_counter() - t0

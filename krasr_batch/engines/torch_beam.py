@@ -47,6 +47,7 @@ from krasr_batch.engines.base import (
     SegmentOutput,
     default_batch_size,
     language_code,
+    local_model_dir,
     require_safetensors,
     resolve_device,
 )
@@ -906,7 +907,6 @@ class TorchBeamDecoder(Decoder):
     def __init__(self, options: DecodeOptions, device: str = "auto", threads: int | None = None):
         import torch
 
-        from krasr_batch.engines.ctranslate2 import local_model_dir
         from krasr_batch.engines.encoder import TorchEncoder, cpu_compute_type
         device = resolve_device(device)
         super().__init__(options, device)

@@ -20,10 +20,10 @@ from krasr_batch.engines.base import (
     default_batch_size,
     default_dtype_name,
     language_code,
+    local_model_dir,
     model_error,
     resolve_device,
 )
-from krasr_batch.engines.ctranslate2 import local_model_dir
 from krasr_batch.engines.timing import Word, num_frames, words_from_weights
 from krasr_batch.settings import DecodeOptions
 
