@@ -208,6 +208,30 @@ def test_gpu_check_token_limit_seam():
     assert token_limit(2.0, False, "fit") == 60 > max_new_tokens_for(2.0)  # never below the card's limit
 
 
+def test_clip_fit_cuts_clips_at_sentence_ends_and_counts_what_the_cards_limit_cuts(corpus, tiny_model, tmp_path,
+                                                                                   capsys):
+    """benchmarks/clip_fit.py: clips of at most 30 s cut between the corpus's sentence spans, each holding its
+    sentences' speech, and the count of references over the card's limit and over the "fit" budget."""
+    import json
+
+    import soundfile as sf
+
+    from benchmarks import clip_fit
+
+    clip_fit.main(["make", str(corpus), "--out", str(tmp_path / "clips"), "--seed", "3"])
+    made = json.loads(capsys.readouterr().out)
+    rows = read_jsonl(tmp_path / "clips" / "clips.jsonl")
+    spans = read_jsonl(corpus / "spans.jsonl")
+    assert made["clips"] == len(rows) > 4
+    assert sum(r["sentences"] for r in rows) == len(spans)  # every sentence in one clip, none split
+    for r in rows:
+        d = sf.info(tmp_path / "clips" / r["path"]).duration
+        assert 0.5 < d <= 30.0 and r["text"]
+    clip_fit.main(["fit", str(tmp_path / "clips" / "clips.jsonl"), "--model", str(tiny_model)])
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["clips"] == len(rows) and fit["over_fit_budget"] == 0 and 0 <= fit["over_card"] <= len(rows)
+
+
 def test_beam_cost_compares_the_engines_searches(corpus, tiny_model, capsys):
     """benchmarks/beam_cost.py on two windows of a long recording: every system's row, and the torch engine's
     float32 search gives CTranslate2 float32's tokens (random weights: long, repetitive rows)."""
