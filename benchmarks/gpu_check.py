@@ -411,7 +411,7 @@ def load(ctx, model: str, device: str, dtype: str, batch: int, engine: str | Non
     if engine == "torch" and device == "cpu" and dtype == "float16":
         dtype = "bfloat16"
     dec = engine_class(engine)(DecodeOptions(model=model, engine=engine, dtype=dtype, batch_size=batch,
-                                             word_timestamps=words), device)
+                                             word_timestamps=words, token_limit=ctx.policy), device)
     if search is not None:
         dec.search = search
     return dec

@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from krasr_batch.audio import load_audio
 from krasr_batch.engines import (
     FIT_TOKENS_PER_S,
     MODEL_MAX_NEW_TOKENS,
@@ -12,9 +13,10 @@ from krasr_batch.engines import (
     segment_token_limit,
 )
 from krasr_batch.engines.transformers import WhisperDecoder
+from krasr_batch.quality import truncation_cause
 from krasr_batch.settings import DecodeOptions, build_settings, load_preset
 
-from .conftest import free_port
+from .conftest import free_port, read_jsonl
 
 
 @pytest.mark.parametrize("duration, limit", [
@@ -100,7 +102,8 @@ def test_options_are_checked():
 
 
 def test_decoder_groups_by_limit_and_shares_batches_across_languages(tiny_model):
-    dec = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=2), device="cpu")
+    # the card's limits: random weights run every clip to its limit, which "fit" would decode again
+    dec = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=2, token_limit="card"), device="cpu")
     rng = np.random.default_rng(0)
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
               for d, lang in [(3, "kazakh"), (12, "russian"), (3, "kazakh"), (3, "russian"), (3, "kazakh")]]
@@ -119,7 +122,8 @@ def test_a_row_of_a_mixed_language_batch_decodes_as_in_a_batch_of_its_own_langua
     rng = np.random.default_rng(5)
     audios = [rng.normal(0, 0.1, 16000 * 3).astype(np.float32) for _ in range(4)]
     langs = ["kazakh", "russian", "kazakh", "russian"]
-    mixed = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=4), device="cpu")
+    # the card's limits (as in the tests below): "fit" decodes again a clip that random weights run to its limit
+    mixed = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=4, token_limit="card"), device="cpu")
     out = mixed.decode([SegmentInput(a, x, 12) for a, x in zip(audios, langs)])
     assert [o.batch_size for o in out] == [4] * 4 and [o.language for o in out] == ["kk", "ru", "kk", "ru"]
     pairs = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=2), device="cpu")
@@ -128,6 +132,65 @@ def test_a_row_of_a_mixed_language_batch_decodes_as_in_a_batch_of_its_own_langua
         alone = pairs._generate([audios[i] for i in idx], lang, 12)
         assert [o.text for o in alone] == [out[i].text for i in idx]
         assert [o.num_tokens for o in alone] == [out[i].num_tokens for i in idx]
+
+
+def _joined_clips(corpus: Path) -> list[tuple[np.ndarray, str]]:
+    """Clips as an archive holds them, from the corpus's sentences (0.1 s apart): three Kazakh sentences in
+    about 11.6 s, two in about 8.6 s, and one Russian sentence."""
+    rows = read_jsonl(corpus / "clips.jsonl")
+    kk, ru = [c for c in rows if c["category"] == "kk"], [c for c in rows if c["category"] == "ru"]
+    gap = np.zeros(1600, np.float32)
+    clips = []
+    for group in (kk[0:3], kk[9:11], ru[0:1]):
+        audio = [part for c in group for part in (load_audio(str(corpus / c["path"])), gap)][:-1]
+        clips.append((np.concatenate(audio), " ".join(c["text"] for c in group)))
+    return clips
+
+
+def _same(a, b) -> bool:
+    """Two results of one segment equal but for the model call's wall time."""
+    return a.text == b.text and a.num_tokens == b.num_tokens and a.truncated == b.truncated \
+        and a.max_new_tokens == b.max_new_tokens and a.avg_logprob == b.avg_logprob
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "ctranslate2"])
+def test_a_clip_its_card_limit_cuts_short_is_decoded_again_at_the_fit_budget(base_model, corpus, engine):
+    """A file decoded whole keeps the card's call, and its text where the card's limit does not cut it; where
+    it cuts real text (not a loop), the clip is decoded again at the budget a window of its length gets, and
+    the longer of the two texts is kept. (Decoder.decode does this for every engine; the CPU's two defaults
+    here, transformers' float32 generate() takes a minute for the same.)"""
+    from transformers import WhisperTokenizer
+
+    from krasr_batch.engines import load_decoder
+
+    clips = _joined_clips(corpus)
+    inputs = [SegmentInput(a, "kazakh", max_new_tokens_for(len(a) / 16000)) for a, _ in clips]
+    tok = WhisperTokenizer.from_pretrained(str(base_model))
+    need = len(tok(" " + clips[0][1], add_special_tokens=False).input_ids) + 1  # its words and end-of-text
+    assert inputs[0].max_new_tokens == 80 < need  # a perfect transcript of 11.6 s of Kazakh does not fit the card's 80
+
+    dec = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4), device="cpu")
+    assert dec.options.token_limit == "fit"  # the default
+    card = dec._decode_batches(inputs)  # the card's call, as --token-limit card makes it
+    cut = [i for i, r in enumerate(card) if r.truncated and truncation_cause(r.text, True) == "did_not_fit"]
+    assert 0 in cut
+    budget = {i: segment_token_limit(len(inputs[i].audio) / 16000, False, "fit") for i in cut}
+    again = dict(zip(cut, dec._decode_batches([SegmentInput(inputs[i].audio, "kazakh", budget[i], False)
+                                               for i in cut])))
+    out = dec.decode(inputs)
+    for i, (c, o) in enumerate(zip(card, out)):
+        if i not in cut:
+            assert _same(o, c) and o.max_new_tokens is None  # the card's text, untouched
+        elif again[i].num_tokens >= c.num_tokens:
+            assert o.text == again[i].text and o.max_new_tokens == budget[i] and o.truncated == again[i].truncated
+        else:  # with room a shorter hypothesis ended by itself: the cut text holds more words, and stays flagged
+            assert _same(o, c) and o.truncated
+    assert out[0].max_new_tokens == 180 and out[0].num_tokens > 80  # the 11.6 s clip: past the card's limit
+    assert 2 not in cut and not out[2].truncated  # the Russian sentence ends by itself
+    card_policy = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4, token_limit="card"),
+                               device="cpu")
+    assert all(_same(a, b) for a, b in zip(card_policy.decode(inputs), card))  # --token-limit card: the card's call
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -181,7 +244,7 @@ def test_our_ngram_ban_bans_exactly_what_transformers_bans(n):
 def test_the_transformers_engine_with_our_ban_gives_transformers_own_output(tiny_model):
     import torch
 
-    dec = WhisperDecoder(DecodeOptions(model=str(tiny_model)), device="cpu")
+    dec = WhisperDecoder(DecodeOptions(model=str(tiny_model), token_limit="card"), device="cpu")
     audio = np.random.default_rng(3).normal(0, 0.1, 16000 * 6).astype(np.float32)
     feats = dec._features([audio], "pt")["input_features"]
     common = dict(task="transcribe", language="kazakh", num_beams=3, repetition_penalty=1.12, max_new_tokens=64)
@@ -199,7 +262,9 @@ def test_the_benchmarks_count_of_model_calls_is_the_engines_own(tiny_model, engi
     from benchmarks.gpu_check import generate_calls
     from krasr_batch.engines import load_decoder
 
-    dec = load_decoder(DecodeOptions(model=str(tiny_model), batch_size=2, engine=engine), device="cpu")
+    # the benchmarks' own --limits card: under "fit" decode() adds a second pass for clips their limit cut
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), batch_size=2, engine=engine, token_limit="card"),
+                       device="cpu")
     calls = []
     real = dec._generate_batch
     monkeypatch.setattr(dec, "_generate_batch", lambda batch: calls.append(len(batch)) or real(batch))

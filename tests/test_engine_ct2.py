@@ -33,7 +33,8 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 
 def test_max_length_gives_exactly_the_cards_limit(tiny_model):
     """Random weights rarely emit end-of-text, so each row runs to its limit: the limit is the step count."""
-    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2"), "cpu", 1)
+    # --token-limit card: under "fit" a clip that random weights run to its limit is decoded again at the budget
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", token_limit="card"), "cpu", 1)
     rng = np.random.default_rng(1)
     audio = rng.normal(0, 0.1, 16000 * 4).astype(np.float32)
     limits = [1, 2, 3, 7, 40]
@@ -46,7 +47,8 @@ def test_max_length_gives_exactly_the_cards_limit(tiny_model):
 
 
 def test_decoder_groups_languages_and_reports_signals(tiny_model):
-    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2), "cpu", 1)
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=2, token_limit="card"),
+                       "cpu", 1)
     assert dec.engine == "ctranslate2"  # --dtype auto on a CPU: chosen by the CPU's bfloat16 units
     bf16 = engine.cpu_bf16_encoder("auto", "cpu")
     assert dec.compute_type == ("float32, encoder bfloat16 (torch)" if bf16 else "int8")
@@ -66,7 +68,8 @@ def test_decoder_groups_languages_and_reports_signals(tiny_model):
 def test_windows_of_several_budgets_share_a_batch_and_are_cut_at_their_own(tiny_model):
     """Windows cut from long recordings (exact_limit False) decode together up to the largest budget; each
     row is cut at its own. Files decoded whole keep batches of their own limit."""
-    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=8), "cpu", 1)
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", batch_size=8, token_limit="card"),
+                       "cpu", 1)
     audio = np.random.default_rng(2).normal(0, 0.1, 16000 * 20).astype(np.float32)
     windows = [SegmentInput(audio, "kazakh", n, exact_limit=False) for n in (6, 12, 30)]
     clips = [SegmentInput(audio, "kazakh", n) for n in (5, 9)]

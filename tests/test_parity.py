@@ -9,7 +9,7 @@ from transformers.pipelines.audio_utils import ffmpeg_read
 
 from benchmarks.baselines import card_pipeline, card_usage
 from krasr_batch.audio import load_audio
-from krasr_batch.engines import max_new_tokens_for
+from krasr_batch.engines import max_new_tokens_for, segment_token_limit
 from krasr_batch.textnorm import normalize
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -36,16 +36,25 @@ def test_same_text_as_the_card_pipeline(tmp_path, corpus, base_model):
     wer_ours = jiwer.wer(refs, [normalize(ours[c["id"]]) for c in clips])
     asr = card_pipeline(str(base_model))
 
-    # 1. the card's call on the very samples krasr-batch decoded: the same text, clip for clip
-    on_samples = {}
+    # 1. the card's call on the very samples krasr-batch decoded: the same text, clip for clip. A clip the
+    #    card's limit cut short (real text, not a loop) was decoded again at the "fit" budget (README, Token
+    #    limits); its row says so with that budget as max_new_tokens, and its text is the card's call made with it
+    segs = {s["file_id"]: s for s in pads.dataset(tmp_path / "out" / "segments").to_table().to_pylist()}
+    on_samples, card_limit, again = {}, {}, []
     for c in clips:
         audio = load_audio(str(corpus / c["path"]))
+        card_limit[c["id"]] = max_new_tokens_for(len(audio) / 16000)
+        limit = segs[c["id"]]["max_new_tokens"]
+        if limit != card_limit[c["id"]]:
+            assert limit == segment_token_limit(len(audio) / 16000, False, "fit")
+            again.append(c["id"])
         on_samples[c["id"]] = asr({"raw": audio, "sampling_rate": 16000}, generate_kwargs=dict(
             task="transcribe", language=c["language"], num_beams=3, no_repeat_ngram_size=4, repetition_penalty=1.12,
-            max_new_tokens=max_new_tokens_for(len(audio) / 16000)))["text"].strip()
+            max_new_tokens=limit))["text"].strip()
     same = [c["id"] for c in clips if on_samples[c["id"]] == ours[c["id"]]]
     assert len(same) >= 0.9 * len(clips), [(on_samples[i], ours[i]) for i in ours if i not in same]
     assert abs(wer_ours - jiwer.wer(refs, [normalize(on_samples[c["id"]]) for c in clips])) <= 0.01
+    assert all(segs[i]["num_tokens"] >= card_limit[i] for i in again)  # longer than the cut text, never shorter
 
     # 2. the card's call on the files (the pipeline decodes and resamples them with ffmpeg, krasr-batch with
     #    soundfile/PyAV and soxr): resampled clips may differ word for word, the error rate may not

@@ -433,7 +433,9 @@ def test_the_gpu_feature_path_decodes_the_same_on_the_cpu(tiny_model):
 
 
 def test_engine_limits_signals_and_batches(tiny_model):
-    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32"), "cpu", 1)
+    # --token-limit card: under "fit" a clip that random weights run to its limit is decoded again at the budget
+    dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32", token_limit="card"),
+                       "cpu", 1)
     assert dec.engine == "torch" and dec.compute_type == "float32" and dec.batch_size == CT2_CPU_BATCH
     rng = np.random.default_rng(1)
     audio = rng.normal(0, 0.1, 16000 * 4).astype(np.float32)

@@ -14,13 +14,14 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from krasr_batch.audio import SAMPLE_RATE
 from krasr_batch.engines.timing import Word
+from krasr_batch.quality import truncation_cause
 from krasr_batch.settings import MAX_WINDOW_S, TOKEN_LIMIT_POLICIES, DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ MODEL_MAX_NEW_TOKENS = 444  # Whisper's 448 target positions less the 4-token pr
 
 
 # Token-limit policies (issue 17). "card": the card's table for every segment. "fit" (the default): the
-# card's table for a file decoded whole, exactly as the card decodes a short clip; a window cut from a longer
+# card's table for a file decoded whole, exactly as the card decodes a short clip (and, where that cuts real text
+# short, a second decode at the budget below: Decoder.decode); a window cut from a longer
 # recording gets at least FIT_TOKENS_PER_S tokens for each of its seconds, because the card's table (8 tokens
 # a second at 5 s, 4.3 at 30 s) cuts dense speech short. "none": the model's own limit.
 # Measured with benchmarks/token_fit.py (BENCHMARKS.md, block token-fit): on dense long Kazakh, Russian and mixed
@@ -57,7 +59,8 @@ def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit"
     """``max_new_tokens`` for one segment of ``duration_s`` seconds under a token-limit ``policy``.
 
     ``whole_file``: the segment is the whole file (a short clip decoded whole, as the card's usage does),
-    which keeps the card's limit under "fit" so the output equals the card's call.
+    which keeps the card's limit under "fit" so the output equals the card's call (where that limit cuts real
+    text short, :meth:`Decoder.decode` decodes the clip again at the budget a window gets).
     """
     if policy == "none":
         return MODEL_MAX_NEW_TOKENS
@@ -102,6 +105,9 @@ class SegmentOutput:
     # when given and ``language`` is one of them, else among all the model's languages
     language_prob: float | None = None
     words: tuple[Word, ...] | None = None  # with word timestamps: the words, times from the segment's start
+    # the limit the text was decoded at, where it is not the input's: a file decoded whole that its card limit
+    # cut short, decoded again at the "fit" budget (Decoder.decode); None: the input's max_new_tokens
+    max_new_tokens: int | None = None
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -505,12 +511,48 @@ class Decoder:
         return plan
 
     def decode(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
-        """Decode segments in the batches of :meth:`batch_plan`; results in input order."""
+        """Decode segments in the batches of :meth:`batch_plan`; results in input order.
+
+        Under the "fit" token-limit policy, a segment decoded at its exact limit (a file decoded whole, at the
+        card's limit) that stopped there with real text, not a repetition loop, is decoded again at the budget a
+        window of its duration gets (:func:`segment_token_limit`), and that result is kept: the card's table cuts
+        dense speech short in clips as it does in windows (at 8.7 tokens a second, Kazakh needs more than 64
+        tokens from 7.4 s on). A clip the card's limit does not cut keeps the card's call and text exactly. Where
+        the larger limit lets a shorter hypothesis win (one that ends by itself, a sentence short of the cut text),
+        the first text is kept, still flagged ``truncated``: the words it holds are not dropped unflagged.
+        """
+        out = self._decode_batches(inputs)
+        if self.options.token_limit == "fit":
+            self._refit(inputs, out)
+        return out
+
+    def _decode_batches(self, inputs: Sequence[SegmentInput]) -> list[SegmentOutput]:
         out: list[SegmentOutput | None] = [None] * len(inputs)
         for chunk in self.batch_plan(inputs, self.batch_size):
             for i, r in zip(chunk, self._generate_batch([inputs[i] for i in chunk])):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+    def _refit(self, inputs: Sequence[SegmentInput], out: list[SegmentOutput]) -> None:
+        """Decode again, at the "fit" budget, the exact-limit segments their limit cut short (see :meth:`decode`).
+        The new result's ``decode_s`` carries both calls' shares: ``decode_s / batch_size`` is what the segment
+        cost, as the run's model seconds count it."""
+        again: dict[int, SegmentInput] = {}
+        for i, (x, r) in enumerate(zip(inputs, out)):
+            if x.exact_limit and r.truncated and truncation_cause(r.text, True) == "did_not_fit":
+                budget = segment_token_limit(len(x.audio) / SAMPLE_RATE, False, "fit")
+                if budget > x.max_new_tokens:
+                    again[i] = SegmentInput(x.audio, x.language, budget, exact_limit=False)
+        if not again:
+            return
+        log.debug("decoding %d segment(s) again at the fit budget: their card limit cut them short", len(again))
+        for i, r in zip(again, self._decode_batches(list(again.values()))):
+            first = out[i]
+            spent = first.decode_s / max(first.batch_size, 1) + r.decode_s / max(r.batch_size, 1)
+            if r.num_tokens >= first.num_tokens:
+                out[i] = replace(r, decode_s=spent * max(r.batch_size, 1), max_new_tokens=again[i].max_new_tokens)
+            else:  # with room, a shorter hypothesis that ends by itself won (a sentence dropped, unflagged): keep
+                out[i] = replace(first, decode_s=spent * max(first.batch_size, 1))  # the longer text, flagged as cut
 
     def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:
         """One model batch (one group of :meth:`decode`); by default one language and one limit."""

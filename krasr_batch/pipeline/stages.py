@@ -154,7 +154,8 @@ class ModelStage:
         return pa.table({f.name: pa.array(cols[f.name], f.type) for f in STAGE_SCHEMA}, schema=STAGE_SCHEMA)
 
     def _decode(self, audio: pa.ChunkedArray, cols: dict[str, list], idx: list[int]) -> None:
-        """Decode rows ``idx`` and fill in their model columns (``max_new_tokens`` was set by segment_file)."""
+        """Decode rows ``idx`` and fill in their model columns (``max_new_tokens`` was set by segment_file; a
+        clip its card limit cut short and decoded again at the "fit" budget gets that budget, Decoder.decode)."""
         inputs = []
         for i in idx:
             lang = cols["req_language"][i]
@@ -170,6 +171,7 @@ class ModelStage:
             values = {
                 "text": r.text, "language": r.language, "language_prob": r.language_prob,
                 "num_tokens": r.num_tokens, "truncated": r.truncated,
+                "max_new_tokens": r.max_new_tokens or cols["max_new_tokens"][i],
                 "decode_s": r.decode_s, "batch_size": r.batch_size, "avg_logprob": r.avg_logprob,
                 "no_speech_prob": r.no_speech_prob, "compression_ratio": compression_ratio(r.text) if r.text else 0.0,
                 "suspect": is_suspect(r.text, duration, r.avg_logprob, r.no_speech_prob),
