@@ -158,8 +158,8 @@ def _same(a, b) -> bool:
 def test_a_clip_its_card_limit_cuts_short_is_decoded_again_at_the_fit_budget(base_model, corpus, engine):
     """A file decoded whole keeps the card's call, and its text where the card's limit does not cut it; where
     it cuts real text (not a loop), the clip is decoded again at the budget a window of its length gets, and
-    the longer of the two texts is kept. (Decoder.decode does this for every engine; the CPU's two defaults
-    here, transformers' float32 generate() takes a minute for the same.)"""
+    the longer of the two texts is kept. Decoder.decode does this for every engine; here the CPU's two
+    defaults (transformers' float32 generate() would take a minute more: tests/test_parity.py runs it)."""
     from transformers import WhisperTokenizer
 
     from krasr_batch.engines import load_decoder
