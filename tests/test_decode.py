@@ -173,7 +173,7 @@ def test_a_clip_its_card_limit_cuts_short_is_decoded_again_at_the_fit_budget(bas
     dec = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4), device="cpu")
     assert dec.options.token_limit == "fit"  # the default
     card = dec._decode_batches(inputs)  # the card's call, as --token-limit card makes it
-    cut = [i for i, r in enumerate(card) if r.truncated and truncation_cause(r.text, True) == "did_not_fit"]
+    cut = [i for i, r in enumerate(card) if truncation_cause(r.text, r.truncated) == "did_not_fit"]
     assert 0 in cut
     budget = {i: segment_token_limit(len(inputs[i].audio) / 16000, False, "fit") for i in cut}
     again = dict(zip(cut, dec._decode_batches([SegmentInput(inputs[i].audio, "kazakh", budget[i], False)

@@ -539,7 +539,7 @@ class Decoder:
         cost, as the run's model seconds count it."""
         again: dict[int, SegmentInput] = {}
         for i, (x, r) in enumerate(zip(inputs, out)):
-            if x.exact_limit and r.truncated and truncation_cause(r.text, True) == "did_not_fit":
+            if x.exact_limit and truncation_cause(r.text, r.truncated) == "did_not_fit":
                 budget = segment_token_limit(len(x.audio) / SAMPLE_RATE, False, "fit")
                 if budget > x.max_new_tokens:
                     again[i] = SegmentInput(x.audio, x.language, budget, exact_limit=False)
