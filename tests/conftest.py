@@ -69,6 +69,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def s3_out_of_reach(monkeypatch) -> None:
+    """Object storage that cannot be reached: S3's endpoint a closed local port, with test credentials and no
+    instance-metadata lookup (for this process and the commands it runs)."""
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+
+
 def run_cli(args: list[str], timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real ``krasr-batch`` command in its own process."""
     e = dict(os.environ)

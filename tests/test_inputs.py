@@ -23,7 +23,7 @@ from krasr_batch.inputs import input_kind
 from krasr_batch.manifest import ManifestError, iter_manifest, normalize_manifest
 from krasr_batch.shards import parse_ref
 
-from .conftest import free_port
+from .conftest import s3_out_of_reach
 
 CLIPS = ["ru_000.wav", "ru_001.flac", "ru_002.ogg", "ru_003.mp3"]
 
@@ -382,10 +382,7 @@ def test_object_storage_out_of_reach_is_one_line_naming_the_input(source, monkey
     manifest error naming it, as for a file that cannot be opened, not pyarrow's traceback."""
     from krasr_batch import storage
 
-    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
+    s3_out_of_reach(monkeypatch)
     storage._filesystem.cache_clear()
     try:
         with pytest.raises(ManifestError, match=rf"^{source.replace('*', '[*]')}: cannot list it: "):

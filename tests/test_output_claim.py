@@ -20,7 +20,7 @@ import pytest
 from krasr_batch.output import OutputBusy, claim_output
 from krasr_batch.output import claim as claim_mod
 
-from .conftest import free_port, read_jsonl, run_cli, write_manifest
+from .conftest import free_port, read_jsonl, run_cli, s3_out_of_reach, write_manifest
 
 HOLD = """
 import sys, time
@@ -202,10 +202,7 @@ def test_a_claim_that_was_the_only_write_leaves_no_folder(tmp_path):
 def test_object_storage_out_of_reach_stops_the_run_naming_the_output(tmp_path, corpus, tiny_model, monkeypatch):
     """``--out s3://...`` where the storage cannot be reached (here: its endpoint a closed local port) stops
     the run before anything starts with one line naming the output, not a traceback from reading the lease."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
+    s3_out_of_reach(monkeypatch)
     manifest = write_manifest(tmp_path / "m.jsonl", read_jsonl(corpus / "clips.jsonl")[:1], base=corpus)
     r = run_cli(["run", str(manifest), "--out", "s3://claims/out", "--model", str(tiny_model), "--no-progress"])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]

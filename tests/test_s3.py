@@ -24,8 +24,6 @@ BUCKET = "krasr-test"
 CLIPS = ["ru_000", "ru_001", "ru_002", "ru_003"]  # wav, flac, ogg, mp3: soundfile and PyAV over ranged reads
 
 
-
-
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 on a free local port; yields (env for krasr-batch, boto3 client, pyarrow filesystem)."""
