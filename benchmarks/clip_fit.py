@@ -23,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 KAZAKH_LETTERS = set("әғқңөұүһіӘҒҚҢӨҰҮҺІ")
-SR = 16000
 
 
 def make(corpora: list[Path], out: Path, seed: int) -> list[dict]:
@@ -40,6 +39,7 @@ def make(corpora: list[Path], out: Path, seed: int) -> list[dict]:
 def _cut(corpus: Path, out: Path, prefix: str, rng: random.Random) -> list[dict]:
     import soundfile as sf
 
+    from krasr_batch.audio import SAMPLE_RATE as SR
     from krasr_batch.audio import load_audio
 
     spans = [json.loads(line) for line in open(corpus / "spans.jsonl", encoding="utf-8")]
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "make":
         rows = make(a.corpora, a.out, a.seed)
-        seconds = sum(((a.out / r["path"]).stat().st_size - 44) / 2 / SR for r in rows)
+        import soundfile as sf
+
+        seconds = sum(sf.info(a.out / r["path"]).duration for r in rows)
         print(json.dumps({"clips": len(rows), "minutes": round(seconds / 60, 1)}))
     elif a.cmd == "fit":
         print(json.dumps(fit(a.manifest, a.model), ensure_ascii=False))
