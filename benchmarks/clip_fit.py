@@ -5,8 +5,8 @@ clips from a corpus's long recordings at sentence ends (``spans.jsonl``): consec
 length drawn between 2 and 30 s, each clip from the middle of the pause before its first sentence to the
 middle of the pause after its last (at most 0.3 s from the speech), its reference the sentences' text.
 ``fit`` compares each clip's reference, in the model's tokens plus end-of-text, with the card's limit for
-its length (what a clip decoded whole gets) and with the "fit" budget (what a clip that limit cuts short is
-decoded again with). ``score`` reads a run's output against the manifest: error rates with deletions, and
+its length (what a clip decoded whole gets) and with the "fit" budget (what a clip that limit cuts short
+goes on to). ``score`` reads a run's output against the manifest: error rates with deletions, and
 segments by how they ended.
 
     python -m benchmarks.clip_fit make CORPUS [CORPUS ...] --out OUT_DIR [--seed 1]   # OUT_DIR/clips.jsonl, WAVs

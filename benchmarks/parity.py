@@ -4,9 +4,12 @@
 
 Runs `krasr-batch run` over the clips, then the card's pipeline call on each clip twice: on the file
 (the pipeline decodes and resamples it with ffmpeg) and on the very samples krasr-batch decoded (soundfile
-or PyAV, soxr resampling); prints equal-text fractions and WERs against the references. A clip the card's
-limit cut short is decoded again at the "fit" budget (README, Token limits): its text is compared with the
-card's call made with that budget too (``equal_card_samples_at_its_limit``).
+or PyAV, soxr resampling); prints equal-text fractions and WERs against the references. krasr-batch runs
+with ``--engine transformers`` (the card's exact call; ``--engine`` here picks another), as
+tests/test_parity.py does. A clip the card's limit cut short is decoded again at the "fit" budget by that
+engine (README, Token limits): its text is compared with the card's call made with that budget too
+(``equal_card_samples_at_its_limit``). The torch and CTranslate2 engines continue such a clip from the cut
+text instead, so their text there is the card's call at its limit and what follows it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", default=None)
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--engine", default="transformers")
     a = ap.parse_args()
     corpus = Path(a.corpus)
     clips = [json.loads(x) for x in (corpus / "clips.jsonl").read_text().splitlines() if x.strip()]
@@ -43,7 +47,7 @@ def main() -> None:
     manifest = tmp / "clips.jsonl"
     manifest.write_text("".join(json.dumps({**c, "path": str(corpus / c["path"])}, ensure_ascii=False) + "\n" for c in clips))
     subprocess.run([sys.executable, "-m", "krasr_batch", "run", str(manifest), "--out", str(tmp / "out"),
-                    "--model", a.model, "--no-progress"], check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                    "--model", a.model, "--no-progress", "--engine", a.engine], check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     ours = {f["file_id"]: f["text"] for f in pads.dataset(tmp / "out" / "files").to_table().to_pylist()}
     # the limit each clip was decoded at: the card's, or the "fit" budget where the card's limit cut it short
     limits = {s["file_id"]: s["max_new_tokens"] for s in pads.dataset(tmp / "out" / "segments").to_table(

@@ -20,7 +20,7 @@ DEFAULT_MODEL = "KRASR/kazakh-russian-asr-whisper-small-full-ft"
 MAX_WINDOW_S = 30.0  # Whisper's encoder sees at most 30 s of audio
 ENGINES = ("auto", "transformers", "ctranslate2", "torch")  # auto: krasr_batch.engines.choose_engine
 # How max_new_tokens is set (krasr_batch.engines.segment_token_limit): "fit" the card's table for a file decoded
-# whole (decoded again at the budget where it cuts real text short: Decoder.decode) and a per-second budget for
+# whole (going on to the budget where it cuts real text short: Decoder.decode) and a per-second budget for
 # windows cut from longer recordings; "card" the card's table everywhere;
 # "none" the model's own limit.
 TOKEN_LIMIT_POLICIES = ("fit", "card", "none")

@@ -102,7 +102,7 @@ def test_options_are_checked():
 
 
 def test_decoder_groups_by_limit_and_shares_batches_across_languages(tiny_model):
-    # the card's limits: random weights run every clip to its limit, which "fit" would decode again
+    # the card's limits: random weights run every clip to its limit, which "fit" would take on to the budget
     dec = WhisperDecoder(DecodeOptions(model=str(tiny_model), batch_size=2, token_limit="card"), device="cpu")
     rng = np.random.default_rng(0)
     inputs = [SegmentInput(rng.normal(0, 0.1, 16000 * d).astype(np.float32), lang, max_new_tokens_for(d))
@@ -154,12 +154,12 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["torch", "ctranslate2"])
-def test_a_clip_its_card_limit_cuts_short_is_decoded_again_at_the_fit_budget(base_model, corpus, engine):
+@pytest.mark.parametrize("engine", ["torch", "ctranslate2", "transformers"])
+def test_a_clip_its_card_limit_cuts_short_goes_on_to_the_fit_budget(base_model, corpus, engine):
     """A file decoded whole keeps the card's call, and its text where the card's limit does not cut it; where
-    it cuts real text (not a loop), the clip is decoded again at the budget a window of its length gets, and
-    the longer of the two texts is kept. Decoder.decode does this for every engine; here the CPU's two
-    defaults (transformers' float32 generate() would take a minute more: tests/test_parity.py runs it)."""
+    it cuts real text (not a loop), the clip goes on to the budget a window of its length gets. The torch and
+    CTranslate2 engines continue the cut text (the card's text, then more); transformers' decodes the clip again
+    and keeps the longer of the two texts."""
     from transformers import WhisperTokenizer
 
     from krasr_batch.engines import load_decoder
@@ -172,25 +172,69 @@ def test_a_clip_its_card_limit_cuts_short_is_decoded_again_at_the_fit_budget(bas
 
     dec = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4), device="cpu")
     assert dec.options.token_limit == "fit"  # the default
-    card = dec._decode_batches(inputs)  # the card's call, as --token-limit card makes it
+    assert dec.continues_cut_clips == (engine != "transformers")
+    card_policy = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4, token_limit="card"),
+                               device="cpu")
+    card = card_policy.decode(inputs)  # the card's call, as --token-limit card makes it
     cut = [i for i, r in enumerate(card) if truncation_cause(r.text, r.truncated) == "did_not_fit"]
-    assert 0 in cut
+    assert 0 in cut and all(r.max_new_tokens is None for r in card)
     budget = {i: segment_token_limit(len(inputs[i].audio) / 16000, False, "fit") for i in cut}
-    again = dict(zip(cut, dec._decode_batches([SegmentInput(inputs[i].audio, "kazakh", budget[i], False)
-                                               for i in cut])))
     out = dec.decode(inputs)
+    if not dec.continues_cut_clips:
+        again = dict(zip(cut, dec._decode_batches([SegmentInput(inputs[i].audio, "kazakh", budget[i], False)
+                                                   for i in cut])))
     for i, (c, o) in enumerate(zip(card, out)):
         if i not in cut:
             assert _same(o, c) and o.max_new_tokens is None  # the card's text, untouched
+        elif dec.continues_cut_clips:  # the card's words (its last one may be split by the cut), then more
+            assert o.max_new_tokens == budget[i] and o.num_tokens > c.num_tokens
+            assert o.text.startswith(c.text.rsplit(" ", 1)[0]) and len(o.text) > len(c.text)
         elif again[i].num_tokens >= c.num_tokens:
             assert o.text == again[i].text and o.max_new_tokens == budget[i] and o.truncated == again[i].truncated
         else:  # with room a shorter hypothesis ended by itself: the cut text holds more words, and stays flagged
             assert _same(o, c) and o.truncated
     assert out[0].max_new_tokens == 180 and out[0].num_tokens > 80  # the 11.6 s clip: past the card's limit
     assert 2 not in cut and not out[2].truncated  # the Russian sentence ends by itself
-    card_policy = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4, token_limit="card"),
-                               device="cpu")
-    assert all(_same(a, b) for a, b in zip(card_policy.decode(inputs), card))  # --token-limit card: the card's call
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "ctranslate2"])
+def test_with_one_beam_a_continued_clip_reads_as_a_decode_at_its_budget(base_model, corpus, engine):
+    """Continuing the cut text is the same search, not a new one: with one beam (greedy, the card's penalties
+    and n-gram ban over the whole text), a clip cut at its card limit and continued reads token for token as
+    the clip decoded at its budget at once, with the same log-probability."""
+    from krasr_batch.engines import load_decoder
+
+    inputs = [SegmentInput(a, "kazakh", max_new_tokens_for(len(a) / 16000)) for a, _ in _joined_clips(corpus)]
+    dec = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4, beams=1,
+                                     dtype="float32"), device="cpu")
+    out = dec.decode(inputs)
+    went_on = [i for i, r in enumerate(out) if r.max_new_tokens is not None]
+    assert 0 in went_on
+    once = dec._decode_batches([SegmentInput(inputs[i].audio, "kazakh", out[i].max_new_tokens, False)
+                                for i in went_on])
+    for i, r in zip(went_on, once):
+        assert (out[i].text, out[i].num_tokens, out[i].truncated) == (r.text, r.num_tokens, r.truncated)
+        assert out[i].num_tokens > inputs[i].max_new_tokens
+        assert out[i].avg_logprob == pytest.approx(r.avg_logprob, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_each_torch_search_continues_a_cut_clip_alike(base_model, corpus):
+    """The GPU's searches (device, graphed: the CPU runs them too) continue a clip from its cut text as the host
+    search does: the continuation's prompt holds the card's tokens, longer than any prompt they see otherwise."""
+    from krasr_batch.engines import load_decoder
+
+    inputs = [SegmentInput(a, "kazakh", max_new_tokens_for(len(a) / 16000)) for a, _ in _joined_clips(corpus)]
+    dec = load_decoder(DecodeOptions(model=str(base_model), engine="torch", dtype="float32", batch_size=4), "cpu")
+    want = dec.decode(inputs)
+    assert want[0].max_new_tokens == 180 and want[0].num_tokens > inputs[0].max_new_tokens
+    for search in ("device", "graphed"):
+        dec.search = search
+        got = dec.decode(inputs)
+        assert [(o.text, o.num_tokens, o.truncated, o.max_new_tokens) for o in got] == \
+            [(o.text, o.num_tokens, o.truncated, o.max_new_tokens) for o in want], search
+        assert [o.avg_logprob for o in got] == pytest.approx([o.avg_logprob for o in want], abs=1e-4)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -33,7 +33,7 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 
 def test_max_length_gives_exactly_the_cards_limit(tiny_model):
     """Random weights rarely emit end-of-text, so each row runs to its limit: the limit is the step count."""
-    # --token-limit card: under "fit" a clip that random weights run to its limit is decoded again at the budget
+    # --token-limit card: under "fit" a clip that random weights run to its limit goes on to the budget
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="ctranslate2", token_limit="card"), "cpu", 1)
     rng = np.random.default_rng(1)
     audio = rng.normal(0, 0.1, 16000 * 4).astype(np.float32)

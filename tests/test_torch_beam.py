@@ -433,7 +433,7 @@ def test_the_gpu_feature_path_decodes_the_same_on_the_cpu(tiny_model):
 
 
 def test_engine_limits_signals_and_batches(tiny_model):
-    # --token-limit card: under "fit" a clip that random weights run to its limit is decoded again at the budget
+    # --token-limit card: under "fit" a clip that random weights run to its limit goes on to the budget
     dec = load_decoder(DecodeOptions(model=str(tiny_model), engine="torch", dtype="float32", token_limit="card"),
                        "cpu", 1)
     assert dec.engine == "torch" and dec.compute_type == "float32" and dec.batch_size == CT2_CPU_BATCH

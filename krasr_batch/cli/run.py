@@ -33,8 +33,8 @@ GLOB = click.option(
                    "table; the text stays the same. [default: off]")
 @click.option("--beams", type=click.IntRange(min=1), help="Beam size. [default: 3]")
 @click.option("--token-limit", type=click.Choice(TOKEN_LIMIT_POLICIES),
-              help="max_new_tokens per segment. fit: the card's duration table for a file decoded whole (decoded "
-                   "again at the budget below where that limit cuts real text short), and at "
+              help="max_new_tokens per segment. fit: the card's duration table for a file decoded whole (going on "
+                   "to the budget below where that limit cuts real text short), and at "
                    "least 12 tokens a second (60 up to 5 s ... 360 up to 30 s) for windows cut from longer recordings, so dense speech is not cut "
                    "short; card: the card's table for every segment (its exact call); none: the model's own "
                    "limit. [default: fit]")

@@ -35,7 +35,7 @@ MODEL_MAX_NEW_TOKENS = 444  # Whisper's 448 target positions less the 4-token pr
 
 # Token-limit policies (issue 17). "card": the card's table for every segment. "fit" (the default): the
 # card's table for a file decoded whole, exactly as the card decodes a short clip (and, where that cuts real text
-# short, a second decode at the budget below: Decoder.decode); a window cut from a longer
+# short, going on to the budget below: Decoder.decode); a window cut from a longer
 # recording gets at least FIT_TOKENS_PER_S tokens for each of its seconds, because the card's table (8 tokens
 # a second at 5 s, 4.3 at 30 s) cuts dense speech short. "none": the model's own limit.
 # Measured with benchmarks/token_fit.py (BENCHMARKS.md, block token-fit): on dense long Kazakh, Russian and mixed
@@ -106,7 +106,7 @@ class SegmentOutput:
     language_prob: float | None = None
     words: tuple[Word, ...] | None = None  # with word timestamps: the words, times from the segment's start
     # the limit the text was decoded at, where it is not the input's: a file decoded whole that its card limit
-    # cut short, decoded again at the "fit" budget (Decoder.decode); None: the input's max_new_tokens
+    # cut short, continued or decoded again to the "fit" budget (Decoder.decode); None: the input's max_new_tokens
     max_new_tokens: int | None = None
 
 
@@ -489,6 +489,10 @@ class Decoder:
     # largest and cut each row at its own sets this.
     flexible_limits = False
 
+    # An engine that continues a clip its card limit cut short from the cut text, in the same model call (the
+    # encoder's output still at hand), sets this; the others decode it again from the start (Decoder._refit).
+    continues_cut_clips = False
+
     @classmethod
     def _group_key(cls, x: SegmentInput) -> tuple:
         language = None if cls.mixed_languages and x.language is not None else x.language
@@ -514,15 +518,20 @@ class Decoder:
         """Decode segments in the batches of :meth:`batch_plan`; results in input order.
 
         Under the "fit" token-limit policy, a segment decoded at its exact limit (a file decoded whole, at the
-        card's limit) that stopped there with real text, not a repetition loop, is decoded again at the budget a
-        window of its duration gets (:func:`segment_token_limit`), and that result is kept: the card's table cuts
-        dense speech short in clips as it does in windows (at 8.7 tokens a second, Kazakh needs more than 64
-        tokens from 7.4 s on). A clip the card's limit does not cut keeps the card's call and text exactly. Where
-        the larger limit lets a shorter hypothesis win (one that ends by itself, a sentence short of the cut text),
-        the first text is kept, still flagged ``truncated``: the words it holds are not dropped unflagged.
+        card's limit) that stopped there with real text, not a repetition loop (:meth:`_fit_budget`), goes on to
+        the budget a window of its duration gets (:func:`segment_token_limit`): the card's table cuts dense speech
+        short in clips as it does in windows (at 8.7 tokens a second, Kazakh needs more than 64 tokens from 7.4 s
+        on). A clip the card's limit does not cut keeps the card's call and text exactly.
+
+        An engine with ``continues_cut_clips`` (torch, CTranslate2) continues the cut text in the same model call:
+        the card's tokens are the new search's prompt, so the text is the card's call and what follows it, and
+        neither the encoder nor the card's tokens are computed twice (with one beam, exactly the text a decode at
+        the budget gives). The others decode the clip again from the start (:meth:`_refit`) and keep the longer
+        of the two texts: where the larger limit lets a shorter hypothesis win (one that ends by itself, a
+        sentence short of the cut text), the first text is kept, still flagged ``truncated``.
         """
         out = self._decode_batches(inputs)
-        if self.options.token_limit == "fit":
+        if self.options.token_limit == "fit" and not self.continues_cut_clips:
             self._refit(inputs, out)
         return out
 
@@ -539,10 +548,9 @@ class Decoder:
         cost, as the run's model seconds count it."""
         again: dict[int, SegmentInput] = {}
         for i, (x, r) in enumerate(zip(inputs, out)):
-            if x.exact_limit and truncation_cause(r.text, r.truncated) == "did_not_fit":
-                budget = segment_token_limit(len(x.audio) / SAMPLE_RATE, False, "fit")
-                if budget > x.max_new_tokens:
-                    again[i] = SegmentInput(x.audio, x.language, budget, exact_limit=False)
+            budget = self._fit_budget(x, r.text, r.truncated)
+            if budget is not None:
+                again[i] = SegmentInput(x.audio, x.language, budget, exact_limit=False)
         if not again:
             return
         log.debug("decoding %d segment(s) again at the fit budget: their card limit cut them short", len(again))
@@ -553,6 +561,15 @@ class Decoder:
                 out[i] = replace(r, decode_s=spent * max(r.batch_size, 1), max_new_tokens=again[i].max_new_tokens)
             else:  # with room, a shorter hypothesis that ends by itself won (a sentence dropped, unflagged): keep
                 out[i] = replace(first, decode_s=spent * max(first.batch_size, 1))  # the longer text, flagged as cut
+
+    def _fit_budget(self, x: SegmentInput, text: str, truncated: bool) -> int | None:
+        """The "fit" budget a segment decoded at its exact limit goes on to (see :meth:`decode`), or None: not
+        under the "fit" policy, a window (its limit is a budget already), not cut short, a cut repetition loop
+        (more of it is no more words), or a budget no larger than its limit."""
+        if self.options.token_limit != "fit" or not x.exact_limit or truncation_cause(text, truncated) != "did_not_fit":
+            return None
+        budget = segment_token_limit(len(x.audio) / SAMPLE_RATE, False, "fit")
+        return budget if budget > x.max_new_tokens else None
 
     def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:
         """One model batch (one group of :meth:`decode`); by default one language and one limit."""

@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -220,14 +221,17 @@ class CTranslate2Decoder(Decoder):
     mixed_languages = True
     flexible_limits = True
 
+    continues_cut_clips = True
+
     def _generate_batch(self, batch: list) -> list[SegmentOutput]:
         return self._generate([x.audio for x in batch], [x.language for x in batch],
-                              [x.max_new_tokens for x in batch])
+                              [x.max_new_tokens for x in batch], batch)
 
-    def _generate(self, audios: list[np.ndarray], language, limit) -> list[SegmentOutput]:
+    def _generate(self, audios: list[np.ndarray], language, limit, inputs: list | None = None) -> list[SegmentOutput]:
         """Decode one batch. ``language`` and ``limit``: one for every row, or a list with one per row (None:
         detect that row's language). The batch decodes up to its largest limit; a row that ran past its own
-        is cut there and counts as truncated, as if it had been decoded with its own limit."""
+        is cut there and counts as truncated, as if it had been decoded with its own limit. ``inputs``: the
+        rows' SegmentInputs, for continuing the clips their card limit cut short (Decoder.decode)."""
         import ctranslate2
 
         n_rows = len(audios)
@@ -247,12 +251,36 @@ class CTranslate2Decoder(Decoder):
         # a forced language is decoded as asked; the others are detected among the candidates (--languages)
         codes = [language_code(x) if x is not None else self.detect_language(sc)[0] for x, sc in zip(languages, scores)]
         prompts = [self._prompt(c) for c in codes]
+        results, rows = self._search(features, prompts, limits, no_speech=True)
+        budgets = self._continue_cut(inputs, features, prompts, rows) if inputs is not None else {}
+        o = self.options
+        words = (self._align(features, codes, [t for t, *_ in rows], audios) if o.word_timestamps
+                 else [None] * n_rows)
+        decode_s = time.perf_counter() - t0
+        out = []
+        for i, (code, r, sc, w, (tokens, n, ended, score)) in enumerate(zip(codes, results, scores, words, rows)):
+            # CTranslate2's score is the summed log-probability (end-of-text included) over the text tokens;
+            # Whisper's avg_logprob averages over the text tokens and end-of-text
+            avg = None if score is None else float(score * n / (n + 1) if ended and n else score)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            out.append(SegmentOutput(text, code, n, not ended, decode_s, n_rows, avg, float(r.no_speech_prob),
+                                     self.language_prob(sc, code), w, budgets.get(i)))
+        return out
+
+    def _search(self, features, prompts: list[list[int]], limits: list[int], no_speech: bool = False):
+        """CTranslate2's beam search with the card's settings: (its results, and each row's ``(tokens, n, ended,
+        score)``). ``limits`` count the text tokens, the end-of-text step included; tokens after a prompt's
+        first four are text that the search continues (CTranslate2 forces them, and returns them with what
+        follows, its score then covering only what follows). The batch decodes to its largest limit; a row past
+        its own is cut there, as a decode with that limit stops. ``score``: CTranslate2's, the summed
+        log-probability over the text tokens divided by their number (None where a row was cut)."""
         o = self.options
         top = max(limits)
+        head = len(self.prompt_tail) + 2  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
         results = self.model.generate(
             features, prompts, beam_size=o.beams, no_repeat_ngram_size=o.no_repeat_ngram_size,
-            repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(top, len(prompts[0])),
-            return_scores=True, return_no_speech_prob=True)
+            repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(top, head),
+            return_scores=True, return_no_speech_prob=no_speech)
         rows = []
         for own, r in zip(limits, results):
             tokens = r.sequences_ids[0]
@@ -263,18 +291,29 @@ class CTranslate2Decoder(Decoder):
                 tokens, n, ended = tokens[:own], own, False
                 score = None  # the score covers tokens this row no longer has
             rows.append((tokens, n, ended, score))
-        words = (self._align(features, codes, [t for t, *_ in rows], audios) if o.word_timestamps
-                 else [None] * n_rows)
-        decode_s = time.perf_counter() - t0
-        out = []
-        for code, r, sc, w, (tokens, n, ended, score) in zip(codes, results, scores, words, rows):
-            # CTranslate2's score is the summed log-probability (end-of-text included) over the text tokens;
-            # Whisper's avg_logprob averages over the text tokens and end-of-text
-            avg = None if score is None else float(score * n / (n + 1) if ended and n else score)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            out.append(SegmentOutput(text, code, n, not ended, decode_s, n_rows, avg, float(r.no_speech_prob),
-                                     self.language_prob(sc, code), w))
-        return out
+        return results, rows
+
+    def _continue_cut(self, inputs: list, features, prompts: list[list[int]], rows: list) -> dict[int, int]:
+        """Continue, in place in ``rows``, the clips their card limit cut short with real text (Decoder.decode)
+        to their "fit" budget, over the same encoder output: the cut tokens follow the prompt, so the text is
+        the card's call and what follows it. Returns each continued row's budget."""
+        budgets: dict[int, int] = {}
+        by_length: dict[int, list[int]] = defaultdict(list)  # one search's prompts are of one length
+        for i, (x, (tokens, n, ended, _)) in enumerate(zip(inputs, rows)):
+            budget = self._fit_budget(x, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), not ended)
+            if budget is not None:
+                budgets[i] = budget
+                by_length[n].append(i)
+        for n, idx in by_length.items():
+            sub, keep = (features, None) if len(idx) == len(rows) else self._rows(features, idx)
+            _, more = self._search(sub, [prompts[i] + rows[i][0] for i in idx], [budgets[i] for i in idx])
+            del keep
+            for i, (tokens, m, ended, score) in zip(idx, more):
+                first = rows[i][3]  # the cut text's summed log-probability is first * n; what follows, score * m
+                rows[i] = (tokens, m, ended, None if first is None or score is None else (first * n + score * m) / m)
+        if budgets:
+            log.debug("continued %d clip(s) their card limit cut short to the fit budget", len(budgets))
+        return budgets
 
     def _language_scores(self, ranked: list[tuple[str, float]]) -> np.ndarray:
         """detect_language's (token, probability) pairs as log-probabilities indexed by token id (-inf for

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -941,6 +942,8 @@ class TorchBeamDecoder(Decoder):
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s with the torch engine (%s) in %.1f s", folder, self.compute_type, self.load_s)
 
+    continues_cut_clips = True
+
     @classmethod
     def _group_key(cls, x: SegmentInput) -> tuple:
         # one group: every window stops at its own limit and carries its own prompt
@@ -967,11 +970,8 @@ class TorchBeamDecoder(Decoder):
             first_lp = torch.log_softmax(first, -1).cpu().numpy()
             codes = [language_code(x.language) if x.language is not None else self.detect_language(lp)[0]
                      for x, lp in zip(batch, first_lp)]
-            search = SEARCHES[self.search]
-            hyps = search(self.stack, cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch],
-                          beams=o.beams, eos=self.eos, repetition_penalty=o.repetition_penalty,
-                          no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
-                          begin_suppress=self.begin_suppress)
+            hyps = self._search(cross, [self._prompt(c) for c in codes], [x.max_new_tokens for x in batch])
+            budgets = self._continue_cut(batch, cross, codes, hyps)
             words = self._align(cross, codes, [t for t, _, _ in hyps], batch) if o.word_timestamps else None
         decode_s = time.perf_counter() - t0
         out = []
@@ -982,8 +982,43 @@ class TorchBeamDecoder(Decoder):
             no_speech = float(np.exp(lp[self.no_speech_id])) if self.no_speech_id is not None else None
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             out.append(SegmentOutput(text, c, n, not done, decode_s, len(batch), avg, no_speech,
-                                     self.language_prob(lp, c), words[i] if words is not None else None))
+                                     self.language_prob(lp, c), words[i] if words is not None else None,
+                                     budgets.get(i)))
         return out
+
+    def _search(self, cross: list, prompts: list[list[int]], limits: list[int], begin: bool = True):
+        """The replica's search (:data:`SEARCHES`) with the card's settings; ``begin``: the text starts here
+        (its begin-suppressed tokens banned at the first step), False where the prompts end in text."""
+        o = self.options
+        return SEARCHES[self.search](
+            self.stack, cross, prompts, limits, beams=o.beams, eos=self.eos, repetition_penalty=o.repetition_penalty,
+            no_repeat_ngram_size=o.no_repeat_ngram_size, suppress=self.suppress,
+            begin_suppress=self.begin_suppress if begin else ())
+
+    def _continue_cut(self, batch: list[SegmentInput], cross: list, codes: list[str], hyps: list) -> dict[int, int]:
+        """Continue, in place in ``hyps``, the clips their card limit cut short with real text (Decoder.decode) to
+        their "fit" budget: the cut tokens join the prompt of a new search over the same cross-attention keys
+        and values, so the text is the card's call and what follows it. Returns each continued row's budget."""
+        import torch
+
+        budgets: dict[int, int] = {}
+        by_length: dict[int, list[int]] = defaultdict(list)  # a search's prompts are of one length
+        for i, (x, (tokens, _, done)) in enumerate(zip(batch, hyps)):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            budget = self._fit_budget(x, text, not done)
+            if budget is not None:
+                budgets[i] = budget
+                by_length[len(tokens)].append(i)
+        for n, rows in by_length.items():
+            keep = torch.tensor(rows, device=self.stack.device)
+            sub = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cross]
+            more = self._search(sub, [self._prompt(codes[i]) + hyps[i][0] for i in rows],
+                                [budgets[i] - n for i in rows], begin=False)
+            for i, (tokens, score, done) in zip(rows, more):  # summed log-probabilities add up
+                hyps[i] = (hyps[i][0] + tokens, hyps[i][1] + score, done)
+        if budgets:
+            log.debug("continued %d clip(s) their card limit cut short to the fit budget", len(budgets))
+        return budgets
 
     def _align(self, cross: list, codes: list[str], texts: list[list[int]],
                batch: list[SegmentInput]) -> list[tuple[Word, ...]]:

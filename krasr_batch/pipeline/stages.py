@@ -155,7 +155,7 @@ class ModelStage:
 
     def _decode(self, audio: pa.ChunkedArray, cols: dict[str, list], idx: list[int]) -> None:
         """Decode rows ``idx`` and fill in their model columns (``max_new_tokens`` was set by segment_file; a
-        clip its card limit cut short and decoded again at the "fit" budget gets that budget, Decoder.decode)."""
+        clip its card limit cut short, which went on to the "fit" budget, gets that budget: Decoder.decode)."""
         inputs = []
         for i in idx:
             lang = cols["req_language"][i]
