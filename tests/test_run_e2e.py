@@ -43,11 +43,18 @@ def test_exit_status_and_summary(corpus_run):
     n, cut, loops, unfit, suspect = seg
     cut_text = (f"{cut} stopped at the token limit ({loops} repetition loops, {unfit} did not fit)" if cut
                 else "none stopped at the token limit")
-    assert f"; {n} segments: {cut_text}; {suspect} suspect by the quality signals\n" in r.stdout
+    files = pads.dataset(out / "files", format="parquet").to_table().to_pylist()
+    # clips that went on past the card's limit: a file decoded whole, its one segment at another limit
+    durations = {f["file_id"]: f["duration_s"] for f in files if f["num_segments"] == 1}
+    went_on = sum(1 for s in pads.dataset(out / "segments").to_table().to_pylist() if s["file_id"] in durations
+                  and s["start_s"] == 0.0 and abs(s["end_s"] - durations[s["file_id"]]) < 1e-6
+                  and s["max_new_tokens"] != segment_token_limit(s["audio_s"], True, "fit"))
+    went_text = f"{went_on} clips that the card's limit cut short went on to the fit budget; " if went_on else ""
+    assert f"; {n} segments: {cut_text}; {went_text}{suspect} suspect by the quality signals\n" in r.stdout
     assert (out / "_SUCCESS").exists()
     info = json.loads((out / "run.json").read_text())
     assert info["counts"]["files"] == len(rows)
-    files = pads.dataset(out / "files", format="parquet").to_table().to_pylist()
+    assert info["counts"]["clips_past_card_limit"] == went_on
     assert info["counts"]["warnings_by_kind"] == {k: len(v) for k, v in warnings_by_kind(files).items()}
     assert info["counts"]["warnings_by_kind"]["nonfinite"] == 1
     assert info["settings"]["decode"]["beams"] == 3 and info["settings"]["decode"]["language"] == "kazakh"
@@ -126,7 +133,7 @@ def test_segment_rows(corpus_run, corpus):
             assert 0 < s["audio_s"] <= min(30.0, s["end_s"] - s["start_s"]) + 1e-6
             whole = len(mine) == 1 and s["start_s"] == 0.0 and abs(s["end_s"] - f["duration_s"]) < 1e-6
             limit = segment_token_limit(s["audio_s"], whole, "fit")
-            if whole and s["max_new_tokens"] != limit:  # a clip its card limit cut, decoded again at the budget
+            if whole and s["max_new_tokens"] != limit:  # a clip its card limit cut, gone on to the budget
                 assert s["max_new_tokens"] == segment_token_limit(s["audio_s"], False, "fit"), s
                 assert s["num_tokens"] >= limit, s
             else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from krasr_batch.engines.base import segment_token_limit
 from krasr_batch.manifest import ManifestSummary, convert_extra
 from krasr_batch.output.layout import failures_by_kind, warnings_by_kind
 from krasr_batch.pipeline.errors import RunAborted
@@ -37,6 +38,8 @@ class RunStats:
     segments: int = 0
     truncated_segments: int = 0
     truncated_by_cause: dict[str, int] = field(default_factory=dict)  # quality.TRUNCATION_CAUSES
+    # files decoded whole whose card limit cut their text short, decoded on to the "fit" budget (Decoder.decode)
+    clips_past_card_limit: int = 0
     suspect_segments: int = 0
     decode_s: float = 0.0
     model_s: float = 0.0  # seconds replicas spent in model calls: each segment's share of its batch's call
@@ -113,12 +116,22 @@ class Progress:
                 self.stream.write("\n")
 
 
+def _continued(seg: dict, row: dict, policy: str) -> bool:
+    """A file decoded whole (its one segment spans it) at a limit other than the one its policy gives a whole
+    file: its card limit cut it short and it went on to the "fit" budget."""
+    whole = seg["start_s"] == 0.0 and abs(seg["end_s"] - (row["duration_s"] or 0.0)) < 1e-6
+    limit = seg["max_new_tokens"]
+    return whole and limit is not None and seg["audio_s"] is not None and \
+        limit != segment_token_limit(seg["audio_s"], True, policy)
+
+
 class Assembler:
     """Collects segment and file rows as they stream back; hands over files whose segments are all in."""
 
-    def __init__(self, summary: ManifestSummary, stats: RunStats, decoded: bool = True):
+    def __init__(self, summary: ManifestSummary, stats: RunStats, decoded: bool = True, token_limit: str = "fit"):
         self.summary = summary
         self.decoded = decoded  # False for ``plan``: files get no text (None), as nothing was decoded
+        self.token_limit = token_limit  # the run's policy: a whole file's limit under it tells a clip that went on
         self.stats = stats
         self.segments: dict[str, list[dict]] = {}
         self.words: dict[str, list[dict]] = {}
@@ -177,6 +190,8 @@ class Assembler:
         for s in segs:
             if s["truncation"]:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
+        if len(segs) == 1 and self.decoded and _continued(segs[0], row, self.token_limit):
+            st.clips_past_card_limit += 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] or 0.0 for s in segs)
         st.model_s += sum((s["decode_s"] or 0.0) / max(s["batch_size"] or 1, 1) for s in segs)

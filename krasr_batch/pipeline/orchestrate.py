@@ -414,6 +414,7 @@ def _run_info(manifest: str, out: str, settings: RunSettings, stats: RunStats) -
                    "retried_failed": stats.retried_files,
                    "ok": stats.files_ok, "failed": stats.files_failed, "segments": stats.segments,
                    "truncated_segments": stats.truncated_segments, "truncated_by_cause": stats.truncated_by_cause,
+                   "clips_past_card_limit": stats.clips_past_card_limit,
                    "suspect_segments": stats.suspect_segments,
                    "warnings_by_kind": {k: len(v) for k, v in stats.warnings_by_kind.items()}},
         "output": {"ok": stats.output_ok, "failed": stats.output_failed, "not_in_manifest": stats.output_other,
@@ -649,7 +650,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
                               compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
                               **stage_res)
 
-    _drain_passes(groups, graph, Assembler(summary, stats), stats, writer, prog, settings)
+    _drain_passes(groups, graph, Assembler(summary, stats, token_limit=dec.token_limit), stats, writer, prog, settings)
 
 
 def _drain_passes(groups: list, graph, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progress,
