@@ -116,7 +116,7 @@ class Progress:
                 self.stream.write("\n")
 
 
-def _continued(seg: dict, row: dict, policy: str) -> bool:
+def _past_card_limit(seg: dict, row: dict, policy: str) -> bool:
     """A file decoded whole (its one segment spans it) at a limit other than the one its policy gives a whole
     file: its card limit cut it short and it went on to the "fit" budget."""
     whole = seg["start_s"] == 0.0 and abs(seg["end_s"] - (row["duration_s"] or 0.0)) < 1e-6
@@ -190,7 +190,7 @@ class Assembler:
         for s in segs:
             if s["truncation"]:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
-        if len(segs) == 1 and self.decoded and _continued(segs[0], row, self.token_limit):
+        if len(segs) == 1 and self.decoded and _past_card_limit(segs[0], row, self.token_limit):
             st.clips_past_card_limit += 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] or 0.0 for s in segs)
