@@ -141,6 +141,26 @@ def test_a_failed_file_has_no_text_and_is_counted_by_kind():
     assert st.truncated_by_cause == {"did_not_fit": 1} and st.audio_s == 40.0 and st.decode_s == 0.5
 
 
+@pytest.mark.parametrize("policy", ["fit", "card", "none"])
+def test_clips_that_went_on_past_the_cards_limit_are_counted(policy):
+    """A file decoded whole at another limit than its policy gives a whole file went on (Decoder.decode, under
+    "fit"): counted. Whole files at their policy's limit, and windows of a longer recording, are not."""
+    from krasr_batch.engines import segment_token_limit
+
+    whole = dict(start_s=0.0, end_s=12.0, duration_s=12.0, audio_s=12.0)  # the card's 80 tokens, the budget 180
+    rows = [stage_row("kept", FILE_ROW, num_segments=1, **whole),
+            stage_row("kept", 0, "x", max_new_tokens=segment_token_limit(12.0, True, policy), **whole),
+            stage_row("long", FILE_ROW, num_segments=2, duration_s=40.0),
+            stage_row("long", 0, "x", max_new_tokens=segment_token_limit(10.0, False, policy), audio_s=10.0),
+            stage_row("long", 1, "x", max_new_tokens=segment_token_limit(10.0, False, policy), audio_s=10.0)]
+    if policy == "fit":
+        rows += [stage_row("went", FILE_ROW, num_segments=1, **whole),
+                 stage_row("went", 0, "x", max_new_tokens=180, num_tokens=95, **whole)]
+    asm = Assembler(SUMMARY, RunStats(), token_limit=policy)
+    asm.add(table(rows))
+    assert asm.stats.files_done == 2 + (policy == "fit") and asm.stats.clips_past_card_limit == (policy == "fit")
+
+
 def test_too_many_failures_stop_the_run_only_past_the_minimum():
     st = RunStats(files_done=9, files_failed=5, failures_by_kind={"not_found": ["a"] * 5})
     check_failures(st, 0.1, 10)  # not enough files yet

@@ -59,7 +59,8 @@ def test_same_text_as_the_card_pipeline(tmp_path, corpus, base_model):
     assert all(segs[i]["num_tokens"] >= card_limit[i] for i in again)  # longer than the cut text, never shorter
     # the summary line and run.json count them (with whisper-base, 3 of these 25 clips)
     assert json.loads((tmp_path / "out" / "run.json").read_text())["counts"]["clips_past_card_limit"] == len(again) > 0
-    assert f"{len(again)} clips that the card's limit cut short went on to the fit budget; " in r.stdout
+    assert f"{len(again)} clip{'s' if len(again) > 1 else ''} that the card's limit cut short went on to the fit " \
+        "budget; " in r.stdout
 
     # 2. the card's call on the files (the pipeline decodes and resamples them with ffmpeg, krasr-batch with
     #    soundfile/PyAV and soxr): resampled clips may differ word for word, the error rate may not

@@ -49,7 +49,8 @@ def test_exit_status_and_summary(corpus_run):
     went_on = sum(1 for s in pads.dataset(out / "segments").to_table().to_pylist() if s["file_id"] in durations
                   and s["start_s"] == 0.0 and abs(s["end_s"] - durations[s["file_id"]]) < 1e-6
                   and s["max_new_tokens"] != segment_token_limit(s["audio_s"], True, "fit"))
-    went_text = f"{went_on} clips that the card's limit cut short went on to the fit budget; " if went_on else ""
+    went_text = (f"{went_on} {'clip' if went_on == 1 else 'clips'} that the card's limit cut short went on to the "
+                 "fit budget; ") if went_on else ""
     assert f"; {n} segments: {cut_text}; {went_text}{suspect} suspect by the quality signals\n" in r.stdout
     assert (out / "_SUCCESS").exists()
     info = json.loads((out / "run.json").read_text())
