@@ -300,6 +300,8 @@ class CTranslate2Decoder(Decoder):
         budgets: dict[int, int] = {}
         by_length: dict[int, list[int]] = defaultdict(list)  # one search's prompts are of one length
         for i, (x, (tokens, n, ended, _)) in enumerate(zip(inputs, rows)):
+            if ended or not x.exact_limit or self.options.token_limit != "fit":
+                continue  # not a clip cut at its card limit (and no text to read)
             budget = self._fit_budget(x, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), not ended)
             if budget is not None:
                 budgets[i] = budget

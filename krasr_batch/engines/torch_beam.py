@@ -1004,6 +1004,8 @@ class TorchBeamDecoder(Decoder):
         budgets: dict[int, int] = {}
         by_length: dict[int, list[int]] = defaultdict(list)  # a search's prompts are of one length
         for i, (x, (tokens, _, done)) in enumerate(zip(batch, hyps)):
+            if done or not x.exact_limit or self.options.token_limit != "fit":
+                continue  # not a clip cut at its card limit (and no text to read)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             budget = self._fit_budget(x, text, not done)
             if budget is not None:
