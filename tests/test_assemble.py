@@ -152,13 +152,17 @@ def test_clips_that_went_on_past_the_cards_limit_are_counted(policy):
             stage_row("kept", 0, "x", max_new_tokens=segment_token_limit(12.0, True, policy), **whole),
             stage_row("long", FILE_ROW, num_segments=2, duration_s=40.0),
             stage_row("long", 0, "x", max_new_tokens=segment_token_limit(10.0, False, policy), audio_s=10.0),
-            stage_row("long", 1, "x", max_new_tokens=segment_token_limit(10.0, False, policy), audio_s=10.0)]
+            stage_row("long", 1, "x", max_new_tokens=segment_token_limit(10.0, False, policy), audio_s=10.0),
+            # a longer recording with one stretch of speech: one window, not the whole file, at a window's limit
+            stage_row("one", FILE_ROW, num_segments=1, duration_s=40.0),
+            stage_row("one", 0, "x", max_new_tokens=segment_token_limit(12.0, False, policy), start_s=5.0,
+                      end_s=17.0, audio_s=12.0)]
     if policy == "fit":
         rows += [stage_row("went", FILE_ROW, num_segments=1, **whole),
                  stage_row("went", 0, "x", max_new_tokens=180, num_tokens=95, **whole)]
     asm = Assembler(SUMMARY, RunStats(), token_limit=policy)
     asm.add(table(rows))
-    assert asm.stats.files_done == 2 + (policy == "fit") and asm.stats.clips_past_card_limit == (policy == "fit")
+    assert asm.stats.files_done == 3 + (policy == "fit") and asm.stats.clips_past_card_limit == (policy == "fit")
 
 
 def test_too_many_failures_stop_the_run_only_past_the_minimum():
