@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,7 +60,7 @@ def segment_token_limit(duration_s: float, whole_file: bool, policy: str = "fit"
 
     ``whole_file``: the segment is the whole file (a short clip decoded whole, as the card's usage does),
     which keeps the card's limit under "fit" so the output equals the card's call (where that limit cuts real
-    text short, :meth:`Decoder.decode` decodes the clip again at the budget a window gets).
+    text short, :meth:`Decoder.decode` takes the clip on to the budget a window gets).
     """
     if policy == "none":
         return MODEL_MAX_NEW_TOKENS
@@ -518,7 +518,7 @@ class Decoder:
         """Decode segments in the batches of :meth:`batch_plan`; results in input order.
 
         Under the "fit" token-limit policy, a segment decoded at its exact limit (a file decoded whole, at the
-        card's limit) that stopped there with real text, not a repetition loop (:meth:`_fit_budget`), goes on to
+        card's limit) that stopped there with real text, not a repetition loop (:meth:`_going_on`), goes on to
         the budget a window of its duration gets (:func:`segment_token_limit`): the card's table cuts dense speech
         short in clips as it does in windows (at 8.7 tokens a second, Kazakh needs more than 64 tokens from 7.4 s
         on). A clip the card's limit does not cut keeps the card's call and text exactly.
@@ -546,11 +546,8 @@ class Decoder:
         """Decode again, at the "fit" budget, the exact-limit segments their limit cut short (see :meth:`decode`).
         The new result's ``decode_s`` carries both calls' shares: ``decode_s / batch_size`` is what the segment
         cost, as the run's model seconds count it."""
-        again: dict[int, SegmentInput] = {}
-        for i, (x, r) in enumerate(zip(inputs, out)):
-            budget = self._fit_budget(x, r.text, r.truncated)
-            if budget is not None:
-                again[i] = SegmentInput(x.audio, x.language, budget, exact_limit=False)
+        again = {i: SegmentInput(inputs[i].audio, inputs[i].language, budget, exact_limit=False) for i, budget in
+                 self._going_on(inputs, [r.truncated for r in out], lambda i: out[i].text).items()}
         if not again:
             return
         log.debug("decoding %d segment(s) again at the fit budget: their card limit cut them short", len(again))
@@ -562,14 +559,22 @@ class Decoder:
             else:  # with room, a shorter hypothesis that ends by itself won (a sentence dropped, unflagged): keep
                 out[i] = replace(first, decode_s=spent * max(first.batch_size, 1))  # the longer text, flagged as cut
 
-    def _fit_budget(self, x: SegmentInput, text: str, truncated: bool) -> int | None:
-        """The "fit" budget a segment decoded at its exact limit goes on to (see :meth:`decode`), or None: not
-        under the "fit" policy, a window (its limit is a budget already), not cut short, a cut repetition loop
-        (more of it is no more words), or a budget no larger than its limit."""
-        if self.options.token_limit != "fit" or not x.exact_limit or truncation_cause(text, truncated) != "did_not_fit":
-            return None
-        budget = segment_token_limit(len(x.audio) / SAMPLE_RATE, False, "fit")
-        return budget if budget > x.max_new_tokens else None
+    def _going_on(self, inputs: Sequence[SegmentInput], truncated: Sequence[bool],
+                  text_of: Callable[[int], str]) -> dict[int, int]:
+        """The rows that go on past their limit (see :meth:`decode`), each with the "fit" budget it goes on to:
+        under the "fit" policy, a segment decoded at its exact limit (not a window: its limit is a budget
+        already) that stopped there (``truncated``), whose budget is above its limit, and whose text
+        (``text_of(i)``, asked for such rows only) is real text, not a repetition loop (more of a loop is no
+        more words)."""
+        if self.options.token_limit != "fit":
+            return {}
+        out = {}
+        for i, (x, cut) in enumerate(zip(inputs, truncated)):
+            if cut and x.exact_limit:
+                budget = segment_token_limit(len(x.audio) / SAMPLE_RATE, False, "fit")
+                if budget > x.max_new_tokens and truncation_cause(text_of(i), True) == "did_not_fit":
+                    out[i] = budget
+        return out
 
     def _generate_batch(self, batch: list[SegmentInput]) -> list[SegmentOutput]:
         """One model batch (one group of :meth:`decode`); by default one language and one limit."""

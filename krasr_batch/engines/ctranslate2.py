@@ -297,15 +297,11 @@ class CTranslate2Decoder(Decoder):
         """Continue, in place in ``rows``, the clips their card limit cut short with real text (Decoder.decode)
         to their "fit" budget, over the same encoder output: the cut tokens follow the prompt, so the text is
         the card's call and what follows it. Returns each continued row's budget."""
-        budgets: dict[int, int] = {}
+        budgets = self._going_on(inputs, [not ended for _, _, ended, _ in rows],
+                                 lambda i: self.tokenizer.decode(rows[i][0], skip_special_tokens=True).strip())
         by_length: dict[int, list[int]] = defaultdict(list)  # one search's prompts are of one length
-        for i, (x, (tokens, n, ended, _)) in enumerate(zip(inputs, rows)):
-            if ended or not x.exact_limit or self.options.token_limit != "fit":
-                continue  # not a clip cut at its card limit (and no text to read)
-            budget = self._fit_budget(x, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), not ended)
-            if budget is not None:
-                budgets[i] = budget
-                by_length[n].append(i)
+        for i in budgets:
+            by_length[rows[i][1]].append(i)
         for n, idx in by_length.items():
             sub, keep = (features, None) if len(idx) == len(rows) else self._rows(features, idx)
             _, more = self._search(sub, [prompts[i] + rows[i][0] for i in idx], [budgets[i] for i in idx])

@@ -1001,16 +1001,11 @@ class TorchBeamDecoder(Decoder):
         and values, so the text is the card's call and what follows it. Returns each continued row's budget."""
         import torch
 
-        budgets: dict[int, int] = {}
+        budgets = self._going_on(batch, [not done for _, _, done in hyps],
+                                 lambda i: self.tokenizer.decode(hyps[i][0], skip_special_tokens=True).strip())
         by_length: dict[int, list[int]] = defaultdict(list)  # a search's prompts are of one length
-        for i, (x, (tokens, _, done)) in enumerate(zip(batch, hyps)):
-            if done or not x.exact_limit or self.options.token_limit != "fit":
-                continue  # not a clip cut at its card limit (and no text to read)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            budget = self._fit_budget(x, text, not done)
-            if budget is not None:
-                budgets[i] = budget
-                by_length[len(tokens)].append(i)
+        for i in budgets:
+            by_length[len(hyps[i][0])].append(i)
         for n, rows in by_length.items():
             keep = torch.tensor(rows, device=self.stack.device)
             sub = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cross]
