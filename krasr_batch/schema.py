@@ -108,6 +108,12 @@ FILE_ROW = -1  # segment_index of a file row
 FILES_FROM_STAGE = {"language": "req_language"}
 
 
+def decoded_whole(num_segments: int, start_s: float, end_s: float, duration_s: float | None) -> bool:
+    """A segment that is its whole file (its only segment, from 0 to the file's duration): the file was decoded
+    whole, as the card decodes a clip (``SegmentPlan.whole_file``, told from the rows)."""
+    return num_segments == 1 and start_s == 0.0 and abs(end_s - (duration_s or 0.0)) < 1e-6
+
+
 def segment_row(stage_row: dict) -> dict:
     """A ``segments/`` row from a stage row."""
     return {name: stage_row[name] for name in SEGMENTS_SCHEMA.names}

@@ -19,7 +19,7 @@ from krasr_batch.engines.base import segment_token_limit
 from krasr_batch.manifest import ManifestSummary, convert_extra
 from krasr_batch.output.layout import failures_by_kind, warnings_by_kind
 from krasr_batch.pipeline.errors import RunAborted
-from krasr_batch.schema import FILE_ROW, file_row, language_seconds, segment_row, word_rows
+from krasr_batch.schema import FILE_ROW, decoded_whole, file_row, language_seconds, segment_row, word_rows
 
 
 @dataclass
@@ -116,13 +116,13 @@ class Progress:
                 self.stream.write("\n")
 
 
-def _past_card_limit(seg: dict, row: dict, policy: str) -> bool:
+def _past_card_limit(segs: list[dict], row: dict, policy: str) -> bool:
     """A file decoded whole (its one segment spans it) at a limit other than the one its policy gives a whole
     file: its card limit cut it short and it went on to the "fit" budget."""
-    whole = seg["start_s"] == 0.0 and abs(seg["end_s"] - (row["duration_s"] or 0.0)) < 1e-6
-    limit = seg["max_new_tokens"]
-    return whole and limit is not None and seg["audio_s"] is not None and \
-        limit != segment_token_limit(seg["audio_s"], True, policy)
+    if len(segs) != 1 or not decoded_whole(len(segs), segs[0]["start_s"], segs[0]["end_s"], row["duration_s"]):
+        return False
+    limit, audio_s = segs[0]["max_new_tokens"], segs[0]["audio_s"]
+    return limit is not None and audio_s is not None and limit != segment_token_limit(audio_s, True, policy)
 
 
 class Assembler:
@@ -190,7 +190,7 @@ class Assembler:
         for s in segs:
             if s["truncation"]:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
-        if len(segs) == 1 and self.decoded and _past_card_limit(segs[0], row, self.token_limit):
+        if self.decoded and _past_card_limit(segs, row, self.token_limit):
             st.clips_past_card_limit += 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] or 0.0 for s in segs)

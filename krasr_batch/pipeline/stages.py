@@ -25,7 +25,7 @@ from krasr_batch.engines import SegmentInput, load_decoder, segment_token_limit
 from krasr_batch.engines.timing import fit_to_speech
 from krasr_batch.quality import compression_ratio, truncation_cause
 from krasr_batch.quality import suspect as is_suspect
-from krasr_batch.schema import FILE_ROW, MODEL_OUTPUT_NAMES, STAGE_SCHEMA
+from krasr_batch.schema import FILE_ROW, MODEL_OUTPUT_NAMES, STAGE_SCHEMA, decoded_whole
 from krasr_batch.segment import analyse, segment_audio
 from krasr_batch.settings import DecodeOptions, SegmentOptions, check_language
 
@@ -160,8 +160,7 @@ class ModelStage:
         for i in idx:
             lang = cols["req_language"][i]
             # a file decoded whole keeps its card limit exactly; a window's limit is a budget (SegmentInput)
-            whole = cols["num_segments"][i] == 1 and cols["start_s"][i] == 0.0 and \
-                abs(cols["end_s"][i] - (cols["duration_s"][i] or 0.0)) < 1e-6
+            whole = decoded_whole(cols["num_segments"][i], cols["start_s"][i], cols["end_s"][i], cols["duration_s"][i])
             inputs.append(SegmentInput(np.frombuffer(audio[i].as_py(), np.float32),
                                        None if lang == "auto" else lang, cols["max_new_tokens"][i], whole))
         for i, x, r in zip(idx, inputs, self.decoder.decode(inputs)):
