@@ -220,6 +220,29 @@ def test_with_one_beam_a_continued_clip_reads_as_a_decode_at_its_budget(base_mod
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "ctranslate2"])
+def test_a_clip_cut_where_its_text_ends_goes_on_to_end_of_text(base_model, corpus, engine):
+    """A clip whose limit is exactly its text's length stops there without end-of-text, cut. Going on, its
+    first step is not the text's first: end-of-text (and the blank) may come at once, as in a decode at the
+    budget, so the clip ends there with the same text and nothing made up after it."""
+    from krasr_batch.engines import load_decoder
+
+    audio = _joined_clips(corpus)[2][0]  # the Russian sentence, which ends by itself
+    dec = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4, beams=1,
+                                     dtype="float32"), device="cpu")
+    free = dec._decode_batches([SegmentInput(audio, "russian", 180, False)])[0]
+    assert not free.truncated and free.num_tokens > 5
+    cut = SegmentInput(audio, "russian", free.num_tokens, exact_limit=True)  # no step left for end-of-text
+    card = load_decoder(DecodeOptions(model=str(base_model), engine=engine, batch_size=4, beams=1, dtype="float32",
+                                      token_limit="card"), device="cpu").decode([cut])[0]
+    assert card.truncated and card.text == free.text and card.max_new_tokens is None
+    out = dec.decode([cut])[0]
+    assert (out.text, out.num_tokens, out.truncated) == (free.text, free.num_tokens, False)
+    assert out.max_new_tokens == segment_token_limit(len(audio) / 16000, False, "fit")
+    assert out.avg_logprob == pytest.approx(free.avg_logprob, abs=1e-3)
+
+
+@pytest.mark.slow
 def test_each_torch_search_continues_a_cut_clip_alike(base_model, corpus):
     """The GPU's searches (device, graphed: the CPU runs them too) continue a clip from its cut text as the host
     search does: the continuation's prompt holds the card's tokens, longer than any prompt they see otherwise."""

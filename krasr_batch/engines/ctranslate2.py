@@ -267,20 +267,23 @@ class CTranslate2Decoder(Decoder):
                                      self.language_prob(sc, code), w, budgets.get(i)))
         return out
 
-    def _search(self, features, prompts: list[list[int]], limits: list[int], no_speech: bool = False):
+    def _search(self, features, prompts: list[list[int]], limits: list[int], no_speech: bool = False,
+                begin: bool = True):
         """CTranslate2's beam search with the card's settings: (its results, and each row's ``(tokens, n, ended,
         score)``). ``limits`` count the text tokens, the end-of-text step included; tokens after a prompt's
         first four are text that the search continues (CTranslate2 forces them, and returns them with what
         follows, its score then covering only what follows). The batch decodes to its largest limit; a row past
         its own is cut there, as a decode with that limit stops. ``score``: CTranslate2's, the summed
-        log-probability over the text tokens divided by their number (None where a row was cut)."""
+        log-probability over the text tokens divided by their number (None where a row was cut). ``begin``: the
+        text starts here (the blank and end-of-text banned at the first step, as Whisper's begin-suppression
+        does); False where the prompts end in text, which may end at once."""
         o = self.options
         top = max(limits)
         head = len(self.prompt_tail) + 2  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
         results = self.model.generate(
             features, prompts, beam_size=o.beams, no_repeat_ngram_size=o.no_repeat_ngram_size,
             repetition_penalty=o.repetition_penalty, max_length=ct2_max_length(top, head),
-            return_scores=True, return_no_speech_prob=no_speech)
+            return_scores=True, return_no_speech_prob=no_speech, suppress_blank=begin)
         rows = []
         for own, r in zip(limits, results):
             tokens = r.sequences_ids[0]
@@ -304,7 +307,8 @@ class CTranslate2Decoder(Decoder):
             by_length[rows[i][1]].append(i)
         for n, idx in by_length.items():
             sub, keep = (features, None) if len(idx) == len(rows) else self._rows(features, idx)
-            _, more = self._search(sub, [prompts[i] + rows[i][0] for i in idx], [budgets[i] for i in idx])
+            _, more = self._search(sub, [prompts[i] + rows[i][0] for i in idx], [budgets[i] for i in idx],
+                                   begin=False)
             del keep
             for i, (tokens, m, ended, score) in zip(idx, more):
                 first = rows[i][3]  # the cut text's summed log-probability is first * n; what follows, score * m
