@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from krasr_batch.output.layout import failures_by_kind
 from krasr_batch.output.reader import SUSPECT_INPUTS, RunOutput, column, suspect_flags
+from krasr_batch.pipeline.assemble import past_card_limit
 from krasr_batch.quality import truncation_cause
 
 EXAMPLES_PER_KIND = 3
@@ -64,6 +65,7 @@ class InspectReport:
     segments: int
     truncated_segments: int
     truncated_by_cause: dict[str, int]  # quality.TRUNCATION_CAUSES: "repetition", "did_not_fit"
+    clips_past_card_limit: int  # files decoded whole that went on past the card's limit (the run's summary's count)
     suspect_segments: int
     suspect_files: int
     suspect_source: str  # "column", "computed" or "column+computed"
@@ -101,9 +103,13 @@ def _failure_groups(rows: list[dict]) -> tuple[FailureGroup, ...]:
 
 @dataclass
 class _SegmentTally:
+    # the ok files with one segment (file id -> duration): the clips that went on past the card's limit are
+    # told from their one segment (assemble.past_card_limit)
+    single: dict = field(default_factory=dict)
     segments: int = 0
     truncated: int = 0
     truncated_by_cause: dict = field(default_factory=dict)
+    past_card_limit: int = 0
     suspect: int = 0
     suspect_files: set = field(default_factory=set)
     sources: set = field(default_factory=set)
@@ -130,7 +136,17 @@ class _SegmentTally:
             if bad:
                 self.suspect += 1
                 self.suspect_files.add(fid)
+        self._add_past_card_limit(batch, fids, n)
         self._add_workers(batch, n)
+
+    def _add_past_card_limit(self, batch: pa.RecordBatch, fids: list, n: int) -> None:
+        if not self.single:
+            return
+        cols = {name: column(batch, name) or [None] * n for name in ("start_s", "end_s", "max_new_tokens", "audio_s")}
+        for i, fid in enumerate(fids):
+            if fid in self.single:
+                seg = {name: values[i] for name, values in cols.items()}
+                self.past_card_limit += past_card_limit(1, seg, self.single[fid])
 
     def _add_workers(self, batch: pa.RecordBatch, n: int) -> None:
         workers = column(batch, "worker") or [None] * n
@@ -145,9 +161,10 @@ class _SegmentTally:
             w[2] += (decode[i] or 0.0) / max(sizes[i] or 1, 1)
 
 
-def _tally_segments(output: RunOutput) -> _SegmentTally:
-    tally = _SegmentTally()
-    cols = ["file_id", "text", "start_s", "end_s", "truncated", "truncation", "decode_s", "batch_size", "worker", *SUSPECT_INPUTS]
+def _tally_segments(output: RunOutput, single: dict[str, float]) -> _SegmentTally:
+    tally = _SegmentTally(single)
+    cols = ["file_id", "text", "start_s", "end_s", "audio_s", "max_new_tokens", "truncated", "truncation", "decode_s",
+            "batch_size", "worker", *SUSPECT_INPUTS]
     for batch in output.segment_batches(cols):
         tally.add(batch)
     return tally
@@ -155,11 +172,12 @@ def _tally_segments(output: RunOutput) -> _SegmentTally:
 
 def inspect_run(output: RunOutput) -> InspectReport:
     """Summarise a run's output folder."""
-    files = output.files_table(["file_id", "status", "error", "error_kind", "warning", "duration_s", "speech_s"])
+    files = output.files_table(["file_id", "status", "error", "error_kind", "warning", "duration_s", "speech_s",
+                                "num_segments"])
     rows = files.to_pylist()
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
-    tally = _tally_segments(output)
+    tally = _tally_segments(output, {r["file_id"]: r.get("duration_s") for r in ok if r.get("num_segments") == 1})
     workers = tuple(sorted((WorkerStats(w, v[0], v[1], v[2]) for w, v in tally.workers.items()),
                            key=lambda w: w.worker))
     return InspectReport(
@@ -167,7 +185,7 @@ def inspect_run(output: RunOutput) -> InspectReport:
         files_with_warning=sum(1 for r in rows if r.get("warning")), failures=_failure_groups(failed),
         audio_s=sum(r.get("duration_s") or 0.0 for r in ok), speech_s=sum(r.get("speech_s") or 0.0 for r in ok),
         segments=tally.segments, truncated_segments=tally.truncated, truncated_by_cause=tally.truncated_by_cause,
-        suspect_segments=tally.suspect,
+        clips_past_card_limit=tally.past_card_limit, suspect_segments=tally.suspect,
         suspect_files=len(tally.suspect_files), suspect_source="+".join(sorted(tally.sources)) or "computed",
         workers=workers, run=output.run_info() or {},
     )
@@ -224,6 +242,9 @@ def format_inspect(report: InspectReport) -> str:
     lines.append(f"  audio {r.audio_s / 3600:.3f} h, speech {r.speech_s / 3600:.3f} h (ok files)")
     lines.append(f"  segments: {r.segments}: {truncation_text(r.truncated_segments, r.truncated_by_cause)}; "
                  f"{r.suspect_segments} suspect by the quality signals, in {r.suspect_files} files [{r.suspect_source}]")
+    if r.clips_past_card_limit:
+        n = r.clips_past_card_limit
+        lines.append(f"  {n} {'clip' if n == 1 else 'clips'} that the card's limit cut short went on to the fit budget")
     if r.run:
         wall = r.run.get("wall_s")
         rtfx = f"{r.rtfx:.1f}" if isinstance(r.rtfx, (int, float)) else "?"

@@ -143,8 +143,8 @@ def test_a_failed_file_has_no_text_and_is_counted_by_kind():
 
 @pytest.mark.parametrize("policy", ["fit", "card", "none"])
 def test_clips_that_went_on_past_the_cards_limit_are_counted(policy):
-    """A file decoded whole at another limit than its policy gives a whole file went on (Decoder.decode, under
-    "fit"): counted. Whole files at their policy's limit, and windows of a longer recording, are not."""
+    """A file decoded whole at the "fit" budget of its length, above the card's limit, went on (Decoder.decode,
+    under "fit"): counted. Whole files at their policy's limit, and windows of a longer recording, are not."""
     from krasr_batch.engines import segment_token_limit
 
     whole = dict(start_s=0.0, end_s=12.0, duration_s=12.0, audio_s=12.0)  # the card's 80 tokens, the budget 180
@@ -160,7 +160,7 @@ def test_clips_that_went_on_past_the_cards_limit_are_counted(policy):
     if policy == "fit":
         rows += [stage_row("went", FILE_ROW, num_segments=1, **whole),
                  stage_row("went", 0, "x", max_new_tokens=180, num_tokens=95, **whole)]
-    asm = Assembler(SUMMARY, RunStats(), token_limit=policy)
+    asm = Assembler(SUMMARY, RunStats())
     asm.add(table(rows))
     assert asm.stats.files_done == 3 + (policy == "fit") and asm.stats.clips_past_card_limit == (policy == "fit")
 

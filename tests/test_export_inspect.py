@@ -190,3 +190,25 @@ def test_parts_with_and_without_new_columns_read_together(tmp_path: Path):
     data = json.loads(invoke("inspect", str(out), "--format", "json").stdout)
     assert data["suspect_segments"] == 2 and data["suspect_source"] == "column+computed"
     assert json.loads(invoke("eval", str(out), "--format", "json").stdout)["overall"]["hallucination_like"] == 2
+
+
+def test_inspect_counts_the_clips_that_went_on_past_the_cards_limit(tmp_path: Path):
+    """A file decoded whole at the "fit" budget of its length, above the card's limit, went on past the card's
+    limit (its cut text to that budget): ``inspect`` counts them from the rows, as the run's summary did, with
+    or without run.json."""
+    segments = [
+        seg("cut", 0, 0.0, 12.0, "ұзақ сөйлем", audio_s=12.0, max_new_tokens=180),  # went on: card's 80, budget 180
+        seg("fits", 0, 0.0, 12.0, "қысқа", audio_s=12.0, max_new_tokens=80),  # the card's 80 held it
+        seg("long", 0, 0.0, 12.0, "бір", audio_s=12.0, max_new_tokens=180),  # a window of a longer file
+        seg("long", 1, 12.5, 30.0, "екі", audio_s=17.5, max_new_tokens=240),
+        seg("none", 0, 0.0, 12.0, "барлығы", audio_s=12.0, max_new_tokens=448),  # --token-limit none
+    ]
+    files = [frow("cut", duration_s=12.0), frow("fits", duration_s=12.0), frow("long", duration_s=31.0),
+             frow("none", duration_s=12.0)]
+    for name, run in [("o", None), ("r", RUN_JSON)]:
+        out = write_output(tmp_path / name, files, segments, run=run)
+        assert json.loads(invoke("inspect", str(out), "--format", "json").stdout)["clips_past_card_limit"] == 1
+        assert "\n  1 clip that the card's limit cut short went on to the fit budget\n" in invoke("inspect", str(out)).stdout
+    out = write_output(tmp_path / "n", files[1:], segments[1:])
+    assert json.loads(invoke("inspect", str(out), "--format", "json").stdout)["clips_past_card_limit"] == 0
+    assert "went on to the fit budget" not in invoke("inspect", str(out)).stdout

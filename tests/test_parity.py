@@ -12,6 +12,8 @@ from transformers.pipelines.audio_utils import ffmpeg_read
 from benchmarks.baselines import card_pipeline, card_usage
 from krasr_batch.audio import load_audio
 from krasr_batch.engines import max_new_tokens_for, segment_token_limit
+from krasr_batch.output.reader import open_output
+from krasr_batch.report import inspect_run
 from krasr_batch.textnorm import normalize
 
 from .conftest import read_jsonl, run_cli, write_manifest
@@ -61,6 +63,7 @@ def test_same_text_as_the_card_pipeline(tmp_path, corpus, base_model):
     assert json.loads((tmp_path / "out" / "run.json").read_text())["counts"]["clips_past_card_limit"] == len(again) > 0
     assert f"{len(again)} clip{'s' if len(again) > 1 else ''} that the card's limit cut short went on to the fit " \
         "budget; " in r.stdout
+    assert inspect_run(open_output(str(tmp_path / "out"))).clips_past_card_limit == len(again)  # from the rows
 
     # 2. the card's call on the files (the pipeline decodes and resamples them with ffmpeg, krasr-batch with
     #    soundfile/PyAV and soxr): resampled clips may differ word for word, the error rate may not

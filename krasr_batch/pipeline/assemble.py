@@ -116,22 +116,25 @@ class Progress:
                 self.stream.write("\n")
 
 
-def _past_card_limit(segs: list[dict], row: dict, policy: str) -> bool:
-    """A file decoded whole (its one segment spans it) at a limit other than the one its policy gives a whole
-    file: its card limit cut it short and it went on to the "fit" budget."""
-    if len(segs) != 1 or not decoded_whole(len(segs), segs[0]["start_s"], segs[0]["end_s"], row["duration_s"]):
+def past_card_limit(num_segments: int, seg: dict, duration_s: float | None) -> bool:
+    """A file decoded whole (its one segment ``seg``, a segment row, spans it) that its card limit cut short
+    and that went on (``Decoder._going_on``): its limit is the "fit" budget of its length, above the card's.
+    No policy gives a whole file that limit otherwise (the card's table, or with "none" the model's 448, above
+    any budget of up to 30 s), so the rows tell it without the run's settings. The run's summary and
+    ``inspect`` count these."""
+    if not decoded_whole(num_segments, seg["start_s"], seg["end_s"], duration_s):
         return False
-    limit, audio_s = segs[0]["max_new_tokens"], segs[0]["audio_s"]
-    return limit is not None and audio_s is not None and limit != segment_token_limit(audio_s, True, policy)
+    limit, audio_s = seg["max_new_tokens"], seg["audio_s"]
+    return limit is not None and audio_s is not None \
+        and limit == segment_token_limit(audio_s, False, "fit") > segment_token_limit(audio_s, True, "fit")
 
 
 class Assembler:
     """Collects segment and file rows as they stream back; hands over files whose segments are all in."""
 
-    def __init__(self, summary: ManifestSummary, stats: RunStats, decoded: bool = True, token_limit: str = "fit"):
+    def __init__(self, summary: ManifestSummary, stats: RunStats, decoded: bool = True):
         self.summary = summary
         self.decoded = decoded  # False for ``plan``: files get no text (None), as nothing was decoded
-        self.token_limit = token_limit  # the run's policy: a whole file's limit under it tells a clip that went on
         self.stats = stats
         self.segments: dict[str, list[dict]] = {}
         self.words: dict[str, list[dict]] = {}
@@ -190,7 +193,7 @@ class Assembler:
         for s in segs:
             if s["truncation"]:
                 st.truncated_by_cause[s["truncation"]] = st.truncated_by_cause.get(s["truncation"], 0) + 1
-        if self.decoded and _past_card_limit(segs, row, self.token_limit):
+        if self.decoded and segs and past_card_limit(len(segs), segs[0], row["duration_s"]):
             st.clips_past_card_limit += 1
         st.suspect_segments += sum(1 for s in segs if s["suspect"])
         st.decode_s += sum(s["decode_s"] or 0.0 for s in segs)

@@ -650,7 +650,7 @@ def _execute(normalized: str, settings: RunSettings, summary: ManifestSummary, s
                               compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
                               **stage_res)
 
-    _drain_passes(groups, graph, Assembler(summary, stats, token_limit=dec.token_limit), stats, writer, prog, settings)
+    _drain_passes(groups, graph, Assembler(summary, stats), stats, writer, prog, settings)
 
 
 def _drain_passes(groups: list, graph, asm: Assembler, stats: RunStats, writer: PartWriter, prog: Progress,
