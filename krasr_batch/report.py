@@ -225,6 +225,12 @@ def truncation_text(truncated: int, by_cause: dict[str, int]) -> str:
     return f"{truncated} stopped at the token limit ({loops} repetition loops, {unfit} did not fit)"
 
 
+def past_card_limit_text(clips: int) -> str:
+    """"N clips that the card's limit cut short went on to the fit budget" (assemble.past_card_limit), as the
+    run's summary and ``inspect`` say it."""
+    return f"{clips} {'clip' if clips == 1 else 'clips'} that the card's limit cut short went on to the fit budget"
+
+
 def format_inspect(report: InspectReport) -> str:
     """The human-readable ``inspect`` text."""
     r = report
@@ -243,8 +249,7 @@ def format_inspect(report: InspectReport) -> str:
     lines.append(f"  segments: {r.segments}: {truncation_text(r.truncated_segments, r.truncated_by_cause)}; "
                  f"{r.suspect_segments} suspect by the quality signals, in {r.suspect_files} files [{r.suspect_source}]")
     if r.clips_past_card_limit:
-        n = r.clips_past_card_limit
-        lines.append(f"  {n} {'clip' if n == 1 else 'clips'} that the card's limit cut short went on to the fit budget")
+        lines.append(f"  {past_card_limit_text(r.clips_past_card_limit)}")
     if r.run:
         wall = r.run.get("wall_s")
         rtfx = f"{r.rtfx:.1f}" if isinstance(r.rtfx, (int, float)) else "?"

@@ -183,7 +183,7 @@ def _ray_problems(console) -> None:
 
 
 def _summary(stats, out: str, log_path: str | None = None) -> None:
-    from krasr_batch.report import truncation_text
+    from krasr_batch.report import past_card_limit_text, truncation_text
 
     echo = click.echo
     echo("")
@@ -192,8 +192,7 @@ def _summary(stats, out: str, log_path: str | None = None) -> None:
          + (f", {stats.skipped_files} already done by an earlier run" if stats.skipped_files else ""))
     echo(f"  this run: ok {stats.files_ok}, failed {stats.files_failed}; {stats.segments} segments: "
          f"{truncation_text(stats.truncated_segments, stats.truncated_by_cause)}; "
-         + (f"{stats.clips_past_card_limit} {'clip' if stats.clips_past_card_limit == 1 else 'clips'} that the "
-            f"card's limit cut short went on to the fit budget; " if stats.clips_past_card_limit else "")
+         + (f"{past_card_limit_text(stats.clips_past_card_limit)}; " if stats.clips_past_card_limit else "")
          + f"{stats.suspect_segments} suspect by the quality signals")
     echo(f"  output: ok {stats.output_ok}, failed {stats.output_failed}"
          + (f" ({stats.output_other} of them committed by earlier runs from lines not in this manifest)" if stats.output_other else ""))
