@@ -5,7 +5,8 @@ An input is detected from what it is, then from its extension, then from its col
 - a folder, or an object-storage prefix (``s3://bucket/prefix/``): the tree is walked, each folder's entries in
   name order, depth first; audio and video files (:data:`MEDIA_EXTENSIONS`) are taken, ``globs`` narrow them
   (``fnmatch`` on the path relative to the folder, where ``*`` also crosses ``/``). A file's id is that relative
-  path; a sidecar ``NAME.txt`` beside ``NAME.wav`` is its reference text. Hidden entries (``.name``) are skipped.
+  path; a sidecar ``NAME.txt`` beside ``NAME.wav`` is its reference text (one not in UTF-8 is left out, with a
+  ``sidecar`` warning in the record, and the file is still transcribed). Hidden entries (``.name``) are skipped.
   A symbolic link to nothing is listed all the same: its run reports it (``not_found``) rather than skip it.
   One folder's listing is held at a time, never the whole tree's;
 - ``*.csv`` / ``*.tsv``: a header line, then one row per file (``path``; ``id``, ``language``, ``text`` when
@@ -83,6 +84,7 @@ class Record:
     unit: str = "line"
     base_dir: str = ""  # what relative paths are relative to
     resolved: bool = field(default=False)  # the path is already absolute (walks, shards)
+    warning: str | None = None  # what the reader left out of the entry and why (a sidecar text not in UTF-8)
 
     def error(self, message: str) -> ManifestError:
         return ManifestError(self.source, self.position, message, self.unit)
@@ -349,15 +351,18 @@ def _matches(rel: str, globs: Sequence[str]) -> bool:
     return not globs or any(fnmatch.fnmatchcase(rel, g) for g in globs)
 
 
-def _read_sidecar(fs: pafs.FileSystem | None, path: str, shown: str) -> str:
-    """The text beside a media file; ``fs`` None reads a local file with Python's own ``open``, which takes
-    a name whose bytes are not UTF-8 (pyarrow's local filesystem does not)."""
+def _read_sidecar(fs: pafs.FileSystem | None, path: str, shown: str) -> tuple[str | None, str | None]:
+    """The text beside a media file, and None; or None and a ``sidecar`` warning where it is not UTF-8 (a
+    reference text saved in cp1251 or KZ-1048 does not stop a job over a whole archive: the file is still
+    transcribed, and the warning names the text). ``fs`` None reads a local file with Python's own ``open``,
+    which takes a name whose bytes are not UTF-8 (pyarrow's local filesystem does not). A text that cannot be
+    read at all (permissions, a network error) is a ManifestError: the run can be made again once it can."""
     try:
         with fs.open_input_stream(path) if fs is not None else open(path, "rb") as f:
-            return f.read().decode("utf-8-sig").strip()  # Notepad's byte-order mark is not text
+            return f.read().decode("utf-8-sig").strip(), None  # Notepad's byte-order mark is not text
     except UnicodeDecodeError as e:
-        raise ManifestError(shown, 0, f"sidecar text is not UTF-8 ({e.reason} at byte {e.start + 1}); save it as "
-                                      "UTF-8 (iconv -f cp1251 -t utf-8)") from e
+        return None, (f"sidecar: {shown} is not UTF-8 ({e.reason} at byte {e.start + 1}), so the file has no "
+                      "reference text (save it as UTF-8: iconv -f cp1251 -t utf-8)")
     except OSError as e:
         raise ManifestError(shown, 0, f"cannot read the sidecar text: {e}") from e
 
@@ -425,9 +430,10 @@ def walk_folder(root: str, globs: Sequence[str] = ()) -> Iterator[Record]:
         for path, rel, sidecar in media:
             position[0] += 1
             obj: dict[str, Any] = {"id": rel, "path": full(path)}
-            if sidecar:
-                obj["text"] = texts[sidecar]
-            yield Record(obj, root, position[0], "entry", resolved=True)
+            text, warning = texts[sidecar] if sidecar else (None, None)
+            if text is not None:
+                obj["text"] = text
+            yield Record(obj, root, position[0], "entry", resolved=True, warning=warning)
 
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory and not prefix:

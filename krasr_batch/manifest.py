@@ -43,6 +43,7 @@ class FileJob:
     language: str | None = None
     reference_text: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None  # what the input's reader left out, and why (a sidecar text not in UTF-8)
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -97,7 +98,7 @@ def _job(rec: Record, seen: dict[str, tuple[int, str]], model_languages: Collect
     extra = {(f"manifest_{k}" if k.lower() in FILES_COLUMNS else k): v for k, v in obj.items()
              if k not in RESERVED and k != key}
     resolved = path if rec.resolved else _resolve(path, rec.base_dir)
-    return FileJob(file_id, resolved, rec.position, language, text, extra)
+    return FileJob(file_id, resolved, rec.position, language, text, extra, rec.warning)
 
 
 def iter_manifest(manifest: str, globs: Sequence[str] = (),
@@ -113,13 +114,16 @@ def iter_manifest(manifest: str, globs: Sequence[str] = (),
 
 @dataclass
 class ManifestSummary:
-    """What validation learned: how many files (and how many of them ``skip_ids`` held), and the Arrow type of
-    each extra field (``extra_kinds``: the JSON kinds of its values, each with the first line holding one)."""
+    """What validation learned: how many files (and how many of them ``skip_ids`` held), the Arrow type of each
+    extra field (``extra_kinds``: the JSON kinds of its values, each with the first line holding one), and how
+    many of the files to do came with a warning from their input's reader."""
 
     num_files: int
     extra_types: dict[str, pa.DataType]
     num_skipped: int = 0
     extra_kinds: dict[str, dict[str, int]] = field(default_factory=dict)
+    num_warned: int = 0  # files to do whose entry came with a warning (FileJob.warning), and the first of them
+    first_warning: str | None = None
 
     def extra_schema(self) -> list[pa.Field]:
         return [pa.field(k, t) for k, t in self.extra_types.items()]
@@ -194,6 +198,7 @@ NORMALIZED_SCHEMA = pa.schema([
     ("language", pa.string()),
     ("reference_text", pa.string()),
     ("extra_json", pa.string()),
+    ("warning", pa.string()),  # FileJob.warning: it goes on into the file's files/ row
 ])
 
 
@@ -206,7 +211,8 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
     ``model_languages``: as :func:`iter_manifest`'s.
     """
     kinds: dict[str, dict[str, int]] = {}  # field -> JSON kind -> first line with it
-    n = skipped = 0
+    n = skipped = warned = 0
+    first_warning = None
     buf: dict[str, list] = {name: [] for name in NORMALIZED_SCHEMA.names}
     with writing(dest):
         writer = pq.ParquetWriter(dest, NORMALIZED_SCHEMA)
@@ -232,6 +238,10 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
             buf["language"].append(job.language)
             buf["reference_text"].append(job.reference_text)
             buf["extra_json"].append(json.dumps(job.extra, ensure_ascii=False, default=str) if job.extra else None)
+            buf["warning"].append(job.warning)
+            if job.warning:
+                warned += 1
+                first_warning = first_warning or job.warning
             if len(buf["file_id"]) >= rows_per_group:
                 flush()
         flush()
@@ -240,4 +250,5 @@ def normalize_manifest(manifest: str, dest: str, skip_ids: set[str] | None = Non
             writer.close()
     if n == 0:
         raise ManifestError(manifest, 0, "the manifest holds no entries")
-    return ManifestSummary(n, {k: _arrow_type(set(v)) for k, v in sorted(kinds.items())}, skipped, kinds)
+    return ManifestSummary(n, {k: _arrow_type(set(v)) for k, v in sorted(kinds.items())}, skipped, kinds,
+                           warned, first_warning)

@@ -57,9 +57,23 @@ def test_a_folder_is_walked_in_order_with_sidecar_texts(tree):
 def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree):
     (tree / "a.txt").write_bytes("\ufeffТекст первый.\r\n".encode())  # Notepad's UTF-8
     assert next(iter_manifest(str(tree))).reference_text == "Текст первый."
+    # a text saved in cp1251 does not stop the job: the file comes without it, with a warning naming it
     (tree / "a.txt").write_bytes("Текст".encode("cp1251"))
-    with pytest.raises(ManifestError, match=r"a\.txt: sidecar text is not UTF-8 \(.* at byte 1\); save it as UTF-8"):
-        list(iter_manifest(str(tree)))
+    jobs = list(iter_manifest(str(tree)))
+    assert [j.file_id for j in jobs] == ["a.wav", "b/deeper/y.mp3", "b/x.FLAC"]
+    assert [j.reference_text for j in jobs] == [None, "екінші мәтін", None]
+    assert jobs[0].warning == (f"sidecar: {tree / 'a.txt'} is not UTF-8 (invalid continuation byte at byte 1), "
+                               "so the file has no reference text (save it as UTF-8: iconv -f cp1251 -t utf-8)")
+    assert [j.warning for j in jobs[1:]] == [None, None]
+    # the normalized manifest carries the warning on, and the summary counts it
+    summary = normalize_manifest(str(tree), str(tree.parent / "m.parquet"))
+    assert (summary.num_warned, summary.first_warning) == (1, jobs[0].warning)
+    assert pq.read_table(tree.parent / "m.parquet").column("warning").to_pylist() == [jobs[0].warning, None, None]
+    # `krasr-batch manifest` leaves the text out and says why on stderr
+    r = CliRunner().invoke(main, ["manifest", str(tree)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
+    assert r.stderr.strip() == f"warning: a.wav: {jobs[0].warning}"
 
 
 def test_glob_narrows_a_folder_and_only_a_folder(tree, corpus):

@@ -80,6 +80,10 @@ def test_every_input_shape_gives_the_jsonl_texts(setup, corpus, tiny_model):
         shutil.copy(corpus / r["path"], folder / f"{r['id']}{ext[r['id']]}")
         (folder / f"{r['id']}.txt").write_text(r["text"], encoding="utf-8")
     (folder / "readme.md").write_text("not audio", encoding="utf-8")
+    # one reference text saved in cp1251: that file is transcribed all the same, without a reference, and
+    # says why in its row (the run is not stopped by it)
+    legacy = clips[-1]["id"]
+    (folder / f"{legacy}.txt").write_text(clips[-1]["text"], encoding="cp1251")
 
     table = tmp / "clips.csv"
     with open(table, "w", newline="", encoding="utf-8") as f:
@@ -108,7 +112,19 @@ def test_every_input_shape_gives_the_jsonl_texts(setup, corpus, tiny_model):
         assert all(x["status"] == "ok" for x in files.values()), name
         assert _texts_by_clip(out, stem) == want, name
         refs = {stem(fid): x["reference_text"] for fid, x in files.items()}
-        assert refs == {x["id"]: x["text"] for x in clips}, name  # sidecars, columns, NeMo text, dataset text
+        want_refs = {x["id"]: x["text"] for x in clips}  # sidecars, columns, NeMo text, dataset text
+        warnings = {stem(fid): x["warning"] for fid, x in files.items() if x["warning"]}
+        if name == "folder":
+            want_refs[legacy] = None
+            sidecar = str(folder / f"{legacy}.txt")
+            assert warnings == {legacy: f"sidecar: {sidecar} is not UTF-8 (invalid continuation byte at byte 1), "
+                                        "so the file has no reference text (save it as UTF-8: iconv -f cp1251 "
+                                        "-t utf-8)"}, name
+            assert f"warning (sidecar): 1: {legacy}{ext[legacy]}" in r.stdout  # the summary
+            assert "1 file(s) of the manifest came with a warning" in r.stderr and sidecar in r.stderr  # at once
+        else:
+            assert warnings == {}, name
+        assert refs == want_refs, name
 
     # eval against the dataset's own text column
     r = run_cli(["eval", str(tmp / "out-shards"), "--format", "json"])

@@ -229,6 +229,30 @@ def test_a_clip_decoded_whole_keeps_the_cards_limit_and_long_windows_get_the_bud
     assert all(r["max_new_tokens"] == max_new_tokens_for(len(r["audio"]) / 4 / SR) for r in card_rows)
 
 
+def test_a_files_warning_from_its_input_comes_first_in_its_row(corpus):
+    """A warning the input's reader gave (a sidecar text not in UTF-8) goes into the file's row before the
+    audio's own, on a file that fails as on one that does not."""
+    from krasr_batch.pipeline.stages import FILE_ROW, segment_file
+
+    bad = {r["id"]: r for r in read_jsonl(corpus / "bad.jsonl")}
+    said = "sidecar: /x/a.txt is not UTF-8 (invalid continuation byte at byte 1), so the file has no reference text"
+
+    def file_row(rec, warning):
+        row = {"file_id": rec["id"], "path": str(corpus / rec["path"]), "line": 1, "language": None,
+               "reference_text": None, "extra_json": None, "warning": warning}
+        rows = list(segment_file(row, SegmentOptions(), "kazakh", None, "fit"))
+        assert rows[-1]["segment_index"] == FILE_ROW and all(r["warning"] == rows[-1]["warning"] for r in rows)
+        return rows[-1]
+
+    nan = file_row(bad["nan_samples.wav"], said)  # the audio's own warning follows
+    assert nan["status"] == "ok" and nan["warning"].startswith(said + "; nonfinite: "), nan["warning"]
+    assert file_row(bad["nan_samples.wav"], None)["warning"].startswith("nonfinite: ")
+    clip = read_jsonl(corpus / "clips.jsonl")[0]
+    assert file_row(clip, said)["warning"] == said and file_row(clip, None)["warning"] is None
+    empty = file_row(bad["empty.wav"], said)
+    assert (empty["status"], empty["error_kind"], empty["warning"]) == ("error", "empty_file", said)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_speech_timestamps_equal_silero_vads_own_state_machine(seed):
     """krasr-batch's torch-free copy of Silero's state machine gives silero-vad's own spans."""

@@ -28,7 +28,8 @@ def manifest_command(source: str, globs: tuple[str, ...]) -> None:
     """Write SOURCE's manifest as JSON Lines on stdout (id, path, language, text, other fields).
 
     SOURCE is anything `run` takes: a folder or s3:// prefix (ids are relative paths, a sidecar NAME.txt is
-    the text), CSV/TSV, Parquet, dataset shards, NeMo or krasr-batch JSON Lines. Paths come out absolute.
+    the text; one not in UTF-8 is left out, with a warning on stderr), CSV/TSV, Parquet, dataset shards, NeMo
+    or krasr-batch JSON Lines. Paths come out absolute.
     """
     from krasr_batch.cli.cluster import job_line
     from krasr_batch.manifest import ManifestError, iter_manifest
@@ -36,6 +37,8 @@ def manifest_command(source: str, globs: tuple[str, ...]) -> None:
     try:
         for job in iter_manifest(source, globs):
             click.echo(json.dumps(job_line(job), ensure_ascii=False, default=str))
+            if job.warning:  # a sidecar text not in UTF-8: the line has no text, and stderr says why
+                click.echo(f"warning: {job.file_id}: {job.warning}", err=True)
     except ManifestError as e:
         raise BadUsage(str(e)) from None
 

@@ -78,8 +78,8 @@ def read_text(path: str) -> str | None:
 
 def warnings_by_kind(rows: Iterable[Mapping[str, Any]], into: dict[str, list] | None = None) -> dict[str, list]:
     """The ``file_id`` of each row with a ``warning``, grouped by each of its warnings' kind (the words before
-    the first colon: ``quiet``, ``truncated``, ``nonfinite``, ``corrupt stream``, ``phase``; a file may be in
-    several)."""
+    the first colon: ``quiet``, ``truncated``, ``nonfinite``, ``corrupt stream``, ``phase``, ``sidecar``; a file
+    may be in several)."""
     out: dict[str, list] = into if into is not None else {}
     for r in rows:
         for w in (r.get("warning") or "").split("; "):

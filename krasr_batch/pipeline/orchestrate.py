@@ -351,6 +351,9 @@ def prepare_output(layout: OutputLayout, manifest: str, globs: tuple[str, ...] =
     summary = _normalize(manifest, normalized, done - failed, globs, model_languages)
     if done:
         summary.adopt(open_output(layout.out).files_schema, manifest)
+    if summary.num_warned:  # said before the work, and kept in each file's row
+        log.warning("%d file(s) of the manifest came with a warning, in their files/ rows too; the first: %s",
+                    summary.num_warned, summary.first_warning)
     retried = drop_failed(layout, failed & _ids_in(normalized)) if failed else []
     stats = RunStats(total_files=summary.num_files, skipped_files=summary.num_skipped, retried_files=len(retried))
     writer = PartWriter(layout, files_schema(summary.extra_schema()), words=words)

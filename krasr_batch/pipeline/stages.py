@@ -57,14 +57,16 @@ def segment_file(row: dict, segment_options: SegmentOptions, default_language: s
     # "Auto"): what the engines take, and what files.language holds (checked on the driver before any work)
     language = check_language(row["language"] or default_language, "language")
     base = _file_fields(row, language)
-    info = {"status": "ok", "error": None, "error_kind": None, "warning": None, "duration_s": None,
-            "speech_s": None, "num_segments": 0}
+    # what the input's reader left out (a sidecar text not in UTF-8) comes first, then the audio's own warnings
+    listed = [row["warning"]] if row.get("warning") else []
+    info = {"status": "ok", "error": None, "error_kind": None, "warning": "; ".join(listed) or None,
+            "duration_s": None, "speech_s": None, "num_segments": 0}
     n = 0
     try:
         check_path(row["path"], input_root)
         plan = analyse(row["path"], segment_options)
         info.update(duration_s=plan.duration_s, speech_s=plan.speech_s, num_segments=len(plan.segments),
-                    warning="; ".join(plan.warnings) or None)
+                    warning="; ".join(listed + plan.warnings) or None)
         audios = segment_audio(plan) if cut_audio else (np.zeros(0, np.float32) for _ in plan.segments)
         for k, ((s, e), audio) in enumerate(zip(plan.segments, audios)):
             dur = plan.audio_samples(k) / SAMPLE_RATE  # the window's audio: its span less the pauses it skips
