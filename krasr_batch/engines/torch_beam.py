@@ -104,8 +104,8 @@ class WhisperDecoderStack:
     bfloat16 logits took 1.2-1.8 ms, into float32 0.03-0.08 ms). ``where``: each window's index in
     ``cross`` when ``cross`` holds more windows (ended ones not yet dropped), else None.
 
-    On a CPU the cross-attention keys are held transposed and the beams' queries multiply them in one product;
-    on a GPU (``device="cuda"``) both go through ``scaled_dot_product_attention`` (fused kernels, in float16 or
+    On a CPU a window's beams query its cross-attention keys (frames x head_dim) and values (held transposed,
+    head_dim x frames) in two plain products, each reading its right-hand side transposed; on a GPU (``device="cuda"``) both go through ``scaled_dot_product_attention`` (fused kernels, in float16 or
     bfloat16), a window's beams as its queries.
     """
 
@@ -166,9 +166,11 @@ class WhisperDecoderStack:
         out = []
         for i in range(self.layers):
             p = f"layers.{i}.encoder_attn."
-            k = self._linear(p + "k_proj", encoded).view(b, t, self.heads, self.head_dim)
-            k = k.transpose(1, 2) if self.fused else k.permute(0, 2, 3, 1)
-            v = self._linear(p + "v_proj", encoded).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = self._linear(p + "k_proj", encoded).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            v = self._linear(p + "v_proj", encoded).view(b, t, self.heads, self.head_dim)
+            # on a CPU the values are held as (head_dim, frames): both products then read their right-hand
+            # side transposed, the form oneDNN's kernels take fastest (_cross_and_mlp)
+            v = v.transpose(1, 2) if self.fused else v.permute(0, 2, 3, 1)
             out.append((k.contiguous(), v.contiguous()))
         return out
 
@@ -203,8 +205,10 @@ class WhisperDecoderStack:
             q = full
         if self.fused:
             a = F.scaled_dot_product_attention(q, xk, xv, scale=1.0)
-        else:
-            a = torch.matmul(torch.matmul(q, xk).softmax(-1), xv)
+        else:  # keys (frames x head_dim) and values (head_dim x frames) both read transposed: each product is
+            # then x @ W^T, as a linear layer's, which oneDNN runs fastest at a few rows a window (BENCHMARKS.md,
+            # "The CPU lead again": keys held as head_dim x frames took 1.6x as long for the same bytes)
+            a = torch.matmul(torch.matmul(q, xk.transpose(-1, -2)).softmax(-1), xv.transpose(-1, -2))
         if where is not None:
             a = a[where]
         a = a.view(windows, h, beams, t, hd).permute(0, 2, 3, 1, 4).reshape(rows, t, d)
@@ -263,8 +267,7 @@ class WhisperDecoderStack:
             if want:  # the heads' weights, in float32 (the layer's output below is the usual one)
                 y = self._norm(p + "encoder_attn_layer_norm", x)
                 q = self._linear(p + "encoder_attn.q_proj", y).view(rows, t, h, hd).transpose(1, 2)[:, want]
-                xk = cross[i][0][:, want]
-                xk = xk.transpose(-1, -2) if self.fused else xk  # (windows, heads, head_dim, frames)
+                xk = cross[i][0][:, want].transpose(-1, -2)  # (windows, heads, head_dim, frames)
                 picked[i] = torch.matmul(q.float(), xk.float()).softmax(-1)
             x = self._cross_and_mlp(i, x, cross, 1)
         by_layer = {layer: 0 for layer in picked}
