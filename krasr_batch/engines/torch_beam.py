@@ -105,7 +105,8 @@ class WhisperDecoderStack:
     ``cross`` when ``cross`` holds more windows (ended ones not yet dropped), else None.
 
     On a CPU a window's beams query its cross-attention keys (frames x head_dim) and values (held transposed,
-    head_dim x frames) in two plain products, each reading its right-hand side transposed; on a GPU (``device="cuda"``) both go through ``scaled_dot_product_attention`` (fused kernels, in float16 or
+    head_dim x frames) in two plain products, each reading its right-hand side transposed; on a GPU
+    (``device="cuda"``) both go through ``scaled_dot_product_attention`` (fused kernels, in float16 or
     bfloat16), a window's beams as its queries.
     """
 
@@ -207,7 +208,7 @@ class WhisperDecoderStack:
             a = F.scaled_dot_product_attention(q, xk, xv, scale=1.0)
         else:  # keys (frames x head_dim) and values (head_dim x frames) both read transposed: each product is
             # then x @ W^T, as a linear layer's, which oneDNN runs fastest at a few rows a window (BENCHMARKS.md,
-            # "The CPU lead again": keys held as head_dim x frames took 1.6x as long for the same bytes)
+            # stop 43: keys held as head_dim x frames took 1.6x as long for the same bytes)
             a = torch.matmul(torch.matmul(q, xk.transpose(-1, -2)).softmax(-1), xv.transpose(-1, -2))
         if where is not None:
             a = a[where]
