@@ -7,6 +7,7 @@ audio from memory, compared with decoding the file it was made from.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_a_folder_is_walked_in_order_with_sidecar_texts(tree):
     assert input_kind(str(tree)) == "folder"
 
 
-def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree):
+def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree, caplog):
     (tree / "a.txt").write_bytes("\ufeffТекст первый.\r\n".encode())  # Notepad's UTF-8
     assert next(iter_manifest(str(tree))).reference_text == "Текст первый."
     # a text saved in cp1251 does not stop the job: the file comes without it, with a warning naming it
@@ -74,6 +75,17 @@ def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
     assert r.stderr.strip() == f"warning: a.wav: {jobs[0].warning}"
+    # `submit`'s copy of the folder has no text for it either, and submission says so, counted once
+    from krasr_batch.cli.cluster import ship_manifest
+
+    ship = tree.parent / "ship"
+    ship.mkdir()
+    with caplog.at_level(logging.WARNING, logger="krasr_batch.cli.cluster"):
+        dest, n, local = ship_manifest(str(tree), str(ship))
+    assert (n, local) == (3, 3)
+    assert json.loads(Path(dest).read_text(encoding="utf-8").splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 file(s) came with a warning (their files/ rows will not hold it); the first: {jobs[0].warning}"]
 
 
 def test_glob_narrows_a_folder_and_only_a_folder(tree, corpus):

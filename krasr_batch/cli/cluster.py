@@ -102,18 +102,19 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
         pass
     if input_kind(manifest) != "jsonl":
         dest = os.path.join(dest_dir, "manifest.jsonl")
-        n = local = 0
-        warned: list[str] = []
+        n = local = warned = 0
+        first_warning = None
         with open(dest, "w", encoding="utf-8") as out:
             for job in iter_manifest(manifest, globs):
                 out.write(json.dumps(job_line(job), ensure_ascii=False) + "\n")
                 n += 1
                 local += not is_uri(job.path)
                 if job.warning:
-                    warned.append(job.warning)
+                    warned += 1
+                    first_warning = first_warning or job.warning
         if warned:  # said here: the job's own run reads the copy, which has no place for them
             log.warning("%d file(s) came with a warning (their files/ rows will not hold it); the first: %s",
-                        len(warned), warned[0])
+                        warned, first_warning)
         return dest, n, local
     dest = os.path.join(dest_dir, os.path.basename(manifest) or "manifest.jsonl")
     n = local = 0
