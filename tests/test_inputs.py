@@ -55,7 +55,7 @@ def test_a_folder_is_walked_in_order_with_sidecar_texts(tree):
     assert input_kind(str(tree)) == "folder"
 
 
-def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree, caplog):
+def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree, caplog, monkeypatch):
     (tree / "a.txt").write_bytes("\ufeffТекст первый.\r\n".encode())  # Notepad's UTF-8
     assert next(iter_manifest(str(tree))).reference_text == "Текст первый."
     # a text saved in cp1251 does not stop the job: the file comes without it, with a warning naming it
@@ -76,13 +76,18 @@ def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree, caplog):
     assert json.loads(r.stdout.splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
     assert r.stderr.strip() == f"warning: a.wav: {jobs[0].warning}"
     # `submit`'s copy of the folder has no text for it either, and submission says so, counted once
+    import krasr_batch.inputs as inputs_module
     from krasr_batch.cli.cluster import ship_manifest
 
+    read = []
+    real = inputs_module._read_sidecar
+    monkeypatch.setattr(inputs_module, "_read_sidecar", lambda fs, path, shown: read.append(path) or real(fs, path, shown))
     ship = tree.parent / "ship"
     ship.mkdir()
     with caplog.at_level(logging.WARNING, logger="krasr_batch.cli.cluster"):
         dest, n, local = ship_manifest(str(tree), str(ship))
     assert (n, local) == (3, 3)
+    assert sorted(read) == sorted(str(p) for p in (tree / "a.txt", tree / "b" / "deeper" / "y.txt"))  # each once
     assert json.loads(Path(dest).read_text(encoding="utf-8").splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
     assert [r.getMessage() for r in caplog.records] == [
         f"1 file(s) came with a warning (their files/ rows will not hold it); the first: {jobs[0].warning}"]

@@ -98,9 +98,7 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
     from krasr_batch.inputs import input_kind
     from krasr_batch.manifest import iter_manifest
 
-    for _ in iter_manifest(manifest, globs):  # the whole input first: a bad line stops here, with its number
-        pass
-    if input_kind(manifest) != "jsonl":
+    if input_kind(manifest) != "jsonl":  # written as it is validated: a bad entry stops here, with its number
         dest = os.path.join(dest_dir, "manifest.jsonl")
         n = local = warned = 0
         first_warning = None
@@ -116,6 +114,8 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
             log.warning("%d file(s) came with a warning (their files/ rows will not hold it); the first: %s",
                         warned, first_warning)
         return dest, n, local
+    for _ in iter_manifest(manifest, globs):  # the whole file first: a bad line stops here, with its number,
+        pass  # before the copy below pairs its raw lines with the validated entries
     dest = os.path.join(dest_dir, os.path.basename(manifest) or "manifest.jsonl")
     n = local = 0
     jobs = iter_manifest(manifest)
