@@ -7,7 +7,8 @@ their log-mel features once, and times, interleaved ``--repeat`` times, the enco
 
 - CTranslate2 with int8 weights (the CTranslate2 engine's own encoder on CPUs before engines/encoder.py);
 - CTranslate2 with float32 weights;
-- krasr-batch's torch encoder (engines/encoder.py) in float32 and in bfloat16.
+- krasr-batch's torch encoder (engines/encoder.py) in float32 and in bfloat16, and in bfloat16 with PyTorch's
+  flash-attention kernel in place of ``engines.encoder.attention``'s two products (what it ran until stop 44).
 
 It reports the median seconds per window and how far each output is from CTranslate2's float32 encoder (mean
 absolute difference over the output's mean absolute value). This is the measurement behind running the encoder
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     import ctranslate2
     import torch
+    import torch.nn.functional as F
 
+    from krasr_batch.engines import encoder as encoder_module
     from krasr_batch.engines.ctranslate2 import converted_model
     from krasr_batch.engines.encoder import TorchEncoder, cpu_has_bf16_matmul
 
@@ -46,15 +49,26 @@ def main(argv: list[str] | None = None) -> None:
         x = ctranslate2.StorageView.from_array(feats)
         return lambda: np.array(model.encode(x))
 
-    def torch_encoder(dtype: str):
+    def torch_encoder(dtype: str, flash: bool = False):
         encoder = TorchEncoder(a.model, dtype, a.threads)
-        return lambda: encoder(feats)
+        if not flash:
+            return lambda: encoder(feats)
+
+        def run():
+            ours = encoder_module.attention
+            encoder_module.attention = lambda q, k, v: F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            try:
+                return encoder(feats)
+            finally:
+                encoder_module.attention = ours
+        return run
 
     systems = {
         "CTranslate2 int8": ct2_encoder("int8"),
         "CTranslate2 float32": ct2_encoder("float32"),
         "torch float32": torch_encoder("float32"),
         "torch bfloat16": torch_encoder("bfloat16"),
+        "torch bfloat16, flash-attention kernel": torch_encoder("bfloat16", flash=True),
     }
     outputs = {name: fn() for name, fn in systems.items()}  # also warms each up
     times: dict[str, list[float]] = {name: [] for name in systems}

@@ -246,6 +246,45 @@ def test_beam_cost_compares_the_engines_searches(corpus, tiny_model, capsys):
     assert rows["torch engine float32"].endswith("| 2 of 2 |")  # 360 tokens each, all CTranslate2's
 
 
+def test_encoder_cost_times_each_encoder_and_puts_the_attention_back(corpus, tiny_model, capsys):
+    """benchmarks/encoder_cost.py on two windows: a row for each encoder, the flash-attention row as close to
+    CTranslate2 float32 as the torch bfloat16 row, and engines.encoder.attention its own again afterwards."""
+    pytest.importorskip("ctranslate2")
+    from benchmarks import encoder_cost
+    from krasr_batch.engines import encoder
+
+    ours = encoder.attention
+    encoder_cost.main([str(tiny_model), str(corpus / "long" / "long_00.flac"), "--windows", "2", "--repeat", "1"])
+    assert encoder.attention is ours
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| encoder")}
+    assert set(rows) == {"CTranslate2 int8", "CTranslate2 float32", "torch float32", "torch bfloat16",
+                         "torch bfloat16, flash-attention kernel"}
+    diff = {name: float(row[3].rstrip(" |%")) for name, row in rows.items()}
+    assert diff["torch float32"] < 0.1
+    assert diff["torch bfloat16"] < 2 * diff["torch bfloat16, flash-attention kernel"] + 0.5, diff
+
+
+def test_encoder_agreement_counts_float32s_next_tokens(corpus, tiny_model, capsys):
+    """benchmarks/encoder_agreement.py on two clips and one window: a row for each bfloat16 attention, every
+    teacher-forced position counted (at most the limit's 8 a segment), and the attention put back."""
+    from benchmarks import encoder_agreement
+    from krasr_batch.engines import encoder
+
+    ours = encoder.attention
+    encoder_agreement.main([str(tiny_model), str(corpus), str(corpus / "long" / "long_00.flac"), "--clips", "2",
+                            "--windows", "1", "--max-new-tokens", "8", "--threads", "1"])
+    assert encoder.attention is ours
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| bfloat16")]
+    assert [r[0] for r in rows] == ["| bfloat16, flash-attention kernel", "| bfloat16, two products (default)"]
+    for row in rows:
+        agree, _, total = row[1].split(" ")[:3]
+        assert 0 <= int(agree) <= int(total) and 3 <= int(total) <= 3 * 8
+        assert float(row[2]) >= 0
+
+
 def test_replica_memory_reports_one_replicas_peak(corpus, tiny_model, capsys):
     """benchmarks/replica_memory.py on two windows: one row, the peak at least what stays after the decode,
     and the tokens the limit allows (random weights decode to it)."""
