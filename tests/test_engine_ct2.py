@@ -177,9 +177,14 @@ def test_accuracy_matches_the_transformers_engine(base_model, corpus):
     wer_tf = jiwer.wer(refs, [normalize(o.text) for o in tf])
     assert abs(wer_ct - wer_tf) < 0.06, (wer_ct, wer_tf)  # measured 0.900 and 0.917
     assert sum(a.text == b.text for a, b in zip(ct, tf)) >= 2  # measured 3 of 16 (6 of the first 16 Russian)
+    # Where the CPU has bfloat16 units the CTranslate2 engine's encoder is torch's in bfloat16: against
+    # transformers' float32 one these 16 clips measured |difference| at most 0.0106, mean 0.0035 (with PyTorch's
+    # flash-attention kernel in the encoder 0.0064 / 0.0032; over all 50 corpus clips 0.0165 / 0.0039 against
+    # 0.0111 / 0.0035: BENCHMARKS.md, "The encoder's attention in two products").
+    gaps = [abs(a.no_speech_prob - b.no_speech_prob) for a, b in zip(ct, tf)]
+    assert max(gaps) < 0.02 and sum(gaps) / len(gaps) < 0.006, gaps
     for a, b in zip(ct, tf):
         assert a.language == b.language
-        assert abs(a.no_speech_prob - b.no_speech_prob) < 0.01
         if a.text == b.text:
             assert a.num_tokens == b.num_tokens and abs(a.avg_logprob - b.avg_logprob) < 0.1
 
