@@ -1,9 +1,11 @@
-"""What the model-cost benchmarks share (``encoder_cost``, ``beam_cost``, ``ct2_step_cost``): their command
-line's common part and their input, consecutive 30 s windows of a long recording from its 60th second on."""
+"""What the model-cost benchmarks share (``encoder_cost``, ``beam_cost``, ``ct2_step_cost``, ``encoder_agreement``):
+their command line's common part, their input, consecutive 30 s windows of a long recording from its 60th second
+on, and the encoder's attention as it was before stop 44."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 
@@ -35,3 +37,17 @@ def long_windows(model: str, audio_path: str, n: int) -> tuple[list[np.ndarray],
                          f"{FIRST_S + WINDOW_S * n} s")
     feats = NumpyLogMel.from_pretrained(model)(windows)["input_features"]
     return windows, np.ascontiguousarray(feats, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def flash_kernel_in_encoder():
+    """Within it, krasr-batch's torch encoder runs PyTorch's flash-attention kernel everywhere (what it ran
+    before stop 44), instead of ``engines.encoder.attention``'s two products on CPUs in bfloat16."""
+    from krasr_batch.engines import encoder
+
+    ours = encoder.attention
+    encoder.attention = encoder.sdpa_attention
+    try:
+        yield
+    finally:
+        encoder.attention = ours

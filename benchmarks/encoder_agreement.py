@@ -33,33 +33,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     import torch
-    import torch.nn.functional as F
     from transformers import WhisperForConditionalGeneration
     from transformers.modeling_outputs import BaseModelOutput
 
-    from benchmarks.cost_windows import long_windows
+    from benchmarks.cost_windows import flash_kernel_in_encoder, long_windows
     from krasr_batch.audio import load_audio
-    from krasr_batch.engines import encoder as encoder_module
     from krasr_batch.engines.base import NumpyLogMel
+    from krasr_batch.engines.encoder import TorchEncoder
 
     torch.set_num_threads(a.threads)
     with open(os.path.join(a.corpus, "clips.jsonl"), encoding="utf-8") as f:
         clips = [json.loads(line) for line in f if line.strip()][: a.clips]
     audios = [load_audio(os.path.join(a.corpus, c["path"])) for c in clips]
+    feats = [NumpyLogMel.from_pretrained(a.model)(audios)["input_features"]] if audios else []
     if a.windows:
-        audios += long_windows(a.model, a.audio, a.windows)[0]
-    feats = NumpyLogMel.from_pretrained(a.model)(audios)["input_features"]
-    feats = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+        feats.append(long_windows(a.model, a.audio, a.windows)[1])  # its windows' features, made once
+    feats = torch.from_numpy(np.ascontiguousarray(np.concatenate(feats), dtype=np.float32))
 
-    ours = encoder_module.attention
-    low = encoder_module.TorchEncoder(a.model, "bfloat16")
+    low = TorchEncoder(a.model, "bfloat16")
     with torch.inference_mode():
-        outputs = {"float32": encoder_module.TorchEncoder(a.model, "float32").encode(feats).float()}
-        encoder_module.attention = lambda q, k, v: F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        try:
+        outputs = {"float32": TorchEncoder(a.model, "float32").encode(feats).float()}
+        with flash_kernel_in_encoder():
             outputs["bfloat16, flash-attention kernel"] = low.encode(feats).float()
-        finally:
-            encoder_module.attention = ours
         outputs["bfloat16, two products (default)"] = low.encode(feats).float()
 
         model = WhisperForConditionalGeneration.from_pretrained(a.model, dtype=torch.float32).eval()
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                   model.generation_config.task_to_id["transcribe"], model.generation_config.no_timestamps_token_id]
         ref_out = outputs["float32"]
         rows = {name: [0, 0, 0.0] for name in outputs if name != "float32"}
-        for i in range(len(audios)):
+        for i in range(len(feats)):
             ids = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=ref_out[i:i + 1]),
                                  decoder_input_ids=torch.tensor([prompt]), max_new_tokens=a.max_new_tokens,
                                  num_beams=1, do_sample=False)[:, :-1]

@@ -66,6 +66,14 @@ def weights_under(folder: Path, prefixes: tuple[str, ...]) -> dict:
 QUERY_BLOCK = 128
 
 
+def sdpa_attention(q, k, v):
+    """``scaled_dot_product_attention`` over ``(windows, heads, frames, head_dim)``, returned as
+    ``(windows, frames, heads, head_dim)``: :func:`attention` off CPUs and in float32."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
 def attention(q, k, v):
     """Self-attention of ``(windows, heads, frames, head_dim)`` queries, keys and values, returned as
     ``(windows, frames, heads, head_dim)``.
@@ -76,13 +84,12 @@ def attention(q, k, v):
     encoder's attention in two products"). A score rounds to bfloat16 relative to its size, so each window's
     keys are centred first (their mean over the frames taken off, in float32): a query's scores all move by
     the same amount, which its softmax does not see, and are smaller. Elsewhere (float32 on a CPU, where that
-    kernel is the faster; a GPU) ``scaled_dot_product_attention``.
+    kernel is the faster; a GPU) :func:`sdpa_attention`.
     """
     import torch
-    import torch.nn.functional as F
 
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return sdpa_attention(q, k, v)
     windows, _, frames, head_dim = q.shape
     out = q.new_empty(windows, frames, q.shape[1], head_dim)
     for w in range(windows):
