@@ -15,8 +15,16 @@ An input is detected from what it is, then from its extension, then from its col
 - ``*.parquet``: a table with the same columns, or a Hugging Face dataset shard, told by its ``audio`` struct
   column (``bytes``, ``path``): each row becomes the path ``SHARD#row=N`` (:mod:`krasr_batch.shards`), its id the
   audio's ``path``, else its row number counted over all the shards given;
-- a glob (``data/test-*.parquet``): the matching files in name order, each read by its own shape;
-- anything else: JSON Lines, krasr-batch's own or NeMo's (``audio_filepath``, ``text``, ``duration``).
+- one audio or video file (:data:`MEDIA_EXTENSIONS`; ``krasr-batch run interview.mp3``): a manifest of one entry,
+  its id the file's name, its sidecar ``NAME.txt`` its text, as in a folder;
+- a glob (``data/test-*.parquet``, ``calls/*/*.wav``): the matching files in name order, each read by its own
+  shape; a media file's id is then its path from the pattern's folder (the part before any wildcard), and a
+  ``NAME.txt`` matched beside a matched ``NAME.wav`` is its sidecar, not an input;
+- ``*.jsonl`` / ``*.json`` / ``*.ndjson``: JSON Lines, krasr-batch's own or NeMo's (``audio_filepath``, ``text``,
+  ``duration``);
+- anything else (a ``.txt`` or ``.lst`` file, a file without extension, standard input): JSON Lines if its
+  first line that is not blank opens an object (``{``), else a list of paths, one a line, as ``find`` writes
+  them (surrounding spaces are not part of a path; blank lines are skipped).
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ def _local_entries(directory: str) -> list[tuple[str, str, bool, bool]]:
         return [(e.name, e.path, e.is_dir(), e.is_file()) for e in it]
 
 
-STDIN = "-"  # a manifest read from standard input (JSON Lines; relative paths from the current folder)
+STDIN = "-"  # a manifest read from standard input (JSON Lines or paths; relative paths from the current folder)
+JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 
 
 class ManifestError(ValueError):
@@ -110,9 +119,10 @@ def is_folder(source: str) -> bool:
 
 
 def input_kind(source: str) -> str:
-    """``folder``, ``glob``, ``csv``, ``tsv``, ``parquet`` or ``jsonl`` (the default, and standard input's)."""
+    """``folder``, ``glob``, ``csv``, ``tsv``, ``parquet``, ``media`` (one audio or video file), ``jsonl``, or
+    ``lines`` (the default, and standard input's: JSON Lines or a list of paths, told by its first line)."""
     if source == STDIN:
-        return "jsonl"
+        return "lines"
     if is_folder(source):
         return "folder"
     if is_glob(source):
@@ -121,7 +131,11 @@ def input_kind(source: str) -> str:
     for ext in ("csv", "tsv", "parquet"):
         if lower.endswith(f".{ext}"):
             return ext
-    return "jsonl"
+    if lower.endswith(JSONL_EXTENSIONS):
+        return "jsonl"
+    if os.path.splitext(lower.rsplit("/", 1)[-1])[1] in MEDIA_EXTENSIONS:
+        return "media"
+    return "lines"
 
 
 def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
@@ -144,20 +158,38 @@ def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
         if not files:
             raise ManifestError(source, 0, "no file matches this pattern")
         counter = [0]
+        kinds = {f: input_kind(f) for f in files}
+        media_stems = {os.path.splitext(f)[0] for f, k in kinds.items() if k == "media"}
+        root = glob_root(source)
         for f in files:
-            yield from _read_file(f, input_kind(f), counter)
+            if kinds[f] == "lines" and f.lower().endswith(SIDECAR_EXTENSION) and f[:-4] in media_stems:
+                continue  # NAME.txt beside a matched NAME.wav: its text, read with it
+            yield from _read_file(f, kinds[f], counter, root, source)
     else:
         yield from _read_file(source, kind, [0])
 
 
-def _read_file(source: str, kind: str, counter: list[int]) -> Iterator[Record]:
+def _read_file(source: str, kind: str, counter: list[int], root: str | None = None,
+               pattern: str | None = None) -> Iterator[Record]:
     if kind == "csv" or kind == "tsv":
         return read_csv(source, "," if kind == "csv" else "\t")
     if kind == "parquet":
         return read_parquet(source, counter)
+    if kind == "media":
+        return read_media_file(source, counter, root, pattern)
     if kind in ("folder", "glob"):
         raise ManifestError(source, 0, "a pattern's matches must be files")
-    return read_jsonl(source)
+    return read_jsonl(source, sniff=kind == "lines")
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a pattern's matches are under: its part before the first one holding a wildcard."""
+    head, parts = "", pattern.split("/")
+    for i, part in enumerate(parts):
+        if is_glob(part):
+            head = "/".join(parts[:i])
+            break
+    return head
 
 
 def _base_dir(source: str) -> str:
@@ -223,11 +255,19 @@ TEXT_CHUNK_BYTES = 1 << 16
 
 # ---------------------------------------------------------------- JSON Lines (krasr-batch's and NeMo's)
 
-def read_jsonl(source: str) -> Iterator[Record]:
-    base = _base_dir(source)
+def read_jsonl(source: str, sniff: bool = False) -> Iterator[Record]:
+    """JSON Lines; with ``sniff``, a list of paths instead where the first line that is not blank opens no
+    object (``find archive -name '*.wav' > files.txt``, or piped in): each line a ``path`` (see the module)."""
+    base = _base_dir(source)  # the current folder for standard input
+    paths = None  # not yet known: told by the first line that is not blank
     for lineno, raw in enumerate(text_lines(source), 1):
         line = raw.strip()
         if not line:
+            continue
+        if paths is None:
+            paths = sniff and not line.startswith("{")
+        if paths:
+            yield Record({"path": line}, source, lineno, "line", base)
             continue
         try:
             obj = json.loads(line)
@@ -343,6 +383,45 @@ def _read_shard(source: str, pf: pq.ParquetFile, counter: list[int]) -> Iterator
             yield Record(obj, source, row, "row", resolved=True)
             row += 1
             counter[0] += 1
+
+
+# ---------------------------------------------------------------- one media file, or a pattern's
+
+def read_media_file(source: str, counter: list[int], root: str | None = None,
+                    pattern: str | None = None) -> Iterator[Record]:
+    """One audio or video file as an entry: its id its name (its path from ``root``, the folder of the
+    ``pattern`` that matched it), its sidecar ``NAME.txt`` its text, as a folder walk gives them."""
+    counter[0] += 1
+    stem = os.path.splitext(source)[0]
+    if is_uri(source):
+        sidecar = stem + SIDECAR_EXTENSION
+        fs, key = filesystem(sidecar)
+        try:
+            found = fs.get_file_info(filesystem(source)[1]).type != pafs.FileType.NotFound
+            has_sidecar = fs.get_file_info(key).type == pafs.FileType.File
+        except OSError as e:
+            raise ManifestError(source, 0, f"cannot look for it: {e}") from e
+        if not found:
+            raise ManifestError(source, 0, "no such file")
+        text, warning = _read_sidecar(fs, key, sidecar) if has_sidecar else (None, None)
+        path = source
+    else:
+        path = os.path.abspath(source)
+        if not os.path.lexists(path):  # a name mistyped on the command line (a pattern's matches exist)
+            raise ManifestError(printable_path(source), 0, "no such file")
+        sidecar = os.path.splitext(path)[0] + SIDECAR_EXTENSION
+        text, warning = (_read_sidecar(None, sidecar, printable_path(sidecar)) if os.path.isfile(sidecar)
+                         else (None, None))
+    if root is None:
+        rel = source.rsplit("/", 1)[-1]
+    elif is_uri(source):
+        rel = source[len(root):].lstrip("/")
+    else:
+        rel = os.path.relpath(path, os.path.abspath(root or "."))
+    obj: dict[str, Any] = {"id": printable_path(rel), "path": path if is_uri(path) else printable_path(path)}
+    if text is not None:
+        obj["text"] = text
+    yield Record(obj, pattern or source, counter[0], "entry", resolved=True, warning=warning)
 
 
 # ---------------------------------------------------------------- a folder or prefix

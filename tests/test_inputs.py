@@ -359,6 +359,12 @@ def test_an_s3_prefix_is_walked_and_its_shards_read(tmp_path, corpus, monkeypatc
         assert [j.file_id for j in iter_manifest("s3://krasr-inputs/in", ["sub/*"])] == ["sub/b.flac"]
         [job] = iter_manifest("s3://krasr-inputs/shards/test-*.parquet")
         assert job.path == "s3://krasr-inputs/shards/test-00000.parquet#row=0" and job.reference_text == "c"
+        # one recording, and a pattern of them (its NAME.txt the sidecar, not an input)
+        assert [(j.file_id, j.path, j.reference_text) for j in iter_manifest("s3://krasr-inputs/in/a.wav")] == [
+            ("a.wav", "s3://krasr-inputs/in/a.wav", "первый")]
+        assert [(j.file_id, j.reference_text) for j in iter_manifest("s3://krasr-inputs/in/*")] == [("a.wav", "первый")]
+        with pytest.raises(ManifestError, match=r"^s3://krasr-inputs/in/c\.wav: no such file$"):
+            list(iter_manifest("s3://krasr-inputs/in/c.wav"))
         check_path(job.path)
         assert (load_audio(job.path) == load_audio(str(corpus / "clips" / "ru_002.ogg"))).all()
     finally:
@@ -383,8 +389,8 @@ def test_a_spreadsheets_header_names_our_columns_in_any_case_and_spacing(tmp_pat
 
 
 def test_a_manifest_piped_on_standard_input(tmp_path, corpus):
-    """`krasr-batch manifest archive/ | jq ... | krasr-batch run - ...`: '-' is standard input (JSON Lines,
-    relative paths from the current folder), named <stdin> in errors; submit, which ships a file, says so."""
+    """`krasr-batch manifest archive/ | jq ... | krasr-batch run - ...`: '-' is standard input (JSON Lines or
+    paths, relative paths from the current folder), named <stdin> in errors; submit, which ships a file, says so."""
     import subprocess
     import sys
 
@@ -401,10 +407,70 @@ def test_a_manifest_piped_on_standard_input(tmp_path, corpus):
     r = subprocess.run([sys.executable, "-m", "krasr_batch", "manifest", "-"], input='{"path": "a.wav"}\n[1]\n',
                        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "error: <stdin>, line 2: expected a JSON object, got list" in r.stderr
+    # `find . -name '*.wav' | krasr-batch run - ...`: paths, one a line
+    r = subprocess.run([sys.executable, "-m", "krasr_batch", "manifest", "-"], input=f"./a.wav\n{clip}\n",
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x) for x in r.stdout.splitlines()] == [
+        {"id": "./a.wav", "path": str(tmp_path / "a.wav")}, {"id": str(clip), "path": str(clip)}]
     r = subprocess.run([sys.executable, "-m", "krasr_batch", "submit", "-", "--out", str(tmp_path / "o"),
                         "--address", "http://127.0.0.1:9"], input=lines, capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "takes a file, not standard input" in r.stderr, r.stderr
+
+
+def test_a_list_of_paths_one_a_line(tmp_path, corpus):
+    """`find archive -name '*.wav' > files.txt`: a file that is not JSON Lines by its extension, and whose first
+    line that is not blank opens no object, is a list of paths (relative to its folder; spaces around a path
+    and blank lines are not entries). One whose first line opens an object is JSON Lines; a .jsonl file is
+    JSON Lines whatever it holds. Before, each of the first two was 'not valid JSON' on line 1."""
+    shutil.copy(corpus / "clips" / "ru_000.wav", tmp_path / "a.wav")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(corpus / "clips" / "ru_001.flac", tmp_path / "sub" / "b b.flac")
+    for name in ("files.txt", "files", "files.lst"):
+        (tmp_path / name).write_text(f"\n  a.wav \r\nsub/b b.flac\n\n{corpus / 'clips' / 'ru_002.ogg'}", encoding="utf-8")
+        assert input_kind(str(tmp_path / name)) == "lines"
+        jobs = list(iter_manifest(str(tmp_path / name)))
+        assert [(j.file_id, j.path, j.line) for j in jobs] == [
+            ("a.wav", str(tmp_path / "a.wav"), 2), ("sub/b b.flac", str(tmp_path / "sub" / "b b.flac"), 3),
+            (str(corpus / "clips" / "ru_002.ogg"), str(corpus / "clips" / "ru_002.ogg"), 5)]
+        assert all(j.reference_text is None and j.language is None for j in jobs)
+    (tmp_path / "j.txt").write_text('\n{"path": "a.wav", "text": "x"}\n', encoding="utf-8")
+    [job] = iter_manifest(str(tmp_path / "j.txt"))
+    assert (job.path, job.reference_text) == (str(tmp_path / "a.wav"), "x")
+    (tmp_path / "j.jsonl").write_text("a.wav\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"j\.jsonl, line 1: not valid JSON"):
+        list(iter_manifest(str(tmp_path / "j.jsonl")))
+    (tmp_path / "twice.txt").write_text("a.wav\nsub/../a.wav\na.wav\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"twice\.txt, line 3: duplicate id 'a\.wav' \(first on line 1\)"):
+        list(iter_manifest(str(tmp_path / "twice.txt")))
+
+
+def test_one_recording_or_a_pattern_of_them(tmp_path, corpus):
+    """`krasr-batch run interview.mp3` and `krasr-batch run 'calls/*/*.wav'`: a recording is a manifest of one
+    entry, its id its name and its sidecar its text, as in a folder; a pattern's entries have their paths from
+    the pattern's folder as ids, so that two days' x.wav are two files, and a NAME.txt the pattern matches beside
+    a NAME.wav it matches is that file's text, not a list of paths. Before, a recording was read as JSON Lines:
+    'not UTF-8 text ... (Excel: "CSV UTF-8")'."""
+    calls = tmp_path / "calls"
+    for day, clip in (("mon", "ru_000.wav"), ("tue", "ru_003.mp3")):
+        (calls / day).mkdir(parents=True)
+        shutil.copy(corpus / "clips" / clip, calls / day / f"x{os.path.splitext(clip)[1]}")
+    (calls / "mon" / "x.txt").write_text("Текст.\n", encoding="utf-8")
+    one = calls / "mon" / "x.wav"
+    assert input_kind(str(one)) == "media"
+    [job] = iter_manifest(str(one))
+    assert (job.file_id, job.path, job.reference_text, job.line) == ("x.wav", str(one), "Текст.", 1)
+    jobs = list(iter_manifest(str(calls / "*" / "x.*")))
+    assert [(j.file_id, j.path, j.reference_text) for j in jobs] == [
+        ("mon/x.wav", str(one), "Текст."), ("tue/x.mp3", str(calls / "tue" / "x.mp3"), None)]
+    (calls / "mon" / "x.txt").write_bytes("Текст".encode("cp1251"))  # as in a folder: a warning, no text
+    [job] = iter_manifest(str(one))
+    assert job.reference_text is None and job.warning.startswith(f"sidecar: {calls / 'mon' / 'x.txt'} is not UTF-8")
+    with pytest.raises(ManifestError, match=r"y\.wav: no such file$"):
+        list(iter_manifest(str(calls / "mon" / "y.wav")))
+    shutil.copy(one, calls / "tue" / "x.wav")  # wildcards in the last part only: ids are names
+    assert [j.file_id for j in iter_manifest(str(calls / "tue" / "x.*"))] == ["x.mp3", "x.wav"]
 
 
 @pytest.mark.parametrize("source", ["s3://archive/calls/", "s3://archive/calls/*.wav"])

@@ -102,8 +102,15 @@ def test_every_input_shape_gives_the_jsonl_texts(setup, corpus, tiny_model):
                                           for r in part], "text": [r["text"] for r in part]})
         ds.cast_column("audio", Audio()).to_parquet(str(shards / f"test-{k:05d}-of-00002.parquet"))
 
+    # a list of paths, as `find` writes it (relative to the list's folder), and a pattern of recordings whose
+    # NAME.txt matches are their sidecars, not inputs
+    paths = tmp / "files.txt"
+    paths.write_text("".join(f"folder/{r['id']}{ext[r['id']]}\n" for r in clips), encoding="utf-8")
+    pattern = folder / "ru_*"
+
     stem = lambda fid: os.path.splitext(os.path.basename(fid))[0]  # noqa: E731
-    for name, source in (("folder", folder), ("csv", table), ("nemo", nemo), ("shards", shards / "test-*.parquet")):
+    for name, source in (("folder", folder), ("csv", table), ("nemo", nemo), ("shards", shards / "test-*.parquet"),
+                         ("paths", paths), ("pattern", pattern)):
         out = tmp / f"out-{name}"
         r = _run(source, out, tiny_model)
         assert r.returncode == 0, (name, r.stderr[-3000:])  # every file ok
@@ -114,13 +121,16 @@ def test_every_input_shape_gives_the_jsonl_texts(setup, corpus, tiny_model):
         refs = {stem(fid): x["reference_text"] for fid, x in files.items()}
         want_refs = {x["id"]: x["text"] for x in clips}  # sidecars, columns, NeMo text, dataset text
         warnings = {stem(fid): x["warning"] for fid, x in files.items() if x["warning"]}
-        if name == "folder":
+        if name == "paths":
+            want_refs = dict.fromkeys(want_refs)  # a list of paths carries no text
+        if name in ("folder", "pattern"):
             want_refs[legacy] = None
             sidecar = str(folder / f"{legacy}.txt")
             assert warnings == {legacy: f"sidecar: {sidecar} is not UTF-8 (invalid continuation byte at byte 1), "
                                         "so the file has no reference text (save it as UTF-8: iconv -f cp1251 "
                                         "-t utf-8)"}, name
             assert f"warning (sidecar): 1: {legacy}{ext[legacy]}" in r.stdout  # the summary
+            assert sorted(files) == sorted(f"{x['id']}{ext[x['id']]}" for x in clips)  # ids: names
             assert "1 file(s) of the manifest came with a warning" in r.stderr and sidecar in r.stderr  # at once
         else:
             assert warnings == {}, name

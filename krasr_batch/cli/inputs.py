@@ -29,7 +29,7 @@ def manifest_command(source: str, globs: tuple[str, ...]) -> None:
 
     SOURCE is anything `run` takes: a folder or s3:// prefix (ids are relative paths, a sidecar NAME.txt is
     the text; one not in UTF-8 is left out, with a warning on stderr), CSV/TSV, Parquet, dataset shards, NeMo
-    or krasr-batch JSON Lines. Paths come out absolute.
+    or krasr-batch JSON Lines, a list of paths, one recording or a pattern of them. Paths come out absolute.
     """
     from krasr_batch.cli.cluster import job_line
     from krasr_batch.manifest import ManifestError, iter_manifest

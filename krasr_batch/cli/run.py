@@ -100,9 +100,11 @@ def run(manifest: str | None, out: str | None, job: str | None, overwrite: bool,
         progress_every: float | None, globs: tuple[str, ...], **flags: Any) -> None:
     """Transcribe every file of MANIFEST into Parquet under --out.
 
-    MANIFEST is JSON Lines (krasr-batch's or NeMo's), a CSV or TSV file, a Parquet table, Hugging Face dataset
-    shards (a .parquet file or a pattern such as 'data/test-*.parquet'), or a folder / s3:// prefix of
-    recordings (a sidecar NAME.txt is the reference text).
+    MANIFEST is JSON Lines (krasr-batch's or NeMo's), a list of paths one a line (a .txt file, or `-` for
+    standard input: `find archive -name '*.wav' | krasr-batch run - ...`), a CSV or TSV file, a Parquet table,
+    Hugging Face dataset shards (a .parquet file or a pattern such as 'data/test-*.parquet'), a folder /
+    s3:// prefix of recordings (a sidecar NAME.txt is the reference text), or one recording, or a pattern of
+    them ('calls/*.mp3').
 
     Rerunning the same command with the same --out continues where the last run stopped.
     """
