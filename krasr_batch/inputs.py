@@ -25,6 +25,9 @@ An input is detected from what it is, then from its extension, then from its col
 - anything else (a ``.txt`` or ``.lst`` file, a file without extension, standard input): JSON Lines if its
   first line that is not blank opens an object (``{``), else a list of paths, one a line, as ``find`` writes
   them (surrounding spaces are not part of a path; blank lines are skipped).
+
+A text input (JSON Lines, CSV, TSV, a list of paths) may be compressed, told by a last extension of
+:data:`COMPRESSIONS` (``manifest.jsonl.gz``, ``files.txt.zst``): it is read through the codec, as a stream.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ def _local_entries(directory: str) -> list[tuple[str, str, bool, bool]]:
 
 STDIN = "-"  # a manifest read from standard input (JSON Lines or paths; relative paths from the current folder)
 JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}  # a text input's, by its extension
+
+
+def compression(source: str) -> str | None:
+    """The codec a text input is compressed with, by its last extension, or None."""
+    return None if source == STDIN else COMPRESSIONS.get(os.path.splitext(source.lower())[1])
 
 
 class ManifestError(ValueError):
@@ -128,6 +137,10 @@ def input_kind(source: str) -> str:
     if is_glob(source):
         return "glob"
     lower = source.lower()
+    if compression(source):  # a compressed text: told by the extension before the codec's
+        lower = os.path.splitext(lower)[0]
+        return next((ext for ext in ("csv", "tsv") if lower.endswith(f".{ext}")), None) or (
+            "jsonl" if lower.endswith(JSONL_EXTENSIONS) else "lines")
     for ext in ("csv", "tsv", "parquet"):
         if lower.endswith(f".{ext}"):
             return ext
@@ -223,6 +236,11 @@ def text_lines(source: str) -> Iterator[str]:
             fh = open_input_stream(source) if is_uri(source) else open(os.path.expanduser(source), "rb")
     except OSError as e:
         raise ManifestError(source, 0, f"cannot open it: {e.strerror or e}") from e
+    codec = compression(source)
+    if codec:
+        import pyarrow as pa
+
+        fh = pa.CompressedInputStream(fh, codec)
 
     def decoded(raw: bytes, lineno: int) -> str:
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -233,9 +251,15 @@ def text_lines(source: str) -> Iterator[str]:
             raise ManifestError(source, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1}); save it as "
                                                 "UTF-8 (Excel: \"CSV UTF-8\"; iconv -f cp1251 -t utf-8)") from e
 
+    def read() -> bytes:
+        try:
+            return fh.read(TEXT_CHUNK_BYTES)
+        except OSError as e:  # a codec's stream that is not what its name says, a connection lost
+            raise ManifestError(source, lineno + 1, f"cannot read it{f' as {codec}' if codec else ''}: {e}") from e
+
     with fh:
         lineno, tail = 0, []  # tail: the pieces of a line not yet ended (a list: a huge line is not copied over)
-        while chunk := fh.read(TEXT_CHUNK_BYTES):
+        while chunk := read():
             lines = chunk.split(b"\n")
             if len(lines) == 1:
                 tail.append(chunk)

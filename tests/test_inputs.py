@@ -446,6 +446,46 @@ def test_a_list_of_paths_one_a_line(tmp_path, corpus):
         list(iter_manifest(str(tmp_path / "twice.txt")))
 
 
+def test_a_compressed_text_input_reads_as_the_plain_one(tmp_path):
+    """`manifest.jsonl.gz` (a million-line manifest is a few hundred MB plain), `files.txt.zst`, `m.csv.bz2`:
+    read through the codec named by the last extension, the entries the plain file's; a file that is not what
+    its name says is one line naming it. `submit` ships such a manifest as a plain copy, and a manifest with a
+    byte-order mark as validation read it (before, its copy failed on the mark: json's 'Unexpected UTF-8 BOM')."""
+    import bz2
+    import gzip
+
+    import pyarrow as pa
+
+    from krasr_batch.cli.cluster import ship_manifest
+
+    jsonl = "\ufeff" + json.dumps({"path": "a.wav", "text": "Сәлем"}, ensure_ascii=False) + "\n\n" + \
+        json.dumps({"path": "b.wav", "id": "b"}) + "\n"
+    (tmp_path / "m.jsonl").write_text(jsonl, encoding="utf-8")
+    (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(jsonl.encode()))
+    (tmp_path / "m.csv").write_text("path,text\na.wav,Сәлем\n", encoding="utf-8")
+    (tmp_path / "m.csv.bz2").write_bytes(bz2.compress((tmp_path / "m.csv").read_bytes()))
+    (tmp_path / "f.txt").write_text("a.wav\nb.wav\n", encoding="utf-8")
+    with pa.CompressedOutputStream(str(tmp_path / "f.txt.zst"), "zstd") as f:
+        f.write((tmp_path / "f.txt").read_bytes())
+    for name, kind in (("m.jsonl", "jsonl"), ("m.csv", "csv"), ("f.txt", "lines")):
+        plain = [(j.file_id, j.path, j.reference_text, j.line) for j in iter_manifest(str(tmp_path / name))]
+        packed = next(tmp_path.glob(f"{name}.*"))
+        assert input_kind(str(packed)) == kind
+        assert [(j.file_id, j.path, j.reference_text, j.line) for j in iter_manifest(str(packed))] == plain
+    (tmp_path / "bad.jsonl.gz").write_bytes(b'{"path": "a.wav"}\n')  # plain text under a .gz name
+    with pytest.raises(ManifestError, match=r"bad\.jsonl\.gz, line 1: cannot read it as gzip: "):
+        list(iter_manifest(str(tmp_path / "bad.jsonl.gz")))
+
+    for name in ("m.jsonl", "m.jsonl.gz"):
+        ship = tmp_path / f"ship-{name}"
+        ship.mkdir()
+        dest, n, local = ship_manifest(str(tmp_path / name), str(ship))
+        assert (dest, n, local) == (str(ship / "m.jsonl"), 2, 2)
+        assert (ship / "m.jsonl").read_text(encoding="utf-8").splitlines() == [
+            json.dumps({"path": str(tmp_path / "a.wav"), "text": "Сәлем", "id": "a.wav"}, ensure_ascii=False), "",
+            json.dumps({"path": str(tmp_path / "b.wav"), "id": "b"})]
+
+
 def test_one_recording_or_a_pattern_of_them(tmp_path, corpus):
     """`krasr-batch run interview.mp3` and `krasr-batch run 'calls/*/*.wav'`: a recording is a manifest of one
     entry, its id its name and its sidecar its text, as in a folder; a pattern's entries have their paths from

@@ -95,7 +95,7 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
     dataset shards; ``globs`` applied) is written as the JSON Lines manifest it stands for. Returns (copy,
     lines, lines with local paths). Raises ManifestError for a bad manifest, before anything is submitted.
     """
-    from krasr_batch.inputs import input_kind
+    from krasr_batch.inputs import compression, input_kind, text_lines
     from krasr_batch.manifest import iter_manifest
 
     if input_kind(manifest) != "jsonl":  # written as it is validated: a bad entry stops here, with its number
@@ -116,11 +116,14 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
         return dest, n, local
     for _ in iter_manifest(manifest, globs):  # the whole file first: a bad line stops here, with its number,
         pass  # before the copy below pairs its raw lines with the validated entries
-    dest = os.path.join(dest_dir, os.path.basename(manifest) or "manifest.jsonl")
+    name = os.path.basename(manifest)
+    if compression(manifest):  # the copy is written plain
+        name = os.path.splitext(name)[0]
+    dest = os.path.join(dest_dir, name or "manifest.jsonl")
     n = local = 0
     jobs = iter_manifest(manifest)
-    with open(manifest, encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
-        for raw in src:
+    with open(dest, "w", encoding="utf-8") as out:
+        for raw in text_lines(manifest):  # as validation read them: a byte-order mark is not content
             if not raw.strip():
                 out.write("\n")  # keeps line numbers (error messages, the files table) as in the original
                 continue
