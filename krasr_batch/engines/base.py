@@ -218,31 +218,43 @@ def whisper_parameters(config: dict) -> int:
             + config["decoder_layers"] * (8 * d * d + 2 * d * f_dec))
 
 
-# what a CPU replica holds besides its model's tensors: Python, torch, the engine's libraries
-REPLICA_RUNTIME_BYTES = 256 * 2**20
+# what a CPU replica holds besides its model's tensors: Python, torch, the engine's libraries, and a model call's
+# scratch: one replica of a model with next to no weights (tiny-random) peaks at 565 MiB (torch) to 634 MiB
+# (transformers, which imports more); BENCHMARKS.md, "A replica's memory, refitted (stop 45)"
+REPLICA_RUNTIME_BYTES = {"torch": 512 * 2**20, "ctranslate2": 512 * 2**20, "transformers": 640 * 2**20}
+# the encoder's activations a window of a model call holds at its peak, in units of one window's feed-forward
+# hidden layer (frames x encoder_ffn_dim values): the encoder runs a call's windows as one batch
+ENCODER_ACTIVATIONS = 4
 
 
 def replica_memory_bytes(config: dict, engine: str, batch: int, beams: int, dtype: str = "bfloat16") -> int:
-    """A CPU replica's peak resident memory, estimated from the model's shape: a fixed part (the weights as
-    the engine loads them) and, for each window of a model call, its cross-attention keys and values (1500
-    frames) and its beams' self-attention caches (the model's 448 positions: the worst case). ``dtype``: the
-    torch engine's (its cross-attention keys and values take twice the bytes in float32).
+    """A CPU replica's peak resident memory, estimated from the model's shape: a fixed part (the runtime, and
+    the weights as the engine loads them) and, for each window of a model call, its encoder activations, its
+    cross-attention keys and values (1500 frames) and its beams' self-attention caches (the model's 448
+    positions: the worst case). ``dtype``: the torch engine's (float32 doubles its keys, values and
+    activations).
 
-    Measured with ``benchmarks/replica_memory.py`` on the KRASR model's shape (``small-random``, windows
-    decoded to the limit 360; BENCHMARKS.md, "Ninth round"), peak against estimate: torch at 16 windows 3.24
-    GiB against 3.45 (in float32 4.66 against 4.95); CTranslate2 at 16, 5.14 against 5.40; transformers at its
-    one window a call, 2.53 against 2.95."""
+    Fitted to the peaks ``benchmarks/replica_memory.py`` measured over three shapes (tiny-random, whisper-base,
+    and small-random, the KRASR model's; 16 windows, 1 with transformers; BENCHMARKS.md, "A replica's memory,
+    refitted (stop 45)"): each estimate at or above its peak, for the KRASR shape by at most a fifth above the
+    highest of two CPUs' (torch 3.80 GiB against 3.31 and 3.24 measured, CTranslate2 5.19 against 4.93 and
+    5.14, transformers 3.23 against 3.18 and 2.53: its float32 generate() kept 1.4 GiB more on the AMD EPYC);
+    whisper-base, whose trained weights end windows at many steps, peaks higher for its size (1.65 GiB with
+    torch against an estimate of 1.77)."""
     p = whisper_parameters(config)
     kv = 2 * config["decoder_layers"] * config["d_model"]  # the values one position holds over the layers
     frames, positions = config.get("max_source_positions", 1500), config.get("max_target_positions", 448)
-    if engine == "torch":  # bfloat16 cross-attention shared by a window's beams, float32 self-attention cache
-        wide = dtype == "float32"  # float32 weights, and their packed copies, as loaded
-        fixed, window = (7 if wide else 4) * p, kv * ((4 if wide else 2) * frames + 4 * beams * positions)
-    elif engine == "ctranslate2":  # float32 decoder, the torch encoder beside it
-        fixed, window = 9 * p, kv * (4 * frames + 4 * beams * positions)
+    activations = ENCODER_ACTIVATIONS * frames * config.get("encoder_ffn_dim", 4 * config["d_model"])
+    if engine == "torch":  # bfloat16 weights and cross-attention shared by a window's beams, float32 self-attention
+        wide = dtype == "float32"
+        fixed = (3.5 if wide else 2) * p
+        window = kv * ((4 if wide else 2) * frames + 4 * beams * positions) + (4 if wide else 2) * activations
+    elif engine == "ctranslate2":  # float32 decoder, the torch encoder (bfloat16) beside it
+        fixed, window = 4.5 * p, kv * (4 * frames + 4 * beams * positions) + 2 * activations
     else:  # transformers' float32 generate(): every beam with its own cross-attention keys and values
-        fixed, window = 10 * p, kv * 4 * beams * (frames + positions)
-    return fixed + batch * window + REPLICA_RUNTIME_BYTES
+        engine = "transformers"
+        fixed, window = 9.5 * p, kv * 4 * beams * (frames + positions) + 4 * activations
+    return int(fixed) + batch * window + REPLICA_RUNTIME_BYTES[engine]
 
 
 def default_batch_size(batch_size: int, device: str, engine: str = "transformers") -> int:
