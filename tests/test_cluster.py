@@ -617,7 +617,7 @@ def test_a_replicas_memory_estimate_covers_what_was_measured():
     shapes (16 windows decoded to at most 360 tokens, 1 with transformers; BENCHMARKS.md, "A replica's memory,
     refitted (stop 45)"): at or above each; for the KRASR model's shape by at most a fifth above the highest of
     the two CPUs'; larger with batch, beams and float32. Before, a whisper-base replica peaked 28 % above its estimate, and one of next to no
-    weights at twice it (the runtime was taken as 256 MiB)."""
+    weights at nearly twice it (the runtime was taken as 256 MiB)."""
     from krasr_batch.engines.base import replica_memory_bytes, whisper_parameters
 
     def shape(d, layers, ffn):
