@@ -17,9 +17,11 @@ An input is detected from what it is, then from its extension, then from its col
   audio's ``path``, else its row number counted over all the shards given;
 - one audio or video file (:data:`MEDIA_EXTENSIONS`; ``krasr-batch run interview.mp3``): a manifest of one entry,
   its id the file's name, its sidecar ``NAME.txt`` its text, as in a folder;
-- a glob (``data/test-*.parquet``, ``calls/*/*.wav``): the matching files in name order, each read by its own
-  shape; a media file's id is then its path from the pattern's folder (the part before any wildcard), and a
-  ``NAME.txt`` matched beside a matched ``NAME.wav`` is its sidecar, not an input;
+- a glob (``data/test-*.parquet``, ``calls/*/*.wav``, ``calls/**/*.mp3``: ``**`` any depth of folders, on a
+  local disk): the matching files in name order, each read by its own shape; a media file's id is then its
+  path from the pattern's folder (the part before any wildcard), a ``NAME.txt`` matched beside a matched
+  ``NAME.wav`` is its sidecar, not an input, and a match of no input shape by its name (``readme.md``) is
+  left out, as in a folder;
 - ``*.jsonl`` / ``*.json`` / ``*.ndjson``: JSON Lines, krasr-batch's own or NeMo's (``audio_filepath``, ``text``,
   ``duration``);
 - anything else (a ``.txt`` or ``.lst`` file, a file without extension, standard input): JSON Lines if its
@@ -177,6 +179,8 @@ def iter_records(source: str, globs: Sequence[str] = ()) -> Iterator[Record]:
         for f in files:
             if kinds[f] == "lines" and f.lower().endswith(SIDECAR_EXTENSION) and f[:-4] in media_stems:
                 continue  # NAME.txt beside a matched NAME.wav: its text, read with it
+            if kinds[f] == "lines" and not _list_name(f):
+                continue  # readme.md, notes.pdf: no input, as in a folder
             yield from _read_file(f, kinds[f], counter, root, source)
     else:
         yield from _read_file(source, kind, [0])
@@ -193,6 +197,15 @@ def _read_file(source: str, kind: str, counter: list[int], root: str | None = No
     if kind in ("folder", "glob"):
         raise ManifestError(source, 0, "a pattern's matches must be files")
     return read_jsonl(source, sniff=kind == "lines")
+
+
+LIST_EXTENSIONS = ("", ".txt", ".lst", ".list")  # a list of paths, by name: what a pattern's matches may be
+
+
+def _list_name(path: str) -> bool:
+    """Whether a pattern's match of the ``lines`` kind is named as a list of paths would be (or is compressed)."""
+    name = path.rsplit("/", 1)[-1].lower()
+    return bool(compression(name)) or os.path.splitext(name)[1] in LIST_EXTENSIONS
 
 
 def glob_root(pattern: str) -> str:
@@ -212,7 +225,8 @@ def _base_dir(source: str) -> str:
 def expand_glob(pattern: str) -> list[str]:
     """The files matching ``pattern`` (wildcards in its last part only, for a URI), sorted."""
     if not is_uri(pattern):
-        return sorted(p for p in globlib.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        # ``**`` is any depth of folders, as in bash's globstar (one a pattern: a deep tree's are listed at once)
+        return sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     head, _, name = pattern.rpartition("/")
     if is_glob(head):
         raise ManifestError(pattern, 0, "on object storage, only the last part of a pattern may hold wildcards")

@@ -501,6 +501,7 @@ def test_one_recording_or_a_pattern_of_them(tmp_path, corpus):
     assert input_kind(str(one)) == "media"
     [job] = iter_manifest(str(one))
     assert (job.file_id, job.path, job.reference_text, job.line) == ("x.wav", str(one), "Текст.", 1)
+    (calls / "mon" / "x.md").write_text("notes, no input", encoding="utf-8")
     jobs = list(iter_manifest(str(calls / "*" / "x.*")))
     assert [(j.file_id, j.path, j.reference_text) for j in jobs] == [
         ("mon/x.wav", str(one), "Текст."), ("tue/x.mp3", str(calls / "tue" / "x.mp3"), None)]
@@ -509,6 +510,9 @@ def test_one_recording_or_a_pattern_of_them(tmp_path, corpus):
     assert job.reference_text is None and job.warning.startswith(f"sidecar: {calls / 'mon' / 'x.txt'} is not UTF-8")
     with pytest.raises(ManifestError, match=r"y\.wav: no such file$"):
         list(iter_manifest(str(calls / "mon" / "y.wav")))
+    (calls / "tue" / "late").mkdir()
+    shutil.copy(one, calls / "tue" / "late" / "z.wav")
+    assert [j.file_id for j in iter_manifest(str(calls / "**" / "*.wav"))] == ["mon/x.wav", "tue/late/z.wav"]
     shutil.copy(one, calls / "tue" / "x.wav")  # wildcards in the last part only: ids are names
     assert [j.file_id for j in iter_manifest(str(calls / "tue" / "x.*"))] == ["x.mp3", "x.wav"]
 
