@@ -27,7 +27,9 @@ from krasr_batch.storage import is_uri, writing
 
 log = logging.getLogger(__name__)
 
-RESERVED = {"path", "id", "language", "text"}
+# input_warning: what an input's reader left out and why (a sidecar text not in UTF-8), as `krasr-batch manifest`
+# and `submit` write it into the JSON Lines they make of a folder, so that the files/ row holds it still
+RESERVED = {"path", "id", "language", "text", "input_warning"}
 # Columns of the files table that a manifest field may not shadow, in lower case: Spark (by default) and DuckDB
 # take names case-insensitively, so "Text" beside our "text" is a duplicate column to them
 FILES_COLUMNS = frozenset(n.lower() for n in FILES_BASE_SCHEMA.names)
@@ -93,12 +95,15 @@ def _job(rec: Record, seen: dict[str, tuple[int, str]], model_languages: Collect
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
         raise rec.error("'text' must be a string")
+    carried = obj.get("input_warning")
+    if carried is not None and not isinstance(carried, str):
+        raise rec.error("'input_warning' must be a string")
     # other fields are carried into the files table; one named like a column krasr-batch writes
     # itself (duration_s, status, ...) is kept as manifest_<name>
     extra = {(f"manifest_{k}" if k.lower() in FILES_COLUMNS else k): v for k, v in obj.items()
              if k not in RESERVED and k != key}
     resolved = path if rec.resolved else _resolve(path, rec.base_dir)
-    return FileJob(file_id, resolved, rec.position, language, text, extra, rec.warning)
+    return FileJob(file_id, resolved, rec.position, language, text, extra, rec.warning or carried or None)
 
 
 def iter_manifest(manifest: str, globs: Sequence[str] = (),

@@ -73,9 +73,13 @@ def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree, caplog, monkeypatch
     # `krasr-batch manifest` leaves the text out and says why on stderr
     r = CliRunner().invoke(main, ["manifest", str(tree)])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout.splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
+    assert json.loads(r.stdout.splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav"),
+                                                    "input_warning": jobs[0].warning}
     assert r.stderr.strip() == f"warning: a.wav: {jobs[0].warning}"
-    # `submit`'s copy of the folder has no text for it either, and submission says so, counted once
+    (tree.parent / "m.jsonl").write_text(r.stdout, encoding="utf-8")  # read again, the warning is the file's still
+    assert [j.warning for j in iter_manifest(str(tree.parent / "m.jsonl"))] == [j.warning for j in jobs]
+    # `submit`'s copy of the folder has no text for it either but its warning (before, the cluster's rows had
+    # none), and submission says so, counted once
     import krasr_batch.inputs as inputs_module
     from krasr_batch.cli.cluster import ship_manifest
 
@@ -88,9 +92,11 @@ def test_a_sidecar_with_a_byte_order_mark_or_in_cp1251(tree, caplog, monkeypatch
         dest, n, local = ship_manifest(str(tree), str(ship))
     assert (n, local) == (3, 3)
     assert sorted(read) == sorted(str(p) for p in (tree / "a.txt", tree / "b" / "deeper" / "y.txt"))  # each once
-    assert json.loads(Path(dest).read_text(encoding="utf-8").splitlines()[0]) == {"id": "a.wav", "path": str(tree / "a.wav")}
+    assert json.loads(Path(dest).read_text(encoding="utf-8").splitlines()[0]) == {
+        "id": "a.wav", "path": str(tree / "a.wav"), "input_warning": jobs[0].warning}
+    assert [j.warning for j in iter_manifest(dest)] == [j.warning for j in jobs]
     assert [r.getMessage() for r in caplog.records] == [
-        f"1 file(s) came with a warning (their files/ rows will not hold it); the first: {jobs[0].warning}"]
+        f"1 file(s) came with a warning, kept in their files/ rows; the first: {jobs[0].warning}"]
 
 
 def test_glob_narrows_a_folder_and_only_a_folder(tree, corpus):

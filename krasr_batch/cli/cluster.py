@@ -110,8 +110,8 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
                 if job.warning:
                     warned += 1
                     first_warning = first_warning or job.warning
-        if warned:  # said here: the job's own run reads the copy, which has no place for them
-            log.warning("%d file(s) came with a warning (their files/ rows will not hold it); the first: %s",
+        if warned:  # said at submission too; the copy carries each (input_warning) into its files/ row
+            log.warning("%d file(s) came with a warning, kept in their files/ rows; the first: %s",
                         warned, first_warning)
         return dest, n, local
     for _ in iter_manifest(manifest, globs):  # the whole file first: a bad line stops here, with its number,
@@ -137,12 +137,15 @@ def ship_manifest(manifest: str, dest_dir: str, globs: tuple[str, ...] = ()) -> 
 
 
 def job_line(job) -> dict[str, Any]:
-    """A FileJob as a JSON Lines manifest entry: id, path, then language, text and its other fields."""
+    """A FileJob as a JSON Lines manifest entry: id, path, then language, text, the reader's warning
+    (``input_warning``: a sidecar text left out, say) and its other fields."""
     obj: dict[str, Any] = {"id": job.file_id, "path": job.path}
     if job.language is not None:
         obj["language"] = job.language
     if job.reference_text is not None:
         obj["text"] = job.reference_text
+    if job.warning is not None:
+        obj["input_warning"] = job.warning
     obj.update(job.extra)
     return obj
 
