@@ -430,9 +430,8 @@ def read_media_file(source: str, counter: list[int], root: str | None = None,
     """One audio or video file as an entry: its id its name (its path from ``root``, the folder of the
     ``pattern`` that matched it), its sidecar ``NAME.txt`` its text, as a folder walk gives them."""
     counter[0] += 1
-    stem = os.path.splitext(source)[0]
     if is_uri(source):
-        sidecar = stem + SIDECAR_EXTENSION
+        sidecar = os.path.splitext(source)[0] + SIDECAR_EXTENSION
         fs, key = filesystem(sidecar)
         try:
             found = fs.get_file_info(filesystem(source)[1]).type != pafs.FileType.NotFound
