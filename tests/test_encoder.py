@@ -41,6 +41,35 @@ def test_bfloat16_stays_close_to_float32(base_model):
     assert rel < 0.03, rel
 
 
+def test_packed_linears_are_the_layers_they_replace(tiny_model):
+    """engines.encoder.pack_linears: every linear layer of the encoder as oneDNN's, its bias and the
+    feed-forward GELU (exact) in the kernel. In float32 the encoder's output stays transformers' (each layer
+    wired as before); a bfloat16 encoder on a CPU runs packed, and no further from float32 than unpacked."""
+    from krasr_batch.engines.encoder import pack_linears
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    features = np.random.default_rng(2).normal(0, 0.5, (5, 80, 3000)).astype(np.float32)
+    ref = _reference(tiny_model, features)
+    enc = TorchEncoder(tiny_model, "float32")
+    assert pack_linears(enc.encoder, 6000)
+    layer = enc.encoder.layers[0]
+    assert type(layer.fc1).__name__ == "PackedLinear" and layer.fc1.post == "gelu"
+    assert {type(getattr(layer.self_attn, n)).__name__ for n in ("q_proj", "k_proj", "v_proj", "out_proj")} == {
+        "PackedLinear"}
+    np.testing.assert_allclose(enc(features), ref, atol=1e-4, rtol=1e-4)
+
+    low = TorchEncoder(tiny_model, "bfloat16")
+    assert type(low.encoder.layers[-1].fc2).__name__ == "PackedLinear"
+    plain = TorchEncoder.__new__(TorchEncoder)  # the same encoder with nn.Linear layers, as before
+    plain.__dict__.update(low.__dict__, encoder=TorchEncoder(tiny_model, "float32").encoder.to(torch.bfloat16))
+
+    def err(e):
+        return float(np.abs(e(features) - ref).mean() / np.abs(ref).mean())
+
+    assert err(low) <= 1.1 * err(plain), (err(low), err(plain))
+
+
 def test_the_cpu_attention_in_bfloat16_is_as_close_as_the_flash_kernel():
     """engines.encoder.attention: float32 is scaled_dot_product_attention's; bfloat16 (two products a block of
     query rows, scores in bfloat16) as close to float32 as PyTorch's flash kernel, which keeps the scores in
