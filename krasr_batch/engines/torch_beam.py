@@ -52,6 +52,8 @@ from krasr_batch.engines.base import (
     require_safetensors,
     resolve_device,
 )
+from krasr_batch.engines.encoder import apply_packed as _apply
+from krasr_batch.engines.encoder import pack_weight as _pack
 from krasr_batch.engines.encoder import weights_under
 from krasr_batch.engines.timing import Word, num_frames, words_from_weights
 from krasr_batch.settings import DecodeOptions
@@ -60,37 +62,6 @@ log = logging.getLogger(__name__)
 
 # the rows a step multiplies (16 windows x 3 beams): oneDNN lays the weights out for it once (any count works)
 PACK_ROWS = 48
-
-
-def _pack(weight, rows: int):
-    """``weight`` (out x in) laid out once for oneDNN's linear kernels (``torch.ops.mkldnn``, as torch's own
-    compiler does on CPUs): 1.5 to 1.9 times faster than ``F.linear`` at a beam step's 48 rows in bfloat16.
-    Where this torch build has no oneDNN, the transposed weight for ``torch.mm``; on a GPU, as it is, for
-    ``F.linear`` (cuBLAS)."""
-    import torch
-
-    if weight.device.type != "cpu":
-        return "linear", weight.contiguous(), weight.shape[0]
-    try:
-        if torch.backends.mkldnn.is_available():
-            return "mkldnn", torch.ops.mkldnn._reorder_linear_weight(weight, rows), weight.shape[0]
-    except (RuntimeError, AttributeError):  # an older or trimmed build: plain matrix products
-        pass
-    return "mm", weight.t().contiguous(), weight.shape[0]
-
-
-def _apply(packed, x, bias=None):
-    import torch
-    import torch.nn.functional as F
-
-    kind, w, out = packed
-    if kind == "linear":
-        return F.linear(x, w, bias)
-    if kind == "mkldnn":
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    flat = x.reshape(-1, x.shape[-1])
-    y = torch.mm(flat, w) if bias is None else torch.addmm(bias, flat, w)
-    return y.view(*x.shape[:-1], out)
 
 
 class WhisperDecoderStack:
